@@ -1,0 +1,52 @@
+"""Argument checks shared by every constructor: each error names the offending argument."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_finite_number(name: str, value) -> float:
+    if not _is_number(value) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def check_non_negative(name: str, value) -> float:
+    check_finite_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    check_finite_number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return value
+
+
+def check_fraction(name: str, value, *, closed_high: bool = False) -> float:
+    """0 <= value < 1 (or <= 1 with closed_high)."""
+    check_finite_number(name, value)
+    ok = 0 <= value <= 1 if closed_high else 0 <= value < 1
+    if not ok:
+        bound = "[0, 1]" if closed_high else "[0, 1)"
+        raise ValueError(f"{name} must be in {bound}, got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
