@@ -55,7 +55,7 @@ def worker(args) -> None:
 
     import lb_dist.ddp
     from lb_dist import GradientMix
-    from lb_dist.models import resnet_cifar
+    from lb_dist.models import CifarResNet
     from lb_dist.moments import MicroBatchMoments
     from lb_dist.optim import CLARS, LARS, param_groups
 
@@ -70,7 +70,7 @@ def worker(args) -> None:
     results = {}
     for run in args.runs:
         torch.manual_seed(0)
-        model = resnet_cifar(depth=args.depth, num_classes=10)
+        model = CifarResNet(depth=args.depth, num_classes=10)
         ddp = DDP(model)
         groups = param_groups(model, weight_decay=5e-4)
         mix = moments = None
@@ -121,6 +121,11 @@ def worker(args) -> None:
         (Path(args.out) / "results.json").write_text(json.dumps(
             {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results}, indent=2))
     dist.destroy_process_group()
+    # torch 2.13 + gloo on CPU sometimes aborts in interpreter teardown after a clean shutdown
+    # ("terminate called without an active exception"); the work is done and written: leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------------------- main

@@ -14,8 +14,9 @@ and the CLARS denominator is ``S_k = E_i ||grad_k f_i||^2 = ||G_k||^2 + tr(Sigma
 (paper eq. 5). ``M_k = S_k / ||G_k||^2`` is the CLARS paper's gradient-variance factor (Fig. 3).
 
 ``MicroBatchMoments`` holds the per-layer running estimate. Its input is three numbers per layer
-per step (``update``); collecting them is the job of the backend: a tensor hook during gradient
-accumulation (``track_backward``), the DDP communication hook (``lb_dist.ddp``), or the caller.
+per step (``update``); collecting them is the job of the backend: tensor hooks during gradient
+accumulation (``track_backward`` + ``finish_step``), the DDP communication hook (``lb_dist.ddp``),
+or the caller (``observe`` with explicit micro-batch gradients, or ``update``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from lb_dist._validation import check_fraction, check_positive_int
+from lb_dist._validation import check_fraction, check_positive, check_positive_int
 
 
 class MomentsUnavailableError(RuntimeError):
@@ -63,9 +64,16 @@ class MicroBatchMoments:
 
     def __init__(self, params: Iterable[torch.Tensor], micro_batch_size: int | None = None,
                  ema: float = 0.0):
+        if isinstance(params, torch.Tensor):
+            params = [params]
         self.params: list[torch.Tensor] = list(params)
         if not self.params:
             raise ValueError("params is empty: MicroBatchMoments needs the parameters to track")
+        for p in self.params:
+            if not isinstance(p, torch.Tensor):
+                raise ValueError(f"params must contain tensors, got a {type(p).__name__}")
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise ValueError("params lists the same tensor more than once")
         if micro_batch_size is not None:
             check_positive_int("micro_batch_size", micro_batch_size)
         check_fraction("ema", ema)
@@ -77,8 +85,10 @@ class MicroBatchMoments:
         self._small: torch.Tensor | None = None
         self.num_updates = 0
         self._hooks: list = []
-        self._pending_sq: torch.Tensor | None = None
+        self.grad_scale = 1.0
+        self._pending_sq: list[torch.Tensor | None] = [None] * len(self.params)
         self._pending_n = 0
+        self._in_backward = False
 
     # ------------------------------------------------------------------ core
     def update(self, micro_sq_sum: torch.Tensor, num_micro_batches: int, mean_sq: torch.Tensor,
@@ -98,12 +108,30 @@ class MicroBatchMoments:
         check_positive_int("micro_batch_size", b)
         if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) or num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be a positive integer, got {num_micro_batches!r}")
+        if num_micro_batches == 1:
+            raise MomentsUnavailableError(
+                "num_micro_batches=1: the micro-batch estimator compares the micro-batch gradients with "
+                "their mean, and one micro-batch per step gives nothing to compare. Use gradient "
+                "accumulation (>= 2 backward passes per step), more than one data-parallel rank, or "
+                "lb_dist.moments.per_sample_second_moments")
         n_layers = len(self.params)
         micro_sq_sum = torch.as_tensor(micro_sq_sum, dtype=torch.float64).reshape(-1)
         mean_sq = torch.as_tensor(mean_sq, dtype=torch.float64).reshape(-1)
         for name, t in (("micro_sq_sum", micro_sq_sum), ("mean_sq", mean_sq)):
             if t.numel() != n_layers:
                 raise ValueError(f"{name} has {t.numel()} entries but the estimator tracks {n_layers} parameters")
+            # one host sync per step; a NaN/inf here would poison every later estimate
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                raise ValueError(f"{name} is not finite for layer(s) {bad.nonzero().flatten().tolist()}: "
+                                 f"skip this step's update (e.g. an AMP step with overflowing gradients)")
+        neg = micro_sq_sum < 0
+        if bool(neg.any()):
+            raise ValueError(f"micro_sq_sum holds negative squared norms for layer(s) {neg.nonzero().flatten().tolist()}")
+        # mean_sq may be negative when it is a bias-corrected estimate (GradientMix, lb_dist.ddp):
+        # it is clamped into [0, small] below.
+        if self._grad_sq is not None and micro_sq_sum.device != self._grad_sq.device:
+            micro_sq_sum, mean_sq = micro_sq_sum.to(self._grad_sq.device), mean_sq.to(self._grad_sq.device)
         small = micro_sq_sum / num_micro_batches
         # ||mean||^2 <= mean ||g_j||^2 always holds (Jensen); an estimate of ``big`` that came
         # out of a noisy correction (GradientMix) is projected back into that range.
@@ -129,6 +157,148 @@ class MicroBatchMoments:
             raise MomentsUnavailableError(
                 "MicroBatchMoments has no estimate yet: it needs one step's micro-batch statistics "
                 "first (update(), track_backward() + finish_step(), or the lb_dist.ddp hook)")
+
+    # ------------------------------------------------------------ collection
+    def track_backward(self, grad_scale: float = 1.0) -> "MicroBatchMoments":
+        """Collect the micro-batch statistics during single-process gradient accumulation.
+
+        Registers a hook on every tracked parameter (``Tensor.register_hook``), which sees the
+        gradient of the *current* backward before it is accumulated into ``.grad``, i.e.
+        ``grad_scale * g_{j,k}`` for micro-batch j. The hook adds ``||incoming / grad_scale||^2`` to a
+        per-layer pending sum; each backward pass that reaches a tracked parameter counts as one
+        micro-batch (counted once per backward through an autograd end-of-backward callback, not
+        once per parameter). Call :meth:`finish_step` once per optimizer step, after the last
+        backward and before the optimizer (or gradient clipping) changes ``.grad``.
+
+        Args:
+            grad_scale: the factor the backward'ed loss carries relative to the micro-batch MEAN
+                loss, e.g. ``1 / accumulation_steps`` for ``(loss / accumulation_steps).backward()``,
+                1.0 for ``loss.backward()``. Can be changed between steps through ``self.grad_scale``.
+
+        Micro-batches are assumed to hold ``micro_batch_size`` samples each. Not supported:
+        reentrant activation checkpointing (``use_reentrant=True``, whose nested backward passes
+        would be counted as extra micro-batches) and ``torch.autograd.grad`` calls on the tracked
+        parameters between steps (they fire the hooks too). Returns ``self``.
+        """
+        check_positive("grad_scale", grad_scale)
+        if self._hooks:
+            raise RuntimeError("track_backward() is already active: call remove_hooks() first")
+        for i, p in enumerate(self.params):
+            if not p.requires_grad:
+                raise ValueError(f"params[{i}] does not require grad: track_backward() can only hook "
+                                 f"parameters that receive gradients")
+        self.grad_scale = float(grad_scale)
+        self._reset_pending()
+        self._hooks = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
+        return self
+
+    def _make_hook(self, index: int):
+        def hook(grad: torch.Tensor):
+            if not self._in_backward:
+                self._in_backward = True
+                self._pending_n += 1
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            sq = torch.linalg.vector_norm(grad, dtype=dtype).square().double() / (self.grad_scale ** 2)
+            prev = self._pending_sq[index]
+            self._pending_sq[index] = sq if prev is None else prev + sq
+            return None
+        return hook
+
+    def _end_of_backward(self) -> None:
+        self._in_backward = False
+
+    def _reset_pending(self) -> None:
+        self._pending_sq = [None] * len(self.params)
+        self._pending_n = 0
+        self._in_backward = False
+
+    @property
+    def num_tracked_micro_batches(self) -> int:
+        """Backward passes seen by :meth:`track_backward` since the last :meth:`finish_step`."""
+        return self._pending_n
+
+    def remove_hooks(self) -> None:
+        """Undo :meth:`track_backward` (and drop any pending, unfinished step)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._reset_pending()
+
+    def finish_step(self, mean_grads: Sequence[torch.Tensor] | None = None,
+                    micro_batch_size: int | None = None) -> None:
+        """Close the step collected by :meth:`track_backward`: feed :meth:`update` and reset.
+
+        ``||G_{B,k}||^2`` comes from ``mean_grads`` (the step's mean gradient over all n*b samples,
+        one tensor per tracked parameter) if given, otherwise from the accumulated ``.grad``:
+        after n backward passes of ``grad_scale * (micro-batch mean loss)`` starting from zeroed
+        gradients, ``p.grad = grad_scale * sum_j g_{j,k} = grad_scale * n * G_{B,k}``, so
+        ``G_{B,k} = p.grad / (n * grad_scale)`` (a parameter whose ``.grad`` is None counts as 0).
+        ``.grad`` must therefore hold exactly this step's accumulation (zero it before the first
+        micro-batch) and must not yet be clipped, scaled or decayed.
+
+        The pending statistics are reset even if the update fails (e.g. a single micro-batch:
+        :class:`MomentsUnavailableError`).
+        """
+        n = self._pending_n
+        pending = self._pending_sq
+        scale = self.grad_scale
+        self._reset_pending()
+        if n == 0:
+            raise MomentsUnavailableError(
+                "finish_step() found no tracked backward pass: call track_backward() before the "
+                "micro-batches' backward passes (or use update() / observe())")
+        dev = self._stat_device()
+        micro_sq_sum = torch.stack([torch.zeros((), dtype=torch.float64, device=dev) if t is None
+                                    else t.to(dev) for t in pending])
+        if mean_grads is None:
+            mean_sq = self._sq_norms([p.grad for p in self.params], dev) / float(n * scale) ** 2
+        else:
+            mean_sq = self._sq_norms(self._check_grads("mean_grads", mean_grads), dev)
+        self.update(micro_sq_sum, n, mean_sq, micro_batch_size)
+
+    def observe(self, micro_batch_grads: Sequence[Sequence[torch.Tensor]],
+                micro_batch_size: int | None = None) -> None:
+        """Feed one step given its micro-batch gradients explicitly.
+
+        Args:
+            micro_batch_grads: n lists, one per micro-batch, each holding the micro-batch's MEAN
+                gradient g_j for every tracked parameter (in ``params`` order).
+            micro_batch_size: b (defaults to the constructor's).
+        """
+        if isinstance(micro_batch_grads, torch.Tensor) or len(micro_batch_grads) == 0:
+            raise ValueError("micro_batch_grads must be a non-empty list of per-micro-batch gradient lists")
+        dev = self._stat_device()
+        grads = [self._check_grads(f"micro_batch_grads[{j}]", g) for j, g in enumerate(micro_batch_grads)]
+        micro_sq_sum = sum(self._sq_norms(g, dev) for g in grads)
+        n = len(grads)
+        mean = [torch.stack([g[k] for g in grads]).sum(0) / n for k in range(len(self.params))]
+        self.update(micro_sq_sum, n, self._sq_norms(mean, dev), micro_batch_size)
+
+    def _check_grads(self, name: str, grads) -> list[torch.Tensor]:
+        grads = list(grads)
+        if len(grads) != len(self.params):
+            raise ValueError(f"{name} holds {len(grads)} tensors, the estimator tracks {len(self.params)} parameters")
+        for k, (g, p) in enumerate(zip(grads, self.params)):
+            if not isinstance(g, torch.Tensor) or g.shape != p.shape:
+                shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(f"{name}[{k}] has shape {shape}, expected {tuple(p.shape)}")
+        return grads
+
+    def _stat_device(self) -> torch.device:
+        return self._grad_sq.device if self._grad_sq is not None else self.params[0].device
+
+    @staticmethod
+    def _sq_norms(tensors: Sequence[torch.Tensor | None], device) -> torch.Tensor:
+        """Per-tensor squared L2 norms (float64, on ``device``) via one ``torch._foreach_norm``."""
+        present = [i for i, t in enumerate(tensors) if t is not None]
+        out = torch.zeros(len(tensors), dtype=torch.float64, device=device)
+        if present:
+            ts = [tensors[i].detach() for i in present]
+            ts = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts]
+            norms = torch._foreach_norm(ts)
+            out[present] = torch.stack([t.to(device=device, dtype=torch.float64) for t in norms]).square()
+        return out
 
     # --------------------------------------------------------------- results
     def grad_sq_norms_tensor(self) -> torch.Tensor:
@@ -182,6 +352,7 @@ class MicroBatchMoments:
         if state["grad_sq"] is not None and state["grad_sq"].numel() != len(self.params):
             raise ValueError(f"MicroBatchMoments state_dict holds {state['grad_sq'].numel()} layers, "
                              f"this estimator tracks {len(self.params)}")
+        check_fraction("state_dict['ema']", state["ema"])
         self.ema = float(state["ema"])
         self.micro_batch_size = state.get("micro_batch_size", self.micro_batch_size)
         self.num_updates = int(state["num_updates"])

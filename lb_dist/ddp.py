@@ -1,0 +1,237 @@
+"""torch.distributed backend: a DDP communication hook for GradientMix and micro-batch statistics.
+
+PyTorch's own extension point (``torch.distributed.algorithms.ddp_comm_hooks``): a state object and
+``hook(state, bucket) -> Future[Tensor]``, registered with ``DistributedDataParallel.register_comm_hook``.
+Per bucket, :func:`gradient_mix_hook` runs ONE asynchronous all-reduce that
+
+* mixes (device-wise GradientMix, paper eq. 3): rank k multiplies its bucket by ``pi_k`` before the
+  SUM all-reduce, so the reduced gradient is ``M = sum_k pi_k g_k`` (plain averaging, ``1/K``, when
+  there is no mix or its noise is ``"none"``: bitwise DDP's default);
+* and, with ``moments``, carries the per-parameter squared norms ``||g_k||^2`` of this rank's
+  unmixed local gradient appended to the bucket (SUM over ranks) so that, after the last bucket,
+  ``moments.update(sum_k ||g_k||^2, K, ||M||^2 - kappa^2 sum_k ||g_k||^2, micro_batch_size)`` feeds
+  the micro-batch estimator of ``S_k`` without any extra communication round.
+
+With mixing, ``E_pi ||M||^2 = ||mean_k g_k||^2 + kappa^2 sum_k ||g_k||^2`` (``kappa = std/K``, the
+coefficients being independent with variance kappa^2), hence the subtraction: the passed ``mean_sq``
+is an unbiased estimate of ``||mean_k g_k||^2`` (the estimator projects it into ``[0, small]``).
+Derivation and usage (torchrun, gradient accumulation) in docs/backend-ddp.md.
+"""
+# No ``from __future__ import annotations`` here: DDP checks the hook's annotations at run time
+# (``bucket: dist.GradBucket``, ``-> torch.futures.Future[torch.Tensor]``).
+import threading
+
+import torch
+import torch.distributed as dist
+
+from lb_dist._validation import check_positive_int
+from lb_dist.mixing import GradientMix
+from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError
+
+__all__ = ["GradientMixHookState", "gradient_mix_hook", "register"]
+
+
+class _BucketPlan:
+    """Per-bucket layout for the statistics path, built once per bucket (DDP rebuilds its buckets
+    after the first iteration, which gives new plans): a persistent send buffer
+    ``[bucket | one squared norm per parameter]`` and the index maps into ``moments.params``."""
+
+    def __init__(self, bucket, buf: torch.Tensor, param_index: dict) -> None:
+        params = bucket.parameters()
+        grads = bucket.gradients()
+        n, m = buf.numel(), len(params)
+        self.packed = torch.empty(n + m, dtype=buf.dtype, device=buf.device)
+        self.head, self.tail = self.packed[:n], self.packed[n:]
+        elt, base = buf.element_size(), buf.data_ptr()
+        offsets = [(g.data_ptr() - base) // elt for g in grads]  # grads are views into the bucket
+        self.reduced_views = [self.head.narrow(0, off, g.numel()) for off, g in zip(offsets, grads)]
+        found = [(j, param_index[p]) for j, p in enumerate(params) if p in param_index]
+        self.rows = torch.tensor([j for j, _ in found], dtype=torch.long)   # position in the bucket
+        self.slots = torch.tensor([i for _, i in found], dtype=torch.long)  # position in moments.params
+
+
+class GradientMixHookState:
+    """State of :func:`gradient_mix_hook`.
+
+    Args:
+        mix: a device-wise :class:`lb_dist.GradientMix` (``None``: plain averaging). The hook reads
+            ``mix.step`` and never advances it (use ``mix.attach(optimizer)``).
+        moments: a :class:`lb_dist.moments.MicroBatchMoments` over (a subset of) the DDP module's
+            parameters, the same Parameter objects; updated once per synchronizing backward.
+        process_group: the data-parallel group (default: the world).
+        micro_batch_size: samples behind one rank's gradient of one step (local batch times
+            accumulation steps); defaults to ``moments.micro_batch_size``.
+
+    ``grad_scale`` (attribute, default 1.0): the factor the backward'ed loss carries relative to the
+    mean loss (e.g. ``scaler.get_scale()`` with AMP loss scaling); the statistics are divided by its
+    square. A step whose statistics are not finite (an overflowing AMP step) is not fed to
+    ``moments`` (``last_update["skipped"]`` is True).
+
+    After each synchronizing backward with ``moments``, :attr:`last_update` holds what was passed to
+    ``moments.update`` (``micro_sq_sum``, ``num_micro_batches``, ``mean_sq``, ``micro_batch_size``)
+    plus ``raw_mean_sq = ||M||^2``, ``corrected_mean_sq = ||M||^2 - kappa^2 micro_sq_sum`` (before
+    clamping at 0) and the ``kappa`` used, for logging.
+    """
+
+    def __init__(self, mix: GradientMix | None = None, moments: MicroBatchMoments | None = None,
+                 process_group=None, micro_batch_size: int | None = None) -> None:
+        if mix is not None:
+            if not isinstance(mix, GradientMix):
+                raise TypeError(f"mix must be an lb_dist.GradientMix or None, got {type(mix).__name__}")
+            if mix.granularity != "device":
+                raise ValueError("mix has granularity='sample': sample-wise mixing is applied through the "
+                                 "loss (mix.weighted_loss), not in the all-reduce; give the hook mix=None "
+                                 "or a GradientMix(granularity='device')")
+        if moments is not None and not isinstance(moments, MicroBatchMoments):
+            raise TypeError(f"moments must be an lb_dist.moments.MicroBatchMoments or None, "
+                            f"got {type(moments).__name__}")
+        if micro_batch_size is not None:
+            check_positive_int("micro_batch_size", micro_batch_size)
+        elif moments is not None and moments.micro_batch_size is None:
+            raise ValueError("micro_batch_size is required with moments (samples per rank per step, "
+                             "including accumulation), unless the MicroBatchMoments was given one")
+        self.mix = mix
+        self.moments = moments
+        self.process_group = process_group
+        self.micro_batch_size = micro_batch_size
+        self.grad_scale = 1.0
+        self.last_update: dict | None = None
+        self._coef_key: tuple | None = None
+        self._coef = 0.0
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _plan(self, bucket, buf: torch.Tensor) -> _BucketPlan:
+        """The bucket's plan, rebuilt (and the old one dropped) when DDP rebuilds its buckets."""
+        key = (buf.data_ptr(), buf.numel(), tuple(map(id, bucket.parameters())))
+        entry = self._plans.get(bucket.index())
+        if entry is None or entry[0] != key:
+            entry = self._plans[bucket.index()] = (key, _BucketPlan(bucket, buf, self.moments.param_index))
+        return entry[1]
+
+    def _reset(self) -> None:
+        if not hasattr(self, "_filled"):
+            n = len(self.moments.params) if self.moments is not None else 0
+            self._local_sq = torch.zeros(n, dtype=torch.float64)
+            self._reduced_sq = torch.zeros(n, dtype=torch.float64)
+            self._filled = torch.zeros(n, dtype=torch.bool)
+            self._plans: dict = {}
+        else:
+            self._local_sq.zero_()
+            self._reduced_sq.zero_()
+            self._filled.zero_()
+        self._pending = 0
+        self._saw_last = False
+        self._kappa = 0.0
+        self._k = 1
+
+    def _coefficient(self, k: int, rank: int) -> float | None:
+        """pi_rank of the current step, or None for plain averaging."""
+        mix = self.mix
+        if mix is None or mix.noise == "none":
+            return None
+        key = (id(mix), mix.seed, mix.noise, mix.std, mix.step, k, rank)
+        if self._coef_key != key:  # once per step (a step has one bucket per ~25 MB of gradients)
+            if mix.world_size is not None and mix.world_size != k:
+                raise ValueError(f"mix.world_size={mix.world_size} but the process group has {k} ranks")
+            self._coef = float(mix._weights(mix.step, k)[rank]) / k
+            self._coef_key = key
+        return self._coef
+
+    def _finish_step(self) -> None:
+        moments = self.moments
+        if not bool(self._filled.all()):
+            missing = int((~self._filled).sum())
+            raise RuntimeError(f"{missing} of the {len(moments.params)} parameters tracked by moments were in "
+                               f"no DDP bucket: moments must track the DDP module's own parameters "
+                               f"(and only ones that receive gradients)")
+        inv = 1.0 / (self.grad_scale * self.grad_scale)
+        micro_sq_sum = self._local_sq * inv
+        raw = self._reduced_sq * inv
+        if not (bool(torch.isfinite(micro_sq_sum).all()) and bool(torch.isfinite(raw).all())):
+            # e.g. an AMP step whose gradients overflowed (GradScaler skips that optimizer step)
+            self.last_update = {"skipped": True, "micro_sq_sum": micro_sq_sum, "raw_mean_sq": raw}
+            return
+        corrected = raw - (self._kappa ** 2) * micro_sq_sum  # unbiased for ||mean_k g_k||^2
+        # A squared norm is >= 0; the estimator projects into [0, small] anyway (and rejects < 0).
+        mean_sq = corrected.clamp_min(0.0)
+        moments.update(micro_sq_sum, num_micro_batches=self._k, mean_sq=mean_sq,
+                       micro_batch_size=self.micro_batch_size)
+        self.last_update = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": self._k, "mean_sq": mean_sq,
+                            "micro_batch_size": self.micro_batch_size or moments.micro_batch_size,
+                            "raw_mean_sq": raw, "corrected_mean_sq": corrected, "kappa": self._kappa,
+                            "skipped": False}
+
+
+def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: GradientMix scaling + averaging all-reduce (+ moments statistics),
+    one asynchronous all-reduce per bucket. See the module docstring."""
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    k = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    buf = bucket.buffer()
+    coeff = state._coefficient(k, rank)
+    factor = 1.0 / k if coeff is None else coeff  # DDP's default multiplies by 1/K (bitwise equal)
+
+    if state.moments is None:
+        buf.mul_(factor)
+        fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    # ---- with statistics: append this rank's per-parameter ||g_k||^2 to the reduced buffer
+    if k == 1:
+        raise MomentsUnavailableError(
+            "the DDP hook's micro-batch statistics compare the K ranks' gradients and this process group "
+            "has a single rank; in one process use MicroBatchMoments.track_backward() with gradient "
+            "accumulation, or lb_dist.moments.per_sample_second_moments")
+    plan = state._plan(bucket, buf)
+    grads = bucket.gradients()
+    # this rank's unmixed per-parameter ||g_k||^2 (taken before any scaling) after the bucket
+    torch.stack(torch._foreach_norm(grads), out=plan.tail)
+    plan.tail.square_()
+    torch.mul(buf, factor, out=plan.head)
+    with state._lock:
+        if state._pending == 0 and not state._saw_last:
+            state._kappa = 0.0 if coeff is None else state.mix.std / k
+            state._k = k
+        state._pending += 1
+        state._saw_last = state._saw_last or bucket.is_last()
+    fut = dist.all_reduce(plan.packed, group=group, async_op=True).get_future()
+
+    def _done(f) -> torch.Tensor:
+        sq_sum = plan.tail.to(torch.float64)                  # sum_k ||g_k||^2
+        red_sq = torch.stack(torch._foreach_norm(plan.reduced_views)).to(torch.float64).square_()  # ||M||^2
+        with state._lock:
+            try:
+                state._local_sq[plan.slots] = sq_sum[plan.rows]
+                state._reduced_sq[plan.slots] = red_sq[plan.rows]
+                state._filled[plan.slots] = True
+                state._pending -= 1
+                if state._saw_last and state._pending == 0:
+                    state._finish_step()
+            finally:
+                if state._saw_last and state._pending == 0:
+                    state._reset()
+        return plan.head
+
+    return fut.then(_done)
+
+
+def register(ddp_model: torch.nn.parallel.DistributedDataParallel, mix: GradientMix | None = None,
+             moments: MicroBatchMoments | None = None, process_group=None,
+             micro_batch_size: int | None = None) -> GradientMixHookState:
+    """Build a :class:`GradientMixHookState` and register :func:`gradient_mix_hook` on ``ddp_model``.
+    Returns the state (its ``last_update`` reports the statistics of the last step)."""
+    if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, "
+                        f"got {type(ddp_model).__name__}")
+    if moments is not None:
+        own = {id(p) for p in ddp_model.module.parameters()}
+        foreign = sum(id(p) not in own for p in getattr(moments, "params", ()))
+        if foreign:
+            raise ValueError(f"moments tracks {foreign} parameter(s) that are not ddp_model's: build "
+                             f"MicroBatchMoments from ddp_model.module.parameters()")
+    state = GradientMixHookState(mix=mix, moments=moments, process_group=process_group,
+                                 micro_batch_size=micro_batch_size)
+    ddp_model.register_comm_hook(state, gradient_mix_hook)
+    return state

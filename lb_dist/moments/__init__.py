@@ -1,0 +1,29 @@
+"""Per-layer second moments S_k = E_i ||grad_k f_i(w)||^2, the denominator of CLARS (eq. 5).
+
+Two estimators, both returning ``{param: S_k}`` (the protocol ``lb_dist.optim.CLARS`` consumes):
+
+* :func:`per_sample_second_moments`: exact, from per-sample gradients (``torch.func``) on a random
+  subset of the batch (the paper's section 4.4); costs an extra forward/backward of the subset.
+* :class:`MicroBatchMoments`: free, from the gradients of the micro-batches that gradient
+  accumulation or data-parallel ranks compute anyway (two-batch-size estimator).
+
+Both also give the CLARS paper's gradient-variance factor M_k = S_k / ||G_k||^2 (Fig. 3).
+See docs/moments.md.
+"""
+from lb_dist.moments.microbatch import (
+    MicroBatchMoments,
+    MomentsUnavailableError,
+    two_batch_estimate,
+    variance_factors,
+)
+from lb_dist.moments.per_sample import PerSampleMoments, local_subset_size, per_sample_second_moments
+
+__all__ = [
+    "MicroBatchMoments",
+    "MomentsUnavailableError",
+    "PerSampleMoments",
+    "local_subset_size",
+    "per_sample_second_moments",
+    "two_batch_estimate",
+    "variance_factors",
+]

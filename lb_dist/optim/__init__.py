@@ -1,0 +1,13 @@
+"""Layer-wise adaptive optimizers: LARS, CLARS, LAMB (see docs/optimizers.md).
+
+All three are ``torch.optim.Optimizer`` subclasses sharing one trust-ratio path
+(:func:`scale_by_trust_ratio`); :func:`param_groups` builds the usual adapted / excluded split.
+"""
+from lb_dist.optim._base import LayerwiseOptimizer
+from lb_dist.optim._functional import scale_by_trust_ratio
+from lb_dist.optim.groups import param_groups
+from lb_dist.optim.lamb import LAMB
+from lb_dist.optim.lars import CLARS, LARS, LayerwiseSGD
+
+__all__ = ["LARS", "CLARS", "LAMB", "LayerwiseSGD", "LayerwiseOptimizer", "param_groups",
+           "scale_by_trust_ratio"]

@@ -1,0 +1,111 @@
+"""LAMB: Adam directions with the layer-wise trust ratio of LARS."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from lb_dist._validation import check_fraction
+from lb_dist.optim import _functional as F
+from lb_dist.optim._base import LayerwiseOptimizer, _where
+
+
+class LAMB(LayerwiseOptimizer):
+    """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in
+    76 minutes", Algorithm 2).
+
+    For each layer k with gradient ``g``, weight ``w``, ``lambda = weight_decay``, step ``t``::
+
+        m_k <- beta1 m_k + (1 - beta1) g_k         m_hat_k = m_k / (1 - beta1^t)
+        v_k <- beta2 v_k + (1 - beta2) g_k^2       v_hat_k = v_k / (1 - beta2^t)
+        r_k   = m_hat_k / (sqrt(v_hat_k) + eps) + lambda w_k
+        trust_k = ||w_k|| / ||r_k||                 (1 if either norm is 0)
+        w_k <- w_k - lr * trust_k * r_k
+
+    Layers in groups with ``layer_adaptation=False`` use ``trust_k = 1`` and no weight decay,
+    i.e. Adam.
+
+    ``step()`` overwrites ``p.grad`` with the direction ``r_k`` (up to the bias-correction
+    factor; scratch space that spares a parameter-sized allocation per step, as torch's
+    SGD(nesterov) foreach path also reuses ``.grad``; gradients whose strides differ from their
+    parameter's are left alone and a temporary is allocated instead). Read or clip gradients
+    before ``step()``; zero them after it as usual. A skipped step leaves them untouched. ``t`` counts the steps a parameter had a gradient (``state["step"]``), as torch's
+    Adam. Deviation from the paper: its scaling function ``phi(||w_k||)`` is the identity here
+    (the paper allows any bounded ``phi``; pytorch_optimizer clamps ``||w_k||`` at 10). ``eps``
+    must be > 0 (``eps = 0`` would divide 0 by 0 wherever a gradient entry and its moments are 0,
+    giving NaN weights).
+
+    Args:
+        params: parameters or param groups (keys ``layer_adaptation``, ``lr``, ``betas``, ``eps``,
+            ``weight_decay``, ``foreach`` override the defaults).
+        lr: 1e-3. betas: (0.9, 0.999). eps: 1e-6. weight_decay: 0.
+        foreach: None = multi-tensor kernels when all of a group's parameters are on one device.
+    """
+
+    _non_negative_keys = ("lr", "weight_decay")
+    _positive_keys = ("eps",)
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, foreach: bool | None = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      foreach=foreach))
+
+    def _validate_values(self, values: dict, group_index: int | None) -> None:
+        super()._validate_values(values, group_index)
+        if "betas" in values:
+            where = _where(group_index)
+            betas = values["betas"]
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"betas{where} must be a pair (beta1, beta2), got {betas!r}")
+            check_fraction(f"betas[0]{where}", betas[0])
+            check_fraction(f"betas[1]{where}", betas[1])
+
+    @staticmethod
+    def _grads_usable_as_scratch(plan) -> bool:
+        """The direction r is written into ``.grad`` when every gradient has its parameter's
+        shape and strides (so it is dense and safe to overwrite), as autograd produces them."""
+        return all(g.shape == p.shape and g.stride() == p.stride() and g.dtype == p.dtype
+                   for p, g in zip(plan.params, plan.grads))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One optimizer step; returns the closure's loss if a closure is given."""
+        loss = self._closure_loss(closure)
+        plans = self._plans()
+
+        # Non-finite gradients must be found before the moments change.
+        flags = [~torch.isfinite(F.sq_norms(plan.grads, foreach=plan.foreach).sum())
+                 for plan in plans]
+        if self._gate_nonfinite(flags):
+            return loss
+
+        for plan in plans:
+            group = plan.group
+            beta1, beta2 = group["betas"]
+            exp_avgs, exp_avg_sqs, steps = [], [], []
+            for p in plan.params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                steps.append(state["step"])
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+            step_values = [int(s) for s in torch.stack(steps).tolist()]
+            adapted = group["layer_adaptation"]
+            # (0)+(1): moments, directions r and (adapted) stacked [||w||^2..., ||r||^2...]
+            directions, sq, factor = F.lamb_direction(
+                plan.params, plan.grads, exp_avgs, exp_avg_sqs, step_values, beta1=beta1,
+                beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"] if adapted else 0.0,
+                need_norms=adapted, grads_as_scratch=self._grads_usable_as_scratch(plan),
+                foreach=plan.foreach)
+            if adapted:
+                n = len(plan.params)
+                sq = self._reduce_layer_sq_norms(sq, group)                    # (2)
+                plan.trust = F.scale_by_trust_ratio(sq[:n].sqrt(), sq[n:].sqrt())  # (3)
+            F.lamb_update(plan.params, directions, plan.trust, lr=group["lr"] * factor,  # (4)
+                          foreach=plan.foreach)
+        self._record_trust(plans)
+        return loss

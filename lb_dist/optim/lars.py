@@ -1,0 +1,250 @@
+"""LARS and CLARS: SGD with momentum on layer-wise scaled gradients, one code path."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from lb_dist.optim import _functional as F
+from lb_dist.optim._base import LayerwiseOptimizer, _GroupPlan, _where
+
+
+class LayerwiseSGD(LayerwiseOptimizer):
+    """SGD with momentum applied to ``u_k = trust_k * (g_k + weight_decay * w_k)``.
+
+    ``trust_k = eta * ||w_k|| / (N_k + weight_decay * ||w_k||)`` (1 where ``||w_k|| = 0`` or the
+    denominator is 0) and the update is ``torch.optim.SGD(momentum, nesterov,
+    dampening=0)`` on ``u`` (see :func:`lb_dist.optim._functional.layerwise_sgd_update`). Groups
+    with ``layer_adaptation=False`` use ``u_k = g_k`` (trust 1, no weight decay).
+
+    Subclasses choose only the gradient term ``N_k`` of the denominator (:meth:`_grad_term`):
+    :class:`LARS` uses ``||g_k||``, :class:`CLARS` uses ``sqrt(S_k)``.
+
+    One step: (1) stacked partial squared norms ``cat([||w_k||^2], [||g_k||^2])`` per group (for
+    excluded groups only ``[||g_k||^2]``, for the non-finite check), (2)
+    :meth:`_reduce_layer_sq_norms`, (3) :func:`~lb_dist.optim.scale_by_trust_ratio`, (4) the SGD
+    update. Steps with a non-finite gradient (or estimate) are skipped whole.
+
+    State per parameter (momentum > 0): ``momentum_buffer`` ``B`` and the 0-dim
+    ``momentum_scale`` ``c``; torch's momentum buffer is ``c * B`` (a representation that saves
+    one pass over the tensors per step, see
+    :func:`lb_dist.optim._functional.layerwise_sgd_update`).
+    """
+
+    _fraction_keys = ("momentum",)
+    _non_negative_keys = ("lr", "weight_decay", "eta")
+
+    def __init__(self, params: Iterable, lr: float, momentum: float, weight_decay: float,
+                 eta: float, nesterov: bool, *, foreach: bool | None = None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      eta=eta, nesterov=nesterov, foreach=foreach))
+
+    def _validate_values(self, values: dict, group_index: int | None) -> None:
+        super()._validate_values(values, group_index)
+        where = _where(group_index)
+        if "nesterov" in values:
+            if not isinstance(values["nesterov"], bool):
+                raise ValueError(f"nesterov{where} must be True or False, got {values['nesterov']!r}")
+            if values["nesterov"] and values.get("momentum", 0) == 0:
+                raise ValueError(f"nesterov{where}=True requires momentum > 0 "
+                                 f"(as torch.optim.SGD); got momentum={values.get('momentum')!r}")
+
+    # ---------------------------------------------------------------- the one difference
+    def _prepare_step(self, plans: list[_GroupPlan]) -> None:
+        """Called once per step before any computation (CLARS fetches its estimates here)."""
+
+    def _grad_term(self, plan: _GroupPlan, g_sq: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The gradient term ``N_k`` of the trust-ratio denominator for the adapted layers of
+        ``plan`` (stacked, 1-D), and an optional 0-dim bool flag "estimate unusable"."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One optimizer step; returns the closure's loss if a closure is given."""
+        loss = self._closure_loss(closure)
+        plans = self._plans()
+        self._prepare_step(plans)
+
+        flags: list[Tensor] = []
+        for plan in plans:
+            group, n = plan.group, len(plan.params)
+            if group["layer_adaptation"]:
+                # (1) partial squared norms, one stacked tensor: [||w||^2..., ||g||^2...]
+                sq = F.sq_norms(plan.params + plan.grads, foreach=plan.foreach)
+                sq = self._reduce_layer_sq_norms(sq, group)          # (2)
+                w_sq, g_sq = sq[:n], sq[n:]
+                term, bad_estimate = self._grad_term(plan, g_sq)
+                plan.trust = F.scale_by_trust_ratio(                   # (3)
+                    w_sq.sqrt(), term, eta=group["eta"], weight_decay=group["weight_decay"])
+                if bad_estimate is not None:
+                    flags.append(bad_estimate)
+            else:
+                g_sq = self._reduce_layer_sq_norms(F.sq_norms(plan.grads, foreach=plan.foreach), group)
+            flags.append(~torch.isfinite(g_sq.sum()))
+
+        if self._gate_nonfinite(flags):
+            return loss
+
+        for plan in plans:                                              # (4)
+            group = plan.group
+            momentum = group["momentum"]
+            bufs = scales = None
+            if momentum:
+                bufs, scales = [], []
+                dtype = F.norm_dtype(*{p.dtype for p in plan.params})
+                for p in plan.params:
+                    state = self.state[p]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format)
+                        state["momentum_scale"] = torch.zeros((), dtype=dtype, device=p.device)
+                    elif "momentum_scale" not in state:      # a plain (torch SGD) buffer
+                        state["momentum_scale"] = torch.ones((), dtype=dtype, device=p.device)
+                    bufs.append(state["momentum_buffer"])
+                    scales.append(state["momentum_scale"])
+            F.layerwise_sgd_update(
+                plan.params, plan.grads, bufs, scales,
+                plan.trust if group["layer_adaptation"] else None,
+                lr=group["lr"], momentum=momentum, nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"], foreach=plan.foreach)
+        self._record_trust(plans)
+        return loss
+
+
+class LARS(LayerwiseSGD):
+    """LARS (You, Gitman, Ginsburg 2017, "Large Batch Training of Convolutional Networks").
+
+    For each adapted layer k (parameter tensor) with gradient ``g``, weight ``w``,
+    ``lambda = weight_decay``::
+
+        trust_k = eta * ||w_k|| / (||g_k|| + lambda * ||w_k||)     (1 if ||w_k|| = 0 or denom = 0)
+        u_k     = trust_k * (g_k + lambda * w_k)
+
+    then ``torch.optim.SGD(momentum, nesterov, dampening=0)`` on ``u`` with learning rate ``lr``
+    (the global rate, e.g. a schedule with warmup). Layers in groups with
+    ``layer_adaptation=False`` (see :func:`lb_dist.optim.param_groups`) step with ``u_k = g_k``.
+
+    Deviation from the paper's Algorithm 1: the paper multiplies the global rate into the momentum
+    (``v <- m v + gamma * trust * d``); here ``lr`` multiplies the step, as in torch.optim.SGD.
+    With a constant rate both are the same sequence; with a schedule the momentum carries
+    the old rates (the common implementation choice, also timm's and optax's).
+
+    Args:
+        params: parameters or param groups; group keys ``layer_adaptation``, ``lr``, ``momentum``,
+            ``weight_decay``, ``eta``, ``nesterov``, ``foreach`` override the defaults.
+        lr: global learning rate (required).
+        momentum: 0.9. weight_decay: 0. eta: trust coefficient, 0.001. nesterov: False.
+        foreach: None = multi-tensor kernels when all of a group's parameters are on one device
+            (CPU included, unlike torch's default), True/False to force.
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9,
+                 weight_decay: float = 0.0, eta: float = 0.001, nesterov: bool = False, *,
+                 foreach: bool | None = None):
+        super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach)
+
+    def _grad_term(self, plan: _GroupPlan, g_sq: Tensor) -> tuple[Tensor, None]:
+        return g_sq.sqrt(), None
+
+
+class CLARS(LayerwiseSGD):
+    """CLARS (Huo, Gu, Huang 2021, "Large Batch Optimization for Deep Learning Using New
+    Complete Layer-Wise Adaptive Rate Scaling"; file: clars-large-batch-training-does-not-need-warmup).
+
+    As :class:`LARS` with the gradient norm in the trust ratio replaced by the root of the layer's
+    mean squared per-sample gradient norm (paper eq. 5, section 4.4)::
+
+        S_k     = mean_i ||grad_k f_i(w)||^2
+        trust_k = eta * ||w_k|| / (sqrt(S_k) + lambda * ||w_k||)
+        u_k     = trust_k * (g_k + lambda * w_k)
+
+    then ``torch.optim.SGD(momentum, nesterov=True, dampening=0)`` on ``u``. With a constant
+    ``lr`` (the paper's ``gamma_scale``) this is the paper's eq. (4):
+    ``v_{t+1} = w_t - sum_k gamma_k g_k``, ``w_{t+1} = v_{t+1} + beta (v_{t+1} - v_t)``,
+    ``gamma_k = lr * trust_k``.
+
+    Deviations from the paper: weight decay enters as in LARS (``lambda ||w_k||`` in the
+    denominator, ``lambda w_k`` in the direction); the paper's equations have none. ``S_k`` is not
+    computed here: it is supplied
+
+    * by :meth:`set_second_moments` (``{param: 0-dim tensor}``; kept in the optimizer state, so it
+      survives ``state_dict``/``load_state_dict``, and used by every later step until replaced), or
+    * by ``moments=estimator``, any object with ``second_moments() -> Mapping[param, 0-dim
+      tensor]`` (e.g. :class:`lb_dist.moments.microbatch.MicroBatchMoments`), asked at every step;
+      its ``MomentsUnavailableError`` propagates.
+
+    A negative or non-finite ``S_k`` skips the step like a non-finite gradient.
+
+    Args: as :class:`LARS`, with defaults ``eta=0.01`` (section 4.4), ``nesterov=True``,
+    ``momentum=0.9``; ``moments``: the estimator (optional).
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9,
+                 weight_decay: float = 0.0, eta: float = 0.01, nesterov: bool = True, *,
+                 moments: Any = None, foreach: bool | None = None):
+        if moments is not None and not callable(getattr(moments, "second_moments", None)):
+            raise TypeError(f"moments must have a method second_moments() -> Mapping[param, "
+                            f"0-dim tensor] (e.g. lb_dist.moments.MicroBatchMoments); got "
+                            f"{type(moments).__name__}")
+        super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach)
+        self.moments = moments
+
+    def set_second_moments(self, second_moments: Mapping[Tensor, Any]) -> None:
+        """Store ``S_k`` for the given parameters (0-dim tensors or numbers; parameters this
+        optimizer does not hold are ignored). Used by every later step until replaced."""
+        if self.moments is not None:
+            raise RuntimeError("this CLARS reads S_k from its moments estimator at every step; "
+                               "set optimizer.moments = None before using set_second_moments")
+        if not isinstance(second_moments, Mapping):
+            raise TypeError(f"second_moments must be a Mapping[param, 0-dim tensor], got "
+                            f"{type(second_moments).__name__}")
+        owned = {p for group in self.param_groups for p in group["params"]}
+        for p, value in second_moments.items():
+            if p not in owned:
+                continue
+            dtype = F.norm_dtype(p.dtype)
+            s = value.detach() if torch.is_tensor(value) else torch.as_tensor(value, dtype=dtype)
+            if s.numel() != 1:
+                raise ValueError(f"second_moments: the estimate for a parameter of shape "
+                                 f"{list(p.shape)} has shape {list(s.shape)}; expected one number")
+            self.state[p]["second_moment"] = s.reshape(()).to(device=p.device, dtype=dtype, copy=True)
+
+    def _prepare_step(self, plans: list[_GroupPlan]) -> None:
+        source = None
+        if self.moments is not None:
+            source = self.moments.second_moments()     # may raise MomentsUnavailableError
+        for gi, plan in enumerate(plans):
+            if not plan.group["layer_adaptation"]:
+                continue
+            device = plan.params[0].device
+            dtype = F.norm_dtype(*{p.dtype for p in plan.params})
+            values = []
+            for i, p in enumerate(plan.params):
+                s = source.get(p) if source is not None else self.state[p].get("second_moment")
+                if s is None:
+                    self._missing(p, plan)
+                s = torch.as_tensor(s)
+                if s.numel() != 1:
+                    raise ValueError(f"the moments estimator returned S_k of shape {list(s.shape)} "
+                                     f"for a parameter of shape {list(p.shape)}; expected one number")
+                values.append(s.reshape(()).to(device=device, dtype=dtype))
+            plan.extra["second_moments"] = torch.stack(values)
+
+    def _missing(self, p: Tensor, plan: _GroupPlan) -> None:
+        index = plan.index
+        via = ("its moments estimator returned no value for it" if self.moments is not None
+               else "none was set")
+        raise RuntimeError(
+            f"CLARS needs S_k = mean_i ||grad_k f_i(w)||^2 (paper eq. 5) for every adapted layer, "
+            f"but for a parameter of shape {list(p.shape)} in param group {index} {via}. Supply "
+            f"the estimates before step(): optimizer.set_second_moments("
+            f"lb_dist.moments.per_sample_second_moments(...)), or construct CLARS(..., "
+            f"moments=lb_dist.moments.MicroBatchMoments(...)); layers that should not be adapted "
+            f"go in a group with layer_adaptation=False (lb_dist.optim.param_groups).")
+
+    def _grad_term(self, plan: _GroupPlan, g_sq: Tensor) -> tuple[Tensor, Tensor]:
+        s = plan.extra.pop("second_moments")
+        bad = (~torch.isfinite(s) | (s < 0)).any()
+        return s.clamp_min(0).sqrt(), bad

@@ -1,0 +1,248 @@
+"""lb_dist.ddp: the DDP communication hook, checked on real 2-process gloo groups.
+
+Every expected value is recomputed here in ONE process (float64 autograd of the same model on the
+data each rank saved), never taken from lb_dist: the per-rank gradients g_k, the mixed gradient
+sum_k pi_k g_k, the squared norms and the two-batch estimator's outputs.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _worker_launch import REPO, child_env, launch
+from lb_dist.ddp import GradientMixHookState
+from lb_dist.mixing import GradientMix
+from lb_dist.moments.microbatch import MicroBatchMoments
+
+K = 2
+STD = 0.5        # the workers' std (tests/_worker_ddp.py, tests/_worker_ddp_train.py)
+LOCAL = 4        # tests/_worker_ddp.py: samples per rank per micro-batch
+
+
+# ----------------------------------------------------------------------------- references
+def mlp_grads(params, x, y, act=torch.tanh):
+    """float64 gradient of the mean cross-entropy of a Linear/act/.../Linear stack given its
+    parameters [W1, b1, W2, b2, ...]; plain autograd, independent of DDP and lb_dist."""
+    ps = [p.detach().double().requires_grad_() for p in params]
+    h = x.double()
+    for i in range(0, len(ps), 2):
+        h = h @ ps[i].T + ps[i + 1]
+        if i + 2 < len(ps):
+            h = act(h)
+    return [g for g in torch.autograd.grad(F.cross_entropy(h, y), ps)]
+
+
+def sq(ts):
+    return torch.stack([t.double().pow(2).sum() for t in ts])
+
+
+def two_batch(small, big, b, big_b):
+    """McCandlish et al. (2018) appendix A, written out here."""
+    return (big_b * big - b * small) / (big_b - b), (small - big) / (1 / b - 1 / big_b)
+
+
+def close(actual, expected, atol=1e-6, rtol=1e-5):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    launch("_worker_ddp.py", [str(out)])
+    return [torch.load(out / f"rank{r}.pt") for r in range(K)]
+
+
+def per_rank_grads(runs, rec_of, t):
+    """g_k of step t for every rank from the saved parameters and that rank's data."""
+    out = []
+    for r in range(K):
+        rec = rec_of(runs[r])
+        params = rec["params"][t]
+        batch = rec["data"][t]
+        if isinstance(batch, tuple):
+            out.append(mlp_grads(params, *batch))
+        else:  # a list of micro-batches (accumulation): the mean of their mean-loss gradients
+            gs = [mlp_grads(params, *b) for b in batch]
+            out.append([sum(parts) / len(gs) for parts in zip(*gs)])
+    return out
+
+
+# ------------------------------------------------------------------------- device-wise mixing
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_device_mix_is_exactly_the_mixed_gradient(runs, noise):
+    recs = [r["mix"][noise] for r in runs]
+    assert recs[0]["mix_step"] == [0, 1, 2] and recs[0]["final_mix_step"] == 3  # attach advances once per step
+    reference_mix = GradientMix(noise=noise, std=STD, seed=7, world_size=K)
+    previous = None
+    for t in range(3):
+        for p0, p1 in zip(recs[0]["params"][t], recs[1]["params"][t]):
+            assert torch.equal(p0, p1)
+        g = per_rank_grads(runs, lambda r: r["mix"][noise], t)
+        pi = reference_mix.coefficients(step=t)
+        assert previous is None or not torch.equal(pi, previous)  # redrawn every step
+        previous = pi
+        expected = [pi[0] * a + pi[1] * b for a, b in zip(*g)]
+        plain = [(a + b) / 2 for a, b in zip(*g)]
+        for r in range(K):
+            for got, want in zip(recs[r]["grads"][t], expected):
+                close(got, want)
+        # it really mixed: the plain mean is far from what DDP produced
+        assert max((a - b).abs().max() for a, b in zip(expected, plain)) > 1e-3
+
+
+def test_noise_none_is_bitwise_plain_ddp(runs):
+    for r in range(K):
+        v = runs[r]["plain"]
+        for name in ("hook_none", "hook_noise_none", "hook_noise_none_moments"):
+            for t in range(3):
+                for got, want in zip(v[name][t], v["default"][t]):
+                    assert torch.equal(got, want), (name, t)
+
+
+# ------------------------------------------------------------------------- hook + moments
+def check_moments(rec, g, t, kappa, pi=None, b=LOCAL):
+    """rec: one rank's record; g: per-rank reference gradients of step t."""
+    upd = rec["last_update"][t]
+    norms = [sq(gk) for gk in g]
+    micro_sq_sum = norms[0] + norms[1]
+    mixed = [sum(pi[k] * g[k][i] for k in range(K)) if pi is not None else (g[0][i] + g[1][i]) / K
+             for i in range(len(g[0]))]
+    raw = sq(mixed)
+    corrected = raw - kappa ** 2 * micro_sq_sum
+    assert upd["num_micro_batches"] == K and upd["micro_batch_size"] == b
+    close(upd["micro_sq_sum"], micro_sq_sum)
+    close(upd["raw_mean_sq"], raw)
+    close(upd["corrected_mean_sq"], corrected)
+    close(upd["mean_sq"], corrected.clamp_min(0))
+    small = micro_sq_sum / K
+    big = torch.minimum(corrected.clamp_min(0), small)
+    grad_sq, trace = two_batch(small, big, b, K * b)
+    close(rec["grad_sq"][t], grad_sq, atol=1e-5, rtol=1e-4)
+    close(rec["trace"][t], trace, atol=1e-5, rtol=1e-4)
+    return mixed
+
+
+def test_moments_without_mixing_exact(runs):
+    for t in range(3):
+        g = per_rank_grads(runs, lambda r: r["moments"]["off"], t)
+        for r in range(K):
+            rec = runs[r]["moments"]["off"]
+            assert rec["last_update"][t]["kappa"] == 0.0
+            mean = check_moments(rec, g, t, kappa=0.0)
+            for got, want in zip(rec["grads"][t], mean):  # the gradient is still the plain mean
+                close(got, want)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_moments_with_mixing_correction_algebra(runs, noise):
+    ref = GradientMix(noise=noise, std=STD, seed=3, world_size=K)
+    for t in range(3):
+        g = per_rank_grads(runs, lambda r: r["moments"][noise], t)
+        for r in range(K):
+            rec = runs[r]["moments"][noise]
+            assert rec["last_update"][t]["kappa"] == pytest.approx(STD / K)
+            mixed = check_moments(rec, g, t, kappa=STD / K, pi=ref.coefficients(step=t))
+            for got, want in zip(rec["grads"][t], mixed):
+                close(got, want)
+
+
+def test_moments_and_mixing_with_gradient_accumulation(runs):
+    ref = GradientMix(noise="gaussian", std=STD, seed=3, world_size=K)
+    for t in range(3):
+        g = per_rank_grads(runs, lambda r: r["moments"]["gaussian_accum2"], t)
+        for r in range(K):
+            rec = runs[r]["moments"]["gaussian_accum2"]
+            assert rec["num_updates"][t] == t + 1  # the no_sync backward does not reach the hook
+            mixed = check_moments(rec, g, t, kappa=STD / K, pi=ref.coefficients(step=t), b=2 * LOCAL)
+            for got, want in zip(rec["grads"][t], mixed):
+                close(got, want)
+
+
+def test_grad_scale_and_overflowing_steps(runs):
+    """A loss scaled by 8 with state.grad_scale = 8 gives the unscaled statistics; a non-finite
+    step is not fed to the estimator."""
+    g = per_rank_grads(runs, lambda r: r["scaled"], 0)
+    ref = GradientMix(noise="gaussian", std=STD, seed=3, world_size=K)
+    for r in range(K):
+        rec = runs[r]["scaled"]
+        check_moments(rec, g, 0, kappa=STD / K, pi=ref.coefficients(step=0))
+        assert rec["overflow_update"]["skipped"] is True and rec["num_updates"] == 1
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_correction_is_unbiased_in_expectation(noise):
+    """E_pi[ ||sum_k pi_k g_k||^2 - kappa^2 sum_k ||g_k||^2 ] = ||mean_k g_k||^2 with kappa = std/K,
+    over the coefficients GradientMix actually draws (fixed g_k, many steps)."""
+    k, std, n = 4, 0.5, 6000
+    torch.manual_seed(1)
+    g = torch.randn(k, 7, dtype=torch.float64) + 0.3
+    mix = GradientMix(noise=noise, std=std, seed=11, world_size=k)
+    assert mix.kappa == pytest.approx(std / k)
+    pis = torch.stack([mix.coefficients(step=s) for s in range(n)])          # [n, K]
+    raw = (pis @ g).pow(2).sum(1)                                            # ||M||^2 per step
+    corrected = raw - (std / k) ** 2 * g.pow(2).sum()
+    target = g.mean(0).pow(2).sum()
+    se = corrected.std() / n ** 0.5
+    assert abs(corrected.mean() - target) < 5 * se
+    bias = (std / k) ** 2 * g.pow(2).sum()
+    assert bias > 10 * se                      # the uncorrected ||M||^2 would be detectably biased
+    assert abs(raw.mean() - target - bias) < 5 * se
+
+
+# ---------------------------------------------------------------------------- validation
+def test_register_errors_name_the_argument(runs):
+    e = runs[0]["errors"]
+    assert "moments" in e["foreign_moments"] and e["foreign_moments"].startswith("ValueError")
+    assert "granularity='sample'" in e["sample_mix"] and "weighted_loss" in e["sample_mix"]
+    assert "micro_batch_size" in e["no_micro_batch_size"]
+    assert e["not_ddp"].startswith("TypeError") and "ddp_model" in e["not_ddp"]
+
+
+def test_state_validation():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="granularity='sample'"):
+        GradientMixHookState(mix=GradientMix(granularity="sample"))
+    with pytest.raises(TypeError, match="mix"):
+        GradientMixHookState(mix="gaussian")
+    with pytest.raises(TypeError, match="moments"):
+        GradientMixHookState(moments=[model.weight])
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        GradientMixHookState(moments=MicroBatchMoments(list(model.parameters())), micro_batch_size=0)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        GradientMixHookState(moments=MicroBatchMoments(list(model.parameters())))
+    state = GradientMixHookState(moments=MicroBatchMoments(list(model.parameters()), micro_batch_size=3))
+    assert state.micro_batch_size is None and state.last_update is None
+
+
+# ------------------------------------------------------------------------------ torchrun
+def test_torchrun_training_matches_single_process_replay(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "_worker_ddp_train.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=child_env(), cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0/2: trained 4 steps" in proc.stdout and "rank 1/2: trained 4 steps" in proc.stdout
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert outs[0]["world_size"] == 2 and outs[0]["mix_step"] == 4
+    lr, momentum, std, seed = 0.2, 0.9, 0.5, 5            # the script's constants
+    ref = GradientMix(noise="gaussian", std=std, seed=seed, world_size=2)
+    params = [p.double() for p in outs[0]["init"]]
+    bufs = None
+    for t in range(len(outs[0]["data"])):
+        g = [mlp_grads(params, *outs[r]["data"][t], act=torch.relu) for r in range(2)]
+        pi = ref.coefficients(step=t)
+        mixed = [pi[0] * a + pi[1] * b for a, b in zip(*g)]
+        # torch.optim.SGD with momentum (dampening 0): buf = mu*buf + g, p -= lr*buf
+        bufs = [m.clone() for m in mixed] if bufs is None else [momentum * b + m for b, m in zip(bufs, mixed)]
+        params = [p - lr * b for p, b in zip(params, bufs)]
+    for r in range(2):
+        for got, want in zip(outs[r]["final"], params):
+            close(got, want, atol=1e-5, rtol=1e-4)
+    # S_k of the last step from the estimator, recomputed from the replayed last-step gradients
+    small = (sq(g[0]) + sq(g[1])) / 2
+    corrected = sq(mixed) - (std / 2) ** 2 * (sq(g[0]) + sq(g[1]))
+    grad_sq, trace = two_batch(small, torch.minimum(corrected.clamp_min(0), small), 6, 12)
+    close(outs[0]["second_moments"], (grad_sq + trace).clamp_min(0), atol=1e-5, rtol=1e-3)
