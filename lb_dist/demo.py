@@ -42,7 +42,7 @@ def synthetic_cifar(n: int, seed: int, num_classes: int = 10):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (n,), generator=g)
     scale = 0.5 + torch.rand(n, 1, 1, 1, generator=g)
-    images = templates[labels] * scale + 1.5 * torch.randn(n, 3, 32, 32, generator=g)
+    images = templates[labels] * scale + 3.0 * torch.randn(n, 3, 32, 32, generator=g)
     return images, labels
 
 
@@ -132,7 +132,7 @@ def worker(args) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m lb_dist.demo", description=__doc__.split("\n")[0])
     p.add_argument("--nproc", type=int, default=2, help="processes started by torchrun (default 2)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=512, help="global batch size")
     p.add_argument("--train-size", type=int, default=8192)
     p.add_argument("--test-size", type=int, default=2048)
@@ -166,9 +166,11 @@ def main(argv=None) -> int:
         print(f"[demo] torchrun failed with exit code {rc}", file=sys.stderr)
         return rc
     data = json.loads((Path(args.out) / "results.json").read_text())["results"]
-    print(f"\n{'run':<20} {'final train loss':>17} {'test accuracy':>14} {'wall time (s)':>14}")
+    print(f"\n{'run':<20} {'loss after epoch 1':>19} {'final train loss':>17} {'test accuracy':>14} "
+          f"{'wall time (s)':>14}")
     for run, r in data.items():
-        print(f"{run:<20} {r['final_train_loss']:>17.4f} {r['test_accuracy']:>14.3f} {r['wall_s']:>14.1f}")
+        print(f"{run:<20} {r['train_loss_per_epoch'][0]:>19.4f} {r['final_train_loss']:>17.4f} "
+              f"{r['test_accuracy']:>14.3f} {r['wall_s']:>14.1f}")
     print(f"\nresults: {Path(args.out) / 'results.json'}")
     if not all(r["finite"] for r in data.values()):
         print("[demo] non-finite weights", file=sys.stderr)
