@@ -829,3 +829,34 @@ def test_load_state_dict_fills_missing_group_keys():
     opt.load_state_dict(sd)
     assert opt.param_groups[0]["eta"] == 0.02 and opt.param_groups[0]["layer_adaptation"] is True
     opt.step()
+
+
+@pytest.mark.parametrize("cls", [LARS, CLARS, LAMB])
+def test_multithreaded_dot_norm_path_matches_single_tensor(cls, monkeypatch):
+    """On CPU with > 1 thread, large tensors' squared norms come from torch.dot; force that path
+    for every tensor and check it against the single-tensor reference path."""
+    from lb_dist.optim import _functional
+    monkeypatch.setattr(_functional, "CPU_DOT_NUMEL", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = make_params(torch.float32), make_params(torch.float32)
+        oa, ob = _make(cls, a, foreach=True), _make(cls, b, foreach=False)
+        for gs in grad_sequence(5, torch.float32):
+            set_grads(a, gs)
+            set_grads(b, gs)
+            oa.step()
+            ob.step()
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+        # non-finite values still reach the skip check through the dot path
+        bad = [g.clone() for g in grad_sequence(1, torch.float32)[0]]
+        bad[0].view(-1)[0] = float("nan")
+        before = [p.detach().clone() for p in a]
+        set_grads(a, bad)
+        with pytest.warns(RuntimeWarning):
+            oa.step()
+        assert oa.last_step_skipped
+        assert all(torch.equal(p, q) for p, q in zip(a, before))
+    finally:
+        torch.set_num_threads(threads)
