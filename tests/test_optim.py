@@ -294,6 +294,18 @@ def _make(cls, ps, foreach=None):
     return LAMB(groups_of(ps, 0.01), lr=0.01, foreach=foreach)
 
 
+def _run_foreach_and_single(cls, n_steps, dtype=DT):
+    """The same optimizer on two copies of the parameters, foreach and single-tensor paths."""
+    a, b = make_params(dtype), make_params(dtype)
+    oa, ob = _make(cls, a, foreach=True), _make(cls, b, foreach=False)
+    for gs in grad_sequence(n_steps, dtype):
+        set_grads(a, gs)
+        set_grads(b, gs)
+        oa.step()
+        ob.step()
+    return a, b, oa, ob
+
+
 @pytest.mark.parametrize("cls", [LARS, CLARS, LAMB])
 def test_foreach_equals_single_tensor(cls):
     a, b = make_params(torch.float32), make_params(torch.float32)
@@ -320,13 +332,7 @@ def test_foreach_blocks_on_cpu_match_single_tensor(monkeypatch):
     monkeypatch.setattr(_functional, "CPU_BLOCK_NUMEL", 40)
     assert len(_functional.block_slices(make_params())) > 1
     for cls in (LARS, CLARS, LAMB):
-        a, b = make_params(), make_params()
-        oa, ob = _make(cls, a, foreach=True), _make(cls, b, foreach=False)
-        for gs in grad_sequence(3):
-            set_grads(a, gs)
-            set_grads(b, gs)
-            oa.step()
-            ob.step()
+        a, b, _, _ = _run_foreach_and_single(cls, 3)
         for pa, pb in zip(a, b):
             torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-14)
 
@@ -840,13 +846,7 @@ def test_multithreaded_dot_norm_path_matches_single_tensor(cls, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        a, b = make_params(torch.float32), make_params(torch.float32)
-        oa, ob = _make(cls, a, foreach=True), _make(cls, b, foreach=False)
-        for gs in grad_sequence(5, torch.float32):
-            set_grads(a, gs)
-            set_grads(b, gs)
-            oa.step()
-            ob.step()
+        a, b, oa, _ = _run_foreach_and_single(cls, 5, torch.float32)
         for pa, pb in zip(a, b):
             torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
         # non-finite values still reach the skip check through the dot path
