@@ -1,19 +1,24 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (the whole test suite).
-# Both install what they need into .venv first and are idempotent.
+# Both install what they need into .venv first (scripts/setup.sh) and are idempotent.
 PY := .venv/bin/python
+TEST_EXTRAS := dev,deepspeed,mpi,horovod,hf,workloads
+DEMO_EXTRAS := workloads
 
-.PHONY: setup setup-bench demo test bench clean
+.PHONY: setup setup-test setup-bench demo test bench clean
 
 setup:
-	@scripts/setup.sh dev
+	@scripts/setup.sh $(DEMO_EXTRAS)
+
+setup-test:
+	@scripts/setup.sh $(TEST_EXTRAS)
 
 setup-bench:
-	@scripts/setup.sh dev,bench
+	@scripts/setup.sh $(TEST_EXTRAS),bench
 
 demo: setup
 	$(PY) -m lb_dist.demo
 
-test: setup
+test: setup-test
 	$(PY) -m pytest tests
 
 bench: setup-bench
