@@ -6,7 +6,7 @@
 # Extras (pyproject.toml): dev, bench, deepspeed, mpi, horovod, hf, workloads.
 # * "mpi" and "horovod" need OpenMPI: installed from Debian/Ubuntu packages when run as root
 #   (libopenmpi-dev openmpi-bin), otherwise it must already be there.
-# * "horovod" builds a patched Horovod wheel once (scripts/install_horovod.sh, ~10 min on 2 cores)
+# * "horovod" builds a patched Horovod wheel once (scripts/install_horovod.sh, ~3 min on 2 cores)
 #   and caches it outside the repository, in ${LB_DIST_CACHE:-~/.cache/lb_dist}.
 # * "deepspeed" pre-builds DeepSpeed's CPU shared-memory comm op once (cached by torch in
 #   ~/.cache/torch_extensions), so the first training run does not spend two minutes compiling it.
