@@ -178,7 +178,9 @@ def per_sample_second_moments(
         params: the parameters to compute S_k for (default: every parameter that requires grad).
         generator: random source of the subset, which is ``torch.randperm(local_batch,
             generator=generator)[:local_subset]``; with the whole local batch no draw is made.
-        group: process group for the reduction (default: the world, if initialized).
+        group: process group for the reduction (default: the world, if initialized): a torch
+            ProcessGroup, or a Horovod ``ProcessSet``; in a Horovod job without torch.distributed
+            (``hvd.init()`` only) the default is Horovod's world (see ``lb_dist.distributed``).
         return_stats: return a :class:`PerSampleMoments` instead of the plain dict.
 
     Returns:

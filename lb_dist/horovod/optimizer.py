@@ -1,0 +1,424 @@
+"""GradientMix and micro-batch statistics inside Horovod's own DistributedOptimizer machinery.
+
+``hvd.DistributedOptimizer`` builds, at run time, a subclass of the user's optimizer class whose
+methods come from ``horovod.torch.optimizer._DistributedOptimizer``: a per-parameter hook starts an
+asynchronous allreduce (``_allreduce_grad_async``, or ``_grouped_allreduce_grad_async`` with
+``groups``) when a gradient is ready, ``synchronize()`` waits for them and writes the reduced
+gradients back, ``step()`` synchronizes and then runs the user's update. Tensor fusion, compression,
+``gradient_predivide_factor`` and sparse handling all live in those two methods and in Horovod's C++.
+
+:func:`DistributedOptimizer` builds the same kind of class from the same methods and overrides three
+of them, each calling Horovod's original:
+
+* ``_allreduce_grad_async(p)`` / ``_grouped_allreduce_grad_async(ps)``: before Horovod compresses
+  and submits the gradient, record ``||g_k||^2`` of this rank's local (unmixed) gradient of every
+  parameter tracked by ``moments``, then scale ``p.grad`` in place by ``K*pi_k``
+  (``GradientMix.scale``). Horovod's averaging allreduce then yields ``sum_k pi_k g_k`` (paper eq. 3).
+  With no mix or noise ``"none"`` nothing is touched (bitwise ``hvd.DistributedOptimizer``).
+* ``synchronize()``: submit what Horovod would submit late (parameters whose hook did not fire), start
+  ONE extra asynchronous SUM allreduce of the step's per-layer ``||g_k||^2`` (one float64 tensor,
+  only with ``moments``), run Horovod's synchronize, then feed ``moments.update`` with
+  ``sum_k ||g_k||^2``, ``K`` and ``||M||^2 - kappa^2 sum_k ||g_k||^2`` (as ``lb_dist.ddp`` does).
+
+Details, equations and what is refused: docs/backend-horovod.md.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:
+    import horovod.torch as hvd
+    from horovod.torch.optimizer import _DistributedOptimizer
+except ImportError as exc:  # pragma: no cover - exercised only without Horovod
+    raise ImportError("lb_dist.horovod needs Horovod with PyTorch support (horovod 0.28.1 built against "
+                      "this torch): run `scripts/setup.sh dev,horovod` (it builds and caches a patched "
+                      "wheel, see scripts/install_horovod.sh)") from exc
+
+from lb_dist._validation import check_positive, check_positive_int
+from lb_dist.mixing import GradientMix
+from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError
+
+__all__ = ["DistributedOptimizer", "GradientMixState"]
+
+# Horovod's own methods, called explicitly from the overrides (plain functions in the class dict).
+_HVD = dict(_DistributedOptimizer.__dict__)
+_STATS_NAME = "lb_dist.horovod.layer_sq_norms"
+
+
+def _op_name(op) -> str:
+    for name in ("Average", "Sum", "Adasum", "Min", "Max", "Product"):
+        if getattr(hvd, name, object()) == op:
+            return f"hvd.{name}"
+    return repr(op)
+
+
+def _sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """||g||^2 as a 0-dim float64 tensor (g dense or sparse COO; half precision summed in float32)."""
+    if g.is_sparse:
+        g = g.coalesce().values()
+    dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.linalg.vector_norm(g, dtype=dtype).double().square()
+
+
+def _sq_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor ||g||^2 (float64, 1-D): one ``torch._foreach_norm`` over the dense float32/64 ones."""
+    out = [None] * len(grads)
+    dense = [i for i, g in enumerate(grads) if not g.is_sparse and g.dtype in (torch.float32, torch.float64)]
+    if dense:
+        for i, n in zip(dense, torch._foreach_norm([grads[i] for i in dense])):
+            out[i] = n.double().square()
+    for i, g in enumerate(grads):
+        if out[i] is None:
+            out[i] = _sq_norm(g)
+    return torch.stack(out)
+
+
+class GradientMixState:
+    """What :func:`DistributedOptimizer` adds to Horovod's optimizer (``optimizer.lb_dist_state``).
+
+    Attributes:
+        mix: the device-wise :class:`lb_dist.GradientMix` or None (read, never advanced, here).
+        moments: the :class:`lb_dist.moments.MicroBatchMoments` fed once per step, or None.
+        micro_batch_size: samples behind one rank's gradient of a step (local batch times
+            ``backward_passes_per_step``); None = ``moments.micro_batch_size``.
+        grad_scale: factor the backward'ed loss carries relative to the mean loss (AMP loss
+            scaling); the statistics are divided by its square. Default 1.0.
+        last_update: after each step with ``moments``: what was passed to ``moments.update``
+            (``micro_sq_sum``, ``num_micro_batches``, ``mean_sq``, ``micro_batch_size``) plus
+            ``raw_mean_sq = ||M||^2``, ``corrected_mean_sq``, ``kappa`` and ``skipped`` (True, with
+            a ``reason``, when the step was not fed: non-finite statistics or a single rank).
+    """
+
+    def __init__(self, mix: GradientMix | None, moments: MicroBatchMoments | None,
+                 micro_batch_size: int | None) -> None:
+        self.mix = mix
+        self.moments = moments
+        self.micro_batch_size = micro_batch_size
+        self.grad_scale = 1.0
+        self.last_update: dict | None = None
+        self._coef_key: tuple | None = None
+        self._scale: float | None = None
+        self._warned_single_rank = False
+        self.reset()
+
+    @property
+    def collects(self) -> bool:
+        return self.moments is not None
+
+    def mixing(self) -> bool:
+        return self.mix is not None and self.mix.noise != "none"
+
+    def reset(self) -> None:
+        """Drop a half-collected step (Horovod's load_state_dict / elastic restore call this)."""
+        n = len(self.moments.params) if self.moments is not None else 0
+        self._local_sq: list[torch.Tensor | None] = [None] * n
+        self._step_k: int | None = None
+        self._step_kappa = 0.0
+
+    # --------------------------------------------------------------- per step
+    def _scale_for(self, k: int, rank: int) -> float | None:
+        """``K * pi_rank`` of the mix's current step, or None (no scaling: plain averaging)."""
+        mix = self.mix
+        if mix is None or mix.noise == "none":
+            return None
+        key = (mix.seed, mix.noise, mix.std, mix.step, k, rank)
+        if self._coef_key != key:  # once per step
+            if mix.world_size is not None and mix.world_size != k:
+                raise ValueError(f"gradient_mix.world_size={mix.world_size} but Horovod's process set has {k} "
+                                 f"ranks; use GradientMix(world_size=None) to follow the job's size")
+            self._scale = float(mix._weights(mix.step, k)[rank])
+            self._coef_key = key
+        return self._scale
+
+    def before_reduce(self, opt, params) -> None:
+        """Called for the parameters whose gradients are about to be submitted by Horovod."""
+        mixing = self.mixing()
+        if not mixing and self.moments is None:
+            return
+        for p in params:
+            if p.grad is None:  # as Horovod does: a zero gradient is still reduced
+                p.grad = p.data.new(p.size()).zero_()
+        ps = opt.process_set
+        k = ps.size()
+        if self.moments is not None:
+            if self._step_k is None:
+                self._step_k = k
+                self._step_kappa = self.mix.std / k if mixing else 0.0
+            index = self.moments.param_index
+            for p in params:
+                slot = index.get(p)
+                if slot is not None:
+                    self._local_sq[slot] = _sq_norm(p.grad)
+        if mixing:
+            scale = self._scale_for(k, ps.rank())
+            for p in params:
+                p.grad.mul_(scale)
+
+    def launch_stats(self, opt):
+        """One asynchronous SUM allreduce of this step's per-layer local ||g_k||^2."""
+        missing = [i for i, t in enumerate(self._local_sq) if t is None]
+        if missing:
+            raise RuntimeError(f"{len(missing)} of the {len(self._local_sq)} parameters tracked by moments were "
+                               f"not reduced by this optimizer this step (e.g. moments.params[{missing[0]}]); "
+                               f"moments must track parameters of this optimizer that receive gradients")
+        local = torch.stack(self._local_sq)
+        return hvd.allreduce_async(local, name=_STATS_NAME, op=hvd.Sum, process_set=opt.process_set)
+
+    def finish_step(self, opt, handle) -> None:
+        moments = self.moments
+        k, kappa = self._step_k, self._step_kappa
+        self.reset()
+        sq_sum = hvd.synchronize(handle).double()                        # sum_k ||g_k||^2
+        reduced = _sq_norms([p.grad for p in moments.params]).to(sq_sum.device)  # ||reduced||^2
+        if opt.op == hvd.Sum:  # the Sum allreduce returns K * M
+            reduced = reduced / float(k * k)
+        inv = 1.0 / (self.grad_scale * self.grad_scale)
+        micro_sq_sum = sq_sum * inv
+        raw = reduced * inv
+        corrected = raw - (kappa ** 2) * micro_sq_sum
+        b = self.micro_batch_size if self.micro_batch_size is not None else moments.micro_batch_size
+        record = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": k, "raw_mean_sq": raw,
+                  "corrected_mean_sq": corrected, "kappa": kappa, "micro_batch_size": b}
+        if not (bool(torch.isfinite(micro_sq_sum).all()) and bool(torch.isfinite(raw).all())):
+            # e.g. an AMP step whose gradients overflowed (GradScaler skips that optimizer step)
+            self.last_update = {**record, "skipped": True, "reason": "non-finite statistics"}
+            return
+        if k == 1:
+            # only reachable in an elastic job that shrank to one worker (refused at construction otherwise)
+            if not self._warned_single_rank:
+                warnings.warn("lb_dist.horovod: the job runs on a single rank; the micro-batch statistics "
+                              "need >= 2 ranks, so moments keeps its last estimate until the job grows",
+                              RuntimeWarning, stacklevel=3)
+                self._warned_single_rank = True
+            self.last_update = {**record, "skipped": True, "reason": "single rank"}
+            return
+        mean_sq = corrected.clamp_min(0.0)
+        moments.update(micro_sq_sum, num_micro_batches=k, mean_sq=mean_sq, micro_batch_size=b)
+        self.last_update = {**record, "mean_sq": mean_sq, "skipped": False}
+
+    # --------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """The mix's and the estimator's state (for checkpoints and elastic sync)."""
+        return {"gradient_mix": None if self.mix is None else self.mix.state_dict(),
+                "moments": None if self.moments is None else self.moments.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("gradient_mix", "moments"):
+            if key not in state:
+                raise KeyError(f"lb_dist.horovod state is missing {key!r}")
+        for key, obj in (("gradient_mix", self.mix), ("moments", self.moments)):
+            if (state[key] is None) != (obj is None):
+                raise ValueError(f"lb_dist.horovod state has {key}={'None' if state[key] is None else 'a state'} "
+                                 f"but this optimizer has {key}={'None' if obj is None else 'one'}")
+            if obj is not None:
+                obj.load_state_dict(state[key])
+        self.reset()
+
+
+class _Overrides:
+    """Methods merged over Horovod's ``_DistributedOptimizer`` methods in the run-time class."""
+
+    def __init__(self, params, named_parameters, compression, backward_passes_per_step, op,
+                 gradient_predivide_factor, groups, sparse_as_dense, process_set, lb_dist_state):
+        _HVD["__init__"](self, params, named_parameters, compression, backward_passes_per_step, op,
+                         gradient_predivide_factor, groups, sparse_as_dense, process_set)
+        self.lb_dist_state = lb_dist_state
+
+    def _allreduce_grad_async(self, p):
+        self.lb_dist_state.before_reduce(self, (p,))
+        return _HVD["_allreduce_grad_async"](self, p)
+
+    def _grouped_allreduce_grad_async(self, ps):
+        self.lb_dist_state.before_reduce(self, ps)
+        return _HVD["_grouped_allreduce_grad_async"](self, ps)
+
+    def synchronize(self):
+        st = self.lb_dist_state
+        if not self.process_set.included() or not (st.collects or st.mixing()):
+            return _HVD["synchronize"](self)
+        if self._synchronized and not self._handles:
+            # A second synchronize() before step(): Horovod would reduce the reduced gradients again,
+            # which would mix them twice. They are already final.
+            return None
+        # What Horovod's synchronize submits first (parameters whose hook did not fire, or fired
+        # fewer than backward_passes_per_step times), submitted here so that every local norm is
+        # known before the statistics' allreduce starts.
+        completed = set()
+        for x in self._handles.keys():
+            completed.update(x) if isinstance(x, tuple) else completed.add(x)
+        for p in self._requires_update - completed:
+            self._handles[p] = self._allreduce_grad_async(p)
+        for p, (handle, _ctx) in list(self._handles.items()):
+            if handle is None:
+                self._handles[p] = self._allreduce_grad_async(p)
+        stats = st.launch_stats(self) if st.collects else None
+        try:
+            _HVD["synchronize"](self)
+        except BaseException:
+            st.reset()
+            raise
+        if stats is not None:
+            st.finish_step(self, stats)
+        return None
+
+    def load_state_dict(self, *args, **kwargs):
+        self.lb_dist_state.reset()
+        return _HVD["load_state_dict"](self, *args, **kwargs)
+
+    def zero_grad(self, set_to_none: bool = True):
+        if self._handles:
+            raise AssertionError("optimizer.zero_grad() was called after loss.backward() "
+                                 "but before optimizer.step() or optimizer.synchronize(). "
+                                 "This is prohibited as it can cause a race condition.")
+        return super(self.__class__, self).zero_grad(set_to_none)
+
+
+def _is_horovod_optimizer(optimizer) -> bool:
+    return hasattr(optimizer, "_allreduce_grad_async") or hasattr(optimizer, "_starting_models")
+
+
+def _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batch_size) -> None:
+    if gradient_mix is not None:
+        if not isinstance(gradient_mix, GradientMix):
+            raise TypeError(f"gradient_mix must be an lb_dist.GradientMix or None, got {type(gradient_mix).__name__}")
+        if gradient_mix.granularity != "device":
+            raise ValueError("gradient_mix has granularity='sample': sample-wise mixing is applied through the "
+                             "loss (mix.weighted_loss(...), which uses Horovod's rank and size), not in the "
+                             "allreduce; pass gradient_mix=None or a GradientMix(granularity='device')")
+    if moments is not None:
+        if not isinstance(moments, MicroBatchMoments):
+            raise TypeError(f"moments must be an lb_dist.moments.MicroBatchMoments or None, "
+                            f"got {type(moments).__name__}")
+        own = {id(p): p for g in optimizer.param_groups for p in g["params"]}
+        for i, p in enumerate(moments.params):
+            if id(p) not in own:
+                raise ValueError(f"moments.params[{i}] is not a parameter of optimizer: build the "
+                                 f"MicroBatchMoments from the parameters the optimizer updates")
+            if not p.requires_grad:
+                raise ValueError(f"moments.params[{i}] does not require grad: Horovod never reduces its "
+                                 f"gradient, so the estimator could not be fed")
+        if micro_batch_size is None and moments.micro_batch_size is None:
+            raise ValueError("micro_batch_size is required with moments (samples behind one rank's gradient "
+                             "of a step: local batch x backward_passes_per_step), unless the "
+                             "MicroBatchMoments was given one")
+    if micro_batch_size is not None:
+        if moments is None:
+            raise ValueError("micro_batch_size is only used with moments; pass moments=MicroBatchMoments(...)")
+        check_positive_int("micro_batch_size", micro_batch_size)
+    if gradient_mix is None and moments is None:
+        return
+    what = " and ".join(n for n, v in (("gradient_mix", gradient_mix), ("moments", moments)) if v is not None)
+    if op == hvd.Adasum:
+        raise ValueError(f"op=hvd.Adasum cannot be combined with {what}: Adasum reduces each rank's parameter "
+                         f"update (a scale-invariant pairwise combination), not an average of gradients, so "
+                         f"neither sum_k pi_k g_k nor the micro-batch statistics are defined for it; use "
+                         f"op=hvd.Average (or hvd.Sum)")
+    if op not in (hvd.Average, hvd.Sum):
+        raise ValueError(f"op={_op_name(op)} cannot be combined with {what}: mixing and the statistics are "
+                         f"defined for op=hvd.Average (reduced gradient sum_k pi_k g_k) and op=hvd.Sum "
+                         f"(K sum_k pi_k g_k)")
+    k = process_set.size() if process_set.included() else None
+    if gradient_mix is not None and gradient_mix.world_size is not None and k is not None \
+            and gradient_mix.world_size != k:
+        raise ValueError(f"gradient_mix.world_size={gradient_mix.world_size} but Horovod's process set has {k} "
+                         f"ranks; use GradientMix(world_size=None) to follow the job's size")
+    if moments is not None and k == 1 and os.environ.get("HOROVOD_ELASTIC") != "1":
+        raise MomentsUnavailableError(
+            "moments: the micro-batch statistics compare the K ranks' gradients and this Horovod job has a "
+            "single rank; in one process use MicroBatchMoments.track_backward() with gradient accumulation, "
+            "or lb_dist.moments.per_sample_second_moments")
+
+
+def DistributedOptimizer(optimizer, named_parameters=None,
+                         compression=hvd.Compression.none,
+                         backward_passes_per_step=1,
+                         op=hvd.Average,
+                         gradient_predivide_factor=1.0,
+                         num_groups=0, groups=None,
+                         sparse_as_dense=False,
+                         process_set=hvd.global_process_set,
+                         *, gradient_mix: GradientMix | None = None,
+                         moments: MicroBatchMoments | None = None,
+                         micro_batch_size: int | None = None):
+    """``hvd.DistributedOptimizer`` with device-wise GradientMix and micro-batch statistics.
+
+    The positional arguments are exactly ``horovod.torch.DistributedOptimizer``'s (0.28.1), with the
+    same meaning and defaults; Horovod's own argument checks run unchanged. Additional keywords:
+
+    Args:
+        gradient_mix: a device-wise :class:`lb_dist.GradientMix`: rank k's gradient is scaled by
+            ``K*pi_k`` before Horovod's allreduce, so ``op=hvd.Average`` yields ``sum_k pi_k g_k``
+            (paper eq. 3) and ``op=hvd.Sum`` yields ``K sum_k pi_k g_k``. Noise ``"none"``: bitwise
+            ``hvd.DistributedOptimizer``. If the mix is not attached to an optimizer yet, it is
+            attached to the returned one (``mix.attach``: one new draw per ``step()``).
+        moments: a :class:`lb_dist.moments.MicroBatchMoments` over parameters of ``optimizer``, fed
+            once per step from the ranks' local gradients (one extra small allreduce per step).
+        micro_batch_size: samples behind one rank's gradient of one step (local batch times
+            ``backward_passes_per_step``); defaults to ``moments.micro_batch_size``.
+
+    Returns:
+        an instance of a run-time subclass of ``type(optimizer)`` (``isinstance(result,
+        type(optimizer))``), built like Horovod's from Horovod's methods. Unlike Horovod's, it takes
+        over ``optimizer``'s attributes (constructor arguments such as ``CLARS(lr=..., moments=...)``,
+        state, step hooks) instead of re-running the constructor with defaults, and runs optimizer
+        step hooks once per ``step()`` (Horovod's runs them twice under torch >= 2.0). Use the
+        returned object from then on, not ``optimizer``. ``result.lb_dist_state`` is the
+        :class:`GradientMixState` (``last_update``, ``grad_scale``).
+
+    ``op=hvd.Adasum`` without mix and moments returns Horovod's own Adasum optimizer; with either
+    it is refused, as are ``hvd.Min``, ``hvd.Max`` and ``hvd.Product``.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if _is_horovod_optimizer(optimizer):
+        raise ValueError("optimizer is already a Horovod DistributedOptimizer (hvd.DistributedOptimizer or "
+                         "lb_dist.horovod.DistributedOptimizer); wrap the plain optimizer once")
+    _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batch_size)
+    if op == hvd.Adasum and hvd.size() > 1:
+        return hvd.DistributedOptimizer(optimizer, named_parameters, compression, backward_passes_per_step, op,
+                                        gradient_predivide_factor, num_groups, groups, sparse_as_dense,
+                                        process_set)
+    # Horovod's own preamble (horovod/torch/optimizer.py, DistributedOptimizer)
+    if gradient_predivide_factor != 1.0:
+        if hvd.rocm_built():
+            raise ValueError('gradient_predivide_factor not supported yet with ROCm')
+        if op != hvd.Average:
+            raise ValueError('gradient_predivide_factor not supported with op != Average')
+    if num_groups != 0:
+        warnings.warn('Parameter `num_groups` has been replaced by `groups` '
+                      'and will be removed in v0.23.0.', DeprecationWarning, stacklevel=2)
+        if groups is None:
+            groups = num_groups
+    if backward_passes_per_step <= 0:
+        raise ValueError("backward_passes_per_step must be > 0")
+
+    user_cls = optimizer.__class__
+
+    def adopt(self, params):
+        # Stands in for user_cls.__init__ in Horovod's constructor (which would call it with the param
+        # groups only): take over the configured optimizer's attributes. Instance attributes that
+        # shadow methods (e.g. an lr_scheduler's wrapper of optimizer.step, bound to `optimizer`)
+        # are left out.
+        for key, value in optimizer.__dict__.items():
+            if callable(value) and hasattr(user_cls, key):
+                continue
+            self.__dict__[key] = value
+
+    shim = type(user_cls.__name__, (user_cls,), {"__init__": adopt, "__module__": __name__,
+                                                 "__qualname__": user_cls.__qualname__})
+    body = {k: v for k, v in _HVD.items() if k not in ("__dict__", "__weakref__")}
+    body.update({k: v for k, v in _Overrides.__dict__.items() if k not in ("__dict__", "__weakref__", "__doc__")})
+    # Horovod's broadcast_optimizer_state recognizes its optimizers by this module name and then steps
+    # the wrapped class directly (no allreduce) to initialize an empty state.
+    body["__module__"] = _DistributedOptimizer.__module__
+    body["__doc__"] = user_cls.__doc__
+    cls = type(user_cls.__name__, (shim,), body)
+    state = GradientMixState(gradient_mix, moments, micro_batch_size)
+    result = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
+                 gradient_predivide_factor, groups, sparse_as_dense, process_set, state)
+    if gradient_mix is not None and gradient_mix._attached is None:
+        gradient_mix.attach(result)
+    return result

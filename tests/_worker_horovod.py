@@ -1,0 +1,394 @@
+"""Worker for tests/test_horovod.py: one rank of a real Horovod job (horovodrun --gloo / --mpi, mpirun).
+
+Runs every scenario in one launch and saves, per rank, what Horovod + lb_dist.horovod produced
+together with the inputs (parameters before each step, this rank's data). It computes no expected
+values: the test recomputes them in one process, in float64, from the saved inputs. Bitwise
+comparisons with hvd.DistributedOptimizer are made on results both produced here.
+
+    python tests/_worker_horovod.py OUT_DIR [--quick]
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+
+import horovod.torch as hvd  # noqa: E402
+
+import lb_dist.horovod as lbh  # noqa: E402
+from lb_dist.mixing import GradientMix  # noqa: E402
+from lb_dist.moments import MicroBatchMoments, per_sample_second_moments  # noqa: E402
+from lb_dist.optim import CLARS, param_groups  # noqa: E402
+
+LOCAL = 4       # samples per rank per backward pass
+STD = 0.5
+STEPS = 3
+VOCAB, DIM, TOKENS = 10, 4, 3
+
+
+class SparseNet(torch.nn.Module):
+    """Embedding(sparse=True) -> mean over tokens -> Linear: a sparse gradient for the first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, DIM, sparse=True)
+        self.out = torch.nn.Linear(DIM, 3)
+
+    def forward(self, idx):
+        return self.out(self.emb(idx).mean(1))
+
+
+def make_model(kind: str = "mlp") -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "sparse":
+        return SparseNet()
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 3))
+
+
+def data(kind: str, step: int, rank: int, micro: int = 0):
+    g = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+    x = torch.randint(0, VOCAB, (LOCAL, TOKENS), generator=g) if kind == "sparse" else torch.randn(LOCAL, 6, generator=g)
+    return x, torch.randint(0, 3, (LOCAL,), generator=g)
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def dense_grads(model):
+    return [(p.grad.to_dense() if p.grad.is_sparse else p.grad).detach().clone() for p in model.parameters()]
+
+
+# Horovod options under test; each also runs with hvd.DistributedOptimizer for the bitwise comparison.
+def configs(quick: bool) -> dict:
+    cfg = {
+        "default": dict(model="mlp", hvd={}),
+        "fp16": dict(model="mlp", hvd=dict(compression=hvd.Compression.fp16)),
+        "predivide": dict(model="mlp", hvd=dict(gradient_predivide_factor=2.0)),
+        "groups2": dict(model="mlp", hvd=dict(groups=2)),
+        "groups_list": dict(model="mlp", hvd=dict(groups="list")),
+        "bpps2": dict(model="mlp", hvd=dict(backward_passes_per_step=2), passes=2),
+        "sum": dict(model="mlp", hvd=dict(op=hvd.Sum)),
+        "sparse": dict(model="sparse", hvd={}),
+        "sparse_as_dense": dict(model="sparse", hvd=dict(sparse_as_dense=True)),
+    }
+    if quick:
+        cfg = {k: cfg[k] for k in ("default", "fp16", "bpps2")}
+    return cfg
+
+
+def run_config(name: str, cfg: dict, variant: str, rank: int) -> dict:
+    """variant: hvd (hvd.DistributedOptimizer), none (lb, noise 'none'), none_moments, gaussian
+    (+ moments), rademacher (+ moments)."""
+    kind = cfg["model"]
+    passes = cfg.get("passes", 1)
+    model = make_model(kind)
+    params = list(model.parameters())
+    kwargs = dict(cfg["hvd"])
+    if kwargs.get("groups") == "list":
+        kwargs["groups"] = [[params[0], params[1]], [params[4]]]
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    named = list(model.named_parameters())
+    moments = None
+    if variant == "hvd":
+        opt = hvd.DistributedOptimizer(base, named_parameters=named, **kwargs)
+    else:
+        noise = "none" if variant.startswith("none") else variant
+        mix = GradientMix(noise=noise, std=STD, seed=7)
+        if variant != "none":
+            moments = MicroBatchMoments(params)
+        opt = lbh.DistributedOptimizer(base, named_parameters=named, gradient_mix=mix, moments=moments,
+                                       micro_batch_size=LOCAL * passes if moments is not None else None, **kwargs)
+    rec = {"params": [], "data": [], "grads": [], "final": None, "last_update": [], "grad_sq": [], "trace": [],
+           "mix_step": []}
+    for t in range(STEPS):
+        opt.zero_grad()
+        rec["params"].append(snapshot(model))
+        batches = [data(kind, t, rank, m) for m in range(passes)]
+        rec["data"].append(batches)
+        if variant != "hvd":
+            rec["mix_step"].append(opt.lb_dist_state.mix.step)
+        for x, y in batches:
+            (F.cross_entropy(model(x), y) / passes).backward()
+        opt.synchronize()
+        rec["grads"].append(dense_grads(model))
+        with opt.skip_synchronize():
+            opt.step()
+        if moments is not None:
+            rec["last_update"].append(dict(opt.lb_dist_state.last_update))
+            rec["grad_sq"].append(moments.grad_sq_norms_tensor().clone())
+            rec["trace"].append(moments.trace_sigma_tensor().clone())
+    rec["final"] = snapshot(model)
+    if variant != "hvd":
+        rec["final_mix_step"] = opt.lb_dist_state.mix.step
+    return rec
+
+
+def run_clars(rank: int) -> dict:
+    """CLARS reading S_k from the estimator fed by the optimizer, with Gaussian mixing, plain step()."""
+    model = make_model()
+    moments = MicroBatchMoments(list(model.parameters()), micro_batch_size=LOCAL)
+    opt = CLARS(param_groups(model, 1e-2), lr=0.5, momentum=0.9, eta=0.01, moments=moments)
+    mix = GradientMix(noise="gaussian", std=STD, seed=5)
+    opt = lbh.DistributedOptimizer(opt, named_parameters=model.named_parameters(), gradient_mix=mix, moments=moments)
+    rec = {"params": [], "data": [], "second_moments": [], "is_clars": isinstance(opt, CLARS)}
+    for t in range(STEPS):
+        opt.zero_grad()
+        rec["params"].append(snapshot(model))
+        x, y = data("mlp", t, rank)
+        rec["data"].append([(x, y)])
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec["second_moments"].append(moments.second_moments_tensor().clone())
+    rec["final"] = snapshot(model)
+    rec["mix_step"] = mix.step
+    try:
+        hvd.DistributedOptimizer(CLARS(param_groups(make_model(), 1e-2), lr=0.5))
+        rec["hvd_wraps_clars"] = None
+    except TypeError as e:
+        rec["hvd_wraps_clars"] = str(e)
+    return rec
+
+
+def run_scaled(rank: int) -> dict:
+    """Step 0: loss scaled by 8 with grad_scale = 8. Step 1: an overflowing (inf) step is not fed."""
+    model = make_model()
+    moments = MicroBatchMoments(list(model.parameters()), micro_batch_size=LOCAL)
+    opt = lbh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
+                                   named_parameters=model.named_parameters(),
+                                   gradient_mix=GradientMix(std=STD, seed=3), moments=moments)
+    opt.lb_dist_state.grad_scale = 8.0
+    x, y = data("mlp", 0, rank)
+    rec = {"params": [snapshot(model)], "data": [[(x, y)]]}
+    (8.0 * F.cross_entropy(model(x), y)).backward()
+    opt.step()
+    rec["last_update"] = [dict(opt.lb_dist_state.last_update)]
+    rec["grad_sq"] = [moments.grad_sq_norms_tensor().clone()]
+    rec["trace"] = [moments.trace_sigma_tensor().clone()]
+    opt.zero_grad()
+    (float("inf") * F.cross_entropy(model(x), y)).backward()
+    opt.synchronize()
+    rec["overflow_update"] = dict(opt.lb_dist_state.last_update)
+    rec["num_updates"] = moments.num_updates
+    return rec
+
+
+def run_hooks(rank: int) -> dict:
+    """Step hooks run once per step; a mix attached to the plain optimizer before wrapping keeps
+    working; a second synchronize() does not mix twice; a scheduler made before wrapping is harmless."""
+    out = {}
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = {"pre_wrap": 0, "post_wrap": 0}
+    base.register_step_post_hook(lambda *a: calls.__setitem__("pre_wrap", calls["pre_wrap"] + 1))
+    mix = GradientMix(std=STD, seed=9)
+    mix.attach(base)
+    sched = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)
+    opt = lbh.DistributedOptimizer(base, named_parameters=model.named_parameters(), gradient_mix=mix)
+    opt.register_step_post_hook(lambda *a: calls.__setitem__("post_wrap", calls["post_wrap"] + 1))
+    grads_once, grads_twice = [], []
+    for t in range(2):
+        opt.zero_grad()
+        x, y = data("mlp", t, rank)
+        F.cross_entropy(model(x), y).backward()
+        opt.synchronize()
+        grads_once.append(dense_grads(model))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.synchronize()            # a redundant second call
+        grads_twice.append(dense_grads(model))
+        with opt.skip_synchronize():
+            opt.step()
+        sched.step()
+    out["calls"] = calls
+    out["mix_step"] = mix.step
+    out["lr"] = opt.param_groups[0]["lr"]
+    out["twice_equal"] = all(torch.equal(a, b) for s, u in zip(grads_once, grads_twice) for a, b in zip(s, u))
+    # Horovod's own optimizer, for the record: how often does it run a step post-hook?
+    model2 = make_model()
+    h = hvd.DistributedOptimizer(torch.optim.SGD(model2.parameters(), lr=0.1), named_parameters=model2.named_parameters())
+    hcalls = []
+    h.register_step_post_hook(lambda *a: hcalls.append(1))
+    x, y = data("mlp", 0, rank)
+    F.cross_entropy(model2(x), y).backward()
+    h.step()
+    out["hvd_post_hook_calls_per_step"] = len(hcalls)
+    return out
+
+
+def run_per_sample(rank: int) -> dict:
+    """lb_dist.moments.per_sample_second_moments and sample-wise mixing under Horovod (no torch.distributed)."""
+    model = make_model()
+    x, y = data("mlp", 5, rank)
+    stats = per_sample_second_moments(model, F.cross_entropy, x, y, subset_size=2 * LOCAL, return_stats=True)
+    params = list(model.parameters())
+    sm = torch.stack([stats.second_moments[p].double() for p in params])
+    gs = torch.stack([stats.grad_sq_norms[p].double() for p in params])
+    mix = GradientMix(noise="gaussian", std=STD, granularity="sample", seed=4)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    return {"params": snapshot(model), "data": (x, y), "second_moments": sm, "grad_sq_norms": gs,
+            "num_samples": stats.num_samples, "losses": losses.detach(),
+            "weighted_loss": mix.weighted_loss(losses).detach()}
+
+
+def run_broadcast(rank: int) -> dict:
+    """lb_dist.horovod.broadcast_optimizer_state gives every rank rank 0's optimizer, mix and estimator
+    state without a dummy step; hvd.broadcast_optimizer_state on a fresh CLARS + estimator fails."""
+    model = make_model()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    moments = MicroBatchMoments(list(model.parameters()), micro_batch_size=LOCAL)
+    mix = GradientMix(std=STD, seed=1)
+    opt = lbh.DistributedOptimizer(CLARS(param_groups(model, 1e-2), lr=0.5, moments=moments),
+                                   named_parameters=model.named_parameters(), gradient_mix=mix, moments=moments)
+    before = snapshot(model)
+    lbh.broadcast_optimizer_state(opt, root_rank=0)          # fresh state: must not move the weights
+    out = {"moved_by_fresh_broadcast": any(not torch.equal(a, b) for a, b in zip(before, snapshot(model)))}
+    opt.zero_grad()
+    x, y = data("mlp", 0, rank)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    if rank == 1:                 # make rank 1's optimizer, mix and estimator state differ from rank 0's
+        mix.step += 5
+        for st in opt.state.values():
+            st["momentum_buffer"].add_(1.0)
+        moments.num_updates += 3
+    lbh.broadcast_optimizer_state(opt, root_rank=0)
+    out["mix_step"] = mix.step
+    out["num_updates"] = moments.num_updates
+    out["buffers"] = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    out["S"] = moments.second_moments_tensor().clone()
+    try:
+        fresh = make_model()
+        est = MicroBatchMoments(list(fresh.parameters()), micro_batch_size=LOCAL)
+        hvd.broadcast_optimizer_state(CLARS(param_groups(fresh, 1e-2), lr=0.5, moments=est), root_rank=0)
+        out["hvd_broadcast_fresh_clars"] = None
+    except Exception as e:  # noqa: BLE001
+        out["hvd_broadcast_fresh_clars"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def run_elastic_state(rank: int) -> dict:
+    """ElasticState commit / restore / sync in a (non-elastic) job: the same objects come back."""
+    model = make_model()
+    moments = MicroBatchMoments(list(model.parameters()), micro_batch_size=LOCAL)
+    mix = GradientMix(std=STD, seed=2)
+    sample_mix = GradientMix(std=STD, seed=2, granularity="sample")
+    opt = lbh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                   named_parameters=model.named_parameters(), gradient_mix=mix, moments=moments)
+    state = lbh.ElasticState(model, opt, sample_mix=sample_mix, epoch=0)
+
+    def train(t):
+        opt.zero_grad()
+        x, y = data("mlp", t, rank)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sample_mix.advance()
+
+    train(0)
+    state.epoch = 1
+    state.commit()
+    committed = {"params": snapshot(model), "mix_step": mix.step, "sample_step": sample_mix.step,
+                 "S": moments.second_moments_tensor().clone(),
+                 "buf": [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]}
+    train(1)
+    train(2)
+    state.epoch = 3
+    state.restore()
+    restored = {"params": snapshot(model), "mix_step": mix.step, "sample_step": sample_mix.step,
+                "S": moments.second_moments_tensor().clone(), "epoch": state.epoch,
+                "buf": [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()],
+                "same_objects": state.optimizer is opt and opt.lb_dist_state.mix is mix
+                and opt.lb_dist_state.moments is moments and state.sample_mix is sample_mix}
+    train(1)                      # a second restore must still give the committed state
+    state.restore()
+    second = {"mix_step": mix.step, "buf": [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]}
+    if rank == 1:
+        mix.step += 4
+    state.sync()
+    return {"committed": committed, "restored": restored, "second": second, "synced_mix_step": mix.step}
+
+
+def run_errors(rank: int) -> dict:
+    errors = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            errors[name] = None
+        except (ValueError, TypeError, RuntimeError) as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+
+    def opt_for(model):
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+    m = make_model()
+    attempt("mix_world_size", lambda: lbh.DistributedOptimizer(opt_for(m), gradient_mix=GradientMix(world_size=3)))
+    attempt("adasum_mix", lambda: lbh.DistributedOptimizer(opt_for(m), op=hvd.Adasum, gradient_mix=GradientMix()))
+    attempt("adasum_moments", lambda: lbh.DistributedOptimizer(
+        opt_for(m), op=hvd.Adasum, moments=MicroBatchMoments(list(m.parameters()), micro_batch_size=4)))
+    attempt("max_mix", lambda: lbh.DistributedOptimizer(opt_for(m), op=hvd.Max, gradient_mix=GradientMix()))
+    attempt("sample_mix", lambda: lbh.DistributedOptimizer(opt_for(m), gradient_mix=GradientMix(granularity="sample")))
+    attempt("mix_type", lambda: lbh.DistributedOptimizer(opt_for(m), gradient_mix="gaussian"))
+    other = make_model()
+    attempt("foreign_moments", lambda: lbh.DistributedOptimizer(
+        opt_for(m), moments=MicroBatchMoments(list(other.parameters()), micro_batch_size=4)))
+    attempt("no_micro_batch_size", lambda: lbh.DistributedOptimizer(opt_for(m), moments=MicroBatchMoments(list(m.parameters()))))
+    attempt("named_parameters_mismatch", lambda: lbh.DistributedOptimizer(
+        opt_for(m), named_parameters=list(m.named_parameters())[:2], gradient_mix=GradientMix()))
+    attempt("named_parameters_dups", lambda: lbh.DistributedOptimizer(
+        opt_for(m), named_parameters=[("w", p) for p in m.parameters()], gradient_mix=GradientMix()))
+    attempt("double_wrap", lambda: lbh.DistributedOptimizer(hvd.DistributedOptimizer(opt_for(m))))
+    attempt("predivide_sum", lambda: lbh.DistributedOptimizer(opt_for(m), op=hvd.Sum, gradient_predivide_factor=2.0))
+    # a mix whose world size disagrees only shows at the first backward of a job of another size:
+    # here it is built right, then its world_size is changed (e.g. a checkpointed config)
+    mm = make_model()
+    mix = GradientMix(std=STD)
+    opt = lbh.DistributedOptimizer(opt_for(mm), named_parameters=mm.named_parameters(), gradient_mix=mix)
+    mix.world_size = 4
+    x, y = data("mlp", 0, rank)
+
+    def backward():
+        try:
+            F.cross_entropy(mm(x), y).backward()
+            opt.synchronize()
+        finally:
+            opt._handles.clear()
+    attempt("mix_world_size_at_step", backward)
+    # the plain optimizer after wrapping is still usable as an object, and adasum without mix works
+    errors["adasum_plain_type"] = type(lbh.DistributedOptimizer(opt_for(make_model()), op=hvd.Adasum)).__mro__[1].__name__
+    return errors
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    quick = "--quick" in sys.argv[2:]
+    hvd.init()
+    rank = hvd.rank()
+    result = {"size": hvd.size(), "rank": rank, "configs": {}, "mpi": hvd.mpi_enabled(), "gloo": hvd.gloo_enabled()}
+    for name, cfg in configs(quick).items():
+        variants = ("hvd", "none", "none_moments", "gaussian") + (("rademacher",) if name == "default" else ())
+        result["configs"][name] = {v: run_config(name, cfg, v, rank) for v in variants}
+    result["clars"] = run_clars(rank)
+    result["errors"] = run_errors(rank)
+    if not quick:
+        result["scaled"] = run_scaled(rank)
+        result["hooks"] = run_hooks(rank)
+        result["per_sample"] = run_per_sample(rank)
+        result["broadcast"] = run_broadcast(rank)
+        result["elastic_state"] = run_elastic_state(rank)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    hvd.join()
+    hvd.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""lb_dist.horovod: GradientMix and CLARS statistics inside hvd.DistributedOptimizer, on real Horovod jobs.
+
+Each launcher (``horovodrun --gloo``, ``horovodrun --mpi``, ``mpirun`` directly) runs
+tests/_worker_horovod.py once, 2 processes, every scenario in that one job. Every expected value is
+recomputed here in ONE process (float64 autograd of the same model on the data each rank saved),
+never taken from lb_dist: the per-rank gradients g_k, the mixed gradient sum_k pi_k g_k, the squared
+norms, the two-batch estimator's outputs and a CLARS training replay. The comparisons with
+hvd.DistributedOptimizer itself are bitwise (torch.equal) on results both produced in the same job.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _worker_launch import REPO, child_env
+
+hvd_spec = pytest.importorskip("horovod.torch", reason="Horovod is not installed: scripts/setup.sh dev,horovod")
+
+from lb_dist.mixing import GradientMix  # noqa: E402
+
+K = 2
+STD = 0.5        # tests/_worker_horovod.py
+LOCAL = 4
+BIN = Path(sys.executable).parent
+HOROVODRUN = str(BIN / "horovodrun")
+WORKER = str(REPO / "tests" / "_worker_horovod.py")
+
+LAUNCHERS = {
+    "horovodrun-gloo": [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo"],
+    "horovodrun-mpi": [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--mpi"],
+    "mpirun": ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "2"],
+}
+
+
+def launch_env() -> dict:
+    env = child_env()
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])  # horovodrun starts `python` by name
+    return env
+
+
+def run_job(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=launch_env(), cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module", params=list(LAUNCHERS))
+def runs(request, tmp_path_factory):
+    if request.param == "mpirun" and shutil.which("mpirun") is None:
+        pytest.skip("mpirun (OpenMPI) is not installed")
+    out = tmp_path_factory.mktemp(request.param)
+    run_job(LAUNCHERS[request.param] + [sys.executable, WORKER, str(out)])
+    recs = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(K)]
+    assert [r["rank"] for r in recs] == [0, 1] and recs[0]["size"] == K
+    # the launcher really chose the controller it was asked for
+    assert recs[0]["gloo"] == (request.param == "horovodrun-gloo")
+    assert recs[0]["mpi"] == (request.param != "horovodrun-gloo")
+    return recs
+
+
+# ----------------------------------------------------------------------------- references
+def mlp_grads(params, x, y):
+    """float64 gradient of the mean cross-entropy of Linear/tanh/Linear/tanh/Linear ([W1, b1, ...])."""
+    ps = [p.detach().double().requires_grad_() for p in params]
+    h = x.double()
+    for i in range(0, len(ps), 2):
+        h = h @ ps[i].T + ps[i + 1]
+        if i + 2 < len(ps):
+            h = torch.tanh(h)
+    return list(torch.autograd.grad(F.cross_entropy(h, y), ps))
+
+
+def sparse_grads(params, idx, y):
+    """float64 gradient of Embedding -> mean over tokens -> Linear -> cross-entropy ([E, W, b])."""
+    e, w, b = (p.detach().double().requires_grad_() for p in params)
+    h = e[idx].mean(1) @ w.T + b
+    return list(torch.autograd.grad(F.cross_entropy(h, y), [e, w, b]))
+
+
+def local_grad(params, batches, kind="mlp"):
+    """A rank's gradient of one step: the mean of its passes' mean-loss gradients (loss / passes each)."""
+    fn = sparse_grads if kind == "sparse" else mlp_grads
+    gs = [fn(params, x, y) for x, y in batches]
+    return [sum(parts) / len(gs) for parts in zip(*gs)]
+
+
+def sq(ts):
+    return torch.stack([t.double().pow(2).sum() for t in ts])
+
+
+def two_batch(small, big, b, big_b):
+    """McCandlish et al. (2018) appendix A, written out here."""
+    return (big_b * big - b * small) / (big_b - b), (small - big) / (1 / b - 1 / big_b)
+
+
+def close(actual, expected, atol=1e-6, rtol=1e-5):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+CONFIG_MODEL = {"sparse": "sparse", "sparse_as_dense": "sparse"}
+SUM_CONFIGS = {"sum"}
+TOL = {"fp16": dict(atol=3e-3, rtol=3e-3)}
+
+
+def per_rank(runs, config, variant, t):
+    kind = CONFIG_MODEL.get(config, "mlp")
+    return [local_grad(runs[r]["configs"][config][variant]["params"][t],
+                       runs[r]["configs"][config][variant]["data"][t], kind) for r in range(K)]
+
+
+def expected_reduced(g, pi, op_sum):
+    """pi None: plain averaging. Average: sum_k pi_k g_k; Sum: K times that."""
+    coef = [1.0 / K] * K if pi is None else [float(c) for c in pi]
+    red = [sum(coef[k] * g[k][i] for k in range(K)) for i in range(len(g[0]))]
+    return [K * r for r in red] if op_sum else red
+
+
+# ------------------------------------------------------------------------- install
+def test_check_build_lists_pytorch_gloo_and_mpi():
+    proc = run_job([HOROVODRUN, "--check-build"], timeout=60)
+    lines = [ln.strip() for ln in proc.stdout.splitlines()]
+    frameworks = lines[lines.index("Available Frameworks:") + 1: lines.index("Available Controllers:")]
+    controllers = lines[lines.index("Available Controllers:") + 1: lines.index("Available Tensor Operations:")]
+    ops = lines[lines.index("Available Tensor Operations:") + 1:]
+    assert "[X] PyTorch" in frameworks, proc.stdout
+    assert "[X] MPI" in controllers and "[X] Gloo" in controllers, proc.stdout
+    assert "[X] MPI" in ops and "[X] Gloo" in ops, proc.stdout
+
+
+# ------------------------------------------------------------------ bitwise: noise "none"
+@pytest.mark.parametrize("config", ["default", "fp16", "predivide", "groups2", "groups_list", "bpps2", "sum",
+                                    "sparse", "sparse_as_dense"])
+def test_noise_none_is_bitwise_hvd_distributed_optimizer(runs, config):
+    for r in range(K):
+        v = runs[r]["configs"][config]
+        for variant in ("none", "none_moments"):
+            for t in range(3):
+                for got, want in zip(v[variant]["grads"][t], v["hvd"]["grads"][t]):
+                    assert torch.equal(got, want), (config, variant, t)
+            for got, want in zip(v[variant]["final"], v["hvd"]["final"]):
+                assert torch.equal(got, want), (config, variant)
+
+
+@pytest.mark.parametrize("config", ["default", "fp16", "predivide", "groups2", "groups_list", "bpps2", "sum",
+                                    "sparse", "sparse_as_dense"])
+def test_plain_average_matches_reference(runs, config):
+    """hvd.DistributedOptimizer itself against the one-process reference (validates the reference)."""
+    tol = TOL.get(config, {})
+    for t in range(3):
+        g = per_rank(runs, config, "hvd", t)
+        want = expected_reduced(g, None, config in SUM_CONFIGS)
+        for r in range(K):
+            for got, w in zip(runs[r]["configs"][config]["hvd"]["grads"][t], want):
+                close(got, w, **tol)
+
+
+# ------------------------------------------------------------------- device-wise mixing
+@pytest.mark.parametrize("config,noise", [(c, "gaussian") for c in ["default", "fp16", "predivide", "groups2",
+                                                                    "groups_list", "bpps2", "sum", "sparse",
+                                                                    "sparse_as_dense"]]
+                         + [("default", "rademacher")])
+def test_mixed_gradient_is_sum_of_pi_k_g_k(runs, config, noise):
+    ref = GradientMix(noise=noise, std=STD, seed=7, world_size=K)
+    tol = TOL.get(config, {})
+    rec0 = runs[0]["configs"][config][noise]
+    assert rec0["mix_step"] == [0, 1, 2] and rec0["final_mix_step"] == 3  # one draw per optimizer step
+    for t in range(3):
+        for p0, p1 in zip(rec0["params"][t], runs[1]["configs"][config][noise]["params"][t]):
+            assert torch.equal(p0, p1)                                  # the ranks stay in sync
+        g = per_rank(runs, config, noise, t)
+        pi = ref.coefficients(step=t)
+        want = expected_reduced(g, pi, config in SUM_CONFIGS)
+        plain = expected_reduced(g, None, config in SUM_CONFIGS)
+        for r in range(K):
+            for got, w in zip(runs[r]["configs"][config][noise]["grads"][t], want):
+                close(got, w, **tol)
+        # it really mixed: the plain average is far from what was produced
+        assert max(float((a - b).abs().max()) for a, b in zip(want, plain)) > 1e-2
+
+
+# ------------------------------------------------------------------- micro-batch moments
+def check_moments(rec, g, t, kappa, pi, b, op_sum=False, tol=None):
+    upd = rec["last_update"][t]
+    tol = tol or {}
+    micro_sq_sum = sq(g[0]) + sq(g[1])
+    raw = sq(expected_reduced(g, pi, False))          # ||M||^2 of the AVERAGED mixed gradient
+    corrected = raw - kappa ** 2 * micro_sq_sum
+    assert upd["skipped"] is False and upd["num_micro_batches"] == K and upd["micro_batch_size"] == b
+    assert upd["kappa"] == pytest.approx(kappa)
+    close(upd["micro_sq_sum"], micro_sq_sum)
+    close(upd["raw_mean_sq"], raw, **tol)
+    close(upd["corrected_mean_sq"], corrected, **tol)
+    close(upd["mean_sq"], corrected.clamp_min(0), **tol)
+    small = micro_sq_sum / K
+    big = torch.minimum(corrected.clamp_min(0), small)
+    grad_sq, trace = two_batch(small, big, b, K * b)
+    loose = tol or dict(atol=1e-5, rtol=1e-4)
+    close(rec["grad_sq"][t], grad_sq, **loose)
+    close(rec["trace"][t], trace, **loose)
+
+
+@pytest.mark.parametrize("config", ["default", "fp16", "predivide", "groups2", "groups_list", "bpps2", "sum",
+                                    "sparse", "sparse_as_dense"])
+@pytest.mark.parametrize("variant", ["none_moments", "gaussian"])
+def test_moments_statistics_exact(runs, config, variant):
+    passes = 2 if config == "bpps2" else 1
+    ref = GradientMix(noise="gaussian", std=STD, seed=7, world_size=K)
+    tol = {"atol": 1e-3, "rtol": 1e-2} if config == "fp16" else None
+    for t in range(3):
+        g = per_rank(runs, config, variant, t)
+        pi = ref.coefficients(step=t) if variant == "gaussian" else None
+        kappa = STD / K if variant == "gaussian" else 0.0
+        for r in range(K):
+            check_moments(runs[r]["configs"][config][variant], g, t, kappa, pi, b=LOCAL * passes,
+                          op_sum=config in SUM_CONFIGS, tol=tol)
+
+
+def test_moments_with_rademacher_mixing(runs):
+    ref = GradientMix(noise="rademacher", std=STD, seed=7, world_size=K)
+    for t in range(3):
+        g = per_rank(runs, "default", "rademacher", t)
+        for r in range(K):
+            check_moments(runs[r]["configs"]["default"]["rademacher"], g, t, STD / K, ref.coefficients(step=t), LOCAL)
+
+
+def test_grad_scale_and_overflowing_step(runs):
+    rec = runs[0]["scaled"]
+    g = [local_grad(runs[r]["scaled"]["params"][0], runs[r]["scaled"]["data"][0]) for r in range(K)]
+    ref = GradientMix(noise="gaussian", std=STD, seed=3, world_size=K)
+    check_moments(rec, g, 0, STD / K, ref.coefficients(step=0), LOCAL)
+    assert rec["overflow_update"]["skipped"] is True and rec["num_updates"] == 1
+
+
+# ------------------------------------------------------------------------ CLARS replay
+def test_clars_training_matches_single_process_replay(runs):
+    """3 steps of CLARS (S_k from the estimator the optimizer feeds) + Gaussian mixing, replayed here
+    from the initial weights: per-rank gradients, sum_k pi_k g_k, the two-batch S_k, and CLARS' rule
+    trust = eta ||w|| / (sqrt(S) + wd ||w||), u = trust (g + wd w) on weights, u = g on biases,
+    Nesterov momentum buf = mu buf + u, w -= lr (u + mu buf)."""
+    rec = runs[0]["clars"]
+    assert rec["is_clars"] and rec["mix_step"] == 3
+    assert "lr" in runs[0]["clars"]["hvd_wraps_clars"]   # why lb_dist adopts the optimizer instead
+    lr, mu, eta, wd = 0.5, 0.9, 0.01, 1e-2                # the worker's constants
+    ref = GradientMix(noise="gaussian", std=STD, seed=5, world_size=K)
+    params = [p.double() for p in rec["params"][0]]
+    bufs = [None] * len(params)
+    for t in range(3):
+        g = [local_grad(params, runs[r]["clars"]["data"][t]) for r in range(K)]
+        mixed = expected_reduced(g, ref.coefficients(step=t), False)
+        micro = sq(g[0]) + sq(g[1])
+        corrected = sq(mixed) - (STD / K) ** 2 * micro
+        grad_sq, trace = two_batch(micro / K, torch.minimum(corrected.clamp_min(0), micro / K), LOCAL, K * LOCAL)
+        s = (grad_sq + trace).clamp_min(0)
+        close(rec["second_moments"][t], s, atol=1e-6, rtol=1e-4)
+        new = []
+        for i, (w, gi) in enumerate(zip(params, mixed)):
+            if w.dim() > 1:
+                wn = w.norm()
+                trust = eta * wn / (s[i].sqrt() + wd * wn)
+                u = trust * (gi + wd * w)
+            else:
+                u = gi
+            bufs[i] = u.clone() if bufs[i] is None else mu * bufs[i] + u
+            new.append(w - lr * (u + mu * bufs[i]))
+        params = new
+        if t + 1 < 3:
+            for r in range(K):
+                for got, want in zip(runs[r]["clars"]["params"][t + 1], params):
+                    close(got, want, atol=1e-5, rtol=1e-4)
+    for r in range(K):
+        for got, want in zip(runs[r]["clars"]["final"], params):
+            close(got, want, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ hooks and step rule
+def test_step_hooks_run_once_and_mix_advances_once_per_step(runs):
+    for r in range(K):
+        h = runs[r]["hooks"]
+        assert h["calls"] == {"pre_wrap": 2, "post_wrap": 2}   # 2 steps: each hook once per step
+        assert h["mix_step"] == 2                               # attached before wrapping, still once per step
+        assert h["lr"] == pytest.approx(0.1 * 0.5 ** 2)         # a scheduler made before wrapping still works
+        assert h["twice_equal"]                                 # a 2nd synchronize() does not mix again
+        # the Horovod behaviour this fixes (torch >= 2.0 wraps both step functions)
+        assert h["hvd_post_hook_calls_per_step"] == 2
+
+
+# -------------------------------------------------------------- per-sample and sample-wise
+def test_per_sample_moments_and_sample_mix_use_horovod(runs):
+    """per_sample_second_moments reduces over Horovod (no torch.distributed in the job); the exact
+    per-sample loop over both ranks' samples is the reference. weighted_loss uses Horovod's rank/size."""
+    recs = [r["per_sample"] for r in runs]
+    params = recs[0]["params"]
+    per_sample = [mlp_grads(params, x[i:i + 1], y[i:i + 1]) for rec in recs
+                  for x, y in [rec["data"]] for i in range(LOCAL)]
+    s = torch.stack([sq(gi) for gi in per_sample]).mean(0)
+    mean = [torch.stack(parts).mean(0) for parts in zip(*per_sample)]
+    for rec in recs:
+        assert rec["num_samples"] == K * LOCAL
+        close(rec["second_moments"], s)
+        close(rec["grad_sq_norms"], sq(mean))
+    mix = GradientMix(noise="gaussian", std=STD, granularity="sample", seed=4, world_size=K)
+    for r, rec in enumerate(recs):
+        idx = torch.arange(r * LOCAL, (r + 1) * LOCAL)
+        want = mix.weighted_loss(rec["losses"], indices=idx, global_batch_size=K * LOCAL)
+        close(rec["weighted_loss"], want)
+    assert not torch.allclose(recs[0]["weighted_loss"], recs[1]["weighted_loss"])
+
+
+# ----------------------------------------------------------------- broadcast and elastic state
+def test_broadcast_optimizer_state(runs):
+    b0, b1 = runs[0]["broadcast"], runs[1]["broadcast"]
+    assert b0["moved_by_fresh_broadcast"] is False and b1["moved_by_fresh_broadcast"] is False
+    assert b0["mix_step"] == b1["mix_step"] == 1
+    assert b0["num_updates"] == b1["num_updates"] == 1
+    for a, b in zip(b0["buffers"], b1["buffers"]):
+        assert torch.equal(a, b)
+    assert torch.equal(b0["S"], b1["S"])
+    # why lb_dist has its own: Horovod's dummy step on a fresh CLARS whose estimator has no estimate
+    assert b0["hvd_broadcast_fresh_clars"].startswith("MomentsUnavailableError")
+
+
+def test_elastic_state_commit_restore_sync(runs):
+    for r in range(K):
+        e = runs[r]["elastic_state"]
+        c, rs, second = e["committed"], e["restored"], e["second"]
+        assert rs["same_objects"]
+        assert rs["mix_step"] == c["mix_step"] == 1 and rs["sample_step"] == c["sample_step"] == 1
+        assert rs["epoch"] == 1
+        for a, b in zip(rs["params"], c["params"]):
+            assert torch.equal(a, b)
+        for a, b in zip(rs["buf"], c["buf"]):
+            assert torch.equal(a, b)
+        assert torch.equal(rs["S"], c["S"])
+        assert second["mix_step"] == 1
+        for a, b in zip(second["buf"], c["buf"]):   # a second restore: the saved copy was not aliased
+            assert torch.equal(a, b)
+        assert e["synced_mix_step"] == 1            # rank 1's edited step replaced by rank 0's
+
+
+# --------------------------------------------------------------------------- bad input
+def test_errors_name_the_argument(runs):
+    e = runs[0]["errors"]
+    assert e["mix_world_size"].startswith("ValueError") and "gradient_mix.world_size=3" in e["mix_world_size"]
+    assert "has 2 ranks" in e["mix_world_size"]
+    assert "op=hvd.Adasum" in e["adasum_mix"] and "gradient_mix" in e["adasum_mix"]
+    assert "op=hvd.Adasum" in e["adasum_moments"] and "moments" in e["adasum_moments"]
+    assert "op=hvd.Max" in e["max_mix"]
+    assert "granularity='sample'" in e["sample_mix"] and "weighted_loss" in e["sample_mix"]
+    assert e["mix_type"].startswith("TypeError") and "gradient_mix" in e["mix_type"]
+    assert "moments.params[0]" in e["foreign_moments"]
+    assert "micro_batch_size" in e["no_micro_batch_size"]
+    assert "named_parameters" in e["named_parameters_mismatch"]          # Horovod's own checks still run
+    assert "named_parameters" in e["named_parameters_dups"] and "duplicates" in e["named_parameters_dups"]
+    assert "already a Horovod DistributedOptimizer" in e["double_wrap"]
+    assert "gradient_predivide_factor" in e["predivide_sum"]
+    assert "gradient_mix.world_size=4" in e["mix_world_size_at_step"]
+    assert e["adasum_plain_type"] == "SGD"
+
+
+def test_single_process_job():
+    """DistributedOptimizer in a plain process (no horovodrun, hvd.init() of one rank): moments are
+    refused (nothing to compare), mixing works with K = 1."""
+    code = ("import torch, horovod.torch as hvd, lb_dist.horovod as lbh\n"
+            "from lb_dist import GradientMix\nfrom lb_dist.moments import MicroBatchMoments, MomentsUnavailableError\n"
+            "hvd.init(); m = torch.nn.Linear(2, 2)\n"
+            "try:\n    lbh.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), "
+            "moments=MicroBatchMoments(list(m.parameters()), micro_batch_size=2))\n"
+            "    print('no error')\nexcept MomentsUnavailableError as e:\n    print('refused', 'single rank' in str(e))\n"
+            "o = lbh.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), gradient_mix=GradientMix(std=0.5))\n"
+            "print('ok', isinstance(o, torch.optim.SGD))\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=launch_env(), capture_output=True, text=True, timeout=60)
+    assert "refused True" in proc.stdout and "ok True" in proc.stdout, proc.stdout + proc.stderr
