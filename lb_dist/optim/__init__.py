@@ -2,12 +2,14 @@
 
 All three are ``torch.optim.Optimizer`` subclasses sharing one trust-ratio path
 (:func:`scale_by_trust_ratio`); :func:`param_groups` builds the usual adapted / excluded split.
+:class:`LayerFragments` declares a flat tensor made of pieces of whole layers (a ZeRO partition),
+so that the per-layer norms stay exact under sharding (see ``lb_dist.deepspeed``).
 """
-from lb_dist.optim._base import LayerwiseOptimizer
+from lb_dist.optim._base import LayerFragments, LayerwiseOptimizer
 from lb_dist.optim._functional import scale_by_trust_ratio
 from lb_dist.optim.groups import param_groups
 from lb_dist.optim.lamb import LAMB
 from lb_dist.optim.lars import CLARS, LARS, LayerwiseSGD
 
-__all__ = ["LARS", "CLARS", "LAMB", "LayerwiseSGD", "LayerwiseOptimizer", "param_groups",
-           "scale_by_trust_ratio"]
+__all__ = ["LARS", "CLARS", "LAMB", "LayerwiseSGD", "LayerwiseOptimizer", "LayerFragments",
+           "param_groups", "scale_by_trust_ratio"]

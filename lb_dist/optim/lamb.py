@@ -75,14 +75,46 @@ class LAMB(LayerwiseOptimizer):
 
         # Non-finite gradients must be found before the moments change.
         flags = [~torch.isfinite(F.sq_norms(plan.grads, foreach=plan.foreach).sum())
-                 for plan in plans]
+                 for plan in plans if plan.grads]
         if self._gate_nonfinite(flags):
             return loss
 
+        # (0)+(1) for every group: moments, directions r and (adapted) stacked [||w||^2, ||r||^2]
+        work, sqs = [], []
         for plan in plans:
             group = plan.group
             beta1, beta2 = group["betas"]
-            exp_avgs, exp_avg_sqs, steps = [], [], []
+            exp_avgs, exp_avg_sqs, step_values = self._adam_state(plan)
+            adapted = group["layer_adaptation"]
+            if plan.params:
+                directions, sq, factor = F.lamb_direction(
+                    plan.params, plan.grads, exp_avgs, exp_avg_sqs, step_values, beta1=beta1,
+                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"] if adapted else 0.0,
+                    need_norms=adapted, grads_as_scratch=self._grads_usable_as_scratch(plan),
+                    foreach=plan.foreach)
+            else:                                # a process holding no fragment of the group
+                directions, factor = [], 1.0
+                sq = torch.zeros(0, dtype=plan.dtype, device=plan.device) if adapted else None
+            work.append((directions, factor))
+            sqs.append(plan.to_layers(sq, 2) if adapted else None)
+        sqs = self._reduce_step_sq_norms(sqs, plans)                           # (2)
+
+        for plan, (directions, factor), sq in zip(plans, work, sqs):
+            if plan.group["layer_adaptation"]:
+                count = plan.num_layers
+                trust = F.scale_by_trust_ratio(sq[:count].sqrt(), sq[count:].sqrt())  # (3)
+                plan.extra["layer_trust"] = trust
+                plan.trust = plan.to_tensors(trust)
+            F.lamb_update(plan.params, directions, plan.trust, lr=plan.group["lr"] * factor,  # (4)
+                          foreach=plan.foreach)
+        self._record_trust(plans)
+        return loss
+
+    def _adam_state(self, plan) -> tuple[list, list, list[int]]:
+        """Adam moments (tensor-shaped, views per fragment for fragmented tensors) and the
+        incremented step count of each tensor of the plan, created on first use."""
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        if not plan.sharded:
             for p in plan.params:
                 state = self.state[p]
                 if not state:
@@ -93,19 +125,21 @@ class LAMB(LayerwiseOptimizer):
                 steps.append(state["step"])
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
-            step_values = [int(s) for s in torch.stack(steps).tolist()]
-            adapted = group["layer_adaptation"]
-            # (0)+(1): moments, directions r and (adapted) stacked [||w||^2..., ||r||^2...]
-            directions, sq, factor = F.lamb_direction(
-                plan.params, plan.grads, exp_avgs, exp_avg_sqs, step_values, beta1=beta1,
-                beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"] if adapted else 0.0,
-                need_norms=adapted, grads_as_scratch=self._grads_usable_as_scratch(plan),
-                foreach=plan.foreach)
-            if adapted:
-                n = len(plan.params)
-                sq = self._reduce_layer_sq_norms(sq, group)                    # (2)
-                plan.trust = F.scale_by_trust_ratio(sq[:n].sqrt(), sq[n:].sqrt())  # (3)
-            F.lamb_update(plan.params, directions, plan.trust, lr=group["lr"] * factor,  # (4)
-                          foreach=plan.foreach)
-        self._record_trust(plans)
-        return loss
+            return exp_avgs, exp_avg_sqs, [int(s) for s in torch.stack(steps).tolist()] if steps else []
+        stepped: set[int] = set()
+        for owner in plan.owners or []:
+            if id(owner) in stepped:
+                continue
+            stepped.add(id(owner))
+            state = self.state[owner]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(owner, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(owner, memory_format=torch.contiguous_format)
+            state["step"] += 1
+        for owner, (start, numel) in zip(plan.owners, plan.fragments):
+            state = self.state[owner]
+            exp_avgs.append(state["exp_avg"].view(-1).narrow(0, start, numel))
+            exp_avg_sqs.append(state["exp_avg_sq"].view(-1).narrow(0, start, numel))
+            steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, [int(s) for s in torch.stack(steps).tolist()] if steps else []

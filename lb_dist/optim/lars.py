@@ -56,7 +56,8 @@ class LayerwiseSGD(LayerwiseOptimizer):
 
     def _grad_term(self, plan: _GroupPlan, g_sq: Tensor) -> tuple[Tensor, Tensor | None]:
         """The gradient term ``N_k`` of the trust-ratio denominator for the adapted layers of
-        ``plan`` (stacked, 1-D), and an optional 0-dim bool flag "estimate unusable"."""
+        ``plan`` (stacked per layer of the plan's layout, 1-D; ``g_sq`` the reduced per-layer
+        ``||g_k||^2``), and an optional 0-dim bool flag "estimate unusable"."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- step
@@ -67,21 +68,31 @@ class LayerwiseSGD(LayerwiseOptimizer):
         plans = self._plans()
         self._prepare_step(plans)
 
-        flags: list[Tensor] = []
+        # (1) per-layer partial squared norms, one stacked vector per group:
+        #     adapted [||w||^2..., ||g||^2...], excluded [||g||^2...] (for the non-finite check)
+        sqs = []
         for plan in plans:
-            group, n = plan.group, len(plan.params)
+            tensors = plan.params + plan.grads if plan.group["layer_adaptation"] else plan.grads
+            quantities = 2 if plan.group["layer_adaptation"] else 1
+            sq = (F.sq_norms(tensors, foreach=plan.foreach) if tensors
+                  else torch.zeros(0, dtype=plan.dtype, device=plan.device))
+            sqs.append(plan.to_layers(sq, quantities))
+        sqs = self._reduce_step_sq_norms(sqs, plans)                    # (2)
+
+        flags: list[Tensor] = []
+        for plan, sq in zip(plans, sqs):
+            group, count = plan.group, plan.num_layers
             if group["layer_adaptation"]:
-                # (1) partial squared norms, one stacked tensor: [||w||^2..., ||g||^2...]
-                sq = F.sq_norms(plan.params + plan.grads, foreach=plan.foreach)
-                sq = self._reduce_layer_sq_norms(sq, group)          # (2)
-                w_sq, g_sq = sq[:n], sq[n:]
+                w_sq, g_sq = sq[:count], sq[count:]
                 term, bad_estimate = self._grad_term(plan, g_sq)
-                plan.trust = F.scale_by_trust_ratio(                   # (3)
+                trust = F.scale_by_trust_ratio(                           # (3)
                     w_sq.sqrt(), term, eta=group["eta"], weight_decay=group["weight_decay"])
+                plan.extra["layer_trust"] = trust
+                plan.trust = plan.to_tensors(trust)
                 if bad_estimate is not None:
                     flags.append(bad_estimate)
             else:
-                g_sq = self._reduce_layer_sq_norms(F.sq_norms(plan.grads, foreach=plan.foreach), group)
+                g_sq = sq
             flags.append(~torch.isfinite(g_sq.sum()))
 
         if self._gate_nonfinite(flags):
@@ -90,20 +101,7 @@ class LayerwiseSGD(LayerwiseOptimizer):
         for plan in plans:                                              # (4)
             group = plan.group
             momentum = group["momentum"]
-            bufs = scales = None
-            if momentum:
-                bufs, scales = [], []
-                dtype = F.norm_dtype(*{p.dtype for p in plan.params})
-                for p in plan.params:
-                    state = self.state[p]
-                    if state.get("momentum_buffer") is None:
-                        state["momentum_buffer"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format)
-                        state["momentum_scale"] = torch.zeros((), dtype=dtype, device=p.device)
-                    elif "momentum_scale" not in state:      # a plain (torch SGD) buffer
-                        state["momentum_scale"] = torch.ones((), dtype=dtype, device=p.device)
-                    bufs.append(state["momentum_buffer"])
-                    scales.append(state["momentum_scale"])
+            bufs, scales = self._momentum_state(plan) if momentum else (None, None)
             F.layerwise_sgd_update(
                 plan.params, plan.grads, bufs, scales,
                 plan.trust if group["layer_adaptation"] else None,
@@ -111,6 +109,66 @@ class LayerwiseSGD(LayerwiseOptimizer):
                 weight_decay=group["weight_decay"], foreach=plan.foreach)
         self._record_trust(plans)
         return loss
+
+    def _momentum_state(self, plan: _GroupPlan) -> tuple[list[Tensor], list[Tensor]]:
+        """The momentum buffers ``B`` and 0-dim scales ``c`` of the plan's tensors, created on
+        first use. A fragmented tensor keeps one tensor-shaped buffer and a 1-D vector of one
+        scale per fragment; the plan gets views of them."""
+        bufs, scales = [], []
+        dtype = plan.dtype
+        if not plan.sharded:
+            for p in plan.params:
+                state = self.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["momentum_scale"] = torch.zeros((), dtype=dtype, device=p.device)
+                elif "momentum_scale" not in state:      # a plain (torch SGD) buffer
+                    state["momentum_scale"] = torch.ones((), dtype=dtype, device=p.device)
+                bufs.append(state["momentum_buffer"])
+                scales.append(state["momentum_scale"])
+            return bufs, scales
+        for owner, slot, (start, numel) in zip(plan.owners, plan.slots, plan.fragments):
+            state = self.state[owner]
+            count = len(self._fragments[owner].starts)
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(owner, memory_format=torch.contiguous_format)
+                state["momentum_scale"] = torch.zeros(count, dtype=dtype, device=owner.device)
+            elif "momentum_scale" not in state:          # a canonical buffer (see state_dict)
+                state["momentum_scale"] = torch.ones(count, dtype=dtype, device=owner.device)
+            bufs.append(state["momentum_buffer"].view(-1).narrow(0, start, numel))
+            scales.append(state["momentum_scale"][slot])
+        return bufs, scales
+
+    def state_dict(self) -> dict:
+        """torch's ``state_dict``; for tensors made of fragments (:meth:`set_layer_fragments`)
+        the momentum is returned in torch's canonical form ``c * B`` (a new tensor-shaped buffer,
+        no ``momentum_scale``), so that every state entry is elementwise over the flat tensor and
+        engines that slice, pad or merge flat optimizer state (DeepSpeed's ZeRO checkpoints) can.
+        Loading it sets the scales to 1 (the same momentum, up to one rounding)."""
+        sd = super().state_dict()
+        if not self._fragments:
+            return sd
+        index = 0
+        ids: dict[int, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in ids:
+                    ids[id(p)] = index
+                    index += 1
+        state = dict(sd["state"])
+        for owner, layout in self._fragments.items():
+            pid = ids.get(id(owner))
+            st = self.state.get(owner)
+            if pid is None or not st or "momentum_scale" not in st:
+                continue
+            buf = st["momentum_buffer"].clone()
+            flat = buf.view(-1)
+            for j, (start, numel) in enumerate(zip(layout.starts, layout.numels)):
+                flat.narrow(0, start, numel).mul_(st["momentum_scale"][j].to(flat.dtype))
+            state[pid] = {k: v for k, v in state[pid].items() if k != "momentum_scale"}
+            state[pid]["momentum_buffer"] = buf
+        sd["state"] = state
+        return sd
 
 
 class LARS(LayerwiseSGD):
@@ -215,27 +273,33 @@ class CLARS(LayerwiseSGD):
         source = None
         if self.moments is not None:
             source = self.moments.second_moments()     # may raise MomentsUnavailableError
-        for gi, plan in enumerate(plans):
+        for plan in plans:
             if not plan.group["layer_adaptation"]:
                 continue
-            device = plan.params[0].device
-            dtype = F.norm_dtype(*{p.dtype for p in plan.params})
             values = []
-            for i, p in enumerate(plan.params):
-                s = source.get(p) if source is not None else self.state[p].get("second_moment")
+            for key in plan.layer_keys:
+                if source is not None:
+                    s = source.get(key)
+                elif plan.sharded:
+                    s = None
+                else:
+                    s = self.state[key].get("second_moment")
                 if s is None:
-                    self._missing(p, plan)
+                    self._missing(key, plan)
                 s = torch.as_tensor(s)
                 if s.numel() != 1:
                     raise ValueError(f"the moments estimator returned S_k of shape {list(s.shape)} "
-                                     f"for a parameter of shape {list(p.shape)}; expected one number")
-                values.append(s.reshape(()).to(device=device, dtype=dtype))
-            plan.extra["second_moments"] = torch.stack(values)
+                                     f"for a parameter of shape {list(key.shape)}; expected one number")
+                values.append(s.reshape(()).to(device=plan.device, dtype=plan.dtype))
+            plan.extra["second_moments"] = (torch.stack(values) if values
+                                            else torch.zeros(0, dtype=plan.dtype, device=plan.device))
 
     def _missing(self, p: Tensor, plan: _GroupPlan) -> None:
         index = plan.index
         via = ("its moments estimator returned no value for it" if self.moments is not None
-               else "none was set")
+               else "none was set" if not plan.sharded else
+               "its layers are fragments of a sharded tensor, whose S_k only a moments estimator "
+               "can supply (set_second_moments keys the optimizer's own tensors)")
         raise RuntimeError(
             f"CLARS needs S_k = mean_i ||grad_k f_i(w)||^2 (paper eq. 5) for every adapted layer, "
             f"but for a parameter of shape {list(p.shape)} in param group {index} {via}. Supply "
