@@ -206,6 +206,12 @@ def run_hooks(rank: int) -> dict:
         with opt.skip_synchronize():
             opt.step()
         sched.step()
+    # load_state_dict (torch's __setstate__ re-patches step functions) must not double the hooks
+    opt.load_state_dict(opt.state_dict())
+    opt.zero_grad()
+    x, y = data("mlp", 2, rank)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
     out["calls"] = calls
     out["mix_step"] = mix.step
     out["lr"] = opt.param_groups[0]["lr"]

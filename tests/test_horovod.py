@@ -283,9 +283,9 @@ def test_clars_training_matches_single_process_replay(runs):
 def test_step_hooks_run_once_and_mix_advances_once_per_step(runs):
     for r in range(K):
         h = runs[r]["hooks"]
-        assert h["calls"] == {"pre_wrap": 2, "post_wrap": 2}   # 2 steps: each hook once per step
-        assert h["mix_step"] == 2                               # attached before wrapping, still once per step
-        assert h["lr"] == pytest.approx(0.1 * 0.5 ** 2)         # a scheduler made before wrapping still works
+        assert h["calls"] == {"pre_wrap": 3, "post_wrap": 3}   # 3 steps: each hook once per step,
+        assert h["mix_step"] == 3                               # also after a load_state_dict; the mix was
+        assert h["lr"] == pytest.approx(0.1 * 0.5 ** 2)         # attached before wrapping; a scheduler too
         assert h["twice_equal"]                                 # a 2nd synchronize() does not mix again
         # the Horovod behaviour this fixes (torch >= 2.0 wraps both step functions)
         assert h["hvd_post_hook_calls_per_step"] == 2
@@ -377,3 +377,65 @@ def test_single_process_job():
             "print('ok', isinstance(o, torch.optim.SGD))\n")
     proc = subprocess.run([sys.executable, "-c", code], env=launch_env(), capture_output=True, text=True, timeout=60)
     assert "refused True" in proc.stdout and "ok True" in proc.stdout, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------- elastic job
+def test_elastic_horovodrun_grow_and_shrink(tmp_path):
+    """A real elastic job (horovodrun --host-discovery-script, Gloo): 1 worker for steps 0-2, a
+    second worker joins for steps 3-5 (synced from rank 0 through lb_dist.horovod.ElasticState), then
+    it is removed for steps 6-8. K follows the job: every step is replayed here in float64 with the
+    world size it ran at (coefficients pi of that K, SGD with momentum), and the statistics are exact
+    at K = 2 and skipped at K = 1."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:1\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    # --network-interface: with a single host Horovod cannot probe for common interfaces and waits
+    # for a second host forever
+    run_job([HOROVODRUN, "-np", "1", "--min-np", "1", "--max-np", "2", "--network-interface", "lo",
+             "--host-discovery-script", str(discover), "--gloo",
+             sys.executable, str(REPO / "tests" / "_worker_horovod_elastic.py"), str(out), str(hosts)], timeout=240)
+    final = torch.load(out / "final.pt", weights_only=False)
+    records = {}
+    for f in out.glob("*.pt"):
+        if f.name != "final.pt":
+            for rec in torch.load(f, weights_only=False):
+                records.setdefault(rec["step"], {})[rec["rank"]] = rec
+    assert sorted(records) == list(range(9))
+    sizes = [records[t][0]["size"] for t in range(9)]
+    assert sizes == [1, 1, 1, 2, 2, 2, 1, 1, 1]
+    assert all(sorted(records[t]) == list(range(sizes[t])) for t in range(9))
+    assert final["mix_step"] == 9
+
+    lr, mu = 0.2, 0.9                                                 # the worker's constants
+    params = [p.double() for p in records[0][0]["params"]]
+    bufs = None
+    for t in range(9):
+        k = sizes[t]
+        for r in range(k):
+            rec = records[t][r]
+            assert rec["mix_step"] == t                               # the joining worker got rank 0's mix
+            for got, want in zip(rec["params"], params):              # ... and its weights and momentum
+                close(got, want, atol=1e-5, rtol=1e-4)
+        g = [mlp_grads(params, *records[t][r]["data"]) for r in range(k)]
+        pi = GradientMix(noise="gaussian", std=STD, seed=11, world_size=k).coefficients(step=t)
+        mixed = [sum(float(pi[r]) * g[r][i] for r in range(k)) for i in range(len(params))]
+        for r in range(k):
+            for got, want in zip(records[t][r]["grads"], mixed):
+                close(got, want, atol=1e-5, rtol=1e-4)
+            upd = records[t][r]["last_update"]
+            if k == 1:
+                assert upd["skipped"] is True and upd["reason"] == "single rank"
+            else:
+                micro = sq(g[0]) + sq(g[1])
+                assert upd["skipped"] is False and upd["kappa"] == pytest.approx(STD / 2)
+                close(upd["micro_sq_sum"], micro, atol=1e-5, rtol=1e-4)
+                close(upd["corrected_mean_sq"], sq(mixed) - (STD / 2) ** 2 * micro, atol=1e-5, rtol=1e-4)
+        assert records[t][0]["num_updates"] == min(max(t - 2, 0), 3)  # fed only at K = 2
+        bufs = [m.clone() for m in mixed] if bufs is None else [mu * b + m for b, m in zip(bufs, mixed)]
+        params = [p - lr * b for p, b in zip(params, bufs)]
+    for got, want in zip(final["final"], params):
+        close(got, want, atol=1e-5, rtol=1e-4)

@@ -264,6 +264,15 @@ class _Overrides:
             st.finish_step(self, stats)
         return None
 
+    def step(self, closure=None):
+        return _HVD["step"](self, closure)
+
+    # torch's Optimizer._patch_step_function (run by Optimizer.__init__ and by __setstate__, i.e. by
+    # every load_state_dict) wraps a class's step, unless marked hooked, in a function that runs the
+    # step pre/post hooks. The user's class step, which this one calls, already does: marking it
+    # keeps the hooks (GradientMix.attach) at once per step. hvd.DistributedOptimizer runs them twice.
+    step.hooked = True
+
     def load_state_dict(self, *args, **kwargs):
         self.lb_dist_state.reset()
         return _HVD["load_state_dict"](self, *args, **kwargs)
