@@ -1,0 +1,494 @@
+"""Fine-tune (or train from a config) a Hugging Face seq2seq model on Multi30k with ``Seq2SeqTrainer``,
+lb_dist's optimizers and GradientMix: ``python -m lb_dist.finetune --help``.
+
+Two ways to get the model:
+
+* ``--model_name_or_path NAME_OR_DIR``: a pretrained ``AutoModelForSeq2SeqLM`` and its tokenizer
+  (from the Hub when online, or a local directory);
+* otherwise a Transformer built offline from a config (``--model_size small|base``, lb_dist.models)
+  with a BPE tokenizer trained on the training split (lb_dist.text), saved in ``OUTPUT_DIR``.
+
+What lb_dist adds to ``Seq2SeqTrainer`` (:class:`LbDistSeq2SeqTrainer`):
+
+* the optimizer (``--optimizer adamw|lamb|lars|clars``), built by :func:`make_optimizer` from
+  ``lb_dist.optim.param_groups`` (biases and LayerNorm parameters neither decayed nor adapted) and
+  handed to the Trainer as ``optimizers=(optimizer, None)``; the Trainer builds the schedule
+  (``--lr_scheduler_type``, e.g. ``inverse_sqrt`` with ``--warmup_steps``);
+* CLARS' per-layer second moments ``S_k`` from :class:`lb_dist.moments.MicroBatchMoments`: in one
+  process from the gradient-accumulation micro-batches (``--gradient_accumulation_steps >= 2``),
+  under torchrun from the DDP communication hook ``lb_dist.ddp`` (one micro-batch per rank and step);
+* GradientMix: ``--mix sample`` (paper eq. 4) as a randomly weighted loss in ``compute_loss``;
+  ``--mix device`` (eq. 3) in the DDP all-reduce (``lb_dist.ddp``; needs >= 2 processes).
+
+The loss. For every training step the Trainer collects the micro-batches of the accumulation; over
+the whole global batch (all micro-batches, all ranks) let N be the number of target tokens and B the
+number of sentences. Sentence b with token losses ``ce_bt`` contributes ``w_b * sum_t ce_bt / N``,
+where ``w_b = 1 + std * xi_b`` are the GradientMix sample weights (1 without sample-wise mixing).
+Without mixing this is exactly the Trainer's own token-mean loss over the global batch; with mixing
+the gradient is ``sum_b pi_b grad l_b`` with ``pi_b = w_b / B`` and the per-sentence loss
+``l_b = (B/N) sum_t ce_bt`` (a sentence's share of the token-mean loss), i.e. eq. 4 with sentences as
+samples. Label smoothing (``--label_smoothing_factor``) applies per token.
+
+``--deepspeed``: the DeepSpeed path needs ``lb_dist.deepspeed`` (the ZeRO-aware adapter; a
+layer-wise optimizer must see whole layers, not ZeRO's flat partitions). It is refused with a clear
+error until that adapter provides the Trainer integration (docs/workloads.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lb_dist import GradientMix
+from lb_dist.data.multi30k import TranslationDataset, collate_translation, read_multi30k
+from lb_dist.distributed import all_reduce_sum_, get_rank, get_world_size
+from lb_dist.mixing import DEFAULT_STD
+from lb_dist.moments import MicroBatchMoments
+from lb_dist.optim import CLARS, LAMB, LARS, param_groups
+
+__all__ = ["FinetuneArguments", "LbDistSeq2SeqTrainer", "make_optimizer", "token_sum_losses", "main", "OPTIMIZERS"]
+
+OPTIMIZERS = ("adamw", "lamb", "lars", "clars")
+MIX_CHOICES = ("none", "sample", "device")
+#: The tokenizer of a config-built model, in OUTPUT_DIR (not tokenizer.json: the Trainer writes its own copy there).
+TOKENIZER_FILE = "lb_dist_tokenizer.json"
+RECORD_FILE = "lb_dist_finetune.json"
+
+
+@dataclass
+class FinetuneArguments:
+    """lb_dist's arguments (the Trainer's own come from ``Seq2SeqTrainingArguments``)."""
+
+    data_dir: str = field(metadata={"help": "Directory with the Multi30k raw files (train.en(.gz), ...)."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Pretrained seq2seq model (Hub name or local directory). Default: build a Transformer "
+                "from a config (--model_size), offline."})
+    model_size: str = field(default="small", metadata={"help": "small | base (config-built Transformer)."})
+    model_options: str | None = field(default=None, metadata={
+        "help": "JSON dict of extra Transformer options, e.g. '{\"d_model\": 64}' (config-built model)."})
+    tokenizer_path: str | None = field(default=None, metadata={
+        "help": "Tokenizer JSON for a config-built model. Default: OUTPUT_DIR/lb_dist_tokenizer.json if it exists "
+                "(a resumed run), else trained on the training split and saved there."})
+    vocab_size: int = field(default=8000, metadata={"help": "Vocabulary size of a newly trained tokenizer."})
+    src_lang: str = field(default="en")
+    tgt_lang: str = field(default="de")
+    max_length: int = field(default=128, metadata={"help": "Maximum source/target length in tokens."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    eval_split: str = field(default="val", metadata={"help": "val | test: split for evaluation during training."})
+    test_bleu: bool = field(default=True, metadata={"help": "Translate the test split (test_2016_flickr) at the end "
+                                                             "and report its BLEU."})
+    optimizer: str = field(default="lamb", metadata={"help": "adamw | lamb | lars | clars."})
+    momentum: float = field(default=0.9, metadata={"help": "LARS/CLARS momentum."})
+    eta: float | None = field(default=None, metadata={"help": "LARS/CLARS trust coefficient (default 0.001 / 0.01)."})
+    moments_ema: float = field(default=0.0, metadata={"help": "CLARS: EMA of the micro-batch S_k estimate."})
+    mix: str = field(default="none", metadata={"help": "GradientMix: none | sample | device."})
+    mix_noise: str = field(default="gaussian", metadata={"help": "gaussian | rademacher."})
+    mix_std: float = field(default=DEFAULT_STD, metadata={"help": "Relative std of a mixing coefficient."})
+    mix_seed: int = field(default=0)
+
+
+def token_sum_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                     ignore_index: int = -100) -> torch.Tensor:
+    """Per-sentence sum of the token cross-entropies ``[B]`` (positions labelled ``ignore_index``
+    contribute 0), with label smoothing per token (``torch.nn.functional.cross_entropy``'s)."""
+    b, t, v = logits.shape
+    ce = torch.nn.functional.cross_entropy(logits.reshape(b * t, v).float(), labels.reshape(b * t),
+                                           ignore_index=ignore_index, reduction="none",
+                                           label_smoothing=label_smoothing)
+    return ce.view(b, t).sum(1)
+
+
+def make_optimizer(model: torch.nn.Module, name: str, *, lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.9, eta: float | None = None, betas=(0.9, 0.999), eps: float = 1e-6,
+                   moments_ema: float = 0.0):
+    """``(optimizer, moments)``: ``name`` in ``OPTIMIZERS`` over ``lb_dist.optim.param_groups(model,
+    weight_decay)``; ``moments`` is the :class:`MicroBatchMoments` CLARS reads ``S_k`` from (over
+    the adapted parameters), None for the others."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}; got {name!r}")
+    groups = param_groups(model, weight_decay)
+    if name == "adamw":
+        for g in groups:
+            g.pop("layer_adaptation", None)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps), None
+    if name == "lamb":
+        return LAMB(groups, lr=lr, betas=betas, eps=eps), None
+    extra = {} if eta is None else {"eta": eta}
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, **extra), None
+    adapted = [p for g in groups if g.get("layer_adaptation", True) for p in g["params"]]
+    moments = MicroBatchMoments(adapted, ema=moments_ema)
+    return CLARS(groups, lr=lr, momentum=momentum, moments=moments, **extra), moments
+
+
+@dataclass
+class _StepInfo:
+    """The global batch of the current optimizer step (see the module docstring)."""
+
+    global_samples: int          # B
+    global_tokens: float         # N
+    sample_offset: int           # global index of this rank's first sample
+    micro_sizes: list[int]       # this rank's micro-batch sizes
+    micro_tokens: list[int]
+    next_micro: int = 0
+
+
+def _import_trainer():
+    from transformers import Seq2SeqTrainer, TrainerCallback
+
+    return Seq2SeqTrainer, TrainerCallback
+
+
+def _trainer_class():
+    Seq2SeqTrainer, TrainerCallback = _import_trainer()
+
+    class _Hooks(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.trainer._attach(state)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.trainer._detach()
+
+    class _LbDistSeq2SeqTrainer(Seq2SeqTrainer):
+        __doc__ = LbDistSeq2SeqTrainer.__doc__
+
+        def __init__(self, *args, mix: GradientMix | None = None, moments: MicroBatchMoments | None = None,
+                     **kwargs):
+            super().__init__(*args, **kwargs)
+            if moments is None:  # a CLARS handed in through optimizers=(...) brings its estimator
+                candidate = getattr(self.optimizer, "moments", None)
+                moments = candidate if isinstance(candidate, MicroBatchMoments) else None
+            if mix is not None and not isinstance(mix, GradientMix):
+                raise TypeError(f"mix must be an lb_dist.GradientMix, got {type(mix).__name__}")
+            if self.is_deepspeed_enabled:
+                raise RuntimeError(_DEEPSPEED_MESSAGE)
+            self.mix, self.moments = mix, moments
+            world = self.args.world_size
+            if mix is not None and mix.granularity == "device" and world < 2:
+                raise ValueError("device-wise GradientMix (--mix device) mixes the gradients of >= 2 data-parallel "
+                                 "processes; this run has 1 (launch with torchrun, or use --mix sample)")
+            if moments is not None and world < 2 and self.args.gradient_accumulation_steps < 2:
+                raise ValueError("CLARS in a single process estimates S_k from the gradient-accumulation "
+                                 "micro-batches: set --gradient_accumulation_steps >= 2 (or run >= 2 processes)")
+            self._step_info: _StepInfo | None = None
+            self._ddp_state = None
+            self._tracking = False
+            self.loss_is_scaled_for_ga = True  # compute_loss divides by the global token count N
+            self.add_callback(_Hooks(self))
+
+        # ------------------------------------------------------------ wiring
+        def _attach(self, state) -> None:
+            if self.mix is not None:
+                self.mix.step = state.global_step  # one advance per optimizer step: resumable
+                self.mix.detach()
+                self.mix.attach(getattr(self.optimizer, "optimizer", self.optimizer))  # inside accelerate's wrapper
+            device_mix = self.mix if (self.mix is not None and self.mix.granularity == "device") else None
+            if self.args.world_size > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                import lb_dist.ddp
+
+                if device_mix is not None or self.moments is not None:
+                    ddp = self.model_wrapped
+                    if not isinstance(ddp, DistributedDataParallel):
+                        raise RuntimeError(f"lb_dist needs the model wrapped in DistributedDataParallel to mix or "
+                                           f"collect statistics in the all-reduce, got {type(ddp).__name__}")
+                    if self._ddp_state is None:
+                        b = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                        self._ddp_state = lb_dist.ddp.register(ddp, mix=device_mix, moments=self.moments,
+                                                               micro_batch_size=b)
+            elif self.moments is not None and not self._tracking:
+                self.moments.track_backward()
+                self._tracking = True
+
+        def _detach(self) -> None:
+            if self._tracking:
+                self.moments.remove_hooks()
+                self._tracking = False
+            if self.mix is not None:
+                self.mix.detach()
+
+        # ------------------------------------------------------------- steps
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            sizes = [int(b["labels"].shape[0]) for b in batch_samples]
+            tokens = [int(b["labels"].ne(-100).sum()) for b in batch_samples]
+            world, rank = get_world_size(), get_rank()
+            stats = torch.zeros(world, 2, dtype=torch.float64, device=self.args.device)
+            stats[rank, 0], stats[rank, 1] = sum(sizes), sum(tokens)
+            all_reduce_sum_(stats)
+            stats = stats.cpu()
+            self._step_info = _StepInfo(global_samples=int(stats[:, 0].sum()), global_tokens=float(stats[:, 1].sum()),
+                                        sample_offset=int(stats[:rank, 0].sum()), micro_sizes=sizes,
+                                        micro_tokens=tokens)
+            return batch_samples, num_items
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            info = self._step_info
+            if self._tracking and info is not None:
+                # the backward'ed loss is (N_j / N) x the micro-batch's token-mean loss
+                j = min(info.next_micro, len(info.micro_tokens) - 1)
+                self.moments.grad_scale = max(info.micro_tokens[j], 1) / max(info.global_tokens, 1.0)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self._tracking and self.accelerator.sync_gradients:
+                n = self.moments.num_tracked_micro_batches
+                params = self.moments.params
+                mean_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                b = max(1, round(info.global_samples / max(n, 1))) if info is not None else None
+                self.moments.finish_step(mean_grads=mean_grads, micro_batch_size=b)
+            return loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            info = self._step_info
+            if not model.training or info is None or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            labels = inputs["labels"]
+            fwd = dict(inputs)
+            unwrapped = self.accelerator.unwrap_model(model)
+            if "decoder_input_ids" not in fwd and hasattr(unwrapped, "prepare_decoder_input_ids_from_labels"):
+                fwd.pop("labels")
+                fwd["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
+            outputs = model(**fwd)
+            per_sentence = token_sum_losses(outputs.logits, labels, self.args.label_smoothing_factor)
+            world = get_world_size()
+            n_tokens = max(info.global_tokens, 1.0)
+            j = info.next_micro
+            info.next_micro += 1
+            if self.mix is not None and self.mix.granularity == "sample":
+                start = info.sample_offset + sum(info.micro_sizes[:j])
+                idx = torch.arange(start, start + labels.shape[0])
+                big_b = info.global_samples
+                # weighted_loss = K/B sum_b w_b l_b with l_b = (B/N) sum_t ce_bt
+                loss = self.mix.weighted_loss(per_sentence * (big_b / n_tokens), indices=idx,
+                                              global_batch_size=big_b)
+            else:
+                loss = per_sentence.sum() * (world / n_tokens)
+            return (loss, outputs) if return_outputs else loss
+
+    return _LbDistSeq2SeqTrainer
+
+
+class LbDistSeq2SeqTrainer:
+    """``transformers.Seq2SeqTrainer`` with lb_dist's GradientMix and CLARS second moments.
+
+    ``LbDistSeq2SeqTrainer(*trainer_args, mix=None, moments=None, **trainer_kwargs)`` returns an
+    instance of a ``Seq2SeqTrainer`` subclass (created on first use, so importing this module does
+    not import transformers). ``mix``: an :class:`lb_dist.GradientMix` (sample-wise: weighted loss;
+    device-wise: DDP hook). ``moments``: the :class:`MicroBatchMoments` a CLARS optimizer reads
+    (default: the ``moments`` of the optimizer given as ``optimizers=(optimizer, None)``, see
+    :func:`make_optimizer`); the trainer feeds it. The loss is computed as in the module docstring.
+    """
+
+    _cls = None
+
+    def __new__(cls, *args, **kwargs):
+        if LbDistSeq2SeqTrainer._cls is None:
+            LbDistSeq2SeqTrainer._cls = _trainer_class()
+        return LbDistSeq2SeqTrainer._cls(*args, **kwargs)
+
+
+_DEEPSPEED_MESSAGE = (
+    "--deepspeed: lb_dist.finetune's DeepSpeed path needs lb_dist.deepspeed, the ZeRO-aware adapter (a layer-wise "
+    "optimizer must see whole layers, not ZeRO's flat partitions, and device-wise mixing happens in DeepSpeed's "
+    "reduction), and that adapter does not provide a Seq2SeqTrainer integration yet. Run without --deepspeed "
+    "(single process or torchrun), or use lb_dist.deepspeed directly.")
+
+
+def _check_deepspeed() -> None:
+    try:
+        import lb_dist.deepspeed as lbds  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"--deepspeed needs lb_dist.deepspeed, which could not be imported "
+                           f"({type(e).__name__}: {e})") from e
+    raise RuntimeError(_DEEPSPEED_MESSAGE)
+
+
+class _Bleu:
+    """compute_metrics for predict_with_generate: BLEU of the decoded predictions against the raw
+    reference sentences of the split being evaluated (``references`` is set before each run)."""
+
+    def __init__(self, tokenizer, pad_id: int):
+        self.tokenizer, self.pad_id = tokenizer, pad_id
+        self.references: list[str] = []
+
+    def __call__(self, pred) -> dict[str, float]:
+        import numpy as np
+
+        from lb_dist.text import bleu, decode
+
+        preds = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        preds = np.where(preds < 0, self.pad_id, preds)
+        hyps = decode(self.tokenizer, preds.tolist())
+        if len(hyps) != len(self.references):
+            raise RuntimeError(f"BLEU: {len(hyps)} predictions for {len(self.references)} references")
+        return {"bleu": bleu(hyps, self.references)}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _load_model_and_tokenizer(fa: FinetuneArguments, output_dir: Path, train_pairs, is_main: bool):
+    """(model, tokenizer for the datasets, transformers tokenizer for the Trainer). For a config-built
+    model the tokenizer is loaded or trained (identically on every rank; the main process saves it)
+    and its fingerprint is recorded in OUTPUT_DIR/lb_dist_finetune.json; a later run in the same
+    OUTPUT_DIR with another tokenizer is refused."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lb_dist.text import SPECIAL_TOKENS, check_tokenizer, load_tokenizer, tokenizer_fingerprint, train_tokenizer
+
+    if fa.model_name_or_path is not None:
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(fa.model_name_or_path)
+        model = AutoModelForSeq2SeqLM.from_pretrained(fa.model_name_or_path)
+        return model, tok, tok
+    from lb_dist.models import build_model
+
+    record = output_dir / RECORD_FILE
+    recorded = None
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text())["tokenizer_fingerprint"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{record} is not a valid lb_dist.finetune record ({type(e).__name__}: {e})") from None
+    path = Path(fa.tokenizer_path) if fa.tokenizer_path else output_dir / TOKENIZER_FILE
+    if fa.tokenizer_path or path.is_file():
+        tok = load_tokenizer(path)
+    else:
+        tok = train_tokenizer([s for pair in train_pairs for s in pair], vocab_size=fa.vocab_size,
+                              save_path=path if is_main else None)
+    fingerprint = tokenizer_fingerprint(tok)
+    if recorded is not None:
+        check_tokenizer(tok, recorded, source=str(path))
+    elif is_main:
+        _atomic_write_text(record, json.dumps({"tokenizer_fingerprint": fingerprint, "tokenizer": str(path)}) + "\n")
+    options = json.loads(fa.model_options) if fa.model_options else {}
+    if not isinstance(options, dict):
+        raise ValueError(f"--model_options must be a JSON object, got {fa.model_options!r}")
+    options.setdefault("max_positions", max(fa.max_length, 8))
+    model = build_model(f"transformer_{fa.model_size}", vocab_size=tok.get_vocab_size(), **options)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIAL_TOKENS[0], bos_token=SPECIAL_TOKENS[1],
+                                     eos_token=SPECIAL_TOKENS[2], unk_token=SPECIAL_TOKENS[3])
+    return model, tok, hf_tok
+
+
+def _check_args(fa: FinetuneArguments, ta) -> None:
+    if fa.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {fa.optimizer!r}")
+    if fa.mix not in MIX_CHOICES:
+        raise ValueError(f"--mix must be one of {', '.join(MIX_CHOICES)}; got {fa.mix!r}")
+    if fa.model_size not in ("small", "base"):
+        raise ValueError(f"--model_size must be 'small' or 'base'; got {fa.model_size!r}")
+    if fa.eval_split not in ("val", "test"):
+        raise ValueError(f"--eval_split must be 'val' or 'test'; got {fa.eval_split!r}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        v = getattr(fa, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name} must be >= 1, got {v}")
+    if not Path(fa.data_dir).is_dir():
+        raise FileNotFoundError(f"--data_dir {fa.data_dir} does not exist")
+    if ta.deepspeed:
+        _check_deepspeed()
+
+
+def run(fa: FinetuneArguments, ta) -> dict[str, Any]:
+    """Fine-tune with parsed arguments (``ta``: ``Seq2SeqTrainingArguments``); returns the metrics
+    (train loss, eval BLEU/loss, test BLEU) that are also written to ``OUTPUT_DIR/results.json``."""
+    _check_args(fa, ta)
+    output_dir = Path(ta.output_dir)
+    train_pairs = read_multi30k(fa.data_dir, "train", src_lang=fa.src_lang, tgt_lang=fa.tgt_lang)
+    eval_pairs = read_multi30k(fa.data_dir, fa.eval_split, src_lang=fa.src_lang, tgt_lang=fa.tgt_lang)
+    if fa.max_train_samples:
+        train_pairs = train_pairs[:fa.max_train_samples]
+    if fa.max_eval_samples:
+        eval_pairs = eval_pairs[:fa.max_eval_samples]
+    model, tok, hf_tok = _load_model_and_tokenizer(fa, output_dir, train_pairs, ta.process_index == 0)
+    model.to(ta.device)
+    pad_id = hf_tok.pad_token_id
+    train_ds = TranslationDataset(train_pairs, tok, fa.max_length)
+    eval_ds = TranslationDataset(eval_pairs, tok, fa.max_length)
+    optimizer, _ = make_optimizer(model, fa.optimizer, lr=ta.learning_rate, weight_decay=ta.weight_decay,
+                                        momentum=fa.momentum, eta=fa.eta, betas=(ta.adam_beta1, ta.adam_beta2),
+                                        eps=ta.adam_epsilon, moments_ema=fa.moments_ema)
+    mix = None
+    if fa.mix != "none":
+        mix = GradientMix(noise=fa.mix_noise, std=fa.mix_std, granularity=fa.mix, seed=fa.mix_seed)
+    metric = _Bleu(tok, pad_id)
+    metric.references = [t for _, t in eval_pairs]
+    if ta.predict_with_generate and ta.generation_max_length is None:
+        ta.generation_max_length = fa.max_length
+    trainer = LbDistSeq2SeqTrainer(
+        model=model, args=ta, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=functools.partial(collate_translation, pad_id=pad_id), processing_class=hf_tok,
+        compute_metrics=metric if ta.predict_with_generate else None, optimizers=(optimizer, None), mix=mix)
+    resume = ta.resume_from_checkpoint
+    if resume is None and output_dir.is_dir():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(str(output_dir))
+    results: dict[str, Any] = {}
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    results["train_loss"] = train_out.training_loss
+    results["global_step"] = trainer.state.global_step
+    results["log_history"] = trainer.state.log_history
+    if ta.predict_with_generate:
+        results.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+        if fa.test_bleu:
+            test_pairs = read_multi30k(fa.data_dir, "test", src_lang=fa.src_lang, tgt_lang=fa.tgt_lang)
+            if fa.max_eval_samples:
+                test_pairs = test_pairs[:fa.max_eval_samples]
+            metric.references = [t for _, t in test_pairs]
+            pred = trainer.predict(TranslationDataset(test_pairs, tok, fa.max_length), metric_key_prefix="test")
+            results.update({k: v for k, v in pred.metrics.items() if isinstance(v, (int, float))})
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        summary = {k: v for k, v in results.items() if k != "log_history"}
+        summary["args"] = {"lb_dist": dataclasses.asdict(fa)}
+        _atomic_write_text(output_dir / "results.json", json.dumps(summary, indent=1, default=str) + "\n")
+    trainer.save_model()
+    return results
+
+
+def parse_args(argv=None):
+    from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+    parser = HfArgumentParser((FinetuneArguments, Seq2SeqTrainingArguments))
+    if argv is None:
+        argv = sys.argv[1:]
+    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
+        _check_deepspeed()  # before the Trainer's arguments set DeepSpeed up
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=argv[0])
+    return parser.parse_args_into_dataclasses(args=list(argv))
+
+
+def main(argv=None) -> dict[str, Any]:
+    fa, ta = parse_args(argv)
+    results = run(fa, ta)
+    if get_rank() == 0:
+        keys = [k for k in ("train_loss", "eval_loss", "eval_bleu", "test_bleu") if k in results]
+        print("[lb_dist.finetune] " + ", ".join(
+            f"{k} {results[k]:.4f}" if isinstance(results[k], float) and math.isfinite(results[k])
+            else f"{k} {results[k]}" for k in keys), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

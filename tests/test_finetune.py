@@ -1,0 +1,227 @@
+"""lb_dist.finetune: Seq2SeqTrainer with lb_dist optimizers and GradientMix on real Multi30k.
+
+* the loss the trainer backpropagates against the token-mean cross-entropy (no mixing) and against
+  eq. 4 of the GradientMix paper with sentences as samples (sample-wise mixing), computed here from
+  the logits;
+* CLARS' micro-batch statistics against per-micro-batch gradients computed here;
+* the command line end to end: a config-built model (CLARS or LAMB + sample-wise GradientMix) and a
+  "pretrained" model loaded from a directory, with BLEU; bad arguments and a tokenizer mismatch.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers", reason="lb_dist.finetune needs the 'workloads' extra (transformers)")
+
+from lb_dist import GradientMix  # noqa: E402
+from lb_dist.data import TranslationDataset, collate_translation, read_multi30k  # noqa: E402
+from lb_dist.finetune import LbDistSeq2SeqTrainer, main, make_optimizer  # noqa: E402
+from lb_dist.models import build_model  # noqa: E402
+from lb_dist.text import TokenizerMismatchError, train_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MULTI30K = SHARED / "data" / "multi30k"
+pytestmark = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"real Multi30k data not found: {MULTI30K} "
+                                f"(../shared is absent on this machine)")
+
+TINY = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "attention_heads": 2, "ffn_dim": 64}
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return read_multi30k(MULTI30K, "train")[:64]
+
+
+@pytest.fixture(scope="module")
+def tok(pairs):
+    return train_tokenizer([s for p in pairs for s in p], vocab_size=200)
+
+
+def tiny_model(tok):
+    torch.manual_seed(0)
+    return build_model("transformer_small", vocab_size=tok.get_vocab_size(), max_positions=48, dropout=0.0,
+                       **TINY)
+
+
+def training_args(tmp_path, **kw):
+    from transformers import Seq2SeqTrainingArguments
+
+    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True,
+                save_strategy="no", logging_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                max_steps=1, learning_rate=0.1, seed=0, dataloader_num_workers=0)
+    base.update(kw)
+    return Seq2SeqTrainingArguments(**base)
+
+
+def token_ce(model, batch):
+    """Per-sentence token sums of the cross-entropy and the token count, from the model's logits."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    b, t, v = out.logits.shape
+    ce = F.cross_entropy(out.logits.reshape(b * t, v), batch["labels"].reshape(-1), ignore_index=-100,
+                         reduction="none").view(b, t)
+    return ce.sum(1), int(batch["labels"].ne(-100).sum()), out.loss
+
+
+@pytest.mark.parametrize("mixing", [False, True])
+def test_loss_is_token_mean_or_eq4_over_sentences(tmp_path, tok, pairs, mixing):
+    ds = TranslationDataset(pairs[:8], tok, max_length=48)
+    collate = functools.partial(collate_translation, pad_id=0)
+    model = tiny_model(tok)
+    opt, _ = make_optimizer(model, "lamb", lr=1e-3)
+    mix = GradientMix(noise="gaussian", std=0.5, granularity="sample", seed=3) if mixing else None
+    trainer = LbDistSeq2SeqTrainer(model=model, args=training_args(tmp_path), train_dataset=ds,
+                                   data_collator=collate, optimizers=(opt, None), mix=mix)
+    micro = [collate([ds[i] for i in range(4)]), collate([ds[i] for i in range(4, 8)])]
+    batches, _ = trainer.get_batch_samples(iter(micro), 2, torch.device("cpu"))
+    model.train()
+    ours = sum(trainer.compute_loss(model, b) for b in batches)
+    # reference, from the logits
+    sums, counts, model_losses = zip(*(token_ce(model, b) for b in micro))
+    per_sentence = torch.cat(sums)
+    n_tokens = sum(counts)
+    if mixing:
+        pi = mix.sample_weights(torch.arange(8), 8).float() / 8  # pi_b, mean 1/B (eq. 4)
+        # g = sum_b pi_b grad l_b with l_b = (B / N) * (token-sum of sentence b)
+        ref = (pi * per_sentence * (8 / n_tokens)).sum()
+    else:
+        ref = per_sentence.sum() / n_tokens
+        # = the model's own token-mean loss over the two micro-batches together
+        torch.testing.assert_close(ref, sum(l * c for l, c in zip(model_losses, counts)) / n_tokens)
+    torch.testing.assert_close(ours, ref)
+    if mixing:
+        assert not torch.allclose(ours, per_sentence.sum() / n_tokens)
+
+
+def test_clars_statistics_from_the_accumulation_micro_batches(tmp_path, tok, pairs):
+    """One step of 2 micro-batches: what CLARS' estimator receives equals sum_j ||g_j||^2 (g_j the
+    micro-batch token-mean gradient) and ||G||^2 (G the step's token-mean gradient), computed here."""
+    ds = TranslationDataset(pairs[:8], tok, max_length=48)
+    collate = functools.partial(collate_translation, pad_id=0)
+    model = tiny_model(tok)
+    start = copy.deepcopy(model)
+    opt, moments = make_optimizer(model, "clars", lr=0.5, weight_decay=1e-4)
+    trainer = LbDistSeq2SeqTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=ds,
+                                   data_collator=collate, optimizers=(opt, None))
+    seen, updates = [], []
+    original_get, original_update = trainer.get_batch_samples, moments.update
+
+    def record_batches(*args):
+        out = original_get(*args)
+        seen.append([{k: v.clone() for k, v in b.items()} for b in out[0]])
+        return out
+
+    def record_update(micro_sq_sum, n, mean_sq, b=None):
+        updates.append((micro_sq_sum.clone(), n, mean_sq.clone(), b))
+        return original_update(micro_sq_sum, n, mean_sq, b)
+
+    trainer.get_batch_samples, moments.update = record_batches, record_update
+    trainer.train()
+    assert trainer.state.global_step == 2 and moments.num_updates == 2 and opt.skipped_steps == 0
+    micro_sq_sum, n, mean_sq, b = updates[0]
+    assert n == 2 and b == 4
+    # reference at the initial weights, on the batches of the first step
+    params = dict(start.named_parameters())
+    tracked = [params[name] for name, p in model.named_parameters() if any(p is q for q in moments.params)]
+    assert len(tracked) == len(moments.params)
+    start.train()
+    grads, sums, counts = [], [], []
+    for batch in seen[0]:
+        s, c, _ = token_ce(start, batch)
+        grads.append(torch.autograd.grad(s.sum() / c, tracked, retain_graph=True))
+        sums.append(s.sum())
+        counts.append(c)
+    total = torch.autograd.grad(sum(sums) / sum(counts), tracked)
+    ref_small = torch.stack([sum(g[k].double().square().sum() for g in grads) for k in range(len(tracked))])
+    ref_big = torch.stack([t.double().square().sum() for t in total])
+    torch.testing.assert_close(micro_sq_sum, ref_small, rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(mean_sq, ref_big, rtol=1e-4, atol=1e-12)
+    # and CLARS used them: S_k of the estimator, finite trust ratios, weights moved
+    assert all(torch.isfinite(v) for v in opt.trust_ratios().values())
+    moved = any(not torch.equal(p, params[name]) for name, p in model.named_parameters())
+    assert moved
+
+
+def run_cli(tmp_path, *extra, out="run"):
+    argv = ["--data_dir", str(MULTI30K), "--output_dir", str(tmp_path / out), "--max_train_samples", "96",
+            "--max_eval_samples", "12", "--vocab_size", "200", "--model_options", json.dumps(TINY),
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "12", "--logging_steps", "1",
+            "--predict_with_generate", "--generation_max_length", "20", "--save_strategy", "no", "--use_cpu",
+            "--max_length", "48", "--disable_tqdm", "true", "--report_to", "none", "--seed", "0",
+            "--dataloader_num_workers", "0", *extra]
+    return main(argv)
+
+
+def test_cli_config_model_lamb_with_sample_mix(tmp_path):
+    res = run_cli(tmp_path, "--optimizer", "lamb", "--learning_rate", "0.05", "--mix", "sample",
+                  "--gradient_accumulation_steps", "2", "--max_steps", "10", "--lr_scheduler_type", "constant",
+                  "--eval_on_start", "true")
+    assert res["global_step"] == 10
+    losses = [h["loss"] for h in res["log_history"] if "loss" in h]
+    assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
+    evals = [h["eval_loss"] for h in res["log_history"] if "eval_loss" in h]
+    assert math.isfinite(evals[0]) and res["eval_loss"] < evals[0]  # before vs after training
+    assert 0.0 <= res["eval_bleu"] <= 100.0 and 0.0 <= res["test_bleu"] <= 100.0
+    out = tmp_path / "run"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["eval_bleu"] == res["eval_bleu"] and saved["args"]["lb_dist"]["mix"] == "sample"
+    assert (out / "lb_dist_tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+    # a second run in the same directory must use the same tokenizer
+    other = tmp_path / "other.json"
+    train_tokenizer(["ein zwei drei", "one two three"] * 20, vocab_size=50, min_frequency=1, save_path=other)
+    with pytest.raises(TokenizerMismatchError, match="other.json does not match"):
+        run_cli(tmp_path, "--tokenizer_path", str(other), "--max_steps", "1")
+
+
+def test_cli_pretrained_directory_with_clars(tmp_path, tok):
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                     unk_token="<unk>")
+    pretrained = tmp_path / "pretrained"
+    tiny_model(tok).save_pretrained(pretrained)
+    hf_tok.save_pretrained(pretrained)
+    res = run_cli(tmp_path, "--model_name_or_path", str(pretrained), "--optimizer", "clars", "--learning_rate",
+                  "1.0", "--gradient_accumulation_steps", "2", "--max_steps", "3", "--mix", "sample",
+                  "--mix_noise", "rademacher", "--test_bleu", "false")
+    losses = [h["loss"] for h in res["log_history"] if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert math.isfinite(res["eval_bleu"]) and "test_bleu" not in res
+
+
+@pytest.mark.parametrize("extra,error,match", [
+    (["--optimizer", "adam"], ValueError, "--optimizer must be one of"),
+    (["--mix", "layer"], ValueError, "--mix must be one of"),
+    (["--mix", "device"], ValueError, "device-wise GradientMix .* >= 2"),
+    (["--optimizer", "clars", "--gradient_accumulation_steps", "1"], ValueError, "gradient_accumulation_steps >= 2"),
+    (["--deepspeed", "ds_config.json"], RuntimeError, "lb_dist.deepspeed"),
+])
+def test_cli_refuses_bad_arguments(tmp_path, extra, error, match):
+    with pytest.raises(error, match=match):
+        run_cli(tmp_path, "--max_steps", "1", *extra)
+
+
+def test_cli_missing_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        main(["--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o"), "--use_cpu"])
+
+
+def test_ddp_sample_mix_gradient_and_clars_device_mix(tmp_path):
+    """2 real processes (gloo): see tests/_worker_finetune.py."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _worker_launch import launch
+
+    launch("_worker_finetune.py", [str(tmp_path), str(MULTI30K)], nproc=2, timeout=240)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["sample_mix_rel_error"] < 1e-4
+    assert result["last_update_micro_batches"] == 2  # one micro-batch per rank and step
