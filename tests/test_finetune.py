@@ -151,6 +151,30 @@ def test_clars_statistics_from_the_accumulation_micro_batches(tmp_path, tok, pai
     assert moved
 
 
+def test_make_optimizer_groups(tok):
+    from lb_dist.moments import MicroBatchMoments
+    from lb_dist.optim import CLARS, LAMB, LARS
+
+    model = tiny_model(tok)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for name, cls in [("adamw", torch.optim.AdamW), ("lamb", LAMB), ("lars", LARS), ("clars", CLARS)]:
+        opt, moments = make_optimizer(model, name, lr=0.1, weight_decay=0.01)
+        assert type(opt) is cls
+        adapted, excluded = opt.param_groups
+        assert adapted["weight_decay"] == 0.01 and excluded["weight_decay"] == 0.0
+        assert all(p.ndim == 2 for p in adapted["params"]) and all(p.ndim == 1 for p in excluded["params"])
+        assert len(adapted["params"]) + len(excluded["params"]) == len(trainable)  # tied embedding once
+        if name != "adamw":
+            assert excluded["layer_adaptation"] is False
+        if name == "clars":
+            assert isinstance(moments, MicroBatchMoments) and moments.params == adapted["params"]
+            assert opt.moments is moments
+        else:
+            assert moments is None
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        make_optimizer(model, "sgd", lr=0.1)
+
+
 def run_cli(tmp_path, *extra, out="run"):
     argv = ["--data_dir", str(MULTI30K), "--output_dir", str(tmp_path / out), "--max_train_samples", "96",
             "--max_eval_samples", "12", "--vocab_size", "200", "--model_options", json.dumps(TINY),

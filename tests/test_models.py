@@ -252,6 +252,8 @@ def test_transformer_separate_vocabularies_and_options():
     assert trainable(model) == transformer_formula(32, 64, 2, 2, 300, 200)
     assert model.lm_head.weight.shape == (200, 32)
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    small = build_model("transformer_small", vocab_size=1000)
+    assert trainable(small) == transformer_formula(128, 512, 2, 2, 1000) == 925_696 + 128 * 1000
     with pytest.raises(ValueError, match="d_model .* divisible by attention_heads"):
         build_model("transformer_small", vocab_size=50, d_model=30, attention_heads=4)
     with pytest.raises(ValueError, match="not both"):

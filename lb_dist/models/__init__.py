@@ -10,7 +10,7 @@ resnet20 ... 110    CIFAR ResNet-(6n+2), option A shortcuts     10              
 resnet18_cifar      ResNet-18, 3x3 stem, no max pooling         10               11.17M
 vgg11_bn            VGG-11 + BatchNorm, one linear classifier   10               9.23M
 resnet50            ImageNet ResNet-50 v1.5                     1000             25.56M
-transformer_small   Marian-style Transformer, d 128, 2+2        (vocabulary)     1.3M + 128 V
+transformer_small   Marian-style Transformer, d 128, 2+2        (vocabulary)     0.93M + 128 V
 transformer_base    Vaswani base, d 512, 6+6                    (vocabulary)     44.1M + 512 V
 ==================  =========================================  ===============  =====================
 
