@@ -12,7 +12,10 @@ job (so machine load drifts hit all variants alike), one thread per process:
 A step is zero_grad + forward + backward + SGD step (momentum 0.9) on ``lb_dist.models.resnet20``
 (CifarResNet depth 20) with a fixed batch per rank. Reports the median step time and the overhead
 relative to ``hvd.DistributedOptimizer`` as the median over rounds of the per-round ratio (paired),
-for wall time and for the CPU time of rank 0's process.
+for wall time, for the CPU time of rank 0's process (all threads, including Horovod's background
+thread) and for the CPU time of rank 0's main thread (``time.thread_time``: the forward, backward,
+optimizer step and every lb_dist addition, which all run there on CPU; the least sensitive to other
+jobs on a shared machine).
 
     python benchmarks/bench_horovod.py [--controller gloo|mpi] [--rounds 20] [--steps 8] [--batch 32]
 
@@ -76,20 +79,22 @@ def worker(args) -> None:
             step(model, opt)
     times = {name: [] for name in VARIANTS}
     cpu = {name: [] for name in VARIANTS}
+    main = {name: [] for name in VARIANTS}
     barrier = torch.zeros(1)
     for r in range(args.rounds):
         order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
         for name in order:
             model, opt = setups[name]
             hvd.allreduce(barrier, name="bench.barrier")
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
             for _ in range(args.steps):
                 step(model, opt)
             times[name].append((time.perf_counter() - t0) / args.steps)
             cpu[name].append((time.process_time() - c0) / args.steps)
+            main[name].append((time.thread_time() - m0) / args.steps)
     if rank == 0:
         n_params = sum(p.numel() for p in setups[VARIANTS[0]][0].parameters())
-        Path(args.out).write_text(json.dumps({"times": times, "cpu": cpu, "params": n_params,
+        Path(args.out).write_text(json.dumps({"times": times, "cpu": cpu, "main": main, "params": n_params,
                                               "controller": "mpi" if hvd.mpi_enabled() else "gloo"}))
     hvd.join()
     hvd.shutdown()
@@ -123,7 +128,7 @@ def main() -> None:
     res = json.loads(Path(out).read_text())
     os.remove(out)
     summary = {}
-    for metric in ("times", "cpu"):
+    for metric in ("times", "cpu", "main"):
         base = res[metric][VARIANTS[0]]
         summary[metric] = {k: {"median_s": statistics.median(v),
                                "overhead": sorted(t / b - 1 for t, b in zip(v, base))}
@@ -131,17 +136,18 @@ def main() -> None:
     print(f"\n2 processes x 1 thread, horovodrun --{res['controller']}, resnet20 ({res['params'] / 1e6:.2f}M params), "
           f"batch {args.batch}/rank, {args.rounds} interleaved rounds x {args.steps} steps; overhead = "
           f"median over rounds of the per-round ratio to hvd.DistributedOptimizer [quartiles]\n")
-    print("| variant | wall ms/step | wall overhead | CPU ms/step (rank 0) | CPU overhead |")
-    print("|---|---|---|---|---|")
+    print("| variant | wall ms/step | wall overhead | CPU ms/step (rank 0) | CPU overhead "
+          "| main-thread CPU ms/step | main-thread overhead |")
+    print("|---|---|---|---|---|---|---|")
 
     def fmt(o):
         q = statistics.quantiles(o, n=4)
         return f"{100 * statistics.median(o):+.1f} % [{100 * q[0]:+.1f}, {100 * q[2]:+.1f}]"
 
     for name in VARIANTS:
-        w, c = summary["times"][name], summary["cpu"][name]
+        w, c, m = summary["times"][name], summary["cpu"][name], summary["main"][name]
         print(f"| {name} | {1e3 * w['median_s']:.1f} | {fmt(w['overhead'])} | {1e3 * c['median_s']:.1f} | "
-              f"{fmt(c['overhead'])} |")
+              f"{fmt(c['overhead'])} | {1e3 * m['median_s']:.1f} | {fmt(m['overhead'])} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **res, "summary": summary}, indent=1))
 

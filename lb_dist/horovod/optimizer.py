@@ -55,12 +55,17 @@ def _op_name(op) -> str:
     return repr(op)
 
 
-def _sq_norm(g: torch.Tensor) -> torch.Tensor:
-    """||g||^2 as a 0-dim float64 tensor (g dense or sparse COO; half precision summed in float32)."""
+def _norm(g: torch.Tensor) -> torch.Tensor:
+    """||g|| as a 0-dim tensor (g dense or sparse COO; half precision accumulated in float32)."""
     if g.is_sparse:
         g = g.coalesce().values()
     dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
-    return torch.linalg.vector_norm(g, dtype=dtype).double().square()
+    return torch.linalg.vector_norm(g, dtype=dtype)
+
+
+def _sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """||g||^2 as a 0-dim float64 tensor."""
+    return _norm(g).double().square()
 
 
 def _sq_norms(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -114,7 +119,7 @@ class GradientMixState:
     def reset(self) -> None:
         """Drop a half-collected step (Horovod's load_state_dict / elastic restore call this)."""
         n = len(self.moments.params) if self.moments is not None else 0
-        self._local_sq: list[torch.Tensor | None] = [None] * n
+        self._local_norm: list[torch.Tensor | None] = [None] * n
         self._step_k: int | None = None
         self._step_kappa = 0.0
 
@@ -151,7 +156,7 @@ class GradientMixState:
             for p in params:
                 slot = index.get(p)
                 if slot is not None:
-                    self._local_sq[slot] = _sq_norm(p.grad)
+                    self._local_norm[slot] = _norm(p.grad)  # squared in float64 once per step
         if mixing:
             scale = self._scale_for(k, ps.rank())
             for p in params:
@@ -159,12 +164,15 @@ class GradientMixState:
 
     def launch_stats(self, opt):
         """One asynchronous SUM allreduce of this step's per-layer local ||g_k||^2."""
-        missing = [i for i, t in enumerate(self._local_sq) if t is None]
+        missing = [i for i, t in enumerate(self._local_norm) if t is None]
         if missing:
-            raise RuntimeError(f"{len(missing)} of the {len(self._local_sq)} parameters tracked by moments were "
+            raise RuntimeError(f"{len(missing)} of the {len(self._local_norm)} parameters tracked by moments were "
                                f"not reduced by this optimizer this step (e.g. moments.params[{missing[0]}]); "
                                f"moments must track parameters of this optimizer that receive gradients")
-        local = torch.stack(self._local_sq)
+        norms = self._local_norm
+        if len({t.dtype for t in norms}) > 1:
+            norms = [t.double() for t in norms]
+        local = torch.stack(norms).double().square_()
         return hvd.allreduce_async(local, name=_STATS_NAME, op=hvd.Sum, process_set=opt.process_set)
 
     def finish_step(self, opt, handle) -> None:
