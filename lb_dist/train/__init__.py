@@ -1,0 +1,82 @@
+"""``lb-dist train`` / ``python -m lb_dist.train``: one training entry point for every backend.
+
+Public API:
+
+* :func:`main` ``(argv=None) -> int``: the command line (docs/training.md lists every flag);
+* :func:`train` ``(argv_or_args, backend=None) -> dict``: the same from Python (the demo runs several
+  trainings in one process group through it; a given ``backend`` must be started and is not closed);
+* :class:`Backend`, :func:`select_backend`, :func:`detect_backend`: the engine interface
+  (``single`` and ``torchrun`` implemented);
+* :func:`build_parser`, :func:`parse_args`: the flags.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lb_dist.train.backends import Backend, BackendUnavailable, SingleProcess, Torchrun, detect_backend, select_backend
+from lb_dist.train.checkpoint import CheckpointError
+from lb_dist.train.config import build_parser, parse_args
+from lb_dist.train.trainer import TrainingDiverged, run_training
+
+__all__ = ["main", "train", "Backend", "SingleProcess", "Torchrun", "BackendUnavailable", "select_backend",
+           "detect_backend", "build_parser", "parse_args", "CheckpointError", "TrainingDiverged"]
+
+
+def train(argv_or_args=None, backend: Backend | None = None) -> dict:
+    """Run one training. ``argv_or_args``: a list of flags (as on the command line) or a namespace
+    from :func:`parse_args`. Without ``backend``, the one of ``--backend`` is selected, started and
+    closed at the end; a given backend must be started and stays open."""
+    args = argv_or_args if isinstance(argv_or_args, argparse.Namespace) else parse_args(argv_or_args)
+    own = backend is None
+    if own:
+        backend = select_backend(args.backend, device=args.device, dist_backend=args.dist_backend,
+                                 local_rank_flag=args.local_rank)
+        backend.start()
+    try:
+        summary = run_training(args, backend)
+    finally:
+        if own:
+            backend.close()
+    summary["closed_process_group"] = own and bool(getattr(backend, "_owns_group", False))
+    return summary
+
+
+def main(argv=None, prog: str = "lb-dist train") -> int:
+    """Command-line entry point; returns the exit status: 0, or 1 for a failure with a message naming
+    the file or setting (a missing data file, a corrupt checkpoint, ...). A bad flag exits with status 2
+    (argparse) before any work. A process that ran a torch.distributed job leaves with ``os._exit``
+    after flushing (torch 2.13 + gloo can abort in interpreter teardown after a clean shutdown)."""
+    args = parse_args(argv, prog=prog)
+    try:
+        summary = train(args)
+    except _USER_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    if summary.get("stopped"):
+        print(f"[lb-dist train] stopped after step {summary['step']} (--stop-after-steps); run the same command to "
+              f"continue", file=sys.stderr, flush=True)
+    if summary.get("closed_process_group"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _user_errors() -> tuple:
+    errors = [BackendUnavailable, CheckpointError, FileNotFoundError, TrainingDiverged]
+    try:
+        from lb_dist.data import CifarFormatError, MissingDependencyError
+        errors += [CifarFormatError, MissingDependencyError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from lb_dist.text import TokenizerMismatchError
+        errors.append(TokenizerMismatchError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+_USER_ERRORS = _user_errors()

@@ -1,0 +1,382 @@
+"""The training loop of ``lb-dist train``: one code path for every backend (see backends.py).
+
+Order of one optimizer step (global step t, counted from 0; the step record says ``step = t + 1``):
+
+1. fetch this rank's A micro-batches of the step (``sampling.BatchLayout``);
+2. N = number of samples (images) or target tokens (translation) in the global batch (one scalar
+   all-reduce for translation);
+3. CLARS with ``--clars-moments per-sample``: S_k on the global subset J of the step's first
+   micro-batches (``lb_dist.moments.per_sample_second_moments``, a collective);
+4. per micro-batch j: ``loss_j = (K/N) sum_{b in j} w_b l_b`` (w_b = 1 or the sample-wise GradientMix
+   weights), backward (DDP reduces and mixes on the last one; the hook feeds the moments);
+5. ``backend.finish_gradients()``; a step with a non-finite gradient is skipped (the layer-wise
+   optimizers skip by themselves; torch's SGD/Adam are checked here), otherwise the optimizer step;
+   the schedule advances either way;
+6. logging, checkpoints.
+
+The epoch ends with the evaluation, its record and a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from lb_dist.mixing import GradientMix
+from lb_dist.train.backends import Backend
+from lb_dist.train.checkpoint import (FORMAT, CheckpointError, checkpoint_path, latest_checkpoint,
+                                      list_checkpoints, load_checkpoint, prune_checkpoints)
+from lb_dist.train.config import RUN_DEFINING, check_layout, to_dict
+from lb_dist.train.metrics import MetricsLogger
+from lb_dist.train.optimizers import adapted_params, build_optimizer, build_scheduler, peak_lr, warmup_steps
+from lb_dist.train.sampling import BatchLayout, StepBatchSampler
+from lb_dist.train.workloads import build_workload
+
+__all__ = ["run_training", "MAX_CONSECUTIVE_SKIPS", "TrainingDiverged"]
+
+#: Abort (with an error, after a checkpoint of the last good state exists) after this many
+#: consecutive optimizer steps with non-finite gradients.
+MAX_CONSECUTIVE_SKIPS = 50
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class _RankParser:
+    """``error(message)``: argparse-style error (exit status 2) printed once (rank 0); a plain
+    ``ValueError`` when the namespace did not come from :func:`lb_dist.train.config.parse_args`."""
+
+    def __init__(self, args, backend) -> None:
+        self.parser = getattr(args, "_parser", None)
+        self.is_main = backend.is_main
+
+    def error(self, message: str):
+        if self.parser is None:
+            raise ValueError(message)
+        if self.is_main:
+            self.parser.error(message)
+        sys.stdout.flush()
+        sys.exit(2)
+
+
+def _fail(args, backend, flag_message: str):
+    """A flag that does not fit the world size, the data or the checkpoint: see :class:`_RankParser`."""
+    _RankParser(args, backend).error(flag_message)
+
+
+def _micro_batches(workload, layout: BatchLayout, epoch: int, seed: int, start_step: int, workers: int, device):
+    sampler = StepBatchSampler(layout, len(workload.train), epoch, seed, start_step)
+    ds = workload.train
+    if workers == 0 and hasattr(ds, "get_batch") and workload.collate is None:
+        for idx in sampler:
+            yield ds.get_batch(idx)
+        return
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=workload.collate,
+                        pin_memory=device.type == "cuda")
+    yield from loader
+
+
+def _eval_batches(workload, backend: Backend, batch_size: int, workers: int):
+    """This rank's share (indices rank::K) of the test split, all of it, in batches."""
+    n = len(workload.test)
+    mine = list(range(backend.rank, n, backend.world_size))
+    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    ds = workload.test
+    if workers == 0 and hasattr(ds, "get_batch") and workload.collate is None:
+        return (ds.get_batch(c) for c in chunks)
+    return DataLoader(ds, batch_sampler=chunks, num_workers=workers, collate_fn=workload.collate)
+
+
+def _grads_finite(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def _check_resume_config(args, backend, saved: dict, path: Path) -> None:
+    current = to_dict(args)
+    for key in RUN_DEFINING:
+        if key in saved and saved[key] != current.get(key):
+            flag = "--" + key.replace("_", "-")
+            _fail(args, backend, f"argument {flag}: {current.get(key)!r} differs from {saved[key]!r} in the checkpoint "
+                                 f"{path} of this run directory; resume with the same flags, or use a new --run-dir")
+
+
+def _rng_state(device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def run_training(args: argparse.Namespace, backend: Backend) -> dict:
+    """Train with ``args`` (from :func:`lb_dist.train.config.parse_args`) on a started ``backend``.
+    Returns a summary ``{"step", "epochs_done", "stopped", "last_epoch": record | None, "run_dir"}``."""
+    check_layout(_RankParser(args, backend), args, backend.world_size)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    run_dir = Path(args.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    K = backend.world_size
+    A = args.accumulation_steps
+    layout = BatchLayout(args.batch_size, K, backend.rank, A)
+
+    # ---- which checkpoint (rank 0 decides; every rank reads the same file)
+    latest = None
+    if backend.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        latest = latest_checkpoint(ckpt_dir)
+        latest = None if latest is None else str(latest)
+    latest = backend.broadcast_object(latest)
+    if latest is not None and args.resume == "never":
+        _fail(args, backend, f"argument --resume: never, but {args.run_dir} already holds checkpoints ({latest}); "
+                             f"use a new --run-dir or --resume auto")
+    resume_state = None
+    if latest is not None:
+        resume_state = load_checkpoint(latest, required=("trainer", "config"))
+        _check_resume_config(args, backend, resume_state["config"], Path(latest))
+
+    # ---- data, model, optimizer
+    workload = build_workload(args, run_dir, backend, resume_state)
+    steps_per_epoch = layout.steps_per_epoch(len(workload.train))
+    if steps_per_epoch == 0:
+        _fail(args, backend, f"argument --batch-size: {args.batch_size} is larger than the training set "
+                             f"({len(workload.train)} samples)")
+    total_steps = steps_per_epoch * args.epochs
+    warmup = warmup_steps(args, steps_per_epoch)
+    if args.schedule != "inverse-sqrt" and warmup >= total_steps:
+        _fail(args, backend, f"argument --warmup-{'steps' if args.warmup_steps is not None else 'epochs'}: the warmup "
+                             f"({warmup} steps) must be shorter than the run ({total_steps} steps = {args.epochs} "
+                             f"epochs x {steps_per_epoch})")
+    lr = peak_lr(args)
+
+    torch.manual_seed(args.seed)
+    model = workload.build_model().to(backend.device)
+    optimizer, moments = build_optimizer(args, model, lr, local_batch_size=layout.local_batch_size)
+    scheduler = build_scheduler(args, optimizer, total_steps, warmup)
+    mix = None
+    if args.mix != "none":
+        from lb_dist.mixing import DEFAULT_STD
+        mix = GradientMix(noise=args.mix_noise, std=DEFAULT_STD if args.mix_std is None else args.mix_std,
+                          granularity=args.mix, seed=args.seed if args.mix_seed is None else args.mix_seed)
+        mix.attach(optimizer)
+    forward = backend.prepare(model, optimizer, mix=mix if args.mix == "device" else None, moments=moments,
+                              local_batch_size=layout.local_batch_size, accumulation_steps=A)
+    layerwise = hasattr(optimizer, "last_step_skipped")
+    per_sample = args.optimizer == "clars" and args.clars_moments == "per-sample"
+    adapted = adapted_params(optimizer)
+    names = {p: n for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    task = workload.task
+
+    # ---- resume
+    step = 0
+    elapsed = 0.0
+    skipped_total = 0
+    consecutive_skips = 0
+    epoch_sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, count) of the current epoch, this rank
+    if resume_state is not None:
+        try:
+            backend.restore(resume_state, Path(latest))
+        except CheckpointError:
+            raise
+        tr = resume_state["trainer"]
+        step, elapsed = int(tr["step"]), float(tr["time"])
+        skipped_total, consecutive_skips = int(tr["skipped_steps"]), int(tr["consecutive_skips"])
+        if backend.is_main:
+            epoch_sums = torch.tensor(tr["epoch_sums"], dtype=torch.float64)
+        scheduler.load_state_dict(resume_state["scheduler"])
+        if mix is not None:
+            mix.load_state_dict(resume_state["mix"])
+        if moments is not None and resume_state.get("moments") is not None:
+            moments.load_state_dict(resume_state["moments"])
+        rngs = resume_state.get("rng") or []
+        if backend.rank < len(rngs) and len(rngs) == K:
+            _set_rng_state(rngs[backend.rank], backend.device)
+        else:
+            torch.manual_seed(args.seed * 1000003 + step * 1009 + backend.rank)
+        if backend.is_main:
+            print(f"[lb-dist train] resuming from {latest} (step {step})", file=sys.stderr, flush=True)
+    elif backend.is_main:
+        (run_dir / "config.json").write_text(json.dumps({**to_dict(args), "backend_used": backend.name,
+                                                         "world_size": K, "steps_per_epoch": steps_per_epoch},
+                                                        indent=2))
+    logger = MetricsLogger(run_dir, enabled=backend.is_main, resume_step=step if resume_state is not None else None,
+                           tensorboard=args.tensorboard)
+
+    def save(at_step: int) -> None:
+        nonlocal epoch_sums
+        global_sums = backend.all_reduce_sum(epoch_sums.clone().to(backend.device)).cpu()
+        epoch_sums = global_sums.clone() if backend.is_main else torch.zeros(2, dtype=torch.float64)
+        rngs = backend.all_gather_object(_rng_state(backend.device))
+        state = {"format": FORMAT,
+                 "trainer": {"step": at_step, "time": elapsed, "skipped_steps": skipped_total,
+                             "consecutive_skips": consecutive_skips, "epoch_sums": global_sums.tolist()},
+                 "config": to_dict(args), "world_size": K, "backend": backend.name,
+                 "scheduler": scheduler.state_dict(), "mix": None if mix is None else mix.state_dict(),
+                 "moments": None if moments is None else moments.state_dict(), "rng": rngs,
+                 "tokenizer_fingerprint": workload.info.get("tokenizer_fingerprint")}
+        backend.save_checkpoint(checkpoint_path(ckpt_dir, at_step), state)
+        if backend.is_main:
+            prune_checkpoints(ckpt_dir, args.keep_checkpoints)
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the workloads extra
+        tqdm = None
+
+    stopped = False
+    last_epoch_record = None
+    steps_this_invocation = 0
+    model.train()
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        bar = None
+        if tqdm is not None and backend.is_main and args.progress:
+            bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+        epoch_start_time = elapsed
+        epoch_start_step = step
+        source = _micro_batches(workload, layout, epoch, args.seed, in_epoch, args.workers, backend.device)
+        for s in range(in_epoch, steps_per_epoch):
+            t0 = time.perf_counter()
+            micro = [task.to(next(source), backend.device) for _ in range(A)]
+            if task.counts_are_constant:
+                total_count = float(args.batch_size)
+            else:
+                local = torch.tensor([sum(task.count(b) for b in micro)], dtype=torch.float64, device=backend.device)
+                total_count = float(backend.all_reduce_sum(local).item())
+            ps_stats = None
+            if per_sample:
+                from lb_dist.moments import per_sample_second_moments
+                gen = torch.Generator().manual_seed(args.seed * 7919 + step * 104729 + backend.rank)
+                x, y = micro[0]
+                ps_stats = per_sample_second_moments(model, task.mean_loss_fn(), x, y,
+                                                     subset_size=args.per_sample_subset,
+                                                     chunk_size=args.per_sample_chunk, params=adapted,
+                                                     generator=gen, return_stats=True)
+                optimizer.set_second_moments(ps_stats.second_moments)
+            step_sums = torch.zeros(2, dtype=torch.float64)
+            for j, batch in enumerate(micro):
+                with backend.accumulate(last=(j == A - 1)):
+                    losses, counts = task.losses(forward, batch)
+                    if args.mix == "sample":
+                        w = mix.sample_weights(layout.positions(j), args.batch_size).to(losses.device, losses.dtype)
+                        weighted = (losses * w).sum()
+                    else:
+                        weighted = losses.sum()
+                    backend.backward(weighted * (K / total_count))
+                step_sums += torch.tensor([float(losses.detach().sum()), float(counts.sum())], dtype=torch.float64)
+            backend.finish_gradients()
+            lr_used = optimizer.param_groups[0]["lr"]
+            mix_step = mix.step if mix is not None else None
+            if layerwise:
+                backend.optimizer_step()
+                skipped = bool(optimizer.last_step_skipped)
+            else:
+                skipped = not _grads_finite(trainable)
+                if skipped:
+                    if mix is not None:
+                        mix.advance()
+                else:
+                    backend.optimizer_step()
+            backend.zero_grad()
+            scheduler.step()
+            step += 1
+            steps_this_invocation += 1
+            skipped_total += skipped
+            consecutive_skips = consecutive_skips + 1 if skipped else 0
+            epoch_sums += step_sums
+            elapsed += time.perf_counter() - t0
+
+            # ---- step record
+            if step % args.log_every == 0 or s == steps_per_epoch - 1:
+                reduced = backend.all_reduce_sum(step_sums.clone().to(backend.device)).cpu()
+                loss_value = reduced[0].item() / max(reduced[1].item(), 1.0)
+                record = {"kind": "step", "step": step, "epoch": epoch, "time": round(elapsed, 4), "lr": lr_used,
+                          "loss": loss_value, "skipped": skipped}
+                if args.mix == "device":
+                    record["mix_noise_amount"] = mix.noise_amount(step=mix_step)
+                if args.layer_stats_every and step % args.layer_stats_every == 0 and backend.is_main:
+                    record.update(_layer_stats(optimizer, moments, ps_stats, adapted, names, layerwise))
+                logger.write(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_used:.3g}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise TrainingDiverged(f"{consecutive_skips} consecutive optimizer steps had non-finite gradients "
+                                       f"(step {step}); the weights are those of the last finite step. Lower --lr "
+                                       f"or check the data; the last checkpoint in {ckpt_dir} predates the divergence")
+            last_of_epoch = s == steps_per_epoch - 1
+            stop_now = args.stop_after_steps is not None and steps_this_invocation >= args.stop_after_steps
+            if not last_of_epoch and (stop_now or (args.checkpoint_every_steps
+                                                  and step % args.checkpoint_every_steps == 0)):
+                save(step)
+            if stop_now and not last_of_epoch:
+                stopped = True
+                break
+        if bar is not None:
+            bar.close()
+        if stopped:
+            break
+
+        # ---- end of epoch: evaluation, record, checkpoint
+        t_eval = time.perf_counter()
+        result = task.evaluate(model, _eval_batches(workload, backend, args.eval_batch_size, args.workers), backend)
+        eval_time = time.perf_counter() - t_eval
+        sums = backend.all_reduce_sum(epoch_sums.clone().to(backend.device)).cpu()
+        epoch_sums = torch.zeros(2, dtype=torch.float64)
+        train_time = elapsed - epoch_start_time
+        record = {"kind": "epoch", "step": step, "epoch": epoch, "time": round(elapsed, 4),
+                  "train_loss": sums[0].item() / max(sums[1].item(), 1.0), **result, "eval_time": round(eval_time, 4),
+                  "samples_per_s": (step - epoch_start_step) * args.batch_size / train_time if train_time > 0 else None,
+                  "skipped_steps": skipped_total}
+        logger.write(record)
+        last_epoch_record = record
+        if backend.is_main:
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                if k.startswith(("train_", "test_")) and isinstance(v, float))
+            print(f"[lb-dist train] epoch {epoch + 1}/{args.epochs}: {metrics}", file=sys.stderr, flush=True)
+        save(step)
+        if args.stop_after_steps is not None and steps_this_invocation >= args.stop_after_steps and step < total_steps:
+            stopped = True
+            break
+    logger.close()
+    return {"step": step, "epochs_done": step // steps_per_epoch, "stopped": stopped,
+            "last_epoch": last_epoch_record, "run_dir": str(run_dir), "steps_per_epoch": steps_per_epoch,
+            "checkpoints": [str(p) for _, p in list_checkpoints(ckpt_dir)] if backend.is_main else []}
+
+
+def _layer_stats(optimizer, moments, ps_stats, adapted, names, layerwise) -> dict:
+    out = {}
+    if layerwise:
+        trust = optimizer.trust_ratios()
+        out["trust_ratio"] = {names[p]: float(trust[p]) for p in adapted if p in trust}
+    if moments is not None and moments.num_updates > 0:
+        vf = moments.variance_factors()
+        s = moments.second_moments_tensor()
+        out["variance_factor"] = {names[p]: float(vf[p]) for p in moments.params}
+        out["second_moment"] = {names[p]: float(s[i]) for i, p in enumerate(moments.params)}
+    elif ps_stats is not None:
+        out["variance_factor"] = {names[p]: float(v) for p, v in ps_stats.variance_factors.items()}
+        out["second_moment"] = {names[p]: float(v) for p, v in ps_stats.second_moments.items()}
+    for key in ("variance_factor", "second_moment", "trust_ratio"):
+        if key in out:
+            out[key] = {k: (v if math.isfinite(v) else None) for k, v in out[key].items()}
+    return out

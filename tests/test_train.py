@@ -1,0 +1,306 @@
+"""lb_dist.train in one process: flags, metrics file, schedule, loss, sample-wise GradientMix, checkpoints,
+resume after a kill, corrupt checkpoints, non-finite steps. Distributed runs: test_train_distributed.py."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _worker_launch import REPO, child_env
+from _worker_train_reference import reference_sgd
+from lb_dist.data import SyntheticImages, epoch_permutation
+from lb_dist.models import build_model
+from lb_dist.train import main, train
+from lb_dist.train import trainer as trainer_module
+from lb_dist.train.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
+from lb_dist.train.metrics import EPOCH_FIELDS, STEP_FIELDS, read_metrics, topk_correct
+
+torch.set_num_threads(1)
+
+IMAGE, TRAIN, TEST, BATCH = 8, 96, 32, 32  # 3 steps per epoch
+
+
+def common(run_dir, *extra):
+    return ["--run-dir", str(run_dir), "--model", "resnet20", "--image-size", str(IMAGE), "--train-size", str(TRAIN),
+            "--test-size", str(TEST), "--batch-size", str(BATCH), "--epochs", "1", "--no-progress",
+            "--layer-stats-every", "1", "--eval-batch-size", "32", *extra]
+
+
+def final_model(run_dir) -> dict:
+    return load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["model"]
+
+
+def params_of(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    """``lb-dist train`` in this process: (exit status, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- flags
+BAD_FLAGS = [
+    (["--optimizer", "lars"], "--lr"),                                                   # no learning rate
+    (["--lr", "1", "--base-lr", "0.1", "--base-batch-size", "128"], "--lr"),
+    (["--base-lr", "0.1"], "--base-batch-size"),
+    (["--lr", "1", "--optimizer", "clars"], "--clars-moments"),                          # 1 process, 1 micro-batch
+    (["--lr", "1", "--optimizer", "sgd", "--mix", "device"], "--mix"),                  # device mix, 1 process
+    (["--lr", "1", "--optimizer", "sgd", "--accumulation-steps", "5"], "--batch-size"),  # 32 % 5
+    (["--lr", "1", "--optimizer", "adam", "--eta", "0.01"], "--eta"),
+    (["--lr", "1", "--optimizer", "sgd", "--momentum", "1.5"], "--momentum"),
+    (["--lr", "-1", "--optimizer", "sgd"], "--lr"),
+    (["--lr", "1", "--optimizer", "sgd", "--model", "resnet7"], "--model"),
+    (["--lr", "1", "--optimizer", "sgd", "--dataset", "cifar10"], "--data-dir"),
+    (["--lr", "1", "--optimizer", "sgd", "--dataset", "cifar10", "--data-dir", "/nonexistent"], "--data-dir"),
+    (["--lr", "1", "--optimizer", "sgd", "--model", "transformer_small"], "--model"),
+    (["--lr", "1", "--optimizer", "sgd", "--mix-std", "0.5"], "--mix-std"),
+    (["--lr", "1", "--optimizer", "sgd", "--schedule", "constant", "--decay-power", "3"], "--decay-power"),
+    (["--lr", "1", "--optimizer", "sgd", "--warmup-epochs", "2"], "--warmup-epochs"),   # warmup >= run
+    (["--lr", "1", "--optimizer", "sgd", "--batch-size", "128"], "--batch-size"),       # > training set
+    (["--lr", "1", "--optimizer", "sgd", "--epochs", "0"], "--epochs"),
+    (["--lr", "1", "--optimizer", "sgd", "--model-option", "nokey"], "--model-option"),
+]
+
+
+@pytest.mark.parametrize("extra,flag", BAD_FLAGS, ids=[f for _, f in BAD_FLAGS])
+def test_bad_flag_is_refused_before_any_work(tmp_path, capsys, extra, flag):
+    run = tmp_path / "run"
+    code, err = run_main(common(run, *extra), capsys)
+    assert code == 2
+    assert f"error: argument {flag}" in err, err
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_unavailable_backend_is_named(tmp_path, capsys):
+    code, err = run_main(common(tmp_path / "r", "--lr", "1", "--optimizer", "sgd", "--backend", "deepspeed"), capsys)
+    assert code == 1 and "backend deepspeed is not available yet" in err
+
+
+# ------------------------------------------------------------------------- a whole run
+@pytest.fixture(scope="module")
+def clars_run(tmp_path_factory):
+    """CLARS, 2 accumulation micro-batches (micro-batch S_k), linear scaling + eq. 15 schedule, 2 epochs."""
+    run = tmp_path_factory.mktemp("clars") / "run"
+    argv = common(run, "--optimizer", "clars", "--base-lr", "0.1", "--base-batch-size", "8", "--accumulation-steps",
+                  "2", "--warmup-steps", "2", "--decay-power", "2", "--lr-final-factor", "0.01", "--epochs", "2",
+                  "--weight-decay", "5e-4", "--label-smoothing", "0.1", "--checkpoint-every-steps", "1",
+                  "--keep-checkpoints", "3")
+    summary = train(argv)
+    return run, summary, read_metrics(run / "metrics.jsonl")
+
+
+def test_metrics_schema(clars_run):
+    run, summary, records = clars_run
+    assert summary["step"] == 6 and not summary["stopped"]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [(e["epoch"], e["step"]) for e in epochs] == [(0, 3), (1, 6)]
+    assert records.index(epochs[0]) == 3  # after the epoch's last step record
+    for r in steps:
+        assert set(r) <= set(STEP_FIELDS) and {"kind", "step", "epoch", "time", "lr", "loss", "skipped"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["skipped"] is False
+    for e in epochs:
+        assert set(e) <= set(EPOCH_FIELDS)
+        assert {"train_loss", "test_loss", "test_top1", "test_top5", "samples_per_s"} <= set(e)
+        assert 0 <= e["test_top1"] <= e["test_top5"] <= 1
+    model = build_model("resnet20", num_classes=10)
+    adapted = [n for n, p in model.named_parameters() if p.ndim > 1]  # param_groups: weights of conv/linear
+    for r in steps:
+        assert sorted(r["trust_ratio"]) == sorted(adapted)
+        assert sorted(r["variance_factor"]) == sorted(adapted) == sorted(r["second_moment"])
+        assert all(v is None or v > 0 for v in r["trust_ratio"].values())
+        assert all(v is None or v >= 1.0 - 1e-9 for v in r["variance_factor"].values())  # M_k >= 1 (S >= ||G||^2)
+    config = json.loads((run / "config.json").read_text())
+    assert config["optimizer"] == "clars" and config["steps_per_epoch"] == 3 and config["world_size"] == 1
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4, 5, 6]  # --keep-checkpoints 3
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_logged_lr_follows_linear_scaling_and_eq15(clars_run):
+    _, _, records = clars_run
+    peak = 0.1 * BATCH / 8  # linear scaling rule
+    T, W, final = 6, 2, 0.01 * peak
+
+    def eq15(t):  # GradientMix eq. 15, p_warmup = 1, p_decay = 2, eta_init = 0
+        if t <= W:
+            return peak * t / W
+        return final + (peak - final) * ((T - t) / (T - W)) ** 2
+
+    lrs = [r["lr"] for r in records if r["kind"] == "step"]
+    assert lrs == pytest.approx([eq15(t) for t in range(T)], rel=1e-12)
+
+
+def test_first_step_loss_is_the_global_batch_mean(clars_run):
+    """The logged loss of step 1 = mean label-smoothed cross-entropy of the initial model over the
+    global batch perm_0[:B], BatchNorm normalising per micro-batch of 16 (2 accumulation steps)."""
+    _, _, records = clars_run
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10).train()
+    ds = SyntheticImages(TRAIN, num_classes=10, image_shape=(3, IMAGE, IMAGE), seed=0, split="train")
+    batch = epoch_permutation(TRAIN, 0, 0)[:BATCH]
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(x), y, reduction="none", label_smoothing=0.1)
+                  for x, y in (ds.get_batch(batch[:16]), ds.get_batch(batch[16:]))]
+    want = torch.cat(losses).mean().item()
+    assert records[0]["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_sample_wise_gradientmix_equals_reference(tmp_path):
+    """One process, 2 accumulation micro-batches, sample-wise mixing == the plain-torch reference."""
+    run = tmp_path / "run"
+    train(common(run, "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--schedule", "constant",
+                 "--accumulation-steps", "2", "--mix", "sample", "--mix-std", "0.5"))
+    want = reference_sgd(steps=3, batch_size=BATCH, world_size=1, accumulation=2, lr=0.05, momentum=0.9,
+                         train_size=TRAIN, image_size=IMAGE, mix="sample", mix_std=0.5)
+    got = params_of(final_model(run))
+    for k, v in params_of(want).items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------- checkpoints
+def resume_argv(run):
+    # CLARS (micro-batch S_k with EMA), sample-wise mixing, warmup + decay: every kind of state
+    return common(run, "--optimizer", "clars", "--lr", "0.5", "--accumulation-steps", "2", "--moments-ema", "0.5",
+                  "--mix", "sample", "--warmup-steps", "2", "--epochs", "3", "--checkpoint-every-steps", "1",
+                  "--weight-decay", "5e-4")
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    train(resume_argv(reference))
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lb_dist.train", *resume_argv(run), "--num-threads", "1"]
+    proc = subprocess.Popen(cmd, env=child_env(), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list_checkpoints(run / "checkpoints")) >= 2:  # >= 2 complete steps written
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = list_checkpoints(run / "checkpoints")[-1][0]
+    assert killed_at < 9
+    again = subprocess.run(cmd, env=child_env(), cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    want, got = params_of(final_model(reference)), params_of(final_model(run))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    a, b = read_metrics(reference / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # no record lost or duplicated
+    assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
+    assert [r.get("train_loss") for r in a] == [r.get("train_loss") for r in b]
+
+
+def test_stop_flag_then_resume_equals_uninterrupted(tmp_path):
+    argv = common(tmp_path / "a", "--optimizer", "lamb", "--lr", "0.01", "--epochs", "2", "--warmup-steps", "1")
+    train(argv)
+    stopped = common(tmp_path / "b", "--optimizer", "lamb", "--lr", "0.01", "--epochs", "2", "--warmup-steps", "1",
+                     "--stop-after-steps", "4")
+    first = train(stopped)
+    assert first["stopped"] and first["step"] == 4
+    second = train(stopped)
+    assert not second["stopped"] and second["step"] == 6
+    want, got = params_of(final_model(tmp_path / "a")), params_of(final_model(tmp_path / "b"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = common(run, "--optimizer", "sgd", "--lr", "0.05")
+    train(argv)
+    ckpt = latest_checkpoint(run / "checkpoints")
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    code, err = run_main(argv, capsys)
+    assert code == 1
+    assert f"checkpoint {ckpt} is corrupt or truncated" in err
+    ckpt.write_bytes(b"")
+    code, err = run_main(argv, capsys)
+    assert code == 1 and f"checkpoint {ckpt} is empty" in err
+    atomic_save({"format": "something else"}, ckpt)
+    code, err = run_main(argv, capsys)
+    assert code == 1 and f"checkpoint {ckpt} is not an lb_dist.train checkpoint" in err
+
+
+def test_changed_flag_on_resume_and_resume_never(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = common(run, "--optimizer", "sgd", "--lr", "0.05")
+    train(argv)
+    code, err = run_main(common(run, "--optimizer", "sgd", "--lr", "0.07"), capsys)
+    assert code == 2 and "error: argument --lr: 0.07 differs from 0.05 in the checkpoint" in err
+    code, err = run_main(argv + ["--resume", "never"], capsys)
+    assert code == 2 and "error: argument --resume" in err
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    d = tmp_path / "checkpoints"
+    atomic_save({"format": "x", "v": 1}, d / "step-00000001.pt")
+
+    def explode(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", explode)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"format": "x", "v": 2}, d / "step-00000002.pt")
+    monkeypatch.undo()
+    assert [s for s, _ in list_checkpoints(d)] == [1]
+    assert list(d.iterdir()) == [d / "step-00000001.pt"]  # the temporary is gone too
+    (d / ".step-00000003.pt.tmp-999").write_bytes(b"torn")  # e.g. from a kill -9 mid-write
+    assert latest_checkpoint(d) == d / "step-00000001.pt"
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_non_finite_gradients_skip_steps_and_abort(tmp_path, monkeypatch, optimizer):
+    """From the 3rd step on the loss is NaN: those steps are skipped (torch's SGD by the loop's check,
+    LARS by itself), the weights stay those of step 2, and after MAX_CONSECUTIVE_SKIPS the run stops
+    with an error."""
+    from lb_dist.train.workloads import ImageTask
+
+    monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    calls = {"n": 0}
+    original = ImageTask.losses
+
+    def poisoned(self, module, batch):
+        losses, counts = original(self, module, batch)
+        calls["n"] += 1
+        return (losses * float("nan") if calls["n"] > 2 else losses), counts
+
+    monkeypatch.setattr(ImageTask, "losses", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(trainer_module.TrainingDiverged, match="3 consecutive optimizer steps had non-finite"):
+        train(common(run, "--optimizer", optimizer, "--lr", "0.05", "--epochs", "3", "--schedule", "constant",
+                     "--checkpoint-every-steps", "1", "--keep-checkpoints", "10"))
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "step"]
+    assert [r["skipped"] for r in steps] == [False, False, True, True, True]
+    after_two = params_of(load_checkpoint(run / "checkpoints" / "step-00000002.pt")["model"])
+    last = params_of(final_model(run))  # step 4: two skipped steps later
+    for k in after_two:
+        assert torch.isfinite(last[k]).all()
+        torch.testing.assert_close(last[k], after_two[k], rtol=0, atol=0)
+
+
+def test_topk_correct_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
+    got = topk_correct(logits, targets, ks=(1, 3, 5, 10))
+    for k in (1, 3, 5, 10):
+        want = sum(int(targets[i] in logits[i].argsort(descending=True)[:k].tolist()) for i in range(50))
+        assert got[k] == want
