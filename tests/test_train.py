@@ -304,3 +304,53 @@ def test_topk_correct_against_a_loop():
     for k in (1, 3, 5, 10):
         want = sum(int(targets[i] in logits[i].argsort(descending=True)[:k].tolist()) for i in range(50))
         assert got[k] == want
+
+
+# ------------------------------------------------------------------------- translation
+MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
+needs_multi30k = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"{MULTI30K} (../shared) is not present")
+
+
+def translation_argv(run, *extra):
+    return ["--run-dir", str(run), "--model", "transformer_small", "--dataset", "multi30k", "--data-dir",
+            str(MULTI30K), "--train-size", "64", "--test-size", "16", "--bleu-samples", "8", "--batch-size", "32",
+            "--max-length", "24", "--vocab-size", "300", "--epochs", "1", "--no-progress", "--optimizer", "lamb",
+            "--lr", "0.01", "--model-option", "d_model=32", "--model-option", "encoder_layers=1",
+            "--model-option", "decoder_layers=1", "--model-option", "attention_heads=2",
+            "--model-option", "ffn_dim=64", "--model-option", "dropout=0", "--layer-stats-every", "1", *extra]
+
+
+@needs_multi30k
+def test_multi30k_run_loss_metrics_and_tokenizer_check(tmp_path, capsys):
+    """The first step's logged loss is the token mean of the Hugging Face model's own loss on the global
+    batch; the epoch record has token accuracy and BLEU; a resumed run refuses another tokenizer."""
+    from lb_dist.data import TranslationDataset, collate_translation, read_multi30k
+    from lb_dist.text import load_tokenizer
+
+    run = tmp_path / "run"
+    summary = train(translation_argv(run))
+    assert summary["step"] == 2
+    records = read_metrics(run / "metrics.jsonl")
+    epoch = [r for r in records if r["kind"] == "epoch"][0]
+    assert 0 <= epoch["test_token_accuracy"] <= 1 and epoch["test_bleu"] >= 0 and math.isfinite(epoch["test_loss"])
+    steps = [r for r in records if r["kind"] == "step"]
+    assert steps[0]["trust_ratio"] and all(math.isfinite(r["loss"]) for r in steps)
+
+    tokenizer = load_tokenizer(run / "tokenizer.json")
+    ds = TranslationDataset(read_multi30k(MULTI30K, "train")[:64], tokenizer, max_length=24)
+    batch = collate_translation([ds[i] for i in epoch_permutation(64, 0, 0)[:32].tolist()], pad_id=0)
+    torch.manual_seed(0)
+    model = build_model("transformer_small", vocab_size=tokenizer.get_vocab_size(), pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, max_positions=256, d_model=32, encoder_layers=1, decoder_layers=1,
+                        attention_heads=2, ffn_dim=64, dropout=0.0).train()
+    with torch.no_grad():
+        want = model(**batch).loss.item()  # Hugging Face: mean over the non-padding target tokens
+    assert steps[0]["loss"] == pytest.approx(want, rel=1e-5)
+
+    # another tokenizer in the run directory: the resumed run refuses it, naming the file
+    from lb_dist.text import train_tokenizer
+    train_tokenizer(["ein anderer satz", "another sentence"] * 20, vocab_size=40, save_path=run / "tokenizer.json")
+    argv = translation_argv(run)
+    argv[argv.index("--epochs") + 1] = "1"
+    code, err = run_main(argv, capsys)
+    assert code == 1 and str(run / "tokenizer.json") in err and "does not match" in err
