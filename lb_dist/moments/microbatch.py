@@ -225,6 +225,19 @@ class MicroBatchMoments:
         self._hooks = []
         self._reset_pending()
 
+    def pop_pending(self) -> tuple[torch.Tensor, int]:
+        """Take the statistics :meth:`track_backward` collected since the last step and reset
+        them: per tracked parameter ``sum_j ||g_{j,k}||^2`` (float64, ``params`` order, 0 for a
+        parameter no backward reached) and the number of backward passes n. For backends that
+        obtain ``||G_{B,k}||^2`` themselves (a sharded optimizer) and then call :meth:`update`."""
+        n = self._pending_n
+        pending = self._pending_sq
+        self._reset_pending()
+        dev = self._stat_device()
+        micro_sq_sum = torch.stack([torch.zeros((), dtype=torch.float64, device=dev) if t is None
+                                    else t.to(dev) for t in pending])
+        return micro_sq_sum, n
+
     def finish_step(self, mean_grads: Sequence[torch.Tensor] | None = None,
                     micro_batch_size: int | None = None) -> None:
         """Close the step collected by :meth:`track_backward`: feed :meth:`update` and reset.

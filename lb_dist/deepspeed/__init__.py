@@ -1,0 +1,247 @@
+"""DeepSpeed adapter: CLARS, LARS, LAMB, GradientMix and lb_dist's schedules from the JSON config,
+exact under ZeRO stages 0-3 (docs/backend-deepspeed.md, docs/config-deepspeed.md).
+
+Two ways in, the same behaviour:
+
+* ``engine, optimizer, dataloader, scheduler = lb_dist.deepspeed.initialize(...)``: the signature
+  and return value of ``deepspeed.initialize``;
+* ``lb_dist.deepspeed.register()`` replaces ``deepspeed.initialize`` by :func:`initialize` for code
+  that calls DeepSpeed itself (Hugging Face ``Trainer(args=TrainingArguments(deepspeed=...))``,
+  Accelerate). Idempotent; :func:`unregister` restores DeepSpeed's function. Importing this
+  module changes nothing.
+
+A config that names no lb_dist optimizer (``CLARS``, ``LARS``, ``LAMB``), no ``gradient_mix`` section
+and no lb_dist scheduler (``PolynomialWarmupDecay``, ``InverseSqrt``), with no lb_dist client
+optimizer, goes to DeepSpeed unchanged: the wrapper then calls DeepSpeed's own function with the
+same arguments.
+
+While registered, ``"type": "LAMB"`` (any case) is lb_dist's LAMB, not DeepSpeed's FusedLamb (whose
+own keys such as ``max_coeff`` are refused by name); :func:`unregister` gives DeepSpeed's back.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import inspect
+import threading
+from typing import Any
+
+from lb_dist.deepspeed.config import (
+    EXCLUDE_CHOICES, OPTIMIZER_TYPES, SCHEDULER_TYPES, SECOND_MOMENT_SOURCES, ConfigError, LbDistConfig,
+    check_world, load_config, parse_config)
+from lb_dist.deepspeed.engine import CLIENT_STATE_KEY, LbDistRuntime, attach, get_runtime
+
+__all__ = ["initialize", "register", "unregister", "is_registered", "get_runtime", "parse_config",
+           "ConfigError", "LbDistConfig", "LbDistRuntime", "OPTIMIZER_TYPES", "SCHEDULER_TYPES",
+           "SECOND_MOMENT_SOURCES", "EXCLUDE_CHOICES", "CLIENT_STATE_KEY"]
+
+_lock = threading.Lock()
+_original = None        # deepspeed.initialize as it was before register()
+
+
+def _deepspeed_initialize():
+    """DeepSpeed's own initialize (the saved one while registered)."""
+    if _original is not None:
+        return _original
+    import deepspeed
+    return deepspeed.initialize
+
+
+def _param_groups(model, model_parameters, spec) -> list:
+    """The param groups of lb_dist's optimizer: the caller's groups if ``model_parameters`` holds
+    dicts; otherwise ``lb_dist.optim.param_groups`` (biases and normalization layers excluded from
+    layer adaptation and weight decay) restricted to ``model_parameters`` (default: the model's)."""
+    from lb_dist.optim import param_groups
+    weight_decay = spec.params.get("weight_decay", 0.0)
+    given = list(model_parameters) if model_parameters is not None else None
+    if given and all(isinstance(g, dict) for g in given):
+        if spec.exclude_given:
+            raise ConfigError("optimizer.params.exclude_from_layer_adaptation was given, but "
+                              "deepspeed.initialize also got param groups (model_parameters as dicts), "
+                              "which decide the split themselves; give one of them")
+        return given
+    if given is not None and any(isinstance(g, dict) for g in given):
+        raise ValueError("model_parameters mixes parameters and param-group dicts")
+    chosen = None if given is None else {id(p) for p in given}
+    if spec.exclude == "none":
+        params = [p for p in model.parameters() if p.requires_grad and (chosen is None or id(p) in chosen)]
+        return [{"params": params}]
+    groups = []
+    for group in param_groups(model, weight_decay):
+        params = [p for p in group["params"] if chosen is None or id(p) in chosen]
+        if params:
+            groups.append({**group, "params": params})
+    if not groups:
+        raise ValueError("no trainable parameter to optimize (model_parameters selects none of the model's)")
+    return groups
+
+
+def _world_size_hint() -> int | None:
+    """The number of processes before DeepSpeed starts: the initialized process group's, or the
+    launcher's environment (torchrun/deepspeed WORLD_SIZE, OpenMPI, MPICH/PMI); None if unknown."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def _refuse(model, mpu, spec: LbDistConfig) -> None:
+    from deepspeed.pipe import PipelineModule
+    if isinstance(model, PipelineModule):
+        raise ConfigError("lb_dist does not support DeepSpeed pipeline parallelism (PipelineModule): "
+                          "GradientMix and the layer-wise norms assume pure data parallelism")
+    if mpu is not None:
+        raise ConfigError("lb_dist does not support model parallelism (mpu): a layer's norm and the "
+                          "mixing coefficients assume pure data parallelism")
+    raw = spec.raw
+    for key in ("sequence_parallel_size",):
+        if isinstance(raw.get(key), int) and raw[key] > 1:
+            raise ConfigError(f"{key} = {raw[key]}: lb_dist supports pure data parallelism only")
+    tp = raw.get("tensor_parallel") or {}
+    if isinstance(tp, dict) and (tp.get("autotp_size") or 0) > 1:
+        raise ConfigError("tensor_parallel.autotp_size > 1: lb_dist supports pure data parallelism only")
+    hybrid = raw.get("hybrid_engine") or {}
+    if isinstance(hybrid, dict) and hybrid.get("enabled"):
+        raise ConfigError("hybrid_engine.enabled: lb_dist does not support DeepSpeed's hybrid engine")
+
+
+def _with_signature(func):
+    """Give ``func`` DeepSpeed's initialize signature when DeepSpeed is importable."""
+    try:
+        import deepspeed
+        functools.update_wrapper(func, deepspeed.initialize, assigned=("__annotations__",), updated=())
+        func.__signature__ = inspect.signature(deepspeed.initialize)
+    except Exception:  # pragma: no cover - documentation nicety only
+        pass
+    return func
+
+
+def initialize(*args, **kwargs):
+    """``deepspeed.initialize`` with lb_dist's config keys (same arguments, same return value:
+    ``(engine, optimizer, training_dataloader, lr_scheduler)``).
+
+    When the config (``config``, ``config_params`` or ``args.deepspeed_config``) uses lb_dist
+    (see the module docstring), lb_dist validates its keys before anything starts, builds its
+    optimizer over ``model_parameters`` (default: the model's parameters, split by
+    ``optimizer.params.exclude_from_layer_adaptation``) and its scheduler, hands them to DeepSpeed
+    as client objects together with the config minus the lb_dist sections, and then makes the
+    optimizer exact under the engine's ZeRO partitioning and adds GradientMix and CLARS' second
+    moments to the engine (``lb_dist.deepspeed.get_runtime(engine)``). Otherwise this is
+    DeepSpeed's function, called with the same arguments.
+    """
+    original = _deepspeed_initialize()
+    signature = inspect.signature(original)
+    bound = signature.bind(*args, **kwargs)
+    a = bound.arguments
+    from lb_dist.optim import LayerwiseOptimizer
+    client = a.get("optimizer")
+    client_lb = isinstance(client, LayerwiseOptimizer)
+
+    ds_args = a.get("args")
+    config = a.get("config")
+    if config is None:
+        config = a.get("config_params")
+    from_args = False
+    if config is None and ds_args is not None:
+        config = getattr(ds_args, "deepspeed_config", None) or getattr(ds_args, "deepscale_config", None)
+        from_args = config is not None
+    spec = parse_config(config) if config is not None else None
+    if spec is None and client_lb:
+        spec = LbDistConfig(raw=load_config(config)) if config is not None else None
+    if spec is None:
+        return original(*args, **kwargs)
+
+    model = a.get("model")
+    if model is None:
+        raise ValueError("deepspeed.initialize requires a model")
+    _refuse(model, a.get("mpu"), spec)
+    world = _world_size_hint()
+    if world is not None:
+        check_world(spec, world)
+    lb_optimizer = None
+    if spec.optimizer is not None:
+        if client is not None:
+            raise ConfigError(f"the config names optimizer.type {spec.optimizer.type!r} and "
+                              f"deepspeed.initialize also got optimizer={type(client).__name__}; give one")
+        groups = _param_groups(model, a.get("model_parameters"), spec.optimizer)
+        moments = None
+        if spec.optimizer.second_moments is not None:
+            from lb_dist.deepspeed.zero import PerSampleSource, _MicroSourcePlaceholder
+            moments = (PerSampleSource() if spec.optimizer.second_moments.source == "per_sample"
+                       else _MicroSourcePlaceholder())
+        lb_optimizer = spec.optimizer.build(groups, moments=moments)
+        a["optimizer"] = lb_optimizer
+    elif client_lb:
+        from lb_dist.optim import CLARS
+        if isinstance(client, CLARS):
+            raise ConfigError("a client CLARS optimizer cannot get its S_k under DeepSpeed's partitioning; "
+                              "name CLARS in the config (optimizer.type) so that lb_dist supplies them "
+                              "(optimizer.second_moments)")
+        lb_optimizer = client
+        if spec.zero_stage() > 0:
+            spec.raw = {**spec.raw, "zero_allow_untested_optimizer": True}
+    if spec.scheduler is not None:
+        if a.get("lr_scheduler") is not None:
+            raise ConfigError(f"the config names scheduler.type {spec.scheduler.type!r} and "
+                              f"deepspeed.initialize also got lr_scheduler=...; give one")
+        a["lr_scheduler"] = spec.scheduler.build
+    ds_config = spec.deepspeed_config()
+    if from_args:
+        ds_args = copy.copy(ds_args)
+        for name in ("deepspeed_config", "deepscale_config"):
+            if getattr(ds_args, name, None) is not None:
+                setattr(ds_args, name, None)
+        a["args"] = ds_args
+    a["config"] = ds_config
+    if "config_params" in a:
+        a["config_params"] = None
+    result = original(*bound.args, **bound.kwargs)
+    engine = result[0]
+    attach(engine, spec, lb_optimizer)
+    return result
+
+
+_with_signature(initialize)
+
+
+def register() -> None:
+    """Make ``deepspeed.initialize`` lb_dist's :func:`initialize` (for code that calls DeepSpeed
+    itself, e.g. Hugging Face's Trainer through Accelerate, which looks ``deepspeed.initialize`` up
+    when it prepares the model). Idempotent."""
+    global _original
+    import deepspeed
+    with _lock:
+        if _original is not None:
+            return
+        _original = deepspeed.initialize
+        deepspeed.initialize = _registered_initialize
+
+
+def unregister() -> None:
+    """Restore DeepSpeed's own ``deepspeed.initialize``. Idempotent. Engines already built keep
+    lb_dist's behaviour."""
+    global _original
+    import deepspeed
+    with _lock:
+        if _original is None:
+            return
+        if deepspeed.initialize is _registered_initialize:
+            deepspeed.initialize = _original
+        _original = None
+
+
+def is_registered() -> bool:
+    """True between :func:`register` and :func:`unregister`."""
+    return _original is not None
+
+
+def _registered_initialize(*args, **kwargs):
+    return initialize(*args, **kwargs)
+
+
+functools.update_wrapper(_registered_initialize, initialize)

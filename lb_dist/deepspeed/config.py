@@ -1,0 +1,428 @@
+"""The lb_dist part of a DeepSpeed JSON config: parsing, validation, and the config DeepSpeed sees.
+
+lb_dist reads three places of a DeepSpeed config (full reference: docs/config-deepspeed.md):
+
+* ``"optimizer": {"type": "CLARS" | "LARS" | "LAMB", "params": {...}, "second_moments": {...}}``
+  (type case-insensitive; ``second_moments`` for CLARS only);
+* a top-level ``"gradient_mix": {...}`` section;
+* ``"scheduler": {"type": "PolynomialWarmupDecay" | "InverseSqrt", "params": {...}}``.
+
+Everything else is DeepSpeed's. A config that uses none of the three is not touched at all.
+:func:`parse_config` validates the lb_dist parts (every error names the key) without starting any
+process; :meth:`LbDistConfig.deepspeed_config` is the config handed to DeepSpeed (the lb_dist
+sections removed, ``zero_allow_untested_optimizer`` set when lb_dist's optimizer runs under ZeRO).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from lb_dist.mixing import GradientMix
+from lb_dist.optim import CLARS, LAMB, LARS
+from lb_dist.schedules import InverseSqrt, PolynomialWarmupDecay
+
+__all__ = ["ConfigError", "LbDistConfig", "OptimizerSpec", "SecondMomentsSpec", "MixSpec",
+           "SchedulerSpec", "parse_config", "load_config", "OPTIMIZER_TYPES", "SCHEDULER_TYPES",
+           "SECOND_MOMENT_SOURCES", "EXCLUDE_CHOICES"]
+
+#: Optimizer types lb_dist provides (matched case-insensitively), and their classes.
+OPTIMIZER_TYPES: dict[str, type] = {"CLARS": CLARS, "LARS": LARS, "LAMB": LAMB}
+#: Scheduler types lb_dist provides (exact names; neither DeepSpeed nor torch has them).
+SCHEDULER_TYPES: dict[str, type] = {"PolynomialWarmupDecay": PolynomialWarmupDecay, "InverseSqrt": InverseSqrt}
+#: CLARS second-moment sources.
+SECOND_MOMENT_SOURCES = ("micro_batch", "per_sample")
+#: Values of ``optimizer.params.exclude_from_layer_adaptation``.
+EXCLUDE_CHOICES = ("bias_and_norm", "none")
+
+#: Keys of DeepSpeed's own FusedLamb that lb_dist's LAMB does not have: a config that names
+#: "Lamb" with one of them was written for DeepSpeed's optimizer, and is refused by name.
+_FUSED_LAMB_ONLY = ("bias_correction", "max_grad_norm", "max_coeff", "min_coeff", "eps_inside_sqrt",
+                    "amsgrad")
+_LB_OPTIMIZER_KEYS = ("exclude_from_layer_adaptation",)
+_MIX_KEYS = ("enabled", "noise", "std", "granularity", "seed")
+_MOMENT_KEYS = {"micro_batch": ("source", "ema"), "per_sample": ("source", "subset_size", "chunk_size")}
+_SCHEDULER_KEYS = {
+    "PolynomialWarmupDecay": ("total_num_steps", "warmup_num_steps", "init_factor", "final_factor",
+                              "warmup_power", "decay_power"),
+    "InverseSqrt": ("warmup_num_steps",),
+}
+
+
+class ConfigError(ValueError):
+    """An lb_dist key or value of a DeepSpeed config is wrong; the message names the key."""
+
+
+@dataclass
+class SecondMomentsSpec:
+    """``optimizer.second_moments`` of a CLARS config."""
+    source: str = "micro_batch"
+    ema: float = 0.0
+    subset_size: int = 512
+    chunk_size: int = 64
+
+
+@dataclass
+class OptimizerSpec:
+    """``optimizer`` naming an lb_dist optimizer."""
+    type: str                       # canonical name: "CLARS", "LARS" or "LAMB"
+    cls: type
+    params: dict                    # constructor keyword arguments
+    exclude: str = "bias_and_norm"
+    exclude_given: bool = False
+    second_moments: SecondMomentsSpec | None = None
+
+    def build(self, params, moments=None):
+        """The optimizer over ``params`` (parameters or param groups)."""
+        kwargs = dict(self.params)
+        if self.cls is CLARS:
+            kwargs["moments"] = moments
+        return self.cls(params, **kwargs)
+
+
+@dataclass
+class MixSpec:
+    """The ``gradient_mix`` section."""
+    enabled: bool = True
+    noise: str = "gaussian"
+    std: float = 0.25
+    granularity: str = "device"
+    seed: int = 0
+
+    def build(self) -> GradientMix:
+        return GradientMix(noise=self.noise, std=self.std, granularity=self.granularity, seed=self.seed)
+
+
+@dataclass
+class SchedulerSpec:
+    """``scheduler`` naming an lb_dist schedule."""
+    type: str
+    params: dict
+
+    def build(self, optimizer):
+        p = self.params
+        if self.type == "PolynomialWarmupDecay":
+            return PolynomialWarmupDecay(optimizer, p["total_num_steps"], p.get("warmup_num_steps", 0),
+                                         init_factor=p.get("init_factor", 0.0),
+                                         final_factor=p.get("final_factor", 0.0),
+                                         warmup_power=p.get("warmup_power", 1.0),
+                                         decay_power=p.get("decay_power", 2.0))
+        return InverseSqrt(optimizer, p.get("warmup_num_steps", 0))
+
+
+@dataclass
+class LbDistConfig:
+    """The parsed lb_dist parts of a DeepSpeed config, plus the full original config."""
+    raw: dict
+    optimizer: OptimizerSpec | None = None
+    gradient_mix: MixSpec | None = None
+    scheduler: SchedulerSpec | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mix_enabled(self) -> bool:
+        return self.gradient_mix is not None and self.gradient_mix.enabled
+
+    def zero_stage(self) -> int:
+        zero = self.raw.get("zero_optimization") or {}
+        return int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
+
+    def deepspeed_config(self) -> dict:
+        """A copy of the config for DeepSpeed: without ``gradient_mix``, and without the
+        ``optimizer``/``scheduler`` sections lb_dist builds itself (passed to DeepSpeed as client
+        objects); with ``zero_allow_untested_optimizer: true`` when lb_dist's (ZeRO-exact)
+        optimizer runs under ZeRO."""
+        cfg = copy.deepcopy(self.raw)
+        cfg.pop("gradient_mix", None)
+        if self.optimizer is not None:
+            cfg.pop("optimizer", None)
+            if self.zero_stage() > 0:
+                cfg["zero_allow_untested_optimizer"] = True
+        if self.scheduler is not None:
+            cfg.pop("scheduler", None)
+        return cfg
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_auto(prefix: str, values: Mapping) -> None:
+    for key, value in values.items():
+        if isinstance(value, str) and value == "auto":
+            raise ConfigError(f"{prefix}.{key} is \"auto\": Hugging Face's Trainer/Accelerate replace "
+                              f"\"auto\" before DeepSpeed starts; when calling deepspeed.initialize "
+                              f"yourself give a value")
+
+
+def _section(config: Mapping, key: str) -> Mapping:
+    value = config[key]
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _unknown(prefix: str, given, known) -> None:
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key; known keys: {', '.join(sorted(known))}")
+
+
+def _constructor_keys(cls) -> tuple[str, ...]:
+    sig = inspect.signature(cls.__init__)
+    return tuple(name for name, p in sig.parameters.items()
+                 if name not in ("self", "params", "moments") and p.kind in
+                 (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
+# ------------------------------------------------------------------------------------ parsing
+def _parse_optimizer(section: Mapping) -> OptimizerSpec | None:
+    kind = section.get("type")
+    if not isinstance(kind, str):
+        return None
+    canonical = kind.upper()
+    if canonical not in OPTIMIZER_TYPES:
+        if "second_moments" in section:
+            raise ConfigError(f"optimizer.second_moments is an lb_dist (CLARS) key, but optimizer.type "
+                              f"is {kind!r}; lb_dist's types are {', '.join(OPTIMIZER_TYPES)}")
+        return None
+    cls = OPTIMIZER_TYPES[canonical]
+    _unknown("optimizer", section, ("type", "params", "second_moments"))
+    params = section.get("params", {}) or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"optimizer.params must be a JSON object, got {type(params).__name__}")
+    params = dict(params)
+    _check_auto("optimizer.params", params)
+    if canonical == "LAMB":
+        fused = [k for k in _FUSED_LAMB_ONLY if k in params]
+        if fused:
+            raise ConfigError(
+                f"optimizer.params.{fused[0]} is a key of DeepSpeed's FusedLamb, but while lb_dist is "
+                f"registered optimizer.type {kind!r} selects lb_dist's LAMB (exact layer-wise trust "
+                f"ratios under ZeRO; keys: {', '.join(_constructor_keys(LAMB) + _LB_OPTIMIZER_KEYS)}). "
+                f"Remove the key, or call lb_dist.deepspeed.unregister() to use DeepSpeed's FusedLamb")
+    known = _constructor_keys(cls) + _LB_OPTIMIZER_KEYS
+    _unknown("optimizer.params", params, known)
+    exclude_given = "exclude_from_layer_adaptation" in params
+    exclude = params.pop("exclude_from_layer_adaptation", "bias_and_norm")
+    if exclude not in EXCLUDE_CHOICES:
+        raise ConfigError(f"optimizer.params.exclude_from_layer_adaptation must be one of "
+                          f"{', '.join(map(repr, EXCLUDE_CHOICES))}; got {exclude!r}")
+    if "lr" not in params and cls is not LAMB:
+        raise ConfigError(f"optimizer.params.lr is required for {canonical} (the global rate, e.g. "
+                          f"the paper's gamma_scale)")
+    if "betas" in params:
+        betas = params["betas"]
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ConfigError(f"optimizer.params.betas must be a pair [beta1, beta2], got {betas!r}")
+        params["betas"] = tuple(betas)
+    # the optimizer's own checks, on a dummy tensor: messages name the argument
+    try:
+        cls([torch.zeros(1, requires_grad=True)], **params)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"optimizer.params: {exc}") from None
+    moments = None
+    if "second_moments" in section:
+        if cls is not CLARS:
+            raise ConfigError(f"optimizer.second_moments applies to CLARS only, optimizer.type is {kind!r}")
+        moments = _parse_moments(_section(section, "second_moments"))
+    elif cls is CLARS:
+        moments = SecondMomentsSpec()
+    return OptimizerSpec(type=canonical, cls=cls, params=params, exclude=exclude,
+                         exclude_given=exclude_given, second_moments=moments)
+
+
+def _parse_moments(section: Mapping) -> SecondMomentsSpec:
+    source = section.get("source", "micro_batch")
+    if source not in SECOND_MOMENT_SOURCES:
+        raise ConfigError(f"optimizer.second_moments.source must be one of "
+                          f"{', '.join(map(repr, SECOND_MOMENT_SOURCES))}; got {source!r}")
+    allowed = _MOMENT_KEYS[source]
+    for key in section:
+        if key not in allowed and any(key in keys for keys in _MOMENT_KEYS.values()):
+            raise ConfigError(f"optimizer.second_moments.{key} applies to another source, "
+                              f"not to source {source!r} (keys of {source!r}: {', '.join(allowed)})")
+    _unknown("optimizer.second_moments", section, allowed)
+    _check_auto("optimizer.second_moments", section)
+    spec = SecondMomentsSpec(source=source)
+    if "ema" in section:
+        ema = section["ema"]
+        if not _is_number(ema) or not 0 <= ema < 1:
+            raise ConfigError(f"optimizer.second_moments.ema must be a number in [0, 1), got {ema!r}")
+        spec.ema = float(ema)
+    for key in ("subset_size", "chunk_size"):
+        if key in section:
+            value = section[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"optimizer.second_moments.{key} must be a positive integer, got {value!r}")
+            setattr(spec, key, value)
+    return spec
+
+
+def _parse_mix(section: Mapping, raw: Mapping) -> MixSpec:
+    _unknown("gradient_mix", section, _MIX_KEYS)
+    _check_auto("gradient_mix", section)
+    spec = MixSpec()
+    if "enabled" in section:
+        if not isinstance(section["enabled"], bool):
+            raise ConfigError(f"gradient_mix.enabled must be true or false, got {section['enabled']!r}")
+        spec.enabled = section["enabled"]
+    for key in ("noise", "std", "granularity", "seed"):
+        if key in section:
+            setattr(spec, key, section[key])
+    try:
+        GradientMix(noise=spec.noise, std=spec.std, granularity=spec.granularity, seed=spec.seed)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"gradient_mix: {exc}") from None
+    spec.std = float(spec.std)
+    if spec.enabled and spec.granularity == "sample" and not any(
+            _is_number(raw.get(k)) for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
+        raise ConfigError("gradient_mix.granularity = \"sample\" weights every sample of the global batch, "
+                          "which needs the batch size: give train_micro_batch_size_per_gpu (or "
+                          "train_batch_size) as a number")
+    return spec
+
+
+def _parse_scheduler(section: Mapping) -> SchedulerSpec | None:
+    kind = section.get("type")
+    if kind not in SCHEDULER_TYPES:
+        if isinstance(kind, str) and kind.lower() in {k.lower() for k in SCHEDULER_TYPES}:
+            raise ConfigError(f"scheduler.type {kind!r}: did you mean one of "
+                              f"{', '.join(SCHEDULER_TYPES)}? (exact spelling)")
+        return None
+    _unknown("scheduler", section, ("type", "params"))
+    params = section.get("params", {}) or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"scheduler.params must be a JSON object, got {type(params).__name__}")
+    params = dict(params)
+    _check_auto("scheduler.params", params)
+    _unknown("scheduler.params", params, _SCHEDULER_KEYS[kind])
+    if kind == "PolynomialWarmupDecay" and "total_num_steps" not in params:
+        raise ConfigError("scheduler.params.total_num_steps is required for PolynomialWarmupDecay (T of "
+                          "GradientMix eq. 15, in optimizer steps)")
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        SchedulerSpec(kind, params).build(probe)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"scheduler.params: {exc}") from None
+    return SchedulerSpec(type=kind, params=params)
+
+
+def load_config(config) -> dict:
+    """A DeepSpeed config given as a dict (returned as is), or a path to a JSON file."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if not os.path.exists(path):
+            raise ConfigError(f"DeepSpeed config file {path!r} does not exist")
+        with open(path) as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"DeepSpeed config file {path!r} is not valid JSON: {exc}") from None
+    raise ConfigError(f"the DeepSpeed config must be a dict or a path to a JSON file, got {type(config).__name__}")
+
+
+def parse_config(config) -> LbDistConfig | None:
+    """Parse and validate the lb_dist parts of a DeepSpeed config (dict or JSON path).
+
+    Returns None when the config uses no lb_dist optimizer, ``gradient_mix`` section or lb_dist
+    scheduler (DeepSpeed then runs exactly as without lb_dist). Raises :class:`ConfigError`,
+    naming the key, for an unknown lb_dist key or value or an impossible combination that can be
+    seen from the config alone (checks that need the process group run when the engine exists).
+    """
+    raw = load_config(config)
+    spec = LbDistConfig(raw=raw)
+    if "optimizer" in raw:
+        spec.optimizer = _parse_optimizer(_section(raw, "optimizer"))
+    if "gradient_mix" in raw:
+        spec.gradient_mix = _parse_mix(_section(raw, "gradient_mix"), raw)
+    if "scheduler" in raw:
+        spec.scheduler = _parse_scheduler(_section(raw, "scheduler"))
+    if spec.optimizer is None and spec.gradient_mix is None and spec.scheduler is None:
+        return None
+    _check_combinations(spec)
+    return spec
+
+
+def accumulation_steps(raw: Mapping, world_size: int) -> int | None:
+    """DeepSpeed's gradient_accumulation_steps as it resolves them for ``world_size`` processes:
+    the given value; else ``train_batch_size // (micro * world_size)`` when both are given; else 1
+    (None when the batch keys are not numbers)."""
+    gas, tbs, micro = (raw.get(k) for k in ("gradient_accumulation_steps", "train_batch_size",
+                                            "train_micro_batch_size_per_gpu"))
+    if _is_number(gas):
+        return int(gas)
+    if _is_number(tbs) and _is_number(micro):
+        return max(1, int(tbs) // max(1, int(micro) * world_size))
+    if _is_number(tbs) or _is_number(micro):
+        return 1
+    return None
+
+
+def check_world(spec: LbDistConfig, world_size: int, accumulation: int | None = None) -> None:
+    """The checks that need the number of data-parallel processes: device-wise mixing needs
+    >= 2; CLARS' micro-batch source needs >= 2 micro-batches per optimizer step."""
+    mix = spec.gradient_mix
+    if mix is not None and mix.enabled and mix.granularity == "device" and world_size < 2:
+        raise ConfigError("gradient_mix.granularity = \"device\" mixes the gradients of the data-parallel "
+                          "processes, and this run has 1; use granularity \"sample\", more processes, or "
+                          "\"enabled\": false")
+    opt = spec.optimizer
+    sm = opt.second_moments if opt is not None else None
+    if accumulation is None:
+        accumulation = accumulation_steps(spec.raw, world_size)
+    if sm is not None and sm.source == "micro_batch" and accumulation is not None \
+            and world_size * accumulation < 2:
+        raise ConfigError(
+            "optimizer.second_moments.source = \"micro_batch\" compares the micro-batch gradients of "
+            f"one optimizer step, and this run has {world_size * accumulation} ({world_size} data-parallel "
+            f"process(es) x gradient_accumulation_steps {accumulation}); use gradient accumulation, "
+            f"more processes, or source \"per_sample\"")
+
+
+def _check_combinations(spec: LbDistConfig) -> None:
+    raw = spec.raw
+    zero = raw.get("zero_optimization") or {}
+    opt = spec.optimizer
+    if opt is not None:
+        for key in ("offload_optimizer", "offload_param"):
+            device = (zero.get(key) or {}).get("device", "none") if isinstance(zero, Mapping) else "none"
+            if device not in (None, "none"):
+                raise ConfigError(
+                    f"zero_optimization.{key}.device = {device!r}: ZeRO-Offload is not supported with "
+                    f"lb_dist's {opt.type} (DeepSpeed then runs its own CPU optimizer kernels and "
+                    f"swaps partitions, paths lb_dist's layer-wise reduction is not tested on); "
+                    f"remove the offload section or use \"device\": \"none\"")
+        if spec.zero_stage() == 0:
+            for key in ("bf16", "bfloat16", "fp16"):
+                section = raw.get(key) or {}
+                if isinstance(section, Mapping) and section.get("enabled") is True:
+                    raise ConfigError(
+                        f"{key}.enabled = true with zero_optimization.stage 0: DeepSpeed then wraps the "
+                        f"optimizer in its FP16_UnfusedOptimizer, which steps it once with zero "
+                        f"gradients while setting up (weight decay would change the weights); use "
+                        f"{key} with ZeRO stage 1, 2 or 3, or fp32 at stage 0")
+        sm = opt.second_moments
+        mix = spec.gradient_mix
+        if sm is not None and sm.source == "micro_batch" and mix is not None and mix.enabled:
+            if mix.granularity == "sample":
+                raise ConfigError("optimizer.second_moments.source = \"micro_batch\" with "
+                                  "gradient_mix.granularity = \"sample\": the micro-batch gradients are "
+                                  "then of randomly weighted losses and do not estimate S_k; use "
+                                  "source \"per_sample\"")
+            if mix.noise == "rademacher" and math.isclose(mix.std, 1.0):
+                raise ConfigError("optimizer.second_moments.source = \"micro_batch\" with "
+                                  "gradient_mix noise \"rademacher\" and std 1: half of the ranks get the "
+                                  "coefficient 0 and their micro-batch gradients cannot be recovered; "
+                                  "use another std or source \"per_sample\"")
+    if spec.scheduler is not None and "scheduler" in raw and opt is None and "optimizer" not in raw:
+        spec.notes.append("lb_dist scheduler without a config optimizer: it is built on the client optimizer")

@@ -1,0 +1,62 @@
+"""Build (or load from the cache) what DeepSpeed JIT-compiles on this machine, once, ahead of time.
+
+    python -m lb_dist.deepspeed.prebuild
+
+On a CPU-only machine ``deepspeed.comm``'s torch backend loads the shared-memory all-reduce op
+``deepspeed_shm_comm`` (``deepspeed.ops.op_builder.cpu.ShareMemCommBuilder``) in every process
+that initializes DeepSpeed's communication; the first load compiles it with ninja (about two minutes
+on two cores) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``). Running this module once (``scripts/setup.sh`` does) pays that cost
+outside the tests and the first training job. It is idempotent: with the op cached it only loads it
+(a few seconds). Where DeepSpeed reports the op as incompatible (no compiler, not Linux) DeepSpeed
+falls back to plain torch.distributed, and this module builds nothing.
+
+On a CUDA machine DeepSpeed does not use this op; nothing is built (exit status 0).
+Exit status 1 only when DeepSpeed is not installed or the build fails.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def prebuild(verbose: bool = False) -> list[str]:
+    """Build/load the JIT ops DeepSpeed would build at ``deepspeed.init_distributed`` here.
+    Returns the names of the ops that are now loadable."""
+    import deepspeed  # noqa: F401  (sets up the accelerator)
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    accel = get_accelerator()
+    builder = accel.create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return built
+    if not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return built
+    builder.load(verbose=verbose)
+    built.append(builder.NAME)
+    return built
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in argv or "--verbose" in argv
+    start = time.perf_counter()
+    try:
+        built = prebuild(verbose=verbose)
+    except ImportError as exc:
+        print(f"lb_dist.deepspeed.prebuild: DeepSpeed is not installed ({exc}); "
+              f"install the extra: pip install -e '.[deepspeed]'", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a compiler error: say so, with DeepSpeed's message
+        print(f"lb_dist.deepspeed.prebuild: building DeepSpeed's JIT ops failed: {exc}", file=sys.stderr)
+        return 1
+    took = time.perf_counter() - start
+    what = ", ".join(built) if built else "nothing (no JIT op is used on this machine)"
+    print(f"lb_dist.deepspeed.prebuild: {what} ready ({took:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Shared by the DeepSpeed worker (tests/_worker_deepspeed.py) and its tests: the tiny model, the
+deterministic data of every (rank, step, micro-step), and the configurations that are run.
+
+Nothing here imports DeepSpeed, so the single-process references in tests/test_deepspeed.py are
+computed without it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IN, OUT = 7, 3
+MICRO = 4          # train_micro_batch_size_per_gpu
+STEPS = 20
+SEED = 11
+
+OPT_PARAMS = {
+    "LARS": {"lr": 1.0, "momentum": 0.9, "weight_decay": 1e-3, "eta": 0.02, "nesterov": False},
+    "CLARS": {"lr": 1.0, "momentum": 0.9, "weight_decay": 1e-3, "eta": 0.02, "nesterov": True},
+    "LAMB": {"lr": 0.02, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01},
+}
+MIX = {"noise": "gaussian", "std": 0.5, "seed": 3}
+
+
+def make_model() -> nn.Module:
+    """Layers of different sizes (91+13, 65+5, 5+5, 15+3 elements), so that a flat ZeRO partition
+    cuts through layers and the bias/norm group is split too."""
+    torch.manual_seed(SEED)
+    return nn.Sequential(nn.Linear(IN, 13), nn.Tanh(), nn.Linear(13, 5), nn.LayerNorm(5), nn.Tanh(),
+                         nn.Linear(5, OUT))
+
+
+def batch(rank: int, step: int, micro: int, size: int = MICRO) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch of process ``rank`` at optimizer step ``step``, accumulation step ``micro``."""
+    g = torch.Generator().manual_seed(1000003 * (rank + 1) + 1009 * step + micro)
+    x = torch.randn(size, IN, generator=g) * 1.5
+    y = torch.randint(0, OUT, (size,), generator=g)
+    return x, y
+
+
+def ds_config(case: dict) -> dict:
+    """The DeepSpeed config of a case (see :func:`cases`)."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": case.get("accumulation", 1),
+        "steps_per_print": 10 ** 9,
+        "zero_optimization": {"stage": case["stage"], "stage3_param_persistence_threshold": 0,
+                              "reduce_bucket_size": 100, "allgather_bucket_size": 100},
+        "optimizer": {"type": case["opt"], "params": dict(OPT_PARAMS[case["opt"]])},
+    }
+    # DeepSpeed 0.19.8's default gradient_clipping is 1.0: state it
+    cfg["gradient_clipping"] = case.get("clip") or 0.0
+    if case.get("bf16"):
+        cfg["bf16"] = {"enabled": True}
+    if case["opt"] == "CLARS":
+        cfg["optimizer"]["second_moments"] = {"source": case.get("source", "micro_batch")}
+        if case.get("ema"):
+            cfg["optimizer"]["second_moments"]["ema"] = case["ema"]
+        if case.get("source") == "per_sample":
+            cfg["optimizer"]["second_moments"]["subset_size"] = case["world"] * MICRO
+    if case.get("mix"):
+        cfg["gradient_mix"] = {**MIX, "granularity": case["mix"]}
+    return cfg
+
+
+def cases(world: int) -> list[dict]:
+    """The acceptance grid (every ZeRO stage x LARS/CLARS/LAMB x without/with device-wise
+    GradientMix), run with 2 and with 3 processes, and the naive (sharding-unaware) negative
+    controls; with 2 processes also accumulation + clipping, the per-sample source, sample-wise
+    mixing, bf16, and checkpoint resumption (EMA estimator, so that its state matters)."""
+    out = []
+    for stage in (0, 1, 2, 3):
+        for opt in ("LARS", "CLARS", "LAMB"):
+            for mix in (None, "device"):
+                out.append({"stage": stage, "opt": opt, "mix": mix})
+    naive = [(1, "LARS"), (2, "LAMB"), (3, "LARS")] if world > 2 else \
+        [(stage, opt) for stage in (1, 2, 3) for opt in ("LARS", "LAMB")]
+    for stage, opt in naive:
+        out.append({"stage": stage, "opt": opt, "mix": None, "naive": True})
+    if world == 2:
+        for stage in (0, 2, 3):
+            for opt in ("CLARS", "LAMB"):
+                out.append({"stage": stage, "opt": opt, "mix": "device", "accumulation": 2, "clip": 0.5})
+        out.append({"stage": 1, "opt": "LARS", "mix": "device", "accumulation": 3, "clip": 0.3})
+        for stage in (1, 3):
+            out.append({"stage": stage, "opt": "CLARS", "mix": "device", "source": "per_sample"})
+        out.append({"stage": 2, "opt": "LARS", "mix": "sample", "accumulation": 2})
+        for stage in (1, 2, 3):
+            out.append({"stage": stage, "opt": "CLARS", "mix": "device", "bf16": True, "steps": 6})
+        for stage, opt in ((0, "CLARS"), (1, "LAMB"), (2, "CLARS"), (3, "CLARS"), (3, "LARS")):
+            out.append({"stage": stage, "opt": opt, "mix": "device", "accumulation": 2, "clip": 0.5,
+                        "ema": 0.5, "resume": 10})
+    for i, case in enumerate(out):
+        case.update(world=world, name=f"w{world}c{i:02d}")
+    return out
+
+
+#: The checkpoint the 3-process job tries to resume (written by the 2-process job): a clear error.
+FOREIGN_CHECKPOINT_CASE = {"stage": 2, "opt": "CLARS", "mix": "device", "accumulation": 2, "clip": 0.5,
+                           "ema": 0.5, "resume": 10}

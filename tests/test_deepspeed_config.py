@@ -1,0 +1,233 @@
+"""lb_dist's DeepSpeed config keys: parsing, what DeepSpeed is given, and the errors for bad input
+(each names the key), all before any process or engine starts. No DeepSpeed process is launched
+here; the training behaviour is tested in tests/test_deepspeed.py."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+pytest.importorskip("deepspeed")
+
+import lb_dist.deepspeed as lbds  # noqa: E402
+from lb_dist.deepspeed import ConfigError, parse_config  # noqa: E402
+from lb_dist.deepspeed.config import accumulation_steps, check_world  # noqa: E402
+from lb_dist.optim import CLARS, LAMB, LARS  # noqa: E402
+
+BASE = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+        "zero_optimization": {"stage": 2}}
+
+
+def cfg(**sections) -> dict:
+    out = copy.deepcopy(BASE)
+    out.update(sections)
+    return out
+
+
+CLARS_OPT = {"type": "CLARS", "params": {"lr": 1.0}}
+
+
+# ----------------------------------------------------------------------------- parsing
+def test_config_without_lb_dist_is_untouched():
+    plain = cfg(optimizer={"type": "Adam", "params": {"lr": 1e-3}},
+                scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 10}})
+    assert parse_config(plain) is None
+
+
+@pytest.mark.parametrize("name,cls", [("CLARS", CLARS), ("lars", LARS), ("Lamb", LAMB)])
+def test_optimizer_types_case_insensitive(name, cls):
+    spec = parse_config(cfg(optimizer={"type": name, "params": {"lr": 0.5, "weight_decay": 1e-4}}))
+    assert spec.optimizer.cls is cls and spec.optimizer.params["lr"] == 0.5
+    ds = spec.deepspeed_config()
+    assert "optimizer" not in ds and ds["zero_allow_untested_optimizer"] is True
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_deepspeed_config_strips_lb_dist_sections_only():
+    raw = cfg(optimizer={"type": "Adam", "params": {"lr": 1e-3}},
+              gradient_mix={"noise": "rademacher", "std": 0.5, "seed": 7},
+              scheduler={"type": "InverseSqrt", "params": {"warmup_num_steps": 100}},
+              some_deepspeed_key={"x": 1})
+    before = copy.deepcopy(raw)
+    spec = parse_config(raw)
+    ds = spec.deepspeed_config()
+    assert raw == before                                    # the caller's dict is not modified
+    assert "gradient_mix" not in ds and "scheduler" not in ds
+    assert ds["optimizer"] == raw["optimizer"]              # DeepSpeed's own optimizer stays
+    assert "zero_allow_untested_optimizer" not in ds
+    assert ds["some_deepspeed_key"] == {"x": 1}
+    mix = spec.gradient_mix
+    assert (mix.noise, mix.std, mix.granularity, mix.seed) == ("rademacher", 0.5, "device", 7)
+
+
+def test_clars_second_moments_defaults_and_keys():
+    spec = parse_config(cfg(optimizer=CLARS_OPT))
+    assert spec.optimizer.second_moments.source == "micro_batch"
+    spec = parse_config(cfg(optimizer={**CLARS_OPT, "second_moments": {
+        "source": "per_sample", "subset_size": 256, "chunk_size": 32}}))
+    sm = spec.optimizer.second_moments
+    assert (sm.source, sm.subset_size, sm.chunk_size) == ("per_sample", 256, 32)
+
+
+def test_json_file(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg(optimizer=CLARS_OPT)))
+    assert parse_config(str(path)).optimizer.type == "CLARS"
+
+
+def test_every_shipped_config_parses():
+    from pathlib import Path
+    files = sorted((Path(__file__).resolve().parent.parent / "deepspeed_configs").glob("*.json"))
+    assert len(files) >= 7
+    for path in files:
+        assert parse_config(str(path)) is not None, path.name
+
+
+def test_accumulation_steps_as_deepspeed_resolves_them():
+    assert accumulation_steps({"gradient_accumulation_steps": 3}, 2) == 3
+    assert accumulation_steps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4}, 2) == 8
+    assert accumulation_steps({"train_batch_size": 64}, 2) == 1
+    assert accumulation_steps({"train_micro_batch_size_per_gpu": 4}, 2) == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD = [
+    ("unknown optimizer param", cfg(optimizer={"type": "LARS", "params": {"lr": 1, "etaa": 0.1}}),
+     "optimizer.params.etaa"),
+    ("bad optimizer value", cfg(optimizer={"type": "LARS", "params": {"lr": -1}}), "lr must be >= 0"),
+    ("lr missing", cfg(optimizer={"type": "CLARS", "params": {"eta": 0.01}}), "optimizer.params.lr"),
+    ("unknown optimizer key", cfg(optimizer={**CLARS_OPT, "moments": {}}), "optimizer.moments"),
+    ("bad betas", cfg(optimizer={"type": "LAMB", "params": {"betas": [0.9]}}), "optimizer.params.betas"),
+    ("FusedLamb key", cfg(optimizer={"type": "Lamb", "params": {"lr": 1e-3, "max_coeff": 10}}),
+     "optimizer.params.max_coeff"),
+    ("bad exclusion", cfg(optimizer={"type": "LARS", "params": {"lr": 1, "exclude_from_layer_adaptation": "x"}}),
+     "exclude_from_layer_adaptation"),
+    ("auto left", cfg(optimizer={"type": "LARS", "params": {"lr": "auto"}}), "optimizer.params.lr is \"auto\""),
+    ("moments for LARS", cfg(optimizer={"type": "LARS", "params": {"lr": 1}, "second_moments": {}}),
+     "optimizer.second_moments applies to CLARS only"),
+    ("moments for Adam", cfg(optimizer={"type": "Adam", "params": {}, "second_moments": {}}),
+     "optimizer.second_moments"),
+    ("unknown source", cfg(optimizer={**CLARS_OPT, "second_moments": {"source": "exact"}}),
+     "optimizer.second_moments.source"),
+    ("key of the other source", cfg(optimizer={**CLARS_OPT, "second_moments": {"subset_size": 64}}),
+     "optimizer.second_moments.subset_size"),
+    ("unknown moments key", cfg(optimizer={**CLARS_OPT, "second_moments": {"emaa": 0.1}}),
+     "optimizer.second_moments.emaa"),
+    ("bad ema", cfg(optimizer={**CLARS_OPT, "second_moments": {"ema": 1.0}}), "optimizer.second_moments.ema"),
+    ("bad subset", cfg(optimizer={**CLARS_OPT, "second_moments": {"source": "per_sample", "subset_size": 0}}),
+     "optimizer.second_moments.subset_size"),
+    ("unknown mix key", cfg(gradient_mix={"noise": "gaussian", "sigma": 0.3}), "gradient_mix.sigma"),
+    ("unknown noise", cfg(gradient_mix={"noise": "uniform"}), "noise must be one of"),
+    ("bad std", cfg(gradient_mix={"std": -0.1}), "std must be >= 0"),
+    ("unknown granularity", cfg(gradient_mix={"granularity": "layer"}), "granularity must be one of"),
+    ("bad enabled", cfg(gradient_mix={"enabled": "yes"}), "gradient_mix.enabled"),
+    ("mix section not an object", cfg(gradient_mix=["gaussian"]), "gradient_mix must be a JSON object"),
+    ("sample mix without batch size", {"zero_optimization": {"stage": 1}, "gradient_mix": {"granularity": "sample"}},
+     "train_micro_batch_size_per_gpu"),
+    ("micro-batch source with sample mix", cfg(optimizer=CLARS_OPT, gradient_mix={"granularity": "sample"}),
+     "use source \"per_sample\""),
+    ("micro-batch source with 0/2 Rademacher", cfg(optimizer=CLARS_OPT, gradient_mix={"noise": "rademacher",
+                                                                                       "std": 1.0}),
+     "coefficient 0"),
+    ("offload", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
+     "zero_optimization.offload_optimizer.device"),
+    ("bf16 at stage 0", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 0}, bf16={"enabled": True}),
+     "bf16.enabled"),
+    ("unknown scheduler param", cfg(scheduler={"type": "InverseSqrt", "params": {"warmup_steps": 10}}),
+     "scheduler.params.warmup_steps"),
+    ("scheduler total missing", cfg(scheduler={"type": "PolynomialWarmupDecay", "params": {}}),
+     "scheduler.params.total_num_steps"),
+    ("scheduler bad value", cfg(scheduler={"type": "PolynomialWarmupDecay",
+                                           "params": {"total_num_steps": 10, "warmup_num_steps": 10}}),
+     "warmup_steps (10) must be smaller than total_steps (10)"),
+    ("scheduler misspelled", cfg(scheduler={"type": "inversesqrt", "params": {}}), "scheduler.type"),
+]
+
+
+@pytest.mark.parametrize("what,config,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_names_the_key(what, config, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_config(config)
+    assert needle in str(err.value), str(err.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(str(tmp_path / "nope.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{\"optimizer\": ")
+    with pytest.raises(ConfigError, match="broken.json"):
+        parse_config(str(broken))
+
+
+def test_world_dependent_checks():
+    spec = parse_config({"train_micro_batch_size_per_gpu": 4, "optimizer": CLARS_OPT})
+    with pytest.raises(ConfigError, match="optimizer.second_moments.source"):
+        check_world(spec, 1)
+    check_world(spec, 2)                                  # 2 processes x 1 micro-batch: fine
+    check_world(parse_config({**BASE, "optimizer": CLARS_OPT}), 1)   # accumulation 2: fine
+    mix = parse_config(cfg(gradient_mix={"noise": "gaussian"}))
+    with pytest.raises(ConfigError, match="gradient_mix.granularity"):
+        check_world(mix, 1)
+    check_world(parse_config(cfg(gradient_mix={"granularity": "sample"})), 1)
+
+
+def fake_deepspeed_initialize(record: list):
+    """Stands in for deepspeed.initialize (same signature) to see what lb_dist passes on."""
+    import inspect
+
+    import deepspeed
+
+    def fake(*args, **kwargs):
+        record.append((args, kwargs))
+        return "engine", None, None, None
+
+    fake.__signature__ = inspect.signature(deepspeed.initialize)
+    return fake
+
+
+def test_initialize_refuses_before_deepspeed_starts(monkeypatch):
+    """The world-size checks run in lb_dist.deepspeed.initialize before DeepSpeed is called."""
+    import torch
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    called = []
+    fake = fake_deepspeed_initialize(called)
+    monkeypatch.setattr(lbds, "_deepspeed_initialize", lambda: fake)
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ConfigError, match="optimizer.second_moments.source"):
+        lbds.initialize(model=model, config={"train_micro_batch_size_per_gpu": 4, "optimizer": CLARS_OPT})
+    with pytest.raises(ConfigError, match="gradient_mix.granularity"):
+        lbds.initialize(model=model, config=cfg(gradient_mix={}))
+    with pytest.raises(ConfigError, match="also got optimizer=SGD"):
+        lbds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        config=cfg(optimizer={"type": "LARS", "params": {"lr": 1.0}}))
+    with pytest.raises(ConfigError, match="client CLARS"):
+        lbds.initialize(model=model, optimizer=CLARS(model.parameters(), lr=0.1), config=cfg())
+    assert not called
+
+
+def test_config_without_lb_dist_goes_to_deepspeed_unchanged(monkeypatch):
+    seen = []
+    fake = fake_deepspeed_initialize(seen)
+    monkeypatch.setattr(lbds, "_deepspeed_initialize", lambda: fake)
+    model = object()
+    config = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Adam", "params": {"lr": 1.0}}}
+    assert lbds.initialize(model=model, config=config) == ("engine", None, None, None)
+    assert seen == [((), {"model": model, "config": config})]
+    assert seen[0][1]["config"] is config
+
+
+def test_register_is_idempotent_and_reversible():
+    import deepspeed
+    original = deepspeed.initialize
+    assert not lbds.is_registered()
+    try:
+        lbds.register()
+        lbds.register()
+        assert lbds.is_registered() and deepspeed.initialize is not original
+        assert lbds._deepspeed_initialize() is original
+    finally:
+        lbds.unregister()
+        lbds.unregister()
+    assert deepspeed.initialize is original and not lbds.is_registered()
