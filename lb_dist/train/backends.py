@@ -226,6 +226,8 @@ class Torchrun(Backend):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def close(self) -> None:
+        if getattr(self, "local_moments", None) is not None:
+            self.local_moments.remove_hooks()
         if self._owns_group and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -238,10 +240,21 @@ class Torchrun(Backend):
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DDP(model, device_ids=ids)
         self.hook_state = None
+        self.local_moments = None
+        if moments is not None and self.world_size == 1:
+            # one rank: nothing to compare in the all-reduce; the accumulation micro-batches are the
+            # statistics' micro-batches, as in a single process
+            moments.micro_batch_size = local_batch_size // accumulation_steps
+            self.local_moments = moments.track_backward(grad_scale=1.0 / accumulation_steps)
+            moments = None
         if mix is not None or moments is not None:
             self.hook_state = lb_dist.ddp.register(ddp, mix=mix, moments=moments, micro_batch_size=local_batch_size)
         self.model, self.optimizer, self.forward_module = model, optimizer, ddp
         return ddp
+
+    def finish_gradients(self) -> None:
+        if self.local_moments is not None:
+            self.local_moments.finish_step()
 
     def accumulate(self, last: bool):
         return contextlib.nullcontext() if last else self.forward_module.no_sync()

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from lb_dist.mixing import GradientMix
 from lb_dist.train.backends import Backend
-from lb_dist.train.checkpoint import (FORMAT, CheckpointError, checkpoint_path, latest_checkpoint,
+from lb_dist.train.checkpoint import (FORMAT, checkpoint_path, latest_checkpoint,
                                       list_checkpoints, load_checkpoint, prune_checkpoints)
 from lb_dist.train.config import RUN_DEFINING, check_layout, to_dict
 from lb_dist.train.metrics import MetricsLogger
@@ -124,6 +124,91 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class StepRunner:
+    """One optimizer step of the loop (docstring of this module, items 2-5), on the pieces built by
+    :func:`build_components`. Shared by :func:`run_training` and benchmarks/bench_workloads.py, so that
+    the benchmark times exactly the training step of ``lb-dist train``."""
+
+    def __init__(self, args: argparse.Namespace, backend: Backend, layout: BatchLayout, task, model, forward,
+                 optimizer, moments, mix) -> None:
+        self.args, self.backend, self.layout, self.task = args, backend, layout, task
+        self.model, self.forward, self.optimizer, self.moments, self.mix = model, forward, optimizer, moments, mix
+        self.layerwise = hasattr(optimizer, "last_step_skipped")
+        self.per_sample = args.optimizer == "clars" and args.clars_moments == "per-sample"
+        self.adapted = adapted_params(optimizer)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run(self, micro: list, step: int) -> dict:
+        """Train on this rank's micro-batches (already on the device) as optimizer step ``step``
+        (0-based, global). Returns ``{"sums": [loss sum, count] of this rank (float64), "skipped",
+        "lr", "mix_step", "per_sample": PerSampleMoments | None}``."""
+        args, backend, task, optimizer, mix = self.args, self.backend, self.task, self.optimizer, self.mix
+        K, A = backend.world_size, len(micro)
+        if task.counts_are_constant:
+            total_count = float(args.batch_size)
+        else:
+            local = torch.tensor([sum(task.count(b) for b in micro)], dtype=torch.float64, device=backend.device)
+            total_count = float(backend.all_reduce_sum(local).item())
+        ps_stats = None
+        if self.per_sample:
+            from lb_dist.moments import per_sample_second_moments
+            gen = torch.Generator().manual_seed(args.seed * 7919 + step * 104729 + backend.rank)
+            x, y = micro[0]
+            ps_stats = per_sample_second_moments(self.model, task.mean_loss_fn(), x, y,
+                                                 subset_size=args.per_sample_subset,
+                                                 chunk_size=args.per_sample_chunk, params=self.adapted,
+                                                 generator=gen, return_stats=True)
+            optimizer.set_second_moments(ps_stats.second_moments)
+        sums = torch.zeros(2, dtype=torch.float64)
+        for j, batch in enumerate(micro):
+            with backend.accumulate(last=(j == A - 1)):
+                losses, counts = task.losses(self.forward, batch)
+                if args.mix == "sample":
+                    w = mix.sample_weights(self.layout.positions(j), args.batch_size).to(losses.device, losses.dtype)
+                    weighted = (losses * w).sum()
+                else:
+                    weighted = losses.sum()
+                backend.backward(weighted * (K / total_count))
+            sums += torch.tensor([float(losses.detach().sum()), float(counts.sum())], dtype=torch.float64)
+        backend.finish_gradients()
+        lr_used = optimizer.param_groups[0]["lr"]
+        mix_step = mix.step if mix is not None else None
+        if self.layerwise:
+            backend.optimizer_step()
+            skipped = bool(optimizer.last_step_skipped)
+        else:
+            skipped = not _grads_finite(self.trainable)
+            if skipped:
+                if mix is not None:
+                    mix.advance()  # every rank skips together (the gradients are all-reduced)
+            else:
+                backend.optimizer_step()
+        backend.zero_grad()
+        return {"sums": sums, "skipped": skipped, "lr": lr_used, "mix_step": mix_step, "per_sample": ps_stats}
+
+
+def build_components(args: argparse.Namespace, backend: Backend, workload, layout: BatchLayout, total_steps: int,
+                     warmup: int) -> dict:
+    """Model (seeded, on the device), optimizer (+ CLARS' micro-batch estimator), schedule, GradientMix
+    (attached to the optimizer), the backend's wrapped module, and the :class:`StepRunner`."""
+    torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
+    model = workload.build_model().to(backend.device)
+    torch.manual_seed(args.seed * 1000003 + 7919 * backend.rank + 1)  # per-rank streams: dropout, augmentation
+    optimizer, moments = build_optimizer(args, model, peak_lr(args), local_batch_size=layout.local_batch_size)
+    scheduler = build_scheduler(args, optimizer, total_steps, warmup)
+    mix = None
+    if args.mix != "none":
+        from lb_dist.mixing import DEFAULT_STD
+        mix = GradientMix(noise=args.mix_noise, std=DEFAULT_STD if args.mix_std is None else args.mix_std,
+                          granularity=args.mix, seed=args.seed if args.mix_seed is None else args.mix_seed)
+        mix.attach(optimizer)
+    forward = backend.prepare(model, optimizer, mix=mix if args.mix == "device" else None, moments=moments,
+                              local_batch_size=layout.local_batch_size, accumulation_steps=layout.accumulation_steps)
+    runner = StepRunner(args, backend, layout, workload.task, model, forward, optimizer, moments, mix)
+    return {"model": model, "optimizer": optimizer, "moments": moments, "scheduler": scheduler, "mix": mix,
+            "forward": forward, "runner": runner}
+
+
 def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     """Train with ``args`` (from :func:`lb_dist.train.config.parse_args`) on a started ``backend``.
     Returns a summary ``{"step", "epochs_done", "stopped", "last_epoch": record | None, "run_dir"}``."""
@@ -163,25 +248,10 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         _fail(args, backend, f"argument --warmup-{'steps' if args.warmup_steps is not None else 'epochs'}: the warmup "
                              f"({warmup} steps) must be shorter than the run ({total_steps} steps = {args.epochs} "
                              f"epochs x {steps_per_epoch})")
-    lr = peak_lr(args)
-
-    torch.manual_seed(args.seed)
-    model = workload.build_model().to(backend.device)
-    optimizer, moments = build_optimizer(args, model, lr, local_batch_size=layout.local_batch_size)
-    scheduler = build_scheduler(args, optimizer, total_steps, warmup)
-    mix = None
-    if args.mix != "none":
-        from lb_dist.mixing import DEFAULT_STD
-        mix = GradientMix(noise=args.mix_noise, std=DEFAULT_STD if args.mix_std is None else args.mix_std,
-                          granularity=args.mix, seed=args.seed if args.mix_seed is None else args.mix_seed)
-        mix.attach(optimizer)
-    forward = backend.prepare(model, optimizer, mix=mix if args.mix == "device" else None, moments=moments,
-                              local_batch_size=layout.local_batch_size, accumulation_steps=A)
-    layerwise = hasattr(optimizer, "last_step_skipped")
-    per_sample = args.optimizer == "clars" and args.clars_moments == "per-sample"
-    adapted = adapted_params(optimizer)
+    parts = build_components(args, backend, workload, layout, total_steps, warmup)
+    model, optimizer, moments = parts["model"], parts["optimizer"], parts["moments"]
+    scheduler, mix, runner = parts["scheduler"], parts["mix"], parts["runner"]
     names = {p: n for n, p in model.named_parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
     task = workload.task
 
     # ---- resume
@@ -191,10 +261,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     consecutive_skips = 0
     epoch_sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, count) of the current epoch, this rank
     if resume_state is not None:
-        try:
-            backend.restore(resume_state, Path(latest))
-        except CheckpointError:
-            raise
+        backend.restore(resume_state, Path(latest))
         tr = resume_state["trainer"]
         step, elapsed = int(tr["step"]), float(tr["time"])
         skipped_total, consecutive_skips = int(tr["skipped_steps"]), int(tr["consecutive_skips"])
@@ -256,46 +323,8 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         for s in range(in_epoch, steps_per_epoch):
             t0 = time.perf_counter()
             micro = [task.to(next(source), backend.device) for _ in range(A)]
-            if task.counts_are_constant:
-                total_count = float(args.batch_size)
-            else:
-                local = torch.tensor([sum(task.count(b) for b in micro)], dtype=torch.float64, device=backend.device)
-                total_count = float(backend.all_reduce_sum(local).item())
-            ps_stats = None
-            if per_sample:
-                from lb_dist.moments import per_sample_second_moments
-                gen = torch.Generator().manual_seed(args.seed * 7919 + step * 104729 + backend.rank)
-                x, y = micro[0]
-                ps_stats = per_sample_second_moments(model, task.mean_loss_fn(), x, y,
-                                                     subset_size=args.per_sample_subset,
-                                                     chunk_size=args.per_sample_chunk, params=adapted,
-                                                     generator=gen, return_stats=True)
-                optimizer.set_second_moments(ps_stats.second_moments)
-            step_sums = torch.zeros(2, dtype=torch.float64)
-            for j, batch in enumerate(micro):
-                with backend.accumulate(last=(j == A - 1)):
-                    losses, counts = task.losses(forward, batch)
-                    if args.mix == "sample":
-                        w = mix.sample_weights(layout.positions(j), args.batch_size).to(losses.device, losses.dtype)
-                        weighted = (losses * w).sum()
-                    else:
-                        weighted = losses.sum()
-                    backend.backward(weighted * (K / total_count))
-                step_sums += torch.tensor([float(losses.detach().sum()), float(counts.sum())], dtype=torch.float64)
-            backend.finish_gradients()
-            lr_used = optimizer.param_groups[0]["lr"]
-            mix_step = mix.step if mix is not None else None
-            if layerwise:
-                backend.optimizer_step()
-                skipped = bool(optimizer.last_step_skipped)
-            else:
-                skipped = not _grads_finite(trainable)
-                if skipped:
-                    if mix is not None:
-                        mix.advance()
-                else:
-                    backend.optimizer_step()
-            backend.zero_grad()
+            out = runner.run(micro, step)
+            step_sums, skipped, lr_used, mix_step = out["sums"], out["skipped"], out["lr"], out["mix_step"]
             scheduler.step()
             step += 1
             steps_this_invocation += 1
@@ -313,7 +342,8 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
                 if args.mix == "device":
                     record["mix_noise_amount"] = mix.noise_amount(step=mix_step)
                 if args.layer_stats_every and step % args.layer_stats_every == 0 and backend.is_main:
-                    record.update(_layer_stats(optimizer, moments, ps_stats, adapted, names, layerwise))
+                    record.update(_layer_stats(optimizer, moments, out["per_sample"], runner.adapted, names,
+                                               runner.layerwise))
                 logger.write(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_used:.3g}", refresh=False)
