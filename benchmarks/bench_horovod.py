@@ -15,7 +15,8 @@ relative to ``hvd.DistributedOptimizer`` as the median over rounds of the per-ro
 for wall time, for the CPU time of rank 0's process (all threads, including Horovod's background
 thread) and for the CPU time of rank 0's main thread (``time.thread_time``: the forward, backward,
 optimizer step and every lb_dist addition, which all run there on CPU; the least sensitive to other
-jobs on a shared machine).
+jobs on a shared machine). Also the CPU time spent inside lb_dist's own code per step (a direct
+measure, robust to the load of other jobs).
 
     python benchmarks/bench_horovod.py [--controller gloo|mpi] [--rounds 20] [--steps 8] [--batch 32]
 
@@ -50,6 +51,22 @@ def worker(args) -> None:
 
     hvd.init()
     rank = hvd.rank()
+    # Direct measure of lb_dist's own work: CPU time of the main thread inside the three methods
+    # that run lb_dist code (per-parameter hook part, statistics launch, statistics completion).
+    from lb_dist.horovod.optimizer import GradientMixState
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.thread_time() - t
+        return wrapper
+
+    for meth in ("before_reduce", "launch_stats", "finish_step"):
+        setattr(GradientMixState, meth, timed(getattr(GradientMixState, meth)))
     setups = {}
     for i, name in enumerate(VARIANTS):
         torch.manual_seed(0)
@@ -80,21 +97,24 @@ def worker(args) -> None:
     times = {name: [] for name in VARIANTS}
     cpu = {name: [] for name in VARIANTS}
     main = {name: [] for name in VARIANTS}
+    own = {name: [] for name in VARIANTS}
     barrier = torch.zeros(1)
     for r in range(args.rounds):
         order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
         for name in order:
             model, opt = setups[name]
             hvd.allreduce(barrier, name="bench.barrier")
+            spent[0] = 0.0
             t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
             for _ in range(args.steps):
                 step(model, opt)
             times[name].append((time.perf_counter() - t0) / args.steps)
             cpu[name].append((time.process_time() - c0) / args.steps)
             main[name].append((time.thread_time() - m0) / args.steps)
+            own[name].append(spent[0] / args.steps)
     if rank == 0:
         n_params = sum(p.numel() for p in setups[VARIANTS[0]][0].parameters())
-        Path(args.out).write_text(json.dumps({"times": times, "cpu": cpu, "main": main, "params": n_params,
+        Path(args.out).write_text(json.dumps({"times": times, "cpu": cpu, "main": main, "own": own, "params": n_params,
                                               "controller": "mpi" if hvd.mpi_enabled() else "gloo"}))
     hvd.join()
     hvd.shutdown()
@@ -148,6 +168,15 @@ def main() -> None:
         w, c, m = summary["times"][name], summary["cpu"][name], summary["main"][name]
         print(f"| {name} | {1e3 * w['median_s']:.1f} | {fmt(w['overhead'])} | {1e3 * c['median_s']:.1f} | "
               f"{fmt(c['overhead'])} | {1e3 * m['median_s']:.1f} | {fmt(m['overhead'])} |")
+    base_main = statistics.median(res["main"][VARIANTS[0]])
+    print(f"\nlb_dist's own code (main-thread CPU inside GradientMixState.before_reduce / launch_stats / "
+          f"finish_step), median per step, and as a share of hvd.DistributedOptimizer's main-thread CPU "
+          f"per step ({1e3 * base_main:.1f} ms):\n")
+    print("| variant | lb_dist code ms/step | share of the step |")
+    print("|---|---|---|")
+    for name in VARIANTS[1:]:
+        o = statistics.median(res["own"][name])
+        print(f"| {name} | {1e3 * o:.2f} | {100 * o / base_main:.2f} % |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), **res, "summary": summary}, indent=1))
 

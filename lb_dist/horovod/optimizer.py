@@ -120,8 +120,11 @@ class GradientMixState:
         """Drop a half-collected step (Horovod's load_state_dict / elastic restore call this)."""
         n = len(self.moments.params) if self.moments is not None else 0
         self._local_norm: list[torch.Tensor | None] = [None] * n
-        self._step_k: int | None = None
+        self._num_norms = 0
+        self._stats_handle = None
+        self._step_k: int | None = None      # K, kappa and K*pi_rank, fixed at the step's first submission
         self._step_kappa = 0.0
+        self._step_scale: float | None = None
 
     # --------------------------------------------------------------- per step
     def _scale_for(self, k: int, rank: int) -> float | None:
@@ -146,24 +149,32 @@ class GradientMixState:
         for p in params:
             if p.grad is None:  # as Horovod does: a zero gradient is still reduced
                 p.grad = p.data.new(p.size()).zero_()
-        ps = opt.process_set
-        k = ps.size()
+        if self._step_k is None:
+            ps = opt.process_set
+            k = ps.size()
+            self._step_scale = self._scale_for(k, ps.rank()) if mixing else None
+            self._step_kappa = self.mix.std / k if mixing else 0.0
+            self._step_k = k
         if self.moments is not None:
-            if self._step_k is None:
-                self._step_k = k
-                self._step_kappa = self.mix.std / k if mixing else 0.0
             index = self.moments.param_index
             for p in params:
                 slot = index.get(p)
                 if slot is not None:
+                    if self._local_norm[slot] is None:
+                        self._num_norms += 1
                     self._local_norm[slot] = _norm(p.grad)  # squared in float64 once per step
+            if self._num_norms == len(self._local_norm) and self._stats_handle is None:
+                # the last tracked gradient of the step: its statistics leave with the last gradients
+                # (same negotiation cycle) instead of after them
+                self._stats_handle = self.launch_stats(opt)
         if mixing:
-            scale = self._scale_for(k, ps.rank())
+            scale = self._step_scale
             for p in params:
                 p.grad.mul_(scale)
 
     def launch_stats(self, opt):
-        """One asynchronous SUM allreduce of this step's per-layer local ||g_k||^2."""
+        """Start the one asynchronous SUM allreduce of this step's per-layer local ||g_k||^2 (as soon as
+        the last tracked gradient is submitted, or from synchronize() for the late ones)."""
         missing = [i for i, t in enumerate(self._local_norm) if t is None]
         if missing:
             raise RuntimeError(f"{len(missing)} of the {len(self._local_norm)} parameters tracked by moments were "
@@ -262,14 +273,18 @@ class _Overrides:
         for p, (handle, _ctx) in list(self._handles.items()):
             if handle is None:
                 self._handles[p] = self._allreduce_grad_async(p)
-        stats = st.launch_stats(self) if st.collects else None
+        stats = None
+        if st.collects:
+            stats = st._stats_handle if st._stats_handle is not None else st.launch_stats(self)
         try:
             _HVD["synchronize"](self)
         except BaseException:
             st.reset()
             raise
         if stats is not None:
-            st.finish_step(self, stats)
+            st.finish_step(self, stats)   # resets the step
+        else:
+            st.reset()
         return None
 
     def step(self, closure=None):
