@@ -38,6 +38,11 @@ def batch(rank: int, step: int, micro: int, size: int = MICRO) -> tuple[torch.Te
     return x, y
 
 
+#: The parameter whose gradient element [0, 0] the last process sets to NaN in "nan_at" cases: the
+#: second Linear's weight, which ZeRO-1/2 with 2 processes places in the last process's partition.
+NAN_PARAM = "2.weight"
+
+
 def ds_config(case: dict) -> dict:
     """The DeepSpeed config of a case (see :func:`cases`)."""
     cfg = {
@@ -52,6 +57,10 @@ def ds_config(case: dict) -> dict:
     cfg["gradient_clipping"] = case.get("clip") or 0.0
     if case.get("bf16"):
         cfg["bf16"] = {"enabled": True}
+    if case.get("fp16"):
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8}
+    if case.get("check_overflow") is False:   # DeepSpeed then leaves a bf16 NaN step to lb_dist
+        cfg["bf16"]["check_grad_overflow"] = False
     if case["opt"] == "CLARS":
         cfg["optimizer"]["second_moments"] = {"source": case.get("source", "micro_batch")}
         if case.get("ema"):
@@ -87,6 +96,14 @@ def cases(world: int) -> list[dict]:
         out.append({"stage": 2, "opt": "LARS", "mix": "sample", "accumulation": 2})
         for stage in (1, 2, 3):
             out.append({"stage": stage, "opt": "CLARS", "mix": "device", "bf16": True, "steps": 6})
+        # a NaN gradient in one process's fragment only, at step 3: skipped by DeepSpeed (fp32) ...
+        out.append({"stage": 2, "opt": "LAMB", "mix": None, "nan_at": 3})
+        out.append({"stage": 1, "opt": "CLARS", "mix": "device", "accumulation": 2, "nan_at": 3})
+        # ... or, bf16 without DeepSpeed's check, by lb_dist (ZeRO-2: per-group calls) and by
+        # DeepSpeed's BF16 optimizer (stage 1): the same whole-step skip
+        for stage in (1, 2):
+            out.append({"stage": stage, "opt": "CLARS", "mix": "device", "bf16": True, "steps": 6,
+                        "nan_at": 3, "check_overflow": False})
         for stage, opt in ((0, "CLARS"), (1, "LAMB"), (2, "CLARS"), (3, "CLARS"), (3, "LARS")):
             out.append({"stage": stage, "opt": opt, "mix": "device", "accumulation": 2, "clip": 0.5,
                         "ema": 0.5, "resume": 10})

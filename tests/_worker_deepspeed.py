@@ -59,7 +59,17 @@ def build(case: dict):
 def train(engine, runtime, case: dict, rank: int, start: int = 0, stop: int | None = None) -> None:
     acc = case.get("accumulation", 1)
     stop = case.get("steps", C.STEPS) if stop is None else stop
+    world = torch.distributed.get_world_size()
     for step in range(start, stop):
+        handle = None
+        if case.get("nan_at") == step and rank == world - 1:
+            param = dict(engine.module.named_parameters())[C.NAN_PARAM]
+
+            def poison(grad):
+                grad = grad.clone()
+                grad.view(-1)[0] = float("nan")
+                return grad
+            handle = param.register_hook(poison)
         for micro in range(acc):
             x, y = C.batch(rank, step, micro)
             if case.get("bf16"):
@@ -73,6 +83,9 @@ def train(engine, runtime, case: dict, rank: int, start: int = 0, stop: int | No
                 loss = F.cross_entropy(out.float(), y)
             engine.backward(loss)
             engine.step()
+            if handle is not None:
+                handle.remove()
+                handle = None
 
 
 def run_case(case: dict, rank: int, out_dir: str) -> dict:
@@ -91,6 +104,10 @@ def run_case(case: dict, rank: int, out_dir: str) -> dict:
     else:
         train(engine, runtime, case, rank)
     result = {"params": final_params(engine)}
+    skipped = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(skipped, (getattr(engine.basic_optimizer, "skipped_steps", None),
+                                                  engine.skipped_steps))
+    result["skipped"] = skipped          # per process: (lb_dist optimizer's, DeepSpeed engine's)
     if runtime is not None and runtime.mix is not None:
         result["mix_step"] = runtime.mix.step
     if hasattr(engine, "destroy"):
@@ -226,6 +243,9 @@ def main() -> None:
     print(f"rank {rank}/{world}: {len(results)} cases in {took:.1f} s", flush=True)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    if args.deepspeed_mpi:
+        from mpi4py import MPI
+        MPI.Finalize()                  # mpirun reports a rank that exits without it as failed
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -402,6 +402,11 @@ def _check_combinations(spec: LbDistConfig) -> None:
                     f"lb_dist's {opt.type} (DeepSpeed then runs its own CPU optimizer kernels and "
                     f"swaps partitions, paths lb_dist's layer-wise reduction is not tested on); "
                     f"remove the offload section or use \"device\": \"none\"")
+        if isinstance(zero, Mapping) and zero.get("compute_grad_norm") is False:
+            raise ConfigError(
+                "zero_optimization.compute_grad_norm = false: DeepSpeed steps lb_dist's optimizer once "
+                "per param group, and lb_dist needs DeepSpeed's global gradient norm to skip a non-finite "
+                "step in all groups alike (and to undo clipping for CLARS); remove the key")
         if spec.zero_stage() == 0:
             for key in ("bf16", "bfloat16", "fp16"):
                 section = raw.get(key) or {}

@@ -21,6 +21,7 @@ lb_dist optimizer ZeRO-aware (:mod:`lb_dist.deepspeed.zero`), builds the :class:
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -139,6 +140,18 @@ class LbDistRuntime:
                                "(zero_optimization.compute_grad_norm = false?)")
         norm = float(norm)
         return min(1.0, clip / (norm + 1e-6))
+
+    def global_norm_nonfinite(self) -> bool:
+        """True when DeepSpeed's global gradient norm of the current step is known and not
+        finite (ZeRO-1/2/3 and the BF16 optimizer compute it before stepping the groups)."""
+        engine = self.engine
+        if engine.optimizer is engine.basic_optimizer:
+            return False
+        norm = getattr(engine.optimizer, "_global_grad_norm", None)
+        if norm is None:
+            return False
+        value = float(norm)
+        return not math.isfinite(value) or value < 0      # DeepSpeed's "invalid" sentinel is -1
 
     def _backward(self, base: Callable, loss, args: tuple, kwargs: dict):
         scale_wrt_gas = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)

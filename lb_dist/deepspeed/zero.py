@@ -175,7 +175,9 @@ class ShardedLayerwise:
     * ``_reduce_found_nonfinite``: LAMB's non-finite check looks at this process's fragments
       before the moments change, so the flag is all-reduced (every process skips the same steps).
       LARS/CLARS take their flags from the reduced per-layer norms (identical on every process),
-      so they need no communication for it.
+      so they need no communication for it. A non-finite global gradient norm of the step
+      (DeepSpeed's, when it does not skip the step itself: bf16 with ``check_grad_overflow``
+      false) skips every group's call, so the step is skipped whole.
     * ``trust_ratios()`` collects the trust ratios of all groups of the last optimizer step
       (DeepSpeed steps the groups in separate calls).
     """
@@ -223,6 +225,10 @@ class ShardedLayerwise:
         if self._lb_call_sharded and not isinstance(self, LayerwiseSGD):
             found = found.clone()
             all_reduce_sum_(found, self._lb_process_group)
+        if self._lb_runtime is not None and self._lb_runtime.global_norm_nonfinite():
+            # DeepSpeed steps the param groups in separate calls; its global gradient norm of
+            # the step (identical on every process) makes the skip cover all of them
+            found = found + 1
         return found
 
     def _lb_layout(self) -> dict:
