@@ -15,10 +15,12 @@ of them, each calling Horovod's original:
   parameter tracked by ``moments``, then scale ``p.grad`` in place by ``K*pi_k``
   (``GradientMix.scale``). Horovod's averaging allreduce then yields ``sum_k pi_k g_k`` (paper eq. 3).
   With no mix or noise ``"none"`` nothing is touched (bitwise ``hvd.DistributedOptimizer``).
-* ``synchronize()``: submit what Horovod would submit late (parameters whose hook did not fire), start
-  ONE extra asynchronous SUM allreduce of the step's per-layer ``||g_k||^2`` (one float64 tensor,
-  only with ``moments``), run Horovod's synchronize, then feed ``moments.update`` with
-  ``sum_k ||g_k||^2``, ``K`` and ``||M||^2 - kappa^2 sum_k ||g_k||^2`` (as ``lb_dist.ddp`` does).
+* with ``moments``, the step's per-layer ``||g_k||^2`` leave as ONE small tensor when the last tracked
+  gradient is submitted, with the gradients' dtype and op, so Horovod fuses it into the same allreduce
+  as the last gradients;
+* ``synchronize()``: submit what Horovod would submit late (parameters whose hook did not fire), run
+  Horovod's synchronize, then feed ``moments.update`` with ``sum_k ||g_k||^2``, ``K`` and
+  ``||M||^2 - kappa^2 sum_k ||g_k||^2`` (as ``lb_dist.ddp`` does).
 
 Details, equations and what is refused: docs/backend-horovod.md.
 """
@@ -183,14 +185,19 @@ class GradientMixState:
         norms = self._local_norm
         if len({t.dtype for t in norms}) > 1:
             norms = [t.double() for t in norms]
-        local = torch.stack(norms).double().square_()
-        return hvd.allreduce_async(local, name=_STATS_NAME, op=hvd.Sum, process_set=opt.process_set)
+        # In the gradients' dtype (float32 for float32/half gradients) and with their op and factors
+        # (Average or Sum, 1.0/1.0 without gradient_predivide_factor), so that Horovod fuses this small
+        # tensor with the step's last gradients into the same allreduce instead of running another one.
+        local = torch.stack(norms).square_()
+        return hvd.allreduce_async(local, name=_STATS_NAME, op=opt.op, process_set=opt.process_set)
 
     def finish_step(self, opt, handle) -> None:
         moments = self.moments
         k, kappa = self._step_k, self._step_kappa
         self.reset()
         sq_sum = hvd.synchronize(handle).double()                        # sum_k ||g_k||^2
+        if opt.op == hvd.Average:
+            sq_sum = sq_sum * k
         reduced = _sq_norms([p.grad for p in moments.params]).to(sq_sum.device)  # ||reduced||^2
         if opt.op == hvd.Sum:  # the Sum allreduce returns K * M
             reduced = reduced / float(k * k)
