@@ -49,8 +49,10 @@ def ds_config(case: dict) -> dict:
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": case.get("accumulation", 1),
         "steps_per_print": 10 ** 9,
+        # small buckets: several reductions per step; ZeRO-3 sub-groups of ~50 elements per process
         "zero_optimization": {"stage": case["stage"], "stage3_param_persistence_threshold": 0,
-                              "reduce_bucket_size": 100, "allgather_bucket_size": 100},
+                              "reduce_bucket_size": 100, "allgather_bucket_size": 100,
+                              "sub_group_size": 50},
         "optimizer": {"type": case["opt"], "params": dict(OPT_PARAMS[case["opt"]])},
     }
     # DeepSpeed 0.19.8's default gradient_clipping is 1.0: state it

@@ -104,6 +104,8 @@ def run_case(case: dict, rank: int, out_dir: str) -> dict:
     else:
         train(engine, runtime, case, rank)
     result = {"params": final_params(engine)}
+    if engine.zero_optimization_partition_weights():
+        result["sub_groups"] = len(engine.optimizer.fp16_groups)
     skipped = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(skipped, (getattr(engine.basic_optimizer, "skipped_steps", None),
                                                   engine.skipped_steps))

@@ -54,7 +54,8 @@ def _param_groups(model, model_parameters, spec) -> list:
     layer adaptation and weight decay) restricted to ``model_parameters`` (default: the model's)."""
     from lb_dist.optim import param_groups
     weight_decay = spec.params.get("weight_decay", 0.0)
-    given = list(model_parameters) if model_parameters is not None else None
+    given = model_parameters if model_parameters is None or isinstance(model_parameters, list) \
+        else list(model_parameters)
     if given and all(isinstance(g, dict) for g in given):
         if spec.exclude_given:
             raise ConfigError("optimizer.params.exclude_from_layer_adaptation was given, but "
@@ -168,6 +169,8 @@ def initialize(*args, **kwargs):
         if client is not None:
             raise ConfigError(f"the config names optimizer.type {spec.optimizer.type!r} and "
                               f"deepspeed.initialize also got optimizer={type(client).__name__}; give one")
+        if a.get("model_parameters") is not None and not isinstance(a["model_parameters"], list):
+            a["model_parameters"] = list(a["model_parameters"])      # a generator is read twice
         groups = _param_groups(model, a.get("model_parameters"), spec.optimizer)
         moments = None
         if spec.optimizer.second_moments is not None:
