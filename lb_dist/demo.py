@@ -110,11 +110,11 @@ def parse_args(argv=None):
                    help="synthetic CIFAR-shaped images (offline), real CIFAR-10 (--data-dir), or Multi30k with the "
                         "small Transformer (--data-dir, default ../shared/data/multi30k)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--model", default="resnet20", help="image model (lb_dist.models.MODEL_NAMES)")
+    p.add_argument("--model", default="resnet8", help="image model (lb_dist.models.MODEL_NAMES, or resnetD, D = 6n+2)")
     p.add_argument("--image-size", type=int, default=32, help="synthetic images: side (32 = CIFAR-shaped)")
     p.add_argument("--epochs", type=int, default=None, help="default 8 (multi30k: 3)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default 512; multi30k 256)")
-    p.add_argument("--train-size", type=int, default=None, help="training samples (default 4096; multi30k 8192)")
+    p.add_argument("--train-size", type=int, default=None, help="training samples (default 8192)")
     p.add_argument("--test-size", type=int, default=None, help="test samples (default 1024; multi30k 1000)")
     p.add_argument("--warmup-epochs", type=float, default=5.0, help="LARS (LAMB) warmup")
     p.add_argument("--lr", type=float, default=None, help="gamma_scale of LARS/CLARS (default 8; multi30k 2)")
@@ -130,7 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     mt = args.workload == "multi30k"
-    defaults = dict(epochs=3 if mt else 8, batch_size=256 if mt else 512, train_size=8192 if mt else 4096,
+    defaults = dict(epochs=3 if mt else 8, batch_size=256 if mt else 512, train_size=8192,
                     test_size=1000 if mt else 1024, lr=2.0 if mt else 8.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -6,7 +6,8 @@ their ``metrics.jsonl`` (written by ``lb-dist train``; schema in docs/training.m
   BLEU in a fourth panel), one line per run: the papers' Fig. 4/5 comparison.
 * ``variance_factor.png``: the gradient-variance factor ``M_k = S_k / ||G_k||^2`` of every layer
   over training, one panel per run that logged it (CLARS runs), layers coloured from the input
-  (dark) to the output (light), log scale: the CLARS paper's Fig. 3.
+  (dark) to the output (light), log scale, running median over ``--smooth`` logged steps (default 5):
+  the CLARS paper's Fig. 3.
 * ``trust_ratio.png``: the per-layer trust ratios of the layer-wise optimizers, the same way.
 
 Figures without data (e.g. no CLARS run) are not written. Returns the written paths.
@@ -56,7 +57,20 @@ def load_run(run_dir, label: str | None = None) -> RunData:
     return RunData(d, label or d.name, records, config)
 
 
-def _layer_panel(fig_path: Path, runs: list[RunData], key: str, title: str, ylabel: str):
+def _running_median(values: list[float], window: int) -> list[float]:
+    """Centered running median over ``window`` points (shrinking at the ends); 1 = unchanged."""
+    if window <= 1:
+        return list(values)
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        part = sorted(values[max(0, i - half):i + half + 1])
+        mid = len(part) // 2
+        out.append(part[mid] if len(part) % 2 else (part[mid - 1] * part[mid]) ** 0.5)  # geometric: log scale
+    return out
+
+
+def _layer_panel(fig_path: Path, runs: list[RunData], key: str, title: str, ylabel: str, smooth: int = 1):
     import matplotlib.pyplot as plt
     from matplotlib import cm
 
@@ -76,11 +90,12 @@ def _layer_panel(fig_path: Path, runs: list[RunData], key: str, title: str, ylab
                     xs.append(s["step"] / run.steps_per_epoch)
                     ys.append(v)
             if xs:
-                ax.plot(xs, ys, color=color, lw=1.0, alpha=0.85, label=layer)
+                ax.plot(xs, _running_median(ys, smooth), color=color, lw=1.0, alpha=0.85, label=layer)
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{run.label}")
+        ax.set_title(run.label + (f" (running median of {smooth} logged steps)" if smooth > 1 else ""),
+                     fontsize=10)
         ax.grid(alpha=0.3)
         if len(layers) <= 12:
             ax.legend(fontsize=6, loc="best")
@@ -94,8 +109,10 @@ def _layer_panel(fig_path: Path, runs: list[RunData], key: str, title: str, ylab
     return fig_path
 
 
-def plot_runs(run_dirs, out_dir, labels=None) -> list[Path]:
-    """Write the figures comparing ``run_dirs`` into ``out_dir``; returns their paths."""
+def plot_runs(run_dirs, out_dir, labels=None, smooth_mk: int = 5) -> list[Path]:
+    """Write the figures comparing ``run_dirs`` into ``out_dir``; returns their paths. ``smooth_mk``:
+    the M_k lines are running medians over that many logged steps (a one-step micro-batch estimate
+    of ``||G_k||^2`` from few micro-batches is noisy; the raw values are in metrics.jsonl)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -138,11 +155,11 @@ def plot_runs(run_dirs, out_dir, labels=None) -> list[Path]:
     plt.close(fig)
     written.append(path)
 
-    for name, key, title, ylabel in (
+    for name, key, title, ylabel, smooth in (
             ("variance_factor.png", "variance_factor",
-             "gradient-variance factor M_k = S_k / ||G_k||^2 per layer (CLARS paper, Fig. 3)", "M_k"),
-            ("trust_ratio.png", "trust_ratio", "per-layer trust ratio (rate / lr)", "trust ratio")):
-        p = _layer_panel(out / name, runs, key, title, ylabel)
+             "gradient-variance factor M_k = S_k / ||G_k||^2 per layer (CLARS paper, Fig. 3)", "M_k", smooth_mk),
+            ("trust_ratio.png", "trust_ratio", "per-layer trust ratio (rate / lr)", "trust ratio", 1)):
+        p = _layer_panel(out / name, runs, key, title, ylabel, smooth)
         if p is not None:
             written.append(p)
     return written
@@ -154,10 +171,14 @@ def main(argv=None, prog: str = "lb-dist plot") -> int:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
     p.add_argument("--out", default=None, help="output directory (default: the first RUN_DIR's parent / plots)")
     p.add_argument("--labels", nargs="+", default=None, help="one label per RUN_DIR (default: directory names)")
+    p.add_argument("--smooth", type=int, default=5,
+                   help="M_k lines: running median over this many logged steps (1: raw values)")
     args = p.parse_args(argv)
+    if args.smooth < 1:
+        p.error(f"argument --smooth: must be >= 1, got {args.smooth}")
     out = args.out or str(Path(args.run_dirs[0]).resolve().parent / "plots")
     try:
-        written = plot_runs(args.run_dirs, out, args.labels)
+        written = plot_runs(args.run_dirs, out, args.labels, smooth_mk=args.smooth)
     except ValueError as e:
         p.error(str(e))
     for path in written:

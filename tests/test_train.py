@@ -354,3 +354,14 @@ def test_multi30k_run_loss_metrics_and_tokenizer_check(tmp_path, capsys):
     argv[argv.index("--epochs") + 1] = "1"
     code, err = run_main(argv, capsys)
     assert code == 1 and str(run / "tokenizer.json") in err and "does not match" in err
+
+
+def test_console_script_dispatches_train_and_plot(tmp_path, capsys):
+    from lb_dist.cli import main as cli_main
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--help"])
+    assert e.value.code == 0 and "--clars-moments" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--run-dir", str(tmp_path), "--optimizer", "sgd"])
+    assert e.value.code == 2 and "lb-dist train: error: argument --lr" in capsys.readouterr().err
+    assert cli_main([]) == 2 and "usage: lb-dist {train,plot}" in capsys.readouterr().out

@@ -119,7 +119,7 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
     g = p.add_argument_group("workload")
     g.add_argument("--model", default=MODEL_DEFAULT,
                    help="model name (lb_dist.models.MODEL_NAMES: resnet20/32/44/56/110, resnet18_cifar, vgg11_bn, "
-                        "resnet50, transformer_small, transformer_base)")
+                        "resnet50, transformer_small, transformer_base; also resnetD for any CIFAR depth D = 6n+2)")
     g.add_argument("--model-option", action="append", default=[], type=_model_option, metavar="KEY=VALUE",
                    help="extra build_model option, repeatable (e.g. last_bn_gamma=0, dropout=0.1)")
     g.add_argument("--dataset", choices=DATASETS, default="synthetic",
@@ -242,8 +242,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     ``world_size``: checked against the batch layout when known (it is, except in ``--help`` paths)."""
     from lb_dist.models import MODEL_NAMES
 
-    if args.model not in MODEL_NAMES:
-        p.error(f"argument --model: invalid choice {args.model!r} (choose from {', '.join(MODEL_NAMES)})")
+    from lb_dist.train.workloads import cifar_resnet_depth
+
+    if args.model not in MODEL_NAMES and cifar_resnet_depth(args.model) is None:
+        p.error(f"argument --model: invalid choice {args.model!r} (choose from {', '.join(MODEL_NAMES)}, or "
+                f"resnetD for any CIFAR ResNet depth D = 6n+2)")
     seq2seq = args.model.startswith("transformer")
     if seq2seq != (args.dataset == "multi30k"):
         p.error(f"argument --model: {args.model!r} does not fit --dataset {args.dataset!r} "
