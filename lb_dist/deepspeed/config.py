@@ -402,6 +402,16 @@ def _check_combinations(spec: LbDistConfig) -> None:
                     f"lb_dist's {opt.type} (DeepSpeed then runs its own CPU optimizer kernels and "
                     f"swaps partitions, paths lb_dist's layer-wise reduction is not tested on); "
                     f"remove the offload section or use \"device\": \"none\"")
+        if isinstance(zero, Mapping) and zero.get("elastic_checkpoint") is True:
+            raise ConfigError(
+                "zero_optimization.elastic_checkpoint = true: DeepSpeed then reads and writes the "
+                "optimizer's state tensors directly, bypassing lb_dist's state_dict (which folds the "
+                "per-fragment momentum scales into elementwise buffers); use the default rigid "
+                "checkpoints")
+        ckpt = raw.get("checkpoint") or {}
+        if isinstance(ckpt, Mapping) and ckpt.get("load_universal") is True:
+            raise ConfigError("checkpoint.load_universal = true: DeepSpeed's universal checkpoints are "
+                              "not supported with lb_dist's optimizers")
         if isinstance(zero, Mapping) and zero.get("compute_grad_norm") is False:
             raise ConfigError(
                 "zero_optimization.compute_grad_norm = false: DeepSpeed steps lb_dist's optimizer once "

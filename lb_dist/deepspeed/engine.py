@@ -338,8 +338,11 @@ class _LbDistEngine:
 
     def load_checkpoint(self, load_dir, tag=None, *args, **kwargs):
         path, client_state = super().load_checkpoint(load_dir, tag, *args, **kwargs)
+        # DeepSpeed's order: load_module_strict, load_optimizer_states, load_lr_scheduler_states,
+        # load_module_only. lb_dist's state is training state: it comes back with the optimizer's.
+        optimizer_states = kwargs.get("load_optimizer_states", args[1] if len(args) > 1 else True)
         module_only = kwargs.get("load_module_only", args[3] if len(args) > 3 else False)
-        if path is None or module_only:
+        if path is None or module_only or not optimizer_states:
             return path, client_state
         state = (client_state or {}).pop(CLIENT_STATE_KEY, None)
         if state is None:
