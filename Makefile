@@ -25,6 +25,7 @@ bench: setup-bench
 	$(PY) benchmarks/bench_optim.py
 	$(PY) benchmarks/bench_moments.py
 	$(PY) benchmarks/bench_mixing.py
+	$(PY) benchmarks/bench_horovod.py
 
 clean:
 	rm -rf .venv build *.egg-info demo_out
