@@ -2,15 +2,17 @@
 available (``single``: one plain process; ``torchrun``: DDP with 1 and with 2 processes), and the
 overhead of CLARS and of GradientMix on each.
 
-    python benchmarks/bench_workloads.py [--rounds 8] [--steps 2] [--workloads resnet20 transformer_small]
+    python benchmarks/bench_workloads.py [--rounds 6] [--steps 2] [--repeat 2] [--workloads resnet20 transformer_small]
 
 The parent starts one job per configuration (``--worker``: a plain process, or ``torchrun
 --nproc_per_node K``). In a job, every variant of a workload is built with ``lb_dist.train``'s own
 ``build_components`` and timed with its ``StepRunner`` (exactly the training step of ``lb-dist train``:
 forward, backward, DDP/hook reduction, statistics, optimizer step), on fixed micro-batches prepared
 in memory beforehand (data loading is not timed), in interleaved rounds: per round every variant runs
-``--steps`` optimizer steps after a barrier; the result is the median over rounds of rank 0's time per
-step, and an overhead is the median over rounds of the per-round ratio to its base variant.
+``--steps`` optimizer steps after a barrier. The sequence of configurations is run ``--repeat`` times
+(alternating, so that the slow phases of a shared machine hit all of them); the result is the median
+over all rounds of rank 0's time per step, and an overhead is the median over rounds of the per-round
+ratio to its base variant (same job, same round).
 
 Workloads (per process: A = 2 accumulation micro-batches per step, so that CLARS' micro-batch
 estimator has 2 micro-batches even in one process):
@@ -76,62 +78,54 @@ def worker(args) -> None:
     backend.start()
     K = backend.world_size
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.workloads:
-            micro = MICRO[name]
-            batch = micro * A * K
-            common = ["--run-dir", str(Path(tmp) / name), "--batch-size", str(batch), "--accumulation-steps", str(A),
-                      "--epochs", "1", "--no-progress", "--schedule", "constant", "--backend", args.backend]
-            if name == "resnet20":
-                common += ["--model", "resnet20", "--train-size", str(batch * args.steps), "--test-size", "32"]
-                variants = IMAGE_VARIANTS
-            else:
-                common += ["--model", "transformer_small", "--dataset", "multi30k", "--data-dir", args.data_dir,
-                           "--train-size", str(max(2048, batch * args.steps)), "--test-size", "16",
-                           "--max-length", "64", "--vocab-size", "8000"]
-                variants = TEXT_VARIANTS
-            mix = "device" if K > 1 else "sample"
-            first = parse_args(common + variants[next(iter(variants))], world_size=K)
-            workload = build_workload(first, Path(tmp) / name, backend)
-            layout = BatchLayout(batch, K, backend.rank, A)
-            sampler = StepBatchSampler(layout, len(workload.train), 0, 0)
-            ds = workload.train
-            batches = []
-            for idx in sampler:
-                b = ds.get_batch(idx) if hasattr(ds, "get_batch") else workload.collate([ds[i] for i in idx])
-                batches.append(workload.task.to(b, backend.device))
-            steps = [batches[i * A:(i + 1) * A] for i in range(len(batches) // A)][:args.steps]
-            counts = [sum(workload.task.count(b) for b in s) for s in steps]
-            runners = {}
-            for vname, flags in variants.items():
-                vargs = parse_args(common + [f.replace("MIX", mix) for f in flags], world_size=K)
-                parts = build_components(vargs, backend, workload, layout, total_steps=10 ** 6, warmup=0)
-                runners[vname] = parts
-            times = {v: [] for v in runners}
-            for rnd in range(args.rounds + 1):  # round 0: warm-up
-                for vname, parts in runners.items():
-                    backend.barrier()
-                    t0 = time.perf_counter()
-                    for i, s in enumerate(steps):
-                        parts["runner"].run(s, rnd * len(steps) + i)
-                        parts["scheduler"].step()
-                    dt = (time.perf_counter() - t0) / len(steps)
-                    if rnd > 0:
-                        times[vname].append(dt)
-            per_step = statistics.mean(counts)
-            res = {}
-            for vname, ts in times.items():
-                med = statistics.median(ts)
-                entry = {"ms_per_step": 1000 * med, "per_process_per_s": per_step / med,
-                         "unit": "images" if name == "resnet20" else "tokens", "mix": mix if "mix" in vname else None}
-                base = BASE.get(vname, {}).get(name)
-                if base is not None:
-                    ratios = [t / b for t, b in zip(ts, times[base])]
-                    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
-                    entry.update(base=base, overhead=statistics.median(ratios) - 1, q1=q[0] - 1, q3=q[2] - 1)
-                res[vname] = entry
-            results[name] = res
-            del runners
+    tmp = args.tmp  # shared by the ranks (the tokenizer is trained by rank 0, read by all)
+    for name in args.workloads:
+        micro = MICRO[name]
+        batch = micro * A * K
+        common = ["--run-dir", str(Path(tmp) / name), "--batch-size", str(batch), "--accumulation-steps", str(A),
+                  "--epochs", "1", "--no-progress", "--schedule", "constant", "--backend", args.backend]
+        if name == "resnet20":
+            common += ["--model", "resnet20", "--train-size", str(batch * args.steps), "--test-size", "32"]
+            variants = IMAGE_VARIANTS
+        else:
+            common += ["--model", "transformer_small", "--dataset", "multi30k", "--data-dir", args.data_dir,
+                       "--train-size", str(max(2048, batch * args.steps)), "--test-size", "16",
+                       "--max-length", "64", "--vocab-size", "8000"]
+            variants = TEXT_VARIANTS
+        mix = "device" if K > 1 else "sample"
+        first = parse_args(common + variants[next(iter(variants))], world_size=K)
+        workload = build_workload(first, Path(tmp) / name, backend)
+        layout = BatchLayout(batch, K, backend.rank, A)
+        sampler = StepBatchSampler(layout, len(workload.train), 0, 0)
+        ds = workload.train
+        batches = []
+        for idx in sampler:
+            b = ds.get_batch(idx) if hasattr(ds, "get_batch") else workload.collate([ds[i] for i in idx])
+            batches.append(workload.task.to(b, backend.device))
+        steps = [batches[i * A:(i + 1) * A] for i in range(len(batches) // A)][:args.steps]
+        counts = [sum(workload.task.count(b) for b in s) for s in steps]
+        runners = {}
+        for vname, flags in variants.items():
+            vargs = parse_args(common + [f.replace("MIX", mix) for f in flags], world_size=K)
+            parts = build_components(vargs, backend, workload, layout, total_steps=10 ** 6, warmup=0)
+            runners[vname] = parts
+        times = {v: [] for v in runners}
+        for rnd in range(args.rounds + 1):  # round 0: warm-up
+            for vname, parts in runners.items():
+                backend.barrier()
+                t0 = time.perf_counter()
+                for i, s in enumerate(steps):
+                    parts["runner"].run(s, rnd * len(steps) + i)
+                    parts["scheduler"].step()
+                dt = (time.perf_counter() - t0) / len(steps)
+                if rnd > 0:
+                    times[vname].append(dt)
+        res = {"per_step": statistics.mean(counts), "unit": "images" if name == "resnet20" else "tokens",
+               "mix": mix, "times": times}
+        results[name] = res
+        for parts in runners.values():
+            parts["engine"].close()
+        del runners
     if backend.rank == 0:
         Path(args.out).write_text(json.dumps({"backend": args.backend, "world_size": K, "results": results}))
     if args.backend == "torchrun":
@@ -145,17 +139,20 @@ def worker(args) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds per job (after one warm-up round)")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per variant per round")
     p.add_argument("--workloads", nargs="+", default=["resnet20", "transformer_small"],
                    choices=["resnet20", "transformer_small"])
     p.add_argument("--data-dir", default=str(SHARED_MULTI30K), help="Multi30k raw files")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--configs", nargs="+", default=["single:1", "torchrun:1", "torchrun:2"])
+    p.add_argument("--configs", nargs="+", default=["single:1", "torchrun:1", "torchrun:2"],
+                   help="BACKEND:PROCESSES, run in this order --repeat times")
+    p.add_argument("--repeat", type=int, default=2, help="repetitions of the sequence of configurations")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="single", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -164,37 +161,60 @@ def main() -> int:
         print(f"[bench] {args.data_dir} not found: skipping transformer_small", file=sys.stderr)
         args.workloads = [w for w in args.workloads if w != "transformer_small"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
-    all_results = []
+    raw: dict = {}  # (config) -> {"world_size", "results": {workload: {"per_step", "unit", "mix", "times"}}}
     with tempfile.TemporaryDirectory() as tmp:
-        for config in args.configs:
-            backend, nproc = config.split(":")
-            out = Path(tmp) / f"{backend}{nproc}.json"
-            me = [str(Path(__file__).resolve()), "--worker", "--backend", backend, "--out", str(out),
-                  "--rounds", str(args.rounds), "--steps", str(args.steps), "--data-dir", args.data_dir,
-                  "--threads", str(args.threads), "--workloads", *args.workloads]
-            if backend == "single":
-                cmd = [sys.executable, *me]
-            else:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, "--master_addr",
-                       "127.0.0.1", "--master_port", str(_free_port()), *me]
-            print(f"[bench] {config}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-            rc = subprocess.call(cmd, env=env, cwd=str(REPO))
-            if rc != 0:
-                print(f"[bench] {config} failed ({rc})", file=sys.stderr)
-                return rc
-            all_results.append(json.loads(out.read_text()))
+        for rep in range(args.repeat):  # the configurations alternate, so that slow phases of a shared
+            for config in args.configs:  # machine hit all of them
+                backend, nproc = config.split(":")
+                out = Path(tmp) / f"{backend}{nproc}-{rep}.json"
+                me = [str(Path(__file__).resolve()), "--worker", "--backend", backend, "--out", str(out),
+                      "--tmp", str(Path(tmp) / f"{backend}{nproc}-{rep}"),
+                      "--rounds", str(args.rounds), "--steps", str(args.steps), "--data-dir", args.data_dir,
+                      "--threads", str(args.threads), "--workloads", *args.workloads]
+                if backend == "single":
+                    cmd = [sys.executable, *me]
+                else:
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc,
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *me]
+                print(f"[bench] {config} (repetition {rep + 1}/{args.repeat}): {' '.join(cmd[1:])}",
+                      file=sys.stderr, flush=True)
+                rc = subprocess.call(cmd, env=env, cwd=str(REPO))
+                if rc != 0:
+                    print(f"[bench] {config} failed ({rc})", file=sys.stderr)
+                    return rc
+                got = json.loads(out.read_text())
+                entry = raw.setdefault(config, {"backend": got["backend"], "world_size": got["world_size"],
+                                                "results": {}})
+                for name, res in got["results"].items():
+                    dst = entry["results"].setdefault(name, {**res, "times": {v: [] for v in res["times"]}})
+                    for v, ts in res["times"].items():
+                        dst["times"][v].extend(ts)
     print("| workload | backend | processes | variant | ms/step | per process /s | overhead vs base [quartiles] |")
     print("|---|---|---:|---|---:|---:|---|")
+    summary = []
     for name in args.workloads:
-        for r in all_results:
-            for vname, e in r["results"][name].items():
-                over = (f"{100 * e['overhead']:+.1f} % vs {e['base']} [{100 * e['q1']:+.1f}, {100 * e['q3']:+.1f}]"
-                        if "overhead" in e else "base")
-                label = vname.replace("mix", f"mix ({e['mix']})") if e["mix"] else vname
-                print(f"| {name} | {r['backend']} | {r['world_size']} | {label} | {e['ms_per_step']:.0f} | "
-                      f"{e['per_process_per_s']:.0f} {e['unit']} | {over} |")
+        for config, entry in raw.items():
+            res = entry["results"][name]
+            times = res["times"]
+            for vname, ts in times.items():
+                med = statistics.median(ts)
+                row = {"workload": name, "backend": entry["backend"], "world_size": entry["world_size"],
+                       "variant": vname, "ms_per_step": 1000 * med, "per_process_per_s": res["per_step"] / med,
+                       "unit": res["unit"], "rounds": len(ts)}
+                base = BASE.get(vname, {}).get(name)
+                over = "base" if vname in ("lars", "lamb") else "reference"
+                if base is not None:
+                    ratios = [t / b for t, b in zip(ts, times[base])]
+                    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+                    row.update(base=base, overhead=statistics.median(ratios) - 1)
+                    over = (f"{100 * row['overhead']:+.1f} % vs {base} "
+                            f"[{100 * (q[0] - 1):+.1f}, {100 * (q[2] - 1):+.1f}]")
+                label = vname.replace("mix", f"mix ({res['mix']})")
+                print(f"| {name} | {entry['backend']} | {entry['world_size']} | {label} | {1000 * med:.0f} | "
+                      f"{row['per_process_per_s']:.0f} {res['unit']} | {over} |")
+                summary.append(row)
     if args.json:
-        Path(args.json).write_text(json.dumps(all_results, indent=2))
+        Path(args.json).write_text(json.dumps({"summary": summary, "raw": raw}, indent=2))
     return 0
 
 

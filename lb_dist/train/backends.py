@@ -1,23 +1,28 @@
-"""How the training loop talks to a distributed engine: the :class:`Backend` interface.
+"""How the training loop talks to a distributed engine: :class:`Backend` and :class:`Engine`.
 
-The loop (``lb_dist.train.trainer``) is backend-neutral. Per optimizer step it does::
+A :class:`Backend` is the process level: joining the job (``start``/``close``), ``rank``,
+``world_size``, ``device``, and the collectives the loop needs for metrics and evaluation
+(``all_reduce_sum``, ``all_gather_object``, ``broadcast_object``, ``barrier``). Its
+``prepare(model, optimizer, ...)`` returns an :class:`Engine`: one model and its optimizer made
+data-parallel. Per optimizer step the loop (``lb_dist.train.trainer``) does::
 
     for j, micro_batch in enumerate(micro_batches):          # A accumulation micro-batches
-        with backend.accumulate(last=(j == A - 1)):           # no gradient sync before the last one
-            backend.backward(loss_of(backend.forward_module, micro_batch))
-    backend.finish_gradients()                                # gradients final (moments fed)
-    backend.optimizer_step()                                  # unless the loop skips the step
-    backend.zero_grad()
+        with engine.accumulate(last=(j == A - 1)):            # no gradient sync before the last one
+            engine.backward(loss_of(engine.forward_module, micro_batch))
+    engine.finish_gradients()                                 # gradients final, moments fed
+    engine.optimizer_step()                                   # unless the loop skips the step
+    engine.zero_grad()
 
-and it uses ``rank``/``world_size``, the collectives ``all_reduce_sum``/``all_gather_object``/
-``broadcast_object``/``barrier`` (metrics, evaluation), and ``save_checkpoint``/``restore`` (the
-backend owns the model and optimizer state, the loop passes the rest).
+and ``engine.before_evaluation()``, ``engine.save_checkpoint(path, state)``,
+``engine.restore(state, path)`` (the engine owns the model and optimizer state; the loop passes the
+rest). Several engines can live on one backend (the demo runs trainings one after the other in one
+process group; benchmarks/bench_workloads.py interleaves them).
 
 Implemented: :class:`SingleProcess` (one plain process) and :class:`Torchrun` (torch.distributed, DDP
 and the ``lb_dist.ddp`` communication hook for device-wise GradientMix and CLARS' micro-batch
 statistics). ``deepspeed`` and ``horovod`` are not available yet: selecting them raises
-:class:`BackendUnavailable` naming what is missing. A new backend implements the abstract methods
-below; docs/training.md ("Adding a backend") lists what each must guarantee.
+:class:`BackendUnavailable`. docs/training.md ("Adding a backend") lists what each method must
+guarantee.
 """
 from __future__ import annotations
 
@@ -31,17 +36,89 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lb_dist.train.checkpoint import atomic_save
+from lb_dist.train.checkpoint import CheckpointError, atomic_save
 
-__all__ = ["Backend", "SingleProcess", "Torchrun", "BackendUnavailable", "select_backend", "detect_backend"]
+__all__ = ["Backend", "Engine", "SingleProcess", "Torchrun", "LocalEngine", "DDPEngine", "BackendUnavailable",
+           "select_backend", "detect_backend"]
 
 
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here (not implemented yet, or its package is missing)."""
 
 
+class Engine:
+    """One model and its optimizer, made data-parallel by a backend (default methods: a plain
+    process; subclasses override what their engine does differently)."""
+
+    def __init__(self, backend: "Backend", model: nn.Module, optimizer: torch.optim.Optimizer,
+                 forward_module: nn.Module | None = None) -> None:
+        self.backend = backend
+        self.model = model                                   # the plain model (parameters, state_dict)
+        self.forward_module = forward_module or model        # what the loop calls (e.g. the DDP wrapper)
+        self.optimizer = optimizer
+        self.local_moments = None                            # MicroBatchMoments fed by track_backward
+
+    def _track_accumulation(self, moments, local_batch_size: int, accumulation_steps: int) -> None:
+        """Feed ``moments`` from this process's accumulation micro-batches (``track_backward``)."""
+        moments.micro_batch_size = local_batch_size // accumulation_steps
+        self.local_moments = moments.track_backward(grad_scale=1.0 / accumulation_steps)
+
+    def accumulate(self, last: bool) -> ContextManager:
+        """Context of one micro-batch's forward + backward; ``last``: the step's last micro-batch
+        (gradients are reduced then)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def finish_gradients(self) -> None:
+        """After the last micro-batch's backward: gradients final (reduced, mixed), the moments
+        estimator fed with this step's statistics."""
+        if self.local_moments is not None:
+            self.local_moments.finish_step()
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def before_evaluation(self) -> None:
+        """Make every rank's model identical (buffers included) before each rank evaluates
+        :attr:`model` on its share of the test set."""
+
+    def save_checkpoint(self, path: Path, state: dict) -> None:
+        """Collective. Write ``state`` (the loop's part: step, schedule, mixing, moments, RNG, ...)
+        plus the model and optimizer state to ``path`` atomically, so that
+        ``lb_dist.train.checkpoint.load_checkpoint(path)`` returns ``state`` with them. Default: rank 0
+        writes one file (replicated data parallelism: every rank holds the same model and optimizer)."""
+        if self.backend.is_main:
+            atomic_save({**state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+                        path)
+        self.backend.barrier()
+
+    def restore(self, state: dict, path: Path) -> None:
+        """Restore model and optimizer from ``state``, what :meth:`save_checkpoint` wrote to ``path``
+        as read back by ``load_checkpoint`` (the loop reads the file first to check the run's flags)."""
+        missing = [k for k in ("model", "optimizer") if k not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it is incomplete")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {e}") from e
+
+    def close(self) -> None:
+        """Release what :meth:`Backend.prepare` attached (hooks)."""
+        if self.local_moments is not None:
+            self.local_moments.remove_hooks()
+            self.local_moments = None
+
+
 class Backend(abc.ABC):
-    """One data-parallel engine. Attributes after :meth:`start`: ``rank``, ``world_size``, ``device``."""
+    """One data-parallel job. Attributes after :meth:`start`: ``rank``, ``world_size``,
+    ``local_rank``, ``device``."""
 
     name: str = "?"
 
@@ -52,9 +129,6 @@ class Backend(abc.ABC):
         self.world_size = 1
         self.local_rank = 0
         self.device = torch.device("cpu")
-        self.model: nn.Module | None = None          # the plain model (parameters, state_dict)
-        self.forward_module: nn.Module | None = None  # what the loop calls (e.g. the DDP wrapper)
-        self.optimizer: torch.optim.Optimizer | None = None
 
     @property
     def is_main(self) -> bool:
@@ -70,44 +144,23 @@ class Backend(abc.ABC):
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return torch.device("cpu")
 
-    # -------------------------------------------------------------- lifecycle
     @abc.abstractmethod
     def start(self) -> None:
-        """Join the job (process group); set rank, world_size, device."""
+        """Join the job (process group); set rank, world_size, local_rank, device."""
 
     def close(self) -> None:
         """Leave the job (only what :meth:`start` created)."""
 
-    # ------------------------------------------------------ model, optimizer
     @abc.abstractmethod
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, mix=None, moments=None,
-                local_batch_size: int, accumulation_steps: int) -> nn.Module:
-        """Wrap ``model`` (already on :attr:`device`) for data-parallel training with ``optimizer``.
+                local_batch_size: int, accumulation_steps: int) -> Engine:
+        """Make ``model`` (already on :attr:`device`) and ``optimizer`` data-parallel.
 
-        ``mix``: a device-wise :class:`lb_dist.GradientMix` to apply in the gradient reduction (or None).
-        ``moments``: a :class:`lb_dist.moments.MicroBatchMoments` to feed with the step's micro-batch
-        statistics (or None). ``local_batch_size``: samples per rank per optimizer step
-        (micro-batch x ``accumulation_steps``). Returns the module to call forward on."""
+        ``mix``: a device-wise :class:`lb_dist.GradientMix` to apply in the gradient reduction, or None.
+        ``moments``: a :class:`lb_dist.moments.MicroBatchMoments` to feed with each step's micro-batch
+        statistics, or None. ``local_batch_size``: samples per rank per optimizer step (micro-batch x
+        ``accumulation_steps``)."""
 
-    def accumulate(self, last: bool) -> ContextManager:
-        """Context of one micro-batch's forward + backward; ``last``: the step's last micro-batch
-        (gradients are reduced then)."""
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def finish_gradients(self) -> None:
-        """After the last micro-batch's backward: gradients are final (reduced, mixed) and the
-        moments estimator has this step's statistics."""
-
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    # ------------------------------------------------------------ collectives
     @abc.abstractmethod
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place SUM over ranks; returns ``tensor``."""
@@ -124,30 +177,9 @@ class Backend(abc.ABC):
     def barrier(self) -> None:
         ...
 
-    # ------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: Path, state: dict) -> None:
-        """Write ``state`` (the loop's part: step, schedule, mixing, moments, RNG, ...) plus the model
-        and optimizer state to ``path`` atomically; collective (every rank calls it). Default: rank 0
-        writes one file, replicated data parallelism (every rank holds the same model and optimizer)."""
-        if self.is_main:
-            atomic_save({**state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
-                        path)
-        self.barrier()
 
-    def restore(self, state: dict, path: Path) -> None:
-        """Restore model and optimizer from ``state``, the dict read from ``path`` by
-        :func:`lb_dist.train.checkpoint.load_checkpoint` (the loop reads the file first to check the
-        run's configuration). Collective."""
-        from lb_dist.train.checkpoint import CheckpointError
-
-        missing = [k for k in ("model", "optimizer") if k not in state]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it is incomplete")
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {e}") from e
+class LocalEngine(Engine):
+    """A plain process's engine: CLARS' micro-batch statistics from the accumulation micro-batches."""
 
 
 class SingleProcess(Backend):
@@ -166,21 +198,10 @@ class SingleProcess(Backend):
     def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps):
         if mix is not None:
             raise ValueError("device-wise GradientMix needs >= 2 data-parallel processes")
-        self.model, self.optimizer, self.forward_module = model, optimizer, model
-        self.moments = moments
+        engine = LocalEngine(self, model, optimizer)
         if moments is not None:
-            # the statistics' micro-batches are the accumulation micro-batches
-            moments.micro_batch_size = local_batch_size // accumulation_steps
-            moments.track_backward(grad_scale=1.0 / accumulation_steps)
-        return model
-
-    def finish_gradients(self) -> None:
-        if self.moments is not None:
-            self.moments.finish_step()
-
-    def close(self) -> None:
-        if getattr(self, "moments", None) is not None:
-            self.moments.remove_hooks()
+            engine._track_accumulation(moments, local_batch_size, accumulation_steps)
+        return engine
 
     def all_reduce_sum(self, tensor):
         return tensor
@@ -195,12 +216,29 @@ class SingleProcess(Backend):
         pass
 
 
+class DDPEngine(Engine):
+    """``DistributedDataParallel`` with the ``lb_dist.ddp`` hook (device-wise GradientMix, CLARS'
+    micro-batch statistics) when needed; ``no_sync`` for all but the last micro-batch."""
+
+    hook_state = None
+
+    def accumulate(self, last: bool):
+        return contextlib.nullcontext() if last else self.forward_module.no_sync()
+
+    def before_evaluation(self) -> None:
+        # DDP broadcasts rank 0's buffers at the start of every forward, after which each rank's
+        # BatchNorm running statistics move with its own batch: evaluate (and checkpoint) rank 0's.
+        if self.backend.world_size > 1:
+            for buf in self.model.buffers():
+                dist.broadcast(buf, src=0)
+
+
 class Torchrun(Backend):
     """torch.distributed (``env://``: torchrun, or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set) with
     ``DistributedDataParallel``. Device-wise GradientMix and CLARS' micro-batch statistics go through
-    :func:`lb_dist.ddp.register` (one all-reduce per bucket, no extra round). Gradient accumulation
-    uses ``DDP.no_sync`` for all but the last micro-batch. If the process group is already
-    initialized (e.g. several trainings in one job), it is used and left open."""
+    :func:`lb_dist.ddp.register` (one all-reduce per bucket, no extra round); with a single rank the
+    statistics come from the accumulation micro-batches instead. If the process group is already
+    initialized (several trainings in one job), it is used and left open."""
 
     name = "torchrun"
 
@@ -226,8 +264,6 @@ class Torchrun(Backend):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def close(self) -> None:
-        if getattr(self, "local_moments", None) is not None:
-            self.local_moments.remove_hooks()
         if self._owns_group and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -238,26 +274,15 @@ class Torchrun(Backend):
         import lb_dist.ddp
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DDP(model, device_ids=ids)
-        self.hook_state = None
-        self.local_moments = None
+        engine = DDPEngine(self, model, optimizer, DDP(model, device_ids=ids))
         if moments is not None and self.world_size == 1:
-            # one rank: nothing to compare in the all-reduce; the accumulation micro-batches are the
-            # statistics' micro-batches, as in a single process
-            moments.micro_batch_size = local_batch_size // accumulation_steps
-            self.local_moments = moments.track_backward(grad_scale=1.0 / accumulation_steps)
+            # one rank: nothing to compare in the all-reduce; as in a single process
+            engine._track_accumulation(moments, local_batch_size, accumulation_steps)
             moments = None
         if mix is not None or moments is not None:
-            self.hook_state = lb_dist.ddp.register(ddp, mix=mix, moments=moments, micro_batch_size=local_batch_size)
-        self.model, self.optimizer, self.forward_module = model, optimizer, ddp
-        return ddp
-
-    def finish_gradients(self) -> None:
-        if self.local_moments is not None:
-            self.local_moments.finish_step()
-
-    def accumulate(self, last: bool):
-        return contextlib.nullcontext() if last else self.forward_module.no_sync()
+            engine.hook_state = lb_dist.ddp.register(engine.forward_module, mix=mix, moments=moments,
+                                                     micro_batch_size=local_batch_size)
+        return engine
 
     def all_reduce_sum(self, tensor):
         if self.world_size > 1:

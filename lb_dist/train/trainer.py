@@ -9,7 +9,7 @@ Order of one optimizer step (global step t, counted from 0; the step record says
    micro-batches (``lb_dist.moments.per_sample_second_moments``, a collective);
 4. per micro-batch j: ``loss_j = (K/N) sum_{b in j} w_b l_b`` (w_b = 1 or the sample-wise GradientMix
    weights), backward (DDP reduces and mixes on the last one; the hook feeds the moments);
-5. ``backend.finish_gradients()``; a step with a non-finite gradient is skipped (the layer-wise
+5. ``engine.finish_gradients()``; a step with a non-finite gradient is skipped (the layer-wise
    optimizers skip by themselves; torch's SGD/Adam are checked here), otherwise the optimizer step;
    the schedule advances either way;
 6. logging, checkpoints.
@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lb_dist.mixing import GradientMix
-from lb_dist.train.backends import Backend
+from lb_dist.train.backends import Backend, Engine
 from lb_dist.train.checkpoint import (FORMAT, checkpoint_path, latest_checkpoint,
                                       list_checkpoints, load_checkpoint, prune_checkpoints)
 from lb_dist.train.config import RUN_DEFINING, check_layout, to_dict
@@ -129,20 +129,21 @@ class StepRunner:
     :func:`build_components`. Shared by :func:`run_training` and benchmarks/bench_workloads.py, so that
     the benchmark times exactly the training step of ``lb-dist train``."""
 
-    def __init__(self, args: argparse.Namespace, backend: Backend, layout: BatchLayout, task, model, forward,
-                 optimizer, moments, mix) -> None:
-        self.args, self.backend, self.layout, self.task = args, backend, layout, task
-        self.model, self.forward, self.optimizer, self.moments, self.mix = model, forward, optimizer, moments, mix
-        self.layerwise = hasattr(optimizer, "last_step_skipped")
+    def __init__(self, args: argparse.Namespace, backend: Backend, engine: Engine, layout: BatchLayout, task,
+                 moments, mix) -> None:
+        self.args, self.backend, self.engine, self.layout, self.task = args, backend, engine, layout, task
+        self.model, self.optimizer, self.moments, self.mix = engine.model, engine.optimizer, moments, mix
+        self.layerwise = hasattr(self.optimizer, "last_step_skipped")
         self.per_sample = args.optimizer == "clars" and args.clars_moments == "per-sample"
-        self.adapted = adapted_params(optimizer)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.adapted = adapted_params(self.optimizer)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     def run(self, micro: list, step: int) -> dict:
         """Train on this rank's micro-batches (already on the device) as optimizer step ``step``
         (0-based, global). Returns ``{"sums": [loss sum, count] of this rank (float64), "skipped",
         "lr", "mix_step", "per_sample": PerSampleMoments | None}``."""
-        args, backend, task, optimizer, mix = self.args, self.backend, self.task, self.optimizer, self.mix
+        args, backend, engine, task = self.args, self.backend, self.engine, self.task
+        optimizer, mix = self.optimizer, self.mix
         K, A = backend.world_size, len(micro)
         if task.counts_are_constant:
             total_count = float(args.batch_size)
@@ -161,20 +162,20 @@ class StepRunner:
             optimizer.set_second_moments(ps_stats.second_moments)
         sums = torch.zeros(2, dtype=torch.float64)
         for j, batch in enumerate(micro):
-            with backend.accumulate(last=(j == A - 1)):
-                losses, counts = task.losses(self.forward, batch)
+            with engine.accumulate(last=(j == A - 1)):
+                losses, counts = task.losses(engine.forward_module, batch)
                 if args.mix == "sample":
                     w = mix.sample_weights(self.layout.positions(j), args.batch_size).to(losses.device, losses.dtype)
                     weighted = (losses * w).sum()
                 else:
                     weighted = losses.sum()
-                backend.backward(weighted * (K / total_count))
+                engine.backward(weighted * (K / total_count))
             sums += torch.tensor([float(losses.detach().sum()), float(counts.sum())], dtype=torch.float64)
-        backend.finish_gradients()
+        engine.finish_gradients()
         lr_used = optimizer.param_groups[0]["lr"]
         mix_step = mix.step if mix is not None else None
         if self.layerwise:
-            backend.optimizer_step()
+            engine.optimizer_step()
             skipped = bool(optimizer.last_step_skipped)
         else:
             skipped = not _grads_finite(self.trainable)
@@ -182,15 +183,15 @@ class StepRunner:
                 if mix is not None:
                     mix.advance()  # every rank skips together (the gradients are all-reduced)
             else:
-                backend.optimizer_step()
-        backend.zero_grad()
+                engine.optimizer_step()
+        engine.zero_grad()
         return {"sums": sums, "skipped": skipped, "lr": lr_used, "mix_step": mix_step, "per_sample": ps_stats}
 
 
 def build_components(args: argparse.Namespace, backend: Backend, workload, layout: BatchLayout, total_steps: int,
                      warmup: int) -> dict:
     """Model (seeded, on the device), optimizer (+ CLARS' micro-batch estimator), schedule, GradientMix
-    (attached to the optimizer), the backend's wrapped module, and the :class:`StepRunner`."""
+    (attached to the optimizer), the backend's :class:`Engine`, and the :class:`StepRunner`."""
     torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     model = workload.build_model().to(backend.device)
     torch.manual_seed(args.seed * 1000003 + 7919 * backend.rank + 1)  # per-rank streams: dropout, augmentation
@@ -202,11 +203,11 @@ def build_components(args: argparse.Namespace, backend: Backend, workload, layou
         mix = GradientMix(noise=args.mix_noise, std=DEFAULT_STD if args.mix_std is None else args.mix_std,
                           granularity=args.mix, seed=args.seed if args.mix_seed is None else args.mix_seed)
         mix.attach(optimizer)
-    forward = backend.prepare(model, optimizer, mix=mix if args.mix == "device" else None, moments=moments,
-                              local_batch_size=layout.local_batch_size, accumulation_steps=layout.accumulation_steps)
-    runner = StepRunner(args, backend, layout, workload.task, model, forward, optimizer, moments, mix)
+    engine = backend.prepare(model, optimizer, mix=mix if args.mix == "device" else None, moments=moments,
+                             local_batch_size=layout.local_batch_size, accumulation_steps=layout.accumulation_steps)
+    runner = StepRunner(args, backend, engine, layout, workload.task, moments, mix)
     return {"model": model, "optimizer": optimizer, "moments": moments, "scheduler": scheduler, "mix": mix,
-            "forward": forward, "runner": runner}
+            "engine": engine, "runner": runner}
 
 
 def run_training(args: argparse.Namespace, backend: Backend) -> dict:
@@ -250,7 +251,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
                              f"epochs x {steps_per_epoch})")
     parts = build_components(args, backend, workload, layout, total_steps, warmup)
     model, optimizer, moments = parts["model"], parts["optimizer"], parts["moments"]
-    scheduler, mix, runner = parts["scheduler"], parts["mix"], parts["runner"]
+    scheduler, mix, runner, engine = parts["scheduler"], parts["mix"], parts["runner"], parts["engine"]
     names = {p: n for n, p in model.named_parameters()}
     task = workload.task
 
@@ -261,7 +262,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     consecutive_skips = 0
     epoch_sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, count) of the current epoch, this rank
     if resume_state is not None:
-        backend.restore(resume_state, Path(latest))
+        engine.restore(resume_state, Path(latest))
         tr = resume_state["trainer"]
         step, elapsed = int(tr["step"]), float(tr["time"])
         skipped_total, consecutive_skips = int(tr["skipped_steps"]), int(tr["consecutive_skips"])
@@ -298,7 +299,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
                  "scheduler": scheduler.state_dict(), "mix": None if mix is None else mix.state_dict(),
                  "moments": None if moments is None else moments.state_dict(), "rng": rngs,
                  "tokenizer_fingerprint": workload.info.get("tokenizer_fingerprint")}
-        backend.save_checkpoint(checkpoint_path(ckpt_dir, at_step), state)
+        engine.save_checkpoint(checkpoint_path(ckpt_dir, at_step), state)
         if backend.is_main:
             prune_checkpoints(ckpt_dir, args.keep_checkpoints)
 
@@ -368,6 +369,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
 
         # ---- end of epoch: evaluation, record, checkpoint
         t_eval = time.perf_counter()
+        engine.before_evaluation()
         result = task.evaluate(model, _eval_batches(workload, backend, args.eval_batch_size, args.workers), backend)
         eval_time = time.perf_counter() - t_eval
         sums = backend.all_reduce_sum(epoch_sums.clone().to(backend.device)).cpu()
@@ -388,6 +390,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
             stopped = True
             break
     logger.close()
+    engine.close()
     return {"step": step, "epochs_done": step // steps_per_epoch, "stopped": stopped,
             "last_epoch": last_epoch_record, "run_dir": str(run_dir), "steps_per_epoch": steps_per_epoch,
             "checkpoints": [str(p) for _, p in list_checkpoints(ckpt_dir)] if backend.is_main else []}

@@ -202,8 +202,6 @@ def build_workload(args: argparse.Namespace, run_dir: Path, backend, resume_stat
     """Datasets, task and model factory of the flags. For multi30k the tokenizer is trained on the
     training split by rank 0 and saved to ``RUN_DIR/tokenizer.json`` (a resumed run loads it and checks
     its fingerprint against the checkpoint's)."""
-    from lb_dist.models import build_model
-
     options = parse_model_options(args.model_option)
     name = args.dataset
     if name in ("synthetic", "cifar10", "cifar100", "imagenet"):
