@@ -14,8 +14,6 @@ comparison can fail.
 """
 from __future__ import annotations
 
-import math
-import os
 import shutil
 import subprocess
 import sys

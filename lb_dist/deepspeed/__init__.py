@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import inspect
+import os
 import threading
-from typing import Any
 
 from lb_dist.deepspeed.config import (
     EXCLUDE_CHOICES, OPTIMIZER_TYPES, SCHEDULER_TYPES, SECOND_MOMENT_SOURCES, ConfigError, LbDistConfig,
