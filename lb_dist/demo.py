@@ -14,10 +14,11 @@ Each run is one ``lb_dist.train`` training (the three share one process group) w
 and the figures of ``lb-dist plot`` (``OUT/plots/curves.png``, ``OUT/plots/variance_factor.png``,
 ``OUT/plots/trust_ratio.png``).
 
-``--workload cifar10 --data-dir DIR`` uses real CIFAR-10 (the python-format files) instead;
-``--workload multi30k`` trains the small Transformer on Multi30k En->De (``--data-dir``, default
-``../shared/data/multi30k`` when present): LAMB with inverse-square-root warmup, CLARS without warmup,
-CLARS + GradientMix, with token accuracy and BLEU on the test split.
+Real data: ``--data-dir DIR`` picks the workload from what DIR holds (or say ``--workload``):
+CIFAR-10 (``cifar-10-batches-py``, the python-format files) trains the same three ResNet runs on it;
+Multi30k (``train.en.gz`` ...) trains the small Transformer on En->De: LAMB with inverse-square-root
+warmup, CLARS without warmup, CLARS + GradientMix, with token accuracy and BLEU on the test split.
+``--workload multi30k`` without ``--data-dir`` uses ``../shared/data/multi30k`` when it is present.
 """
 from __future__ import annotations
 
@@ -106,9 +107,10 @@ def worker(args) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m lb_dist.demo", description=__doc__.split("\n")[0])
     p.add_argument("--nproc", type=int, default=2, help="processes started by torchrun")
-    p.add_argument("--workload", choices=WORKLOADS, default="synthetic",
-                   help="synthetic CIFAR-shaped images (offline), real CIFAR-10 (--data-dir), or Multi30k with the "
-                        "small Transformer (--data-dir, default ../shared/data/multi30k)")
+    p.add_argument("--workload", choices=WORKLOADS, default=None,
+                   help="synthetic CIFAR-shaped images (offline; the default without --data-dir), real CIFAR-10, or "
+                        "Multi30k with the small Transformer (default: what --data-dir holds; multi30k without "
+                        "--data-dir: ../shared/data/multi30k)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="resnet8", help="image model (lb_dist.models.MODEL_NAMES, or resnetD, D = 6n+2)")
     p.add_argument("--image-size", type=int, default=32, help="synthetic images: side (32 = CIFAR-shaped)")
@@ -116,7 +118,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default 512; multi30k 256)")
     p.add_argument("--train-size", type=int, default=None, help="training samples (default 8192)")
     p.add_argument("--test-size", type=int, default=None, help="test samples (default 1024; multi30k 1000)")
-    p.add_argument("--warmup-epochs", type=float, default=5.0, help="LARS (LAMB) warmup")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="LARS warmup (default 5); multi30k: LAMB's (1)")
     p.add_argument("--lr", type=float, default=None, help="gamma_scale of LARS/CLARS (default 8; multi30k 2)")
     p.add_argument("--lr-lamb", type=float, default=2e-3, help="multi30k: LAMB's peak learning rate")
     p.add_argument("--eta-mult", type=float, default=1.0, help="multiplies each optimizer's default eta")
@@ -129,8 +131,12 @@ def parse_args(argv=None):
                    help="tqdm bars of lb_dist.train (off: the demo prints one line per epoch)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        p.error(f"argument --data-dir: {args.data_dir!r} is not a directory")
+    if args.workload is None:
+        args.workload = "synthetic" if args.data_dir is None else _detect_workload(p, args.data_dir)
     mt = args.workload == "multi30k"
-    defaults = dict(epochs=3 if mt else 8, batch_size=256 if mt else 512, train_size=8192,
+    defaults = dict(warmup_epochs=1.0 if mt else 5.0, epochs=3 if mt else 8, batch_size=256 if mt else 512, train_size=8192,
                     test_size=1000 if mt else 1024, lr=2.0 if mt else 8.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -156,9 +162,17 @@ def parse_args(argv=None):
         args.data_dir = str(SHARED_MULTI30K)
     if args.workload == "cifar10" and args.data_dir is None:
         p.error("argument --data-dir: required for --workload cifar10 (the directory of cifar-10-batches-py)")
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        p.error(f"argument --data-dir: {args.data_dir!r} is not a directory")
     return args
+
+
+def _detect_workload(p, data_dir: str) -> str:
+    d = Path(data_dir)
+    if (d / "cifar-10-batches-py").is_dir() or (d / "data_batch_1").is_file():
+        return "cifar10"
+    if any((d / f"train.en{ext}").is_file() for ext in ("", ".gz")):
+        return "multi30k"
+    p.error(f"argument --data-dir: {data_dir!r} holds neither CIFAR-10 (cifar-10-batches-py) nor Multi30k "
+            f"(train.en.gz, ...); say --workload")
 
 
 def _table(args, worker_results: dict) -> tuple[str, dict]:
