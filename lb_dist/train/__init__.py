@@ -5,8 +5,9 @@ Public API:
 * :func:`main` ``(argv=None) -> int``: the command line (docs/training.md lists every flag);
 * :func:`train` ``(argv_or_args, backend=None) -> dict``: the same from Python (the demo runs several
   trainings in one process group through it; a given ``backend`` must be started and is not closed);
-* :class:`Backend`, :func:`select_backend`, :func:`detect_backend`: the engine interface
-  (``single`` and ``torchrun`` implemented);
+* :class:`Backend` (process level) and :class:`Engine` (one prepared model + optimizer),
+  :func:`select_backend`, :func:`detect_backend`: the backend interface (``single`` and ``torchrun``
+  implemented; docs/training.md, "Adding a backend");
 * :func:`build_parser`, :func:`parse_args`: the flags.
 """
 from __future__ import annotations
@@ -15,12 +16,13 @@ import argparse
 import os
 import sys
 
-from lb_dist.train.backends import Backend, BackendUnavailable, SingleProcess, Torchrun, detect_backend, select_backend
+from lb_dist.train.backends import (Backend, BackendUnavailable, Engine, SingleProcess, Torchrun, detect_backend,
+                                    select_backend)
 from lb_dist.train.checkpoint import CheckpointError
 from lb_dist.train.config import build_parser, parse_args
 from lb_dist.train.trainer import TrainingDiverged, run_training
 
-__all__ = ["main", "train", "Backend", "SingleProcess", "Torchrun", "BackendUnavailable", "select_backend",
+__all__ = ["main", "train", "Backend", "Engine", "SingleProcess", "Torchrun", "BackendUnavailable", "select_backend",
            "detect_backend", "build_parser", "parse_args", "CheckpointError", "TrainingDiverged"]
 
 
