@@ -61,3 +61,79 @@ def reference_sgd(*, steps: int, batch_size: int, world_size: int, accumulation:
         total.backward()
         opt.step()
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def reference_layerwise(*, optimizer: str, steps: int, batch_size: int, world_size: int, lr: float,
+                        train_size: int, image_size: int, momentum: float = 0.9, weight_decay: float = 0.0,
+                        eta: float | None = None, seed: int = 0, mix: str = "none", mix_std: float = 0.25,
+                        mix_noise: str = "gaussian", estimator: str = "ddp", schedule: str = "poly",
+                        model: str = "resnet20") -> dict[str, torch.Tensor]:
+    """LARS or CLARS (the core's optimizers, ``lb_dist.optim.param_groups`` split) on the gradient of the
+    batch layout above with K = ``world_size`` workers and no accumulation, written out per worker:
+
+    * ``g_k`` = worker k's mean-loss gradient (its n samples, BatchNorm per slot), ``M = sum_k pi_k g_k``
+      (``pi_k = 1/K`` without mixing; GradientMix's coefficients of the step with ``mix="device"``);
+    * CLARS' micro-batch estimator (``MicroBatchMoments.update``) fed with ``sum_k ||g_k||^2`` per layer,
+      n = K micro-batches of b = n samples, and the big-batch value of the backend's documented
+      formula: ``estimator="ddp"`` (torchrun, Horovod: ``||M||^2 - kappa^2 sum_k ||g_k||^2``, kappa =
+      std/K, clamped at 0) or ``"deepspeed"`` (conditioned on the coefficients: with W1 = sum pi,
+      W2 = sum pi^2, small = mean_k ||g_k||^2, u = (||M||^2 - W1^2 small) / (W2 - W1^2),
+      big = small - u (1 - 1/n));
+    * the schedule: ``poly`` (GradientMix eq. 15, no warmup, decay power 2, over ``steps``) or ``constant``.
+    """
+    from lb_dist.moments import MicroBatchMoments
+    from lb_dist.optim import CLARS, LARS, param_groups
+    from lb_dist.schedules import PolynomialWarmupDecay
+
+    torch.manual_seed(seed)
+    net = build_model(model, num_classes=10)
+    net.train()
+    ds = SyntheticImages(train_size, num_classes=10, image_shape=(3, image_size, image_size), seed=0, split="train")
+    groups = param_groups(net, weight_decay)
+    adapted = [p for g in groups if g.get("layer_adaptation", True) for p in g["params"]]
+    K, B = world_size, batch_size
+    n = B // K
+    moments = None
+    if optimizer == "lars":
+        opt = LARS(groups, lr=lr, momentum=momentum, eta=0.001 if eta is None else eta)
+    elif optimizer == "clars":
+        moments = MicroBatchMoments(adapted, micro_batch_size=n)
+        opt = CLARS(groups, lr=lr, momentum=momentum, eta=0.01 if eta is None else eta, nesterov=momentum > 0,
+                    moments=moments)
+    else:
+        raise ValueError(optimizer)
+    sched = PolynomialWarmupDecay(opt, steps, 0, decay_power=2.0) if schedule == "poly" else None
+    params = [p for p in net.parameters() if p.requires_grad]
+    steps_per_epoch = train_size // B
+    for t in range(steps):
+        epoch, s = divmod(t, steps_per_epoch)
+        batch = epoch_permutation(train_size, epoch, seed)[s * B:(s + 1) * B]
+        pi = (GradientMix(noise=mix_noise, std=mix_std, granularity="device", seed=seed, world_size=K)
+              .coefficients(step=t).double() if mix == "device" else torch.full((K,), 1.0 / K, dtype=torch.float64))
+        per_worker = []
+        for rank in range(K):
+            pos = torch.arange(rank * n, (rank + 1) * n)
+            x, y = ds.get_batch(batch[pos])
+            loss = F.cross_entropy(net(x), y)
+            per_worker.append(torch.autograd.grad(loss, params))
+        for i, p in enumerate(params):
+            p.grad = sum(float(pi[k]) * per_worker[k][i] for k in range(K))
+        if moments is not None:
+            idx = [next(i for i, q in enumerate(params) if q is p) for p in adapted]
+            sq = torch.tensor([[float(per_worker[k][i].double().square().sum()) for i in idx] for k in range(K)],
+                              dtype=torch.float64)
+            total = sq.sum(0)
+            big_raw = torch.tensor([float(params[i].grad.double().square().sum()) for i in idx], dtype=torch.float64)
+            if estimator == "ddp":
+                kappa = mix_std / K if mix == "device" else 0.0
+                big = (big_raw - kappa ** 2 * total).clamp_min(0.0)
+            else:
+                w1, w2 = float(pi.sum()), float((pi * pi).sum())
+                small = total / K
+                u = (big_raw - w1 * w1 * small) / (w2 - w1 * w1)
+                big = small - u * (1.0 - 1.0 / K)
+            moments.update(total, K, big, n)
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}

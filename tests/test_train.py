@@ -18,7 +18,7 @@ from _worker_launch import REPO, child_env
 from _worker_train_reference import reference_sgd
 from lb_dist.data import SyntheticImages, epoch_permutation
 from lb_dist.models import build_model
-from lb_dist.train import main, train
+from lb_dist.train import main, parse_args, train
 from lb_dist.train import trainer as trainer_module
 from lb_dist.train.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
 from lb_dist.train.metrics import EPOCH_FIELDS, STEP_FIELDS, read_metrics, topk_correct
@@ -84,9 +84,12 @@ def test_bad_flag_is_refused_before_any_work(tmp_path, capsys, extra, flag):
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
 
 
-def test_unavailable_backend_is_named(tmp_path, capsys):
-    code, err = run_main(common(tmp_path / "r", "--lr", "1", "--optimizer", "sgd", "--backend", "deepspeed"), capsys)
-    assert code == 1 and "backend deepspeed is not available yet" in err
+def test_deepspeed_flags_need_the_deepspeed_backend(tmp_path, capsys):
+    for flag in (["--zero-stage", "2"], ["--bf16"], ["--deepspeed-config", "x.json"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(common(tmp_path / "r", "--lr", "1", "--backend", "single", *flag))
+        assert e.value.code == 2
+        assert f"argument {flag[0]}: only for --backend deepspeed" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- a whole run

@@ -81,7 +81,9 @@ def job(tmp_path_factory):
     spec_path.write_text(json.dumps(spec))
     proc = torchrun([str(REPO / "tests" / "_worker_train.py"), str(spec_path)])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    return d, json.loads((d / "spec.json.out").read_text())
+    out = json.loads((d / "spec.json.out").read_text())
+    assert out["detected"] == "torchrun" and out["world_size"] == 2
+    return d, out["runs"]
 
 
 def test_ddp_sgd_equals_one_process_reference(job):

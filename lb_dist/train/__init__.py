@@ -6,8 +6,9 @@ Public API:
 * :func:`train` ``(argv_or_args, backend=None) -> dict``: the same from Python (the demo runs several
   trainings in one process group through it; a given ``backend`` must be started and is not closed);
 * :class:`Backend` (process level) and :class:`Engine` (one prepared model + optimizer),
-  :func:`select_backend`, :func:`detect_backend`: the backend interface (``single`` and ``torchrun``
-  implemented; docs/training.md, "Adding a backend");
+  :func:`select_backend`, :func:`detect_backend`: the backend interface, implemented for ``single``,
+  ``torchrun``, ``deepspeed`` (:class:`DeepSpeedBackend`, ``lb_dist.deepspeed``) and ``horovod``
+  (:class:`HorovodBackend`, ``lb_dist.horovod``); docs/training.md, "Adding a backend";
 * :func:`build_parser`, :func:`parse_args`: the flags.
 """
 from __future__ import annotations
@@ -16,14 +17,26 @@ import argparse
 import os
 import sys
 
-from lb_dist.train.backends import (Backend, BackendUnavailable, Engine, SingleProcess, Torchrun, detect_backend,
-                                    select_backend)
+from lb_dist.train.backends import (Backend, BackendConfigError, BackendUnavailable, Engine, SingleProcess, Torchrun,
+                                    detect_backend, select_backend)
 from lb_dist.train.checkpoint import CheckpointError
 from lb_dist.train.config import build_parser, parse_args
 from lb_dist.train.trainer import TrainingDiverged, run_training
 
-__all__ = ["main", "train", "Backend", "Engine", "SingleProcess", "Torchrun", "BackendUnavailable", "select_backend",
-           "detect_backend", "build_parser", "parse_args", "CheckpointError", "TrainingDiverged"]
+__all__ = ["main", "train", "Backend", "Engine", "SingleProcess", "Torchrun", "DeepSpeedBackend", "HorovodBackend",
+           "BackendUnavailable", "BackendConfigError", "select_backend", "detect_backend", "build_parser", "parse_args",
+           "CheckpointError", "TrainingDiverged"]
+
+
+def __getattr__(name):
+    # the DeepSpeed and Horovod backends import their packages only when asked for
+    if name == "DeepSpeedBackend":
+        from lb_dist.train.backend_deepspeed import DeepSpeedBackend
+        return DeepSpeedBackend
+    if name == "HorovodBackend":
+        from lb_dist.train.backend_horovod import HorovodBackend
+        return HorovodBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def train(argv_or_args=None, backend: Backend | None = None) -> dict:
@@ -67,7 +80,7 @@ def main(argv=None, prog: str = "lb-dist train") -> int:
 
 
 def _user_errors() -> tuple:
-    errors = [BackendUnavailable, CheckpointError, FileNotFoundError, TrainingDiverged]
+    errors = [BackendUnavailable, BackendConfigError, CheckpointError, FileNotFoundError, TrainingDiverged]
     try:
         from lb_dist.data import CifarFormatError, MissingDependencyError
         errors += [CifarFormatError, MissingDependencyError]

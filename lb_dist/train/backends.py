@@ -10,19 +10,19 @@ data-parallel. Per optimizer step the loop (``lb_dist.train.trainer``) does::
         with engine.accumulate(last=(j == A - 1)):            # no gradient sync before the last one
             engine.backward(loss_of(engine.forward_module, micro_batch))
     engine.finish_gradients()                                 # gradients final, moments fed
-    engine.optimizer_step()                                   # unless the loop skips the step
+    skipped = engine.optimizer_step()                         # skips a non-finite step; mix advances
     engine.zero_grad()
 
-and ``engine.before_evaluation()``, ``engine.save_checkpoint(path, state)``,
+and ``with engine.evaluation(): ...``, ``engine.save_checkpoint(path, state)``,
 ``engine.restore(state, path)`` (the engine owns the model and optimizer state; the loop passes the
 rest). Several engines can live on one backend (the demo runs trainings one after the other in one
 process group; benchmarks/bench_workloads.py interleaves them).
 
-Implemented: :class:`SingleProcess` (one plain process) and :class:`Torchrun` (torch.distributed, DDP
-and the ``lb_dist.ddp`` communication hook for device-wise GradientMix and CLARS' micro-batch
-statistics). ``deepspeed`` and ``horovod`` are not available yet: selecting them raises
-:class:`BackendUnavailable`. docs/training.md ("Adding a backend") lists what each method must
-guarantee.
+Implemented here: :class:`SingleProcess` (one plain process) and :class:`Torchrun` (torch.distributed,
+DDP and the ``lb_dist.ddp`` communication hook for device-wise GradientMix and CLARS' micro-batch
+statistics); in ``backend_deepspeed.py`` :class:`DeepSpeedBackend` (``lb_dist.deepspeed``, ZeRO
+0-3) and in ``backend_horovod.py`` :class:`HorovodBackend` (``lb_dist.horovod.DistributedOptimizer``).
+docs/training.md ("Adding a backend") lists what each method must guarantee.
 """
 from __future__ import annotations
 
@@ -39,24 +39,48 @@ from torch import nn
 from lb_dist.train.checkpoint import CheckpointError, atomic_save
 
 __all__ = ["Backend", "Engine", "SingleProcess", "Torchrun", "LocalEngine", "DDPEngine", "BackendUnavailable",
-           "select_backend", "detect_backend"]
+           "BackendConfigError", "select_backend", "detect_backend", "grads_finite"]
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here (not implemented yet, or its package is missing)."""
+    """The requested backend cannot run here (its package is missing, or the launcher's environment)."""
+
+
+class BackendConfigError(ValueError):
+    """The backend refuses the run's configuration (e.g. lb_dist.deepspeed refuses the DeepSpeed config
+    built from the flags and ``--deepspeed-config``); the message names the key."""
+
+
+def grads_finite(params) -> bool:
+    """True when every existing ``.grad`` of ``params`` is finite (one ``torch._foreach_norm``)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    return bool(torch.isfinite(torch.stack(norms)).all())
 
 
 class Engine:
     """One model and its optimizer, made data-parallel by a backend (default methods: a plain
-    process; subclasses override what their engine does differently)."""
+    process; subclasses override what their engine does differently).
+
+    Attributes the loop reads: ``model`` (the plain module: ``state_dict``, evaluation),
+    ``forward_module`` (what the loop calls forward on), ``optimizer`` (whose param groups the
+    schedule drives; ``trust_ratios()`` of the layer-wise ones), ``mix`` (the run's
+    :class:`lb_dist.GradientMix` the engine uses and advances once per optimizer step, or None) and
+    ``moments`` (the :class:`lb_dist.moments.MicroBatchMoments` the loop checkpoints, or None when
+    the engine keeps CLARS' statistics in its own checkpoint)."""
 
     def __init__(self, backend: "Backend", model: nn.Module, optimizer: torch.optim.Optimizer,
-                 forward_module: nn.Module | None = None) -> None:
+                 forward_module: nn.Module | None = None, *, mix=None, moments=None) -> None:
         self.backend = backend
         self.model = model                                   # the plain model (parameters, state_dict)
         self.forward_module = forward_module or model        # what the loop calls (e.g. the DDP wrapper)
         self.optimizer = optimizer
+        self.mix = mix
+        self.moments = moments
         self.local_moments = None                            # MicroBatchMoments fed by track_backward
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
 
     def _track_accumulation(self, moments, local_batch_size: int, accumulation_steps: int) -> None:
         """Feed ``moments`` from this process's accumulation micro-batches (``track_backward``)."""
@@ -77,15 +101,59 @@ class Engine:
         if self.local_moments is not None:
             self.local_moments.finish_step()
 
-    def optimizer_step(self) -> None:
+    def per_sample_second_moments(self, loss_fn, inputs, targets, *, subset_size: int, chunk_size: int,
+                                  params, generator):
+        """CLARS' exact per-sample ``S_k`` on a global subset (a collective; this rank's share comes
+        from ``inputs``), handed to the optimizer for the coming step. Returns an object with
+        ``second_moments`` ``{param: S_k}`` and ``variance_factors`` ``{param: M_k}`` (may be empty)."""
+        from lb_dist.moments import per_sample_second_moments
+        stats = per_sample_second_moments(self.model, loss_fn, inputs, targets, subset_size=subset_size,
+                                          chunk_size=chunk_size, params=params, generator=generator,
+                                          return_stats=True)
+        self.optimizer.set_second_moments(stats.second_moments)
+        return stats
+
+    def _step(self) -> None:
         self.optimizer.step()
+
+    def optimizer_step(self) -> bool:
+        """The optimizer step of the reduced gradient, skipped (weights untouched) when it is not
+        finite, on every rank alike; returns True when skipped. The layer-wise optimizers check and
+        skip by themselves; for the others the gradient norms are checked here. ``mix`` advances
+        exactly once either way."""
+        opt = self.optimizer
+        if hasattr(opt, "last_step_skipped"):
+            self._step()
+            return bool(opt.last_step_skipped)
+        if not grads_finite(self._trainable):
+            if self.mix is not None:
+                self.mix.advance()  # an attached mix advances in the step hook, which does not run
+            return True
+        self._step()
+        return False
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def adapted_params(self) -> list:
+        """The model's parameters in layer-adapted param groups (LARS/CLARS/LAMB; all for the others)."""
+        return [p for g in self.optimizer.param_groups if g.get("layer_adaptation", True) for p in g["params"]]
+
+    def moment_estimators(self) -> list:
+        """The :class:`lb_dist.moments.MicroBatchMoments` holding CLARS' current micro-batch
+        estimates (for the per-layer metrics)."""
+        return [self.moments] if self.moments is not None else []
+
     def before_evaluation(self) -> None:
         """Make every rank's model identical (buffers included) before each rank evaluates
         :attr:`model` on its share of the test set."""
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """Context of the evaluation: :meth:`before_evaluation`, then :attr:`model` is usable as a
+        plain module on every rank independently (any number of forward calls per rank)."""
+        self.before_evaluation()
+        yield self.model
 
     def save_checkpoint(self, path: Path, state: dict) -> None:
         """Collective. Write ``state`` (the loop's part: step, schedule, mixing, moments, RNG, ...)
@@ -100,6 +168,10 @@ class Engine:
     def restore(self, state: dict, path: Path) -> None:
         """Restore model and optimizer from ``state``, what :meth:`save_checkpoint` wrote to ``path``
         as read back by ``load_checkpoint`` (the loop reads the file first to check the run's flags)."""
+        if "optimizer" not in state and state.get("backend") == "deepspeed":
+            raise CheckpointError(f"checkpoint {path} was written by the deepspeed backend: its optimizer state is in "
+                                  f"DeepSpeed's files ({Path(path).parent / 'deepspeed' / Path(path).stem}, per rank "
+                                  f"and ZeRO partition); resume it with --backend deepspeed")
         missing = [k for k in ("model", "optimizer") if k not in state]
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it is incomplete")
@@ -153,13 +225,15 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, mix=None, moments=None,
-                local_batch_size: int, accumulation_steps: int) -> Engine:
+                local_batch_size: int, accumulation_steps: int, args=None) -> Engine:
         """Make ``model`` (already on :attr:`device`) and ``optimizer`` data-parallel.
 
-        ``mix``: a device-wise :class:`lb_dist.GradientMix` to apply in the gradient reduction, or None.
-        ``moments``: a :class:`lb_dist.moments.MicroBatchMoments` to feed with each step's micro-batch
-        statistics, or None. ``local_batch_size``: samples per rank per optimizer step (micro-batch x
-        ``accumulation_steps``)."""
+        ``mix``: the run's :class:`lb_dist.GradientMix` (attached to ``optimizer``), or None; a
+        device-wise one is applied in the gradient reduction. ``moments``: a
+        :class:`lb_dist.moments.MicroBatchMoments` to feed with each step's micro-batch statistics, or
+        None. ``local_batch_size``: samples per rank per optimizer step (micro-batch x
+        ``accumulation_steps``). ``args``: the run's flags (``lb_dist.train.parse_args``), for backends
+        that build their own configuration from them (DeepSpeed); None elsewhere is fine."""
 
     @abc.abstractmethod
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -195,10 +269,10 @@ class SingleProcess(Backend):
         self.rank, self.world_size, self.local_rank = 0, 1, 0
         self.device = self._resolve_device()
 
-    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps):
-        if mix is not None:
+    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None):
+        if mix is not None and mix.granularity == "device":
             raise ValueError("device-wise GradientMix needs >= 2 data-parallel processes")
-        engine = LocalEngine(self, model, optimizer)
+        engine = LocalEngine(self, model, optimizer, mix=mix, moments=moments)
         if moments is not None:
             engine._track_accumulation(moments, local_batch_size, accumulation_steps)
         return engine
@@ -268,19 +342,21 @@ class Torchrun(Backend):
             dist.barrier()
             dist.destroy_process_group()
 
-    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps):
+    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         import lb_dist.ddp
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        engine = DDPEngine(self, model, optimizer, DDP(model, device_ids=ids))
+        engine = DDPEngine(self, model, optimizer, DDP(model, device_ids=ids), mix=mix, moments=moments)
+        hook_moments = moments
         if moments is not None and self.world_size == 1:
             # one rank: nothing to compare in the all-reduce; as in a single process
             engine._track_accumulation(moments, local_batch_size, accumulation_steps)
-            moments = None
-        if mix is not None or moments is not None:
-            engine.hook_state = lb_dist.ddp.register(engine.forward_module, mix=mix, moments=moments,
+            hook_moments = None
+        device_mix = mix if mix is not None and mix.granularity == "device" else None
+        if device_mix is not None or hook_moments is not None:
+            engine.hook_state = lb_dist.ddp.register(engine.forward_module, mix=device_mix, moments=hook_moments,
                                                      micro_batch_size=local_batch_size)
         return engine
 
@@ -304,7 +380,16 @@ class Torchrun(Backend):
 
 
 def detect_backend(environ=None, local_rank_flag: int | None = None) -> str:
-    """The backend ``--backend auto`` picks from the launcher's environment."""
+    """The backend ``--backend auto`` picks from the launcher's environment:
+
+    * ``horovod``: ``HOROVOD_RANK`` (horovodrun with Gloo);
+    * ``torchrun``: ``TORCHELASTIC_RUN_ID`` (torchrun / torch.distributed.run);
+    * ``deepspeed``: the ``--local_rank`` argument the deepspeed launcher passes, or its environment
+      (``CROSS_RANK`` and ``LOCAL_SIZE`` next to ``RANK``/``WORLD_SIZE``);
+    * ``torchrun``: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (any env:// launcher);
+    * ``horovod``: an MPI launch (``horovodrun --mpi``, ``mpirun``: ``OMPI_COMM_WORLD_SIZE`` or
+      ``PMI_SIZE``) with more than one process (DeepSpeed under mpirun: give ``--backend deepspeed``);
+    * else ``single``."""
     env = os.environ if environ is None else environ
     if "HOROVOD_RANK" in env:
         return "horovod"
@@ -312,8 +397,15 @@ def detect_backend(environ=None, local_rank_flag: int | None = None) -> str:
         return "torchrun"
     if local_rank_flag is not None:  # the deepspeed launcher passes --local_rank
         return "deepspeed"
-    if all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+    launched = all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if launched and "CROSS_RANK" in env and "LOCAL_SIZE" in env:  # deepspeed launcher with --no_local_rank
+        return "deepspeed"
+    if launched:
         return "torchrun"
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = env.get(var, "")
+        if value.isdigit() and int(value) > 1:
+            return "horovod"
     return "single"
 
 
@@ -326,8 +418,10 @@ def select_backend(name: str, *, device: str = "auto", dist_backend: str = "auto
         return SingleProcess(device, dist_backend)
     if name == "torchrun":
         return Torchrun(device, dist_backend)
-    if name in ("deepspeed", "horovod"):
-        adapter = {"deepspeed": "lb_dist.deepspeed", "horovod": "lb_dist.horovod"}[name]
-        raise BackendUnavailable(f"backend {name} is not available yet in lb-dist train (its adapter {adapter} is "
-                                 f"being integrated); use --backend torchrun or single")
+    if name == "deepspeed":
+        from lb_dist.train.backend_deepspeed import DeepSpeedBackend
+        return DeepSpeedBackend(device, dist_backend, local_rank_flag=local_rank_flag)
+    if name == "horovod":
+        from lb_dist.train.backend_horovod import HorovodBackend
+        return HorovodBackend(device, dist_backend)
     raise BackendUnavailable(f"unknown backend {name!r}")

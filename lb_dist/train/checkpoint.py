@@ -7,6 +7,10 @@ loading a checkpoint never runs code). It is written to a temporary file in the 
 atomic on POSIX), and the directory is fsync'ed: a crash while writing leaves at most a temporary
 file, which is ignored (and removed by the next save), never a checkpoint that loads wrong.
 
+A backend that keeps more files for a checkpoint (DeepSpeed's per-rank ZeRO partitions) puts them in
+``DIR/<backend>/step-NNNNNNNN/``, writes them before the checkpoint file, and the checkpoint file is
+the commit: files without their ``.pt`` are leftovers of a crash. They are pruned with their file.
+
 The newest complete checkpoint is the one with the highest step. A file that exists under a
 checkpoint name but does not load (truncated, corrupt, not a checkpoint) is an error naming it: it
 is never skipped silently in favour of an older one (delete it to fall back, the message says so).
@@ -120,9 +124,14 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> 
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
-    """Delete all but the ``keep`` newest checkpoints."""
+    """Delete all but the ``keep`` newest checkpoints (with a backend's ``DIR/<backend>/step-N/`` files)."""
+    import shutil
+
     for _, p in list_checkpoints(directory)[:-keep]:
         try:
             p.unlink()
         except OSError:  # pragma: no cover
             pass
+        for sidecar in Path(directory).glob(f"*/{p.stem}"):
+            if sidecar.is_dir():
+                shutil.rmtree(sidecar, ignore_errors=True)

@@ -232,6 +232,19 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
     g.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto",
                    help="torch.distributed backend (auto: nccl on CUDA, gloo on CPU)")
     g.add_argument("--num-threads", type=_positive_int, default=None, help="torch intra-op threads per process")
+
+    g = p.add_argument_group("DeepSpeed (--backend deepspeed only)")
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="ZeRO stage (default: the --deepspeed-config file's zero_optimization.stage, else 0); "
+                        "LARS/CLARS/LAMB are exact at every stage (lb_dist.deepspeed)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 parameters and gradients (DeepSpeed's bf16 section; ZeRO stage >= 1 with the "
+                        "layer-wise optimizers). Default: the --deepspeed-config file's bf16.enabled, else off")
+    g.add_argument("--deepspeed-config", default=None, metavar="FILE",
+                   help="a DeepSpeed JSON config (e.g. deepspeed_configs/*.json): its optimizer, scheduler, "
+                        "gradient_mix, batch and ZeRO settings become the defaults of the corresponding flags "
+                        "(flags given on the command line win); its other keys go to DeepSpeed as they are "
+                        "(docs/training.md, \"DeepSpeed\")")
     # the deepspeed launcher passes --local_rank=N to the script
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -309,8 +322,21 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, world_size:
     if args.stop_after_steps is not None and args.resume == "never":
         p.error("argument --stop-after-steps: a stopped run continues by resuming; it cannot go with --resume never")
 
+    deepspeed_only = [flag for flag, value in (("--zero-stage", args.zero_stage), ("--bf16", args.bf16),
+                                               ("--deepspeed-config", args.deepspeed_config)) if value is not None]
+    if deepspeed_only and args.backend not in ("auto", "deepspeed"):
+        p.error(f"argument {deepspeed_only[0]}: only for --backend deepspeed, not {args.backend}")
+
     if world_size is not None:
         check_layout(p, args, world_size)
+
+
+def explicit_flags(argv, prog: str = "lb-dist train") -> set[str]:
+    """The destinations of the flags given explicitly in ``argv`` (not left at their defaults)."""
+    p = build_parser(prog)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
 
 
 def check_layout(p: argparse.ArgumentParser, args: argparse.Namespace, world_size: int) -> None:
@@ -335,8 +361,15 @@ def check_layout(p: argparse.ArgumentParser, args: argparse.Namespace, world_siz
 
 
 def parse_args(argv=None, world_size: int | None = None, prog: str = "lb-dist train") -> argparse.Namespace:
+    """Parse and check the flags. With ``--deepspeed-config FILE``, the file's settings fill the flags
+    that were not given explicitly (``lb_dist.train.deepspeed_flags``) before the checks."""
     p = build_parser(prog)
     args = p.parse_args(argv)
+    if args.deepspeed_config is not None:
+        if args.backend not in ("auto", "deepspeed"):
+            p.error(f"argument --deepspeed-config: only for --backend deepspeed, not {args.backend}")
+        from lb_dist.train.deepspeed_flags import apply_deepspeed_config
+        apply_deepspeed_config(p, args, explicit_flags(argv, prog))
     check_args(p, args, world_size)
     args._parser = p  # for later errors that need the environment (dropped before saving)
     return args

@@ -8,10 +8,10 @@ Order of one optimizer step (global step t, counted from 0; the step record says
 3. CLARS with ``--clars-moments per-sample``: S_k on the global subset J of the step's first
    micro-batches (``lb_dist.moments.per_sample_second_moments``, a collective);
 4. per micro-batch j: ``loss_j = (K/N) sum_{b in j} w_b l_b`` (w_b = 1 or the sample-wise GradientMix
-   weights), backward (DDP reduces and mixes on the last one; the hook feeds the moments);
-5. ``engine.finish_gradients()``; a step with a non-finite gradient is skipped (the layer-wise
-   optimizers skip by themselves; torch's SGD/Adam are checked here), otherwise the optimizer step;
-   the schedule advances either way;
+   weights), backward (the engine reduces and mixes on the last one and feeds the moments);
+5. ``engine.finish_gradients()``; ``engine.optimizer_step()`` skips a step with a non-finite
+   gradient (the layer-wise optimizers skip by themselves; torch's SGD/Adam are checked by the
+   engine; DeepSpeed by its own global-norm check), the mix advances and the schedule too, either way;
 6. logging, checkpoints.
 
 The epoch ends with the evaluation, its record and a checkpoint.
@@ -34,7 +34,7 @@ from lb_dist.train.checkpoint import (FORMAT, checkpoint_path, latest_checkpoint
                                       list_checkpoints, load_checkpoint, prune_checkpoints)
 from lb_dist.train.config import RUN_DEFINING, check_layout, to_dict
 from lb_dist.train.metrics import MetricsLogger
-from lb_dist.train.optimizers import adapted_params, build_optimizer, build_scheduler, peak_lr, warmup_steps
+from lb_dist.train.optimizers import build_optimizer, build_scheduler, peak_lr, warmup_steps
 from lb_dist.train.sampling import BatchLayout, StepBatchSampler
 from lb_dist.train.workloads import build_workload
 
@@ -94,14 +94,6 @@ def _eval_batches(workload, backend: Backend, batch_size: int, workers: int):
     return DataLoader(ds, batch_sampler=chunks, num_workers=workers, collate_fn=workload.collate)
 
 
-def _grads_finite(params) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    norms = torch._foreach_norm(grads)
-    return bool(torch.isfinite(torch.stack(norms)).all())
-
-
 def _check_resume_config(args, backend, saved: dict, path: Path) -> None:
     current = to_dict(args)
     for key in RUN_DEFINING:
@@ -129,19 +121,17 @@ class StepRunner:
     :func:`build_components`. Shared by :func:`run_training` and benchmarks/bench_workloads.py, so that
     the benchmark times exactly the training step of ``lb-dist train``."""
 
-    def __init__(self, args: argparse.Namespace, backend: Backend, engine: Engine, layout: BatchLayout, task,
-                 moments, mix) -> None:
+    def __init__(self, args: argparse.Namespace, backend: Backend, engine: Engine, layout: BatchLayout, task) -> None:
         self.args, self.backend, self.engine, self.layout, self.task = args, backend, engine, layout, task
-        self.model, self.optimizer, self.moments, self.mix = engine.model, engine.optimizer, moments, mix
+        self.model, self.optimizer, self.moments, self.mix = engine.model, engine.optimizer, engine.moments, engine.mix
         self.layerwise = hasattr(self.optimizer, "last_step_skipped")
         self.per_sample = args.optimizer == "clars" and args.clars_moments == "per-sample"
-        self.adapted = adapted_params(self.optimizer)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.adapted = engine.adapted_params()
 
     def run(self, micro: list, step: int) -> dict:
         """Train on this rank's micro-batches (already on the device) as optimizer step ``step``
         (0-based, global). Returns ``{"sums": [loss sum, count] of this rank (float64), "skipped",
-        "lr", "mix_step", "per_sample": PerSampleMoments | None}``."""
+        "lr", "mix_step", "per_sample": per-sample statistics | None}``."""
         args, backend, engine, task = self.args, self.backend, self.engine, self.task
         optimizer, mix = self.optimizer, self.mix
         K, A = backend.world_size, len(micro)
@@ -152,14 +142,11 @@ class StepRunner:
             total_count = float(backend.all_reduce_sum(local).item())
         ps_stats = None
         if self.per_sample:
-            from lb_dist.moments import per_sample_second_moments
             gen = torch.Generator().manual_seed(args.seed * 7919 + step * 104729 + backend.rank)
             x, y = micro[0]
-            ps_stats = per_sample_second_moments(self.model, task.mean_loss_fn(), x, y,
-                                                 subset_size=args.per_sample_subset,
-                                                 chunk_size=args.per_sample_chunk, params=self.adapted,
-                                                 generator=gen, return_stats=True)
-            optimizer.set_second_moments(ps_stats.second_moments)
+            ps_stats = engine.per_sample_second_moments(task.mean_loss_fn(), x, y, subset_size=args.per_sample_subset,
+                                                        chunk_size=args.per_sample_chunk, params=self.adapted,
+                                                        generator=gen)
         sums = torch.zeros(2, dtype=torch.float64)
         for j, batch in enumerate(micro):
             with engine.accumulate(last=(j == A - 1)):
@@ -174,46 +161,49 @@ class StepRunner:
         engine.finish_gradients()
         lr_used = optimizer.param_groups[0]["lr"]
         mix_step = mix.step if mix is not None else None
-        if self.layerwise:
-            engine.optimizer_step()
-            skipped = bool(optimizer.last_step_skipped)
-        else:
-            skipped = not _grads_finite(self.trainable)
-            if skipped:
-                if mix is not None:
-                    mix.advance()  # every rank skips together (the gradients are all-reduced)
-            else:
-                engine.optimizer_step()
+        skipped = engine.optimizer_step()
         engine.zero_grad()
         return {"sums": sums, "skipped": skipped, "lr": lr_used, "mix_step": mix_step, "per_sample": ps_stats}
 
 
 def build_components(args: argparse.Namespace, backend: Backend, workload, layout: BatchLayout, total_steps: int,
                      warmup: int) -> dict:
-    """Model (seeded, on the device), optimizer (+ CLARS' micro-batch estimator), schedule, GradientMix
-    (attached to the optimizer), the backend's :class:`Engine`, and the :class:`StepRunner`."""
+    """Model (seeded, on the device), optimizer (+ CLARS' micro-batch estimator), GradientMix (attached
+    to the optimizer), the backend's :class:`Engine`, the schedule over the engine's optimizer, and the
+    :class:`StepRunner`. The returned ``optimizer``, ``moments`` and ``mix`` are the engine's (a backend
+    may replace them by its own, e.g. DeepSpeed's ZeRO-aware optimizer)."""
     torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     model = workload.build_model().to(backend.device)
     torch.manual_seed(args.seed * 1000003 + 7919 * backend.rank + 1)  # per-rank streams: dropout, augmentation
     optimizer, moments = build_optimizer(args, model, peak_lr(args), local_batch_size=layout.local_batch_size)
-    scheduler = build_scheduler(args, optimizer, total_steps, warmup)
     mix = None
     if args.mix != "none":
         from lb_dist.mixing import DEFAULT_STD
         mix = GradientMix(noise=args.mix_noise, std=DEFAULT_STD if args.mix_std is None else args.mix_std,
                           granularity=args.mix, seed=args.seed if args.mix_seed is None else args.mix_seed)
         mix.attach(optimizer)
-    engine = backend.prepare(model, optimizer, mix=mix if args.mix == "device" else None, moments=moments,
-                             local_batch_size=layout.local_batch_size, accumulation_steps=layout.accumulation_steps)
-    runner = StepRunner(args, backend, engine, layout, workload.task, moments, mix)
-    return {"model": model, "optimizer": optimizer, "moments": moments, "scheduler": scheduler, "mix": mix,
-            "engine": engine, "runner": runner}
+    engine = backend.prepare(model, optimizer, mix=mix, moments=moments, local_batch_size=layout.local_batch_size,
+                             accumulation_steps=layout.accumulation_steps, args=args)
+    scheduler = build_scheduler(args, engine.optimizer, total_steps, warmup)
+    runner = StepRunner(args, backend, engine, layout, workload.task)
+    return {"model": engine.model, "optimizer": engine.optimizer, "moments": engine.moments, "scheduler": scheduler,
+            "mix": engine.mix, "engine": engine, "runner": runner}
 
 
 def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     """Train with ``args`` (from :func:`lb_dist.train.config.parse_args`) on a started ``backend``.
     Returns a summary ``{"step", "epochs_done", "stopped", "last_epoch": record | None, "run_dir"}``."""
     check_layout(_RankParser(args, backend), args, backend.world_size)
+    if backend.name != "deepspeed":
+        for flag, dest in (("--zero-stage", "zero_stage"), ("--bf16", "bf16"), ("--deepspeed-config", "deepspeed_config")):
+            if getattr(args, dest, None) is not None:
+                _fail(args, backend, f"argument {flag}: only for --backend deepspeed, and this run's backend is "
+                                     f"{backend.name}")
+    elif getattr(args, "_deepspeed_file", None):
+        from lb_dist.train.deepspeed_flags import check_micro_batch
+        message = check_micro_batch(args, backend.world_size)
+        if message:
+            _fail(args, backend, message)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     run_dir = Path(args.run_dir)
@@ -249,6 +239,11 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         _fail(args, backend, f"argument --warmup-{'steps' if args.warmup_steps is not None else 'epochs'}: the warmup "
                              f"({warmup} steps) must be shorter than the run ({total_steps} steps = {args.epochs} "
                              f"epochs x {steps_per_epoch})")
+    ds_total = getattr(args, "_ds_total_num_steps", None)
+    if ds_total is not None and ds_total != total_steps and backend.is_main:
+        print(f"[lb-dist train] --deepspeed-config {args.deepspeed_config}: scheduler.params.total_num_steps = {ds_total}; "
+              f"the schedule spans this run's {total_steps} steps (--epochs {args.epochs} x {steps_per_epoch} steps "
+              f"per epoch)", file=sys.stderr, flush=True)
     parts = build_components(args, backend, workload, layout, total_steps, warmup)
     model, optimizer, moments = parts["model"], parts["optimizer"], parts["moments"]
     scheduler, mix, runner, engine = parts["scheduler"], parts["mix"], parts["runner"], parts["engine"]
@@ -343,8 +338,8 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
                 if args.mix == "device":
                     record["mix_noise_amount"] = mix.noise_amount(step=mix_step)
                 if args.layer_stats_every and step % args.layer_stats_every == 0 and backend.is_main:
-                    record.update(_layer_stats(optimizer, moments, out["per_sample"], runner.adapted, names,
-                                               runner.layerwise))
+                    record.update(_layer_stats(optimizer, engine.moment_estimators(), out["per_sample"],
+                                               runner.adapted, names, runner.layerwise))
                 logger.write(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_used:.3g}", refresh=False)
@@ -369,8 +364,9 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
 
         # ---- end of epoch: evaluation, record, checkpoint
         t_eval = time.perf_counter()
-        engine.before_evaluation()
-        result = task.evaluate(model, _eval_batches(workload, backend, args.eval_batch_size, args.workers), backend)
+        with engine.evaluation() as eval_model:
+            result = task.evaluate(eval_model, _eval_batches(workload, backend, args.eval_batch_size, args.workers),
+                                   backend)
         eval_time = time.perf_counter() - t_eval
         sums = backend.all_reduce_sum(epoch_sums.clone().to(backend.device)).cpu()
         epoch_sums = torch.zeros(2, dtype=torch.float64)
@@ -396,18 +392,21 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
             "checkpoints": [str(p) for _, p in list_checkpoints(ckpt_dir)] if backend.is_main else []}
 
 
-def _layer_stats(optimizer, moments, ps_stats, adapted, names, layerwise) -> dict:
+def _layer_stats(optimizer, estimators, ps_stats, adapted, names, layerwise) -> dict:
     out = {}
     if layerwise:
         trust = optimizer.trust_ratios()
         out["trust_ratio"] = {names[p]: float(trust[p]) for p in adapted if p in trust}
-    if moments is not None and moments.num_updates > 0:
-        vf = moments.variance_factors()
-        s = moments.second_moments_tensor()
-        out["variance_factor"] = {names[p]: float(vf[p]) for p in moments.params}
-        out["second_moment"] = {names[p]: float(s[i]) for i, p in enumerate(moments.params)}
+    estimators = [e for e in estimators if e.num_updates > 0]
+    if estimators:
+        out["variance_factor"], out["second_moment"] = {}, {}
+        for est in estimators:
+            vf = est.variance_factors()
+            s = est.second_moments_tensor()
+            out["variance_factor"].update({names[p]: float(vf[p]) for p in est.params})
+            out["second_moment"].update({names[p]: float(s[i]) for i, p in enumerate(est.params)})
     elif ps_stats is not None:
-        out["variance_factor"] = {names[p]: float(v) for p, v in ps_stats.variance_factors.items()}
+        out["variance_factor"] = {names[p]: float(v) for p, v in getattr(ps_stats, "variance_factors", {}).items()}
         out["second_moment"] = {names[p]: float(v) for p, v in ps_stats.second_moments.items()}
     for key in ("variance_factor", "second_moment", "trust_ratio"):
         if key in out:

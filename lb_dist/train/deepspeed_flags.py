@@ -1,0 +1,306 @@
+"""``--deepspeed-config FILE``: a DeepSpeed JSON config as the defaults of ``lb-dist train``'s flags.
+
+``lb-dist train`` owns the batch layout, the optimizer, the schedule and GradientMix (the same flags
+for every backend); with ``--backend deepspeed`` it builds the DeepSpeed config from them
+(``lb_dist.train.backend_deepspeed.deepspeed_config``). A user's config (e.g. one of
+``deepspeed_configs/``) is read here, at parse time, and its settings of those things become the
+values of the corresponding flags that were **not** given on the command line (a flag given
+explicitly wins; every override is reported on rank 0 when the run starts). Its other keys
+(``zero_optimization`` but its ``stage``, ``gradient_clipping``, ``fp16``, communication settings,
+...) are handed to DeepSpeed as they are.
+
+| config key | flag |
+|---|---|
+| ``train_batch_size`` | ``--batch-size`` |
+| ``gradient_accumulation_steps`` | ``--accumulation-steps`` |
+| ``train_micro_batch_size_per_gpu`` | checked against ``--batch-size / (processes x --accumulation-steps)`` |
+| ``zero_optimization.stage`` | ``--zero-stage`` |
+| ``bf16.enabled`` | ``--bf16`` |
+| ``optimizer.type`` CLARS / LARS / LAMB / SGD (``nesterov``) / Adam (``adam_w_mode``) / AdamW | ``--optimizer clars/lars/lamb/sgd/nesterov/adam/adamw`` |
+| ``optimizer.params`` ``lr``, ``momentum``, ``eta``, ``weight_decay``, ``betas``, ``eps`` | ``--lr``, ``--momentum``, ``--eta``, ``--weight-decay``, ``--betas``, ``--eps`` |
+| ``optimizer.params.exclude_from_layer_adaptation`` ``bias_and_norm`` / ``none`` | ``--wd-exclusion`` / ``--no-wd-exclusion`` |
+| ``optimizer.second_moments`` ``source``, ``ema``, ``subset_size``, ``chunk_size`` | ``--clars-moments``, ``--moments-ema``, ``--per-sample-subset``, ``--per-sample-chunk`` |
+| ``gradient_mix`` ``noise``, ``std``, ``granularity``, ``seed`` (``enabled: false`` or noise ``none``: off) | ``--mix-noise``, ``--mix-std``, ``--mix``, ``--mix-seed`` |
+| ``scheduler`` ``PolynomialWarmupDecay`` (``warmup_num_steps``, ``init_factor``, ``final_factor``, ``warmup_power``, ``decay_power``) | ``--schedule poly``, ``--warmup-steps``, ``--lr-init-factor``, ``--lr-final-factor``, ``--warmup-power``, ``--decay-power`` |
+| ``scheduler`` ``InverseSqrt`` (``warmup_num_steps``) | ``--schedule inverse-sqrt``, ``--warmup-steps`` |
+| no ``scheduler`` section | ``--schedule constant`` (DeepSpeed keeps the rate constant) |
+
+``scheduler.params.total_num_steps`` is not a flag: the schedule spans the run (``--epochs`` x steps
+per epoch); a different value in the file is reported when the run starts. Settings ``lb-dist train``
+cannot express (DeepSpeed's own schedulers such as ``WarmupLR``, an optimizer type it does not run,
+``nesterov`` for LARS, a non-Nesterov CLARS with momentum, ...) are errors naming the key.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Mapping
+
+__all__ = ["apply_deepspeed_config", "TRANSLATED_KEYS", "check_micro_batch"]
+
+#: Top-level keys of the file that become flags (the backend rebuilds them from the flags).
+TRANSLATED_KEYS = ("train_batch_size", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu",
+                   "optimizer", "scheduler", "gradient_mix")
+
+_TORCH_TYPES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
+_PARAM_FLAGS = {"lr": "lr", "momentum": "momentum", "eta": "eta", "weight_decay": "weight_decay",
+                "betas": "betas", "eps": "eps"}
+_ALLOWED_PARAMS = {
+    "clars": ("lr", "momentum", "eta", "weight_decay", "nesterov", "exclude_from_layer_adaptation", "foreach"),
+    "lars": ("lr", "momentum", "eta", "weight_decay", "nesterov", "exclude_from_layer_adaptation", "foreach"),
+    "lamb": ("lr", "betas", "eps", "weight_decay", "exclude_from_layer_adaptation", "foreach"),
+    "SGD": ("lr", "momentum", "nesterov", "weight_decay", "dampening", "foreach"),
+    "Adam": ("lr", "betas", "eps", "weight_decay", "adam_w_mode", "torch_adam", "foreach"),
+    "AdamW": ("lr", "betas", "eps", "weight_decay", "torch_adam", "foreach"),
+}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+class _Translation:
+    def __init__(self, parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str], path: str):
+        self.parser, self.args, self.given, self.path = parser, args, given, path
+        self.notes: list[str] = []
+
+    def error(self, message: str):
+        self.parser.error(f"argument --deepspeed-config: {self.path}: {message}")
+
+    def set(self, dest: str, value: Any, key: str, *, blocked_by: tuple[str, ...] = ()) -> None:
+        """Set flag ``dest`` to the file's ``value`` (from config ``key``) unless it, or one of
+        ``blocked_by``, was given on the command line."""
+        explicit = [d for d in (dest, *blocked_by) if d in self.given]
+        if explicit:
+            current = getattr(self.args, explicit[0])
+            if explicit[0] != dest or current != value:
+                self.notes.append(f"{key} = {value!r} overridden by {_flag(explicit[0])} {current!r}")
+            return
+        setattr(self.args, dest, value)
+
+
+def _number(t: _Translation, key: str, value, *, integer: bool = False, positive: bool = False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok and positive:
+        ok = value > 0
+    if not ok:
+        kind = "a positive integer" if integer and positive else "an integer" if integer else \
+            "a positive number" if positive else "a finite number"
+        t.error(f"{key} must be {kind}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _optimizer(t: _Translation, section: Mapping) -> None:
+    kind = section.get("type")
+    if not isinstance(kind, str):
+        t.error(f"optimizer.type must be a string, got {kind!r}")
+    upper = kind.upper()
+    if upper in ("CLARS", "LARS", "LAMB"):
+        name = upper.lower()
+        allowed = _ALLOWED_PARAMS[name]
+    elif upper in ("SGD", "ADAM", "ADAMW"):
+        name = {"SGD": "SGD", "ADAM": "Adam", "ADAMW": "AdamW"}[upper]
+        allowed = _ALLOWED_PARAMS[name]
+    else:
+        t.error(f"optimizer.type {kind!r}: lb-dist train runs CLARS, LARS, LAMB, SGD, Adam and AdamW; use one of "
+                f"them or --optimizer")
+    params = section.get("params", {}) or {}
+    if not isinstance(params, Mapping):
+        t.error(f"optimizer.params must be a JSON object, got {type(params).__name__}")
+    for key in params:
+        if key not in allowed:
+            t.error(f"optimizer.params.{key} ({kind}) is not a setting of lb-dist train; keys it reads: "
+                    f"{', '.join(allowed)}")
+    for key in params:
+        if isinstance(params[key], str) and params[key] == "auto":
+            t.error(f"optimizer.params.{key} is \"auto\" (a Hugging Face placeholder); give a value")
+    if "second_moments" in section and name != "clars":
+        t.error(f"optimizer.second_moments applies to CLARS only, optimizer.type is {kind!r}")
+
+    momentum = params.get("momentum", t.args.momentum)
+    if name == "SGD":
+        flag = "nesterov" if params.get("nesterov", False) else "sgd"
+        if params.get("dampening", 0) not in (0, 0.0):
+            t.error(f"optimizer.params.dampening = {params['dampening']!r}: lb-dist train's SGD has no dampening")
+    elif name == "Adam":
+        flag = "adamw" if params.get("adam_w_mode", True) else "adam"  # DeepSpeed's default adam_w_mode is true
+    elif name == "AdamW":
+        flag = "adamw"
+    else:
+        flag = name
+        if name == "lars" and params.get("nesterov", False):
+            t.error("optimizer.params.nesterov = true for LARS: lb-dist train's LARS uses heavy-ball momentum "
+                    "(use CLARS, which is Nesterov, or remove the key)")
+        if name == "clars" and "nesterov" in params and bool(params["nesterov"]) != (float(momentum) > 0):
+            t.error(f"optimizer.params.nesterov = {params['nesterov']!r} with momentum {momentum}: lb-dist train's "
+                    f"CLARS uses Nesterov momentum whenever momentum > 0 (paper eq. 4)")
+    t.set("optimizer", flag, "optimizer.type")
+    for key, dest in _PARAM_FLAGS.items():
+        if key not in params:
+            continue
+        value = params[key]
+        if key == "betas":
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                t.error(f"optimizer.params.betas must be a pair [beta1, beta2], got {value!r}")
+            value = [_number(t, "optimizer.params.betas", v) for v in value]
+        elif key in ("lr", "weight_decay", "momentum"):
+            value = _number(t, f"optimizer.params.{key}", value)
+            if value < 0:
+                t.error(f"optimizer.params.{key} must be >= 0, got {value!r}")
+        else:
+            value = _number(t, f"optimizer.params.{key}", value, positive=True)
+        t.set(dest, value, f"optimizer.params.{key}", blocked_by=("base_lr",) if key == "lr" else ())
+    if "exclude_from_layer_adaptation" in params:
+        value = params["exclude_from_layer_adaptation"]
+        if value not in ("bias_and_norm", "none"):
+            t.error(f"optimizer.params.exclude_from_layer_adaptation must be 'bias_and_norm' or 'none', got {value!r}")
+        t.set("wd_exclusion", value == "bias_and_norm", "optimizer.params.exclude_from_layer_adaptation")
+    moments = section.get("second_moments")
+    if moments is not None:
+        if not isinstance(moments, Mapping):
+            t.error("optimizer.second_moments must be a JSON object")
+        source = moments.get("source", "micro_batch")
+        if source not in ("micro_batch", "per_sample"):
+            t.error(f"optimizer.second_moments.source must be 'micro_batch' or 'per_sample', got {source!r}")
+        t.set("clars_moments", source.replace("_", "-"), "optimizer.second_moments.source")
+        for key, dest in (("ema", "moments_ema"), ("subset_size", "per_sample_subset"),
+                          ("chunk_size", "per_sample_chunk")):
+            if key in moments:
+                value = moments[key]
+                value = _number(t, f"optimizer.second_moments.{key}", value) if key == "ema" else \
+                    _number(t, f"optimizer.second_moments.{key}", value, integer=True, positive=True)
+                t.set(dest, value, f"optimizer.second_moments.{key}")
+        unknown = sorted(set(moments) - {"source", "ema", "subset_size", "chunk_size"})
+        if unknown:
+            t.error(f"optimizer.second_moments.{unknown[0]}: unknown key")
+
+
+def _mix(t: _Translation, section: Mapping) -> None:
+    unknown = sorted(set(section) - {"enabled", "noise", "std", "granularity", "seed"})
+    if unknown:
+        t.error(f"gradient_mix.{unknown[0]}: unknown key; known keys: enabled, granularity, noise, seed, std")
+    if section.get("enabled", True) is False or section.get("noise", "gaussian") == "none":
+        t.set("mix", "none", "gradient_mix.enabled" if section.get("enabled", True) is False else "gradient_mix.noise")
+        return
+    granularity = section.get("granularity", "device")
+    if granularity not in ("device", "sample"):
+        t.error(f"gradient_mix.granularity must be 'device' or 'sample', got {granularity!r}")
+    noise = section.get("noise", "gaussian")
+    if noise not in ("gaussian", "rademacher"):
+        t.error(f"gradient_mix.noise must be 'gaussian', 'rademacher' or 'none', got {noise!r}")
+    t.set("mix", granularity, "gradient_mix.granularity")
+    t.set("mix_noise", noise, "gradient_mix.noise")
+    if "std" in section:
+        std = _number(t, "gradient_mix.std", section["std"])
+        if std < 0:
+            t.error(f"gradient_mix.std must be >= 0, got {std!r}")
+        t.set("mix_std", std, "gradient_mix.std")
+    if "seed" in section:
+        t.set("mix_seed", _number(t, "gradient_mix.seed", section["seed"], integer=True), "gradient_mix.seed")
+
+
+def _scheduler(t: _Translation, section: Mapping | None) -> None:
+    if section is None:
+        t.set("schedule", "constant", "(no scheduler section)")
+        return
+    kind = section.get("type")
+    params = section.get("params", {}) or {}
+    if not isinstance(params, Mapping):
+        t.error(f"scheduler.params must be a JSON object, got {type(params).__name__}")
+    if kind == "PolynomialWarmupDecay":
+        t.set("schedule", "poly", "scheduler.type")
+        keys = {"warmup_num_steps": "warmup_steps", "init_factor": "lr_init_factor",
+                "final_factor": "lr_final_factor", "warmup_power": "warmup_power", "decay_power": "decay_power"}
+        allowed = set(keys) | {"total_num_steps"}
+    elif kind == "InverseSqrt":
+        t.set("schedule", "inverse-sqrt", "scheduler.type")
+        keys = {"warmup_num_steps": "warmup_steps"}
+        allowed = set(keys)
+    else:
+        t.error(f"scheduler.type {kind!r}: lb-dist train runs lb_dist's schedules (PolynomialWarmupDecay, "
+                f"InverseSqrt, or none = constant); use one of them, or remove the section and give --schedule")
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        t.error(f"scheduler.params.{unknown[0]}: unknown key for {kind}; known keys: {', '.join(sorted(allowed))}")
+    for key, dest in keys.items():
+        if key not in params:
+            continue
+        if key == "warmup_num_steps":
+            value = _number(t, f"scheduler.params.{key}", params[key], integer=True)
+            if value < 0:
+                t.error(f"scheduler.params.{key} must be >= 0, got {value}")
+            t.set(dest, value, f"scheduler.params.{key}", blocked_by=("warmup_epochs",))
+        else:
+            value = _number(t, f"scheduler.params.{key}", params[key])
+            if value < 0 or (key.endswith("power") and value <= 0):
+                t.error(f"scheduler.params.{key} must be {'> 0' if key.endswith('power') else '>= 0'}, got {value}")
+            t.set(dest, value, f"scheduler.params.{key}")
+    if "total_num_steps" in params:
+        t.args._ds_total_num_steps = _number(t, "scheduler.params.total_num_steps", params["total_num_steps"],
+                                             integer=True, positive=True)
+
+
+def apply_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> None:
+    """Fill the flags not in ``given`` from ``args.deepspeed_config`` (see the module docstring);
+    ``parser.error`` naming the file and the key on a setting that cannot be expressed. Stores the
+    file's content in ``args._deepspeed_file`` and the overrides in ``args._deepspeed_notes``."""
+    from lb_dist.deepspeed.config import ConfigError, load_config, parse_config
+
+    path = args.deepspeed_config
+    t = _Translation(parser, args, given, path)
+    try:
+        raw = load_config(path)
+    except ConfigError as e:
+        parser.error(f"argument --deepspeed-config: {e}")
+    if not isinstance(raw, dict):
+        t.error(f"the config must be a JSON object, got {type(raw).__name__}")
+    try:
+        parse_config(raw)  # lb_dist's own validation of its keys (errors name the key)
+    except ConfigError as e:
+        t.error(str(e))
+    for key in ("train_batch_size", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu"):
+        if key in raw and not (isinstance(raw[key], int) and not isinstance(raw[key], bool) and raw[key] > 0):
+            t.error(f"{key} must be a positive integer, got {raw[key]!r}")
+    if "train_batch_size" in raw:
+        t.set("batch_size", raw["train_batch_size"], "train_batch_size")
+    if "gradient_accumulation_steps" in raw:
+        t.set("accumulation_steps", raw["gradient_accumulation_steps"], "gradient_accumulation_steps")
+    zero = raw.get("zero_optimization")
+    if zero is not None:
+        if not isinstance(zero, Mapping):
+            t.error("zero_optimization must be a JSON object")
+        if "stage" in zero:
+            if zero["stage"] not in (0, 1, 2, 3):
+                t.error(f"zero_optimization.stage must be 0, 1, 2 or 3, got {zero['stage']!r}")
+            t.set("zero_stage", int(zero["stage"]), "zero_optimization.stage")
+    for key in ("bf16", "bfloat16"):
+        section = raw.get(key)
+        if isinstance(section, Mapping) and "enabled" in section:
+            t.set("bf16", bool(section["enabled"]), f"{key}.enabled")
+    if "optimizer" in raw:
+        if not isinstance(raw["optimizer"], Mapping):
+            t.error("optimizer must be a JSON object")
+        _optimizer(t, raw["optimizer"])
+    if "gradient_mix" in raw:
+        _mix(t, raw["gradient_mix"])
+    if "scheduler" in raw and not isinstance(raw["scheduler"], Mapping):
+        t.error("scheduler must be a JSON object")
+    _scheduler(t, raw.get("scheduler"))
+    args._deepspeed_file = raw
+    args._deepspeed_notes = t.notes
+
+
+def check_micro_batch(args: argparse.Namespace, world_size: int) -> str | None:
+    """The file's ``train_micro_batch_size_per_gpu`` against the run's layout; an error message or None."""
+    raw = getattr(args, "_deepspeed_file", None) or {}
+    micro = raw.get("train_micro_batch_size_per_gpu")
+    if micro is None:
+        return None
+    want = args.batch_size // (world_size * args.accumulation_steps)
+    if micro != want:
+        return (f"argument --deepspeed-config: {args.deepspeed_config}: train_micro_batch_size_per_gpu = {micro} does "
+                f"not fit --batch-size {args.batch_size} / ({world_size} processes x --accumulation-steps "
+                f"{args.accumulation_steps}) = {want}; remove the key (lb-dist train derives it) or change the flags")
+    return None
