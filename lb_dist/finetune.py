@@ -29,9 +29,16 @@ the gradient is ``sum_b pi_b grad l_b`` with ``pi_b = w_b / B`` and the per-sent
 ``l_b = (B/N) sum_t ce_bt`` (a sentence's share of the token-mean loss), i.e. eq. 4 with sentences as
 samples. Label smoothing (``--label_smoothing_factor``) applies per token.
 
-``--deepspeed``: the DeepSpeed path needs ``lb_dist.deepspeed`` (the ZeRO-aware adapter; a
-layer-wise optimizer must see whole layers, not ZeRO's flat partitions). It is refused with a clear
-error until that adapter provides the Trainer integration (docs/workloads.md).
+``--deepspeed ds.json``: the Trainer builds a DeepSpeed engine through Accelerate, and
+:func:`lb_dist.deepspeed.register` (called here first) makes that ``lb_dist.deepspeed.initialize``: the
+config names the optimizer (``"type": "CLARS" | "LARS" | "LAMB"``, ZeRO-exact at every stage;
+``"auto"`` values filled from the Trainer's arguments) and the device-wise ``gradient_mix`` section
+(applied in ``engine.backward``); docs/config-deepspeed.md. lb_dist.finetune's own ``--optimizer``,
+``--mix*``, ``--momentum``, ``--eta``, ``--moments_ema`` are then refused (the config decides), as are
+what the Trainer loop cannot feed (CLARS' ``per_sample`` source, sample-wise ``gradient_mix``) and CLARS'
+micro-batch source with gradient accumulation (the Trainer backpropagates ``loss / A`` with
+``scale_wrt_gas=False``, which lb_dist.deepspeed's estimator does not expect). The loss is the same
+token-mean loss over the global batch.
 """
 from __future__ import annotations
 
@@ -172,8 +179,9 @@ def _trainer_class():
                 moments = candidate if isinstance(candidate, MicroBatchMoments) else None
             if mix is not None and not isinstance(mix, GradientMix):
                 raise TypeError(f"mix must be an lb_dist.GradientMix, got {type(mix).__name__}")
-            if self.is_deepspeed_enabled:
-                raise RuntimeError(_DEEPSPEED_MESSAGE)
+            if self.is_deepspeed_enabled and (mix is not None or moments is not None):
+                raise ValueError("under DeepSpeed the config's gradient_mix section and optimizer (lb_dist.deepspeed) "
+                                 "mix and estimate S_k; pass neither mix= nor moments= (nor a CLARS optimizer)")
             self.mix, self.moments = mix, moments
             world = self.args.world_size
             if mix is not None and mix.granularity == "device" and world < 2:
@@ -300,20 +308,46 @@ class LbDistSeq2SeqTrainer:
         return LbDistSeq2SeqTrainer._cls(*args, **kwargs)
 
 
-_DEEPSPEED_MESSAGE = (
-    "--deepspeed: lb_dist.finetune's DeepSpeed path needs lb_dist.deepspeed, the ZeRO-aware adapter (a layer-wise "
-    "optimizer must see whole layers, not ZeRO's flat partitions, and device-wise mixing happens in DeepSpeed's "
-    "reduction), and that adapter does not provide a Seq2SeqTrainer integration yet. Run without --deepspeed "
-    "(single process or torchrun), or use lb_dist.deepspeed directly.")
+#: lb_dist.finetune's own optimizer/mixing arguments and their defaults: under --deepspeed the config decides.
+_DEEPSPEED_OWNED = {"optimizer": "lamb", "mix": "none", "momentum": 0.9, "eta": None, "moments_ema": 0.0,
+                    "mix_noise": "gaussian", "mix_std": DEFAULT_STD, "mix_seed": 0}
 
 
-def _check_deepspeed() -> None:
+def _prepare_deepspeed(fa: FinetuneArguments, ta) -> dict:
+    """Check a ``--deepspeed`` run before anything starts and register lb_dist's ``deepspeed.initialize``.
+    Returns the config (a dict)."""
     try:
-        import lb_dist.deepspeed as lbds  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"--deepspeed needs lb_dist.deepspeed, which could not be imported "
-                           f"({type(e).__name__}: {e})") from e
-    raise RuntimeError(_DEEPSPEED_MESSAGE)
+        import lb_dist.deepspeed as lbds
+        from lb_dist.deepspeed.config import load_config
+    except ImportError as e:
+        raise RuntimeError(f"--deepspeed needs deepspeed and lb_dist.deepspeed ({e})") from e
+    for name, default in _DEEPSPEED_OWNED.items():
+        if getattr(fa, name) != default:
+            raise ValueError(f"--{name} {getattr(fa, name)!r}: with --deepspeed the DeepSpeed config decides the optimizer "
+                             f"(optimizer.type CLARS/LARS/LAMB and its params) and the mixing (gradient_mix); remove "
+                             f"--{name} and set it in {ta.deepspeed if isinstance(ta.deepspeed, str) else 'the config'}")
+    config = load_config(ta.deepspeed)
+    source = ta.deepspeed if isinstance(ta.deepspeed, str) else "the DeepSpeed config"
+    mix = config.get("gradient_mix") or {}
+    if isinstance(mix, dict) and mix.get("enabled", True) and mix.get("granularity", "device") == "sample":
+        raise ValueError(f"{source}: gradient_mix.granularity \"sample\" needs a training loop that calls "
+                         f"lb_dist.deepspeed.get_runtime(engine).weighted_loss; lb_dist.finetune supports the "
+                         f"device-wise mix under DeepSpeed (--mix sample without --deepspeed)")
+    opt = config.get("optimizer") or {}
+    if isinstance(opt, dict) and str(opt.get("type", "")).upper() == "CLARS":
+        source_kind = (opt.get("second_moments") or {}).get("source", "micro_batch")
+        if source_kind == "per_sample":
+            raise ValueError(f"{source}: optimizer.second_moments.source \"per_sample\" is not available in "
+                             f"lb_dist.finetune (per-sample gradients of the seq2seq model); use \"micro_batch\"")
+        gas = config.get("gradient_accumulation_steps", "auto")
+        gas = ta.gradient_accumulation_steps if gas == "auto" else gas
+        if isinstance(gas, int) and gas > 1:
+            raise ValueError(f"{source}: CLARS' micro-batch second moments with gradient_accumulation_steps {gas}: the "
+                             f"Trainer backpropagates loss/{gas} with DeepSpeed's scale_wrt_gas=False, which "
+                             f"lb_dist.deepspeed's estimator reads as unscaled; use 1 accumulation step (more "
+                             f"processes give the micro-batches), or run without --deepspeed")
+    lbds.register()
+    return config
 
 
 class _Bleu:
@@ -405,7 +439,7 @@ def _check_args(fa: FinetuneArguments, ta) -> None:
     if not Path(fa.data_dir).is_dir():
         raise FileNotFoundError(f"--data_dir {fa.data_dir} does not exist")
     if ta.deepspeed:
-        _check_deepspeed()
+        _prepare_deepspeed(fa, ta)
 
 
 def run(fa: FinetuneArguments, ta) -> dict[str, Any]:
@@ -424,10 +458,11 @@ def run(fa: FinetuneArguments, ta) -> dict[str, Any]:
     pad_id = hf_tok.pad_token_id
     train_ds = TranslationDataset(train_pairs, tok, fa.max_length)
     eval_ds = TranslationDataset(eval_pairs, tok, fa.max_length)
-    optimizer, _ = make_optimizer(model, fa.optimizer, lr=ta.learning_rate, weight_decay=ta.weight_decay,
-                                        momentum=fa.momentum, eta=fa.eta, betas=(ta.adam_beta1, ta.adam_beta2),
-                                        eps=ta.adam_epsilon, moments_ema=fa.moments_ema)
-    mix = None
+    optimizer, mix = None, None
+    if not ta.deepspeed:  # under DeepSpeed the config's optimizer and gradient_mix (lb_dist.deepspeed)
+        optimizer, _ = make_optimizer(model, fa.optimizer, lr=ta.learning_rate, weight_decay=ta.weight_decay,
+                                      momentum=fa.momentum, eta=fa.eta, betas=(ta.adam_beta1, ta.adam_beta2),
+                                      eps=ta.adam_epsilon, moments_ema=fa.moments_ema)
     if fa.mix != "none":
         mix = GradientMix(noise=fa.mix_noise, std=fa.mix_std, granularity=fa.mix, seed=fa.mix_seed)
     metric = _Bleu(tok, pad_id)
@@ -448,6 +483,8 @@ def run(fa: FinetuneArguments, ta) -> dict[str, Any]:
     results["train_loss"] = train_out.training_loss
     results["global_step"] = trainer.state.global_step
     results["log_history"] = trainer.state.log_history
+    if ta.deepspeed:
+        results["deepspeed"] = _deepspeed_summary(trainer.model_wrapped)
     if ta.predict_with_generate:
         results.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
         if fa.test_bleu:
@@ -466,14 +503,27 @@ def run(fa: FinetuneArguments, ta) -> dict[str, Any]:
     return results
 
 
+def _deepspeed_summary(engine) -> dict[str, Any]:
+    """What the DeepSpeed engine of a --deepspeed run is: lb_dist's (ZeRO-aware optimizer, mix, estimator) or not."""
+    runtime = getattr(engine, "lb_dist", None)
+    out: dict[str, Any] = {"engine": type(engine).__name__,
+                           "optimizer": type(getattr(engine, "basic_optimizer", None)).__name__,
+                           "zero_stage": int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage")
+                           else None, "lb_dist": runtime is not None}
+    if runtime is not None:
+        out["world_size"] = runtime.world_size
+        out["mix_step"] = runtime.mix.step if runtime.mix is not None else None
+        if runtime.step_moments is not None:
+            out["estimator_updates"] = [e.num_updates for e in runtime.step_moments.estimators.values()]
+    return out
+
+
 def parse_args(argv=None):
     from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
     parser = HfArgumentParser((FinetuneArguments, Seq2SeqTrainingArguments))
     if argv is None:
         argv = sys.argv[1:]
-    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
-        _check_deepspeed()  # before the Trainer's arguments set DeepSpeed up
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=argv[0])
     return parser.parse_args_into_dataclasses(args=list(argv))

@@ -227,7 +227,6 @@ def test_cli_pretrained_directory_with_clars(tmp_path, tok):
     (["--mix", "layer"], ValueError, "--mix must be one of"),
     (["--mix", "device"], ValueError, "device-wise GradientMix .* >= 2"),
     (["--optimizer", "clars", "--gradient_accumulation_steps", "1"], ValueError, "gradient_accumulation_steps >= 2"),
-    (["--deepspeed", "ds_config.json"], RuntimeError, "lb_dist.deepspeed"),
 ])
 def test_cli_refuses_bad_arguments(tmp_path, extra, error, match):
     with pytest.raises(error, match=match):
@@ -249,3 +248,63 @@ def test_ddp_sample_mix_gradient_and_clars_device_mix(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["sample_mix_rel_error"] < 1e-4
     assert result["last_update_micro_batches"] == 2  # one micro-batch per rank and step
+
+
+@pytest.mark.parametrize("flags,config,match", [
+    ({"optimizer": "clars"}, {}, "--optimizer 'clars': with --deepspeed the DeepSpeed config decides"),
+    ({"mix": "device"}, {}, "--mix 'device': with --deepspeed"),
+    ({}, {"gradient_mix": {"granularity": "sample"}}, "gradient_mix.granularity \"sample\""),
+    ({}, {"optimizer": {"type": "CLARS", "second_moments": {"source": "per_sample"}}}, "per_sample"),
+    ({}, {"optimizer": {"type": "clars"}, "gradient_accumulation_steps": "auto"}, "gradient_accumulation_steps 2"),
+])
+def test_deepspeed_refuses_what_the_config_decides_or_cannot_feed(tmp_path, flags, config, match):
+    """Checked before any process group or engine exists (the arguments' dataclass and a config file)."""
+    from types import SimpleNamespace
+
+    from lb_dist.finetune import FinetuneArguments, _prepare_deepspeed
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    fa = FinetuneArguments(data_dir=str(MULTI30K), **flags)
+    with pytest.raises(ValueError, match=match):
+        _prepare_deepspeed(fa, SimpleNamespace(deepspeed=str(path), gradient_accumulation_steps=2))
+
+
+def test_deepspeed_launcher_clars_gradient_mix(tmp_path):
+    """``deepspeed --num_gpus 2 --module lb_dist.finetune --deepspeed ds.json``: the Trainer builds
+    lb_dist's engine through register(): ZeRO-aware CLARS from the config (ZeRO-2, micro-batch S_k from
+    the 2 processes' micro-batches), device-wise gradient_mix, "auto" values from the Trainer."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _worker_launch import REPO, child_env, free_port
+
+    pytest.importorskip("deepspeed")
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.exists():
+        pytest.skip("the deepspeed launcher is not installed")
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "train_batch_size": "auto", "gradient_clipping": "auto", "steps_per_print": 10 ** 9,
+              "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "CLARS", "params": {"lr": "auto", "weight_decay": "auto", "eta": 0.01}},
+              "gradient_mix": {"noise": "gaussian", "std": 0.25, "seed": 0}}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    argv = ["--deepspeed", str(tmp_path / "ds.json"), "--data_dir", str(MULTI30K), "--output_dir", str(out),
+            "--max_train_samples", "64", "--vocab_size", "200", "--model_options", json.dumps(TINY),
+            "--per_device_train_batch_size", "4", "--max_steps", "3", "--learning_rate", "0.5",
+            "--weight_decay", "1e-4", "--max_grad_norm", "0", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu",
+            "--max_length", "40", "--disable_tqdm", "true", "--report_to", "none", "--seed", "0",
+            "--dataloader_num_workers", "0", "--test_bleu", "false"]
+    env = {**child_env(), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                           "lb_dist.finetune", *argv], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    res = json.loads((out / "results.json").read_text())
+    ds = res["deepspeed"]
+    assert ds["engine"].startswith("LbDist") and ds["optimizer"] == "ZeROCLARS" and ds["zero_stage"] == 2
+    assert ds["world_size"] == 2 and ds["mix_step"] == res["global_step"] == 3
+    assert ds["estimator_updates"] == [3]   # one micro-batch estimate per optimizer step
+    assert math.isfinite(res["train_loss"]) and res["train_loss"] > 0
