@@ -368,3 +368,21 @@ def test_console_script_dispatches_train_and_plot(tmp_path, capsys):
         cli_main(["train", "--run-dir", str(tmp_path), "--optimizer", "sgd"])
     assert e.value.code == 2 and "lb-dist train: error: argument --lr" in capsys.readouterr().err
     assert cli_main([]) == 2 and "usage: lb-dist {train,plot}" in capsys.readouterr().out
+
+
+def test_build_model_takes_any_cifar_resnet_depth(tmp_path):
+    """``resnetD`` for D = 6n+2 is the CIFAR ResNet of that depth (n basic blocks per stage), through
+    lb_dist.models.build_model itself; resnet50 stays the ImageNet model; other depths are refused."""
+    from lb_dist.models import CifarResNet, build_model, cifar_resnet_depth
+
+    m = build_model("resnet8", num_classes=7, last_bn_gamma=0.0)
+    assert isinstance(m, CifarResNet) and [len(m.layer1), len(m.layer2), len(m.layer3)] == [1, 1, 1]
+    assert m.fc.out_features == 7 and float(m.layer1[0].bn2.weight.abs().sum()) == 0.0
+    assert cifar_resnet_depth("resnet56") == 56 and cifar_resnet_depth("resnet1202") == 1202
+    assert cifar_resnet_depth("resnet50") is None and type(build_model("resnet50")).__name__ == "ResNet"
+    for bad in ("resnet10", "resnet2", "resnetx"):
+        with pytest.raises(ValueError, match="6n\\+2"):
+            build_model(bad)
+    assert parse_args(common(tmp_path / "r", "--lr", "1", "--model", "resnet14")).model == "resnet14"
+    with pytest.raises(SystemExit):
+        parse_args(common(tmp_path / "r", "--lr", "1", "--model", "resnet10"))

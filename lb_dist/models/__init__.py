@@ -7,6 +7,7 @@ Hugging Face ``transformers``, built from a config, offline). See docs/workloads
 name                model                                      default classes  parameters
 ==================  =========================================  ===============  =====================
 resnet20 ... 110    CIFAR ResNet-(6n+2), option A shortcuts     10               0.27M ... 1.7M
+resnetD             any other CIFAR depth D = 6n+2 >= 8         10               (resnet8: 0.08M)
 resnet18_cifar      ResNet-18, 3x3 stem, no max pooling         10               11.17M
 vgg11_bn            VGG-11 + BatchNorm, one linear classifier   10               9.23M
 resnet50            ImageNet ResNet-50 v1.5                     1000             25.56M
@@ -23,6 +24,8 @@ Transformers take ``vocab_size`` (shared) or ``src_vocab_size`` + ``tgt_vocab_si
 """
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from lb_dist.models.cifar_resnet import (
@@ -37,7 +40,7 @@ from lb_dist.models.cifar_resnet import (
 from lb_dist.models.resnet import Bottleneck, ResidualBasicBlock, ResNet, resnet18, resnet18_cifar, resnet50
 from lb_dist.models.vgg import VGG, vgg11_bn
 
-__all__ = ["build_model", "is_seq2seq", "MODEL_NAMES", "BasicBlock", "CifarResNet", "resnet20", "resnet32",
+__all__ = ["build_model", "is_seq2seq", "cifar_resnet_depth", "MODEL_NAMES", "BasicBlock", "CifarResNet", "resnet20", "resnet32",
            "resnet44", "resnet56", "resnet110", "ResNet", "ResidualBasicBlock", "Bottleneck", "resnet18",
            "resnet18_cifar", "resnet50", "VGG", "vgg11_bn"]
 
@@ -49,6 +52,21 @@ _TRANSFORMERS = {"transformer_small": "small", "transformer_base": "base"}
 MODEL_NAMES: tuple[str, ...] = (*_CIFAR_DEPTHS, "resnet18_cifar", "vgg11_bn", "resnet50", *_TRANSFORMERS)
 
 
+def cifar_resnet_depth(name: str) -> int | None:
+    """The depth D of a CIFAR ResNet name: ``resnet20`` ... ``resnet110``, and ``resnetD`` for any other
+    D = 6n+2 >= 8 (``resnet8``, ``resnet1202``); None for every other name (``resnet50`` is the ImageNet
+    model, ``resnet18_cifar`` its own architecture)."""
+    if name in _CIFAR_DEPTHS:
+        return _CIFAR_DEPTHS[name]
+    if name in MODEL_NAMES:
+        return None
+    m = re.fullmatch(r"resnet(\d+)", name)
+    if m is None:
+        return None
+    depth = int(m.group(1))
+    return depth if depth >= 8 and (depth - 2) % 6 == 0 else None
+
+
 def _check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -57,25 +75,28 @@ def _check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
 
 
 def build_model(name: str, *, num_classes: int | None = None, **options) -> nn.Module:
-    """Build a model by name (``MODEL_NAMES``), freshly initialised.
+    """Build a model by name (``MODEL_NAMES``, or ``resnetD`` for any CIFAR depth D = 6n+2, see
+    :func:`cifar_resnet_depth`), freshly initialised.
 
     ``num_classes`` is for the image models (default: 10 for the CIFAR models, 1000 for
     ``resnet50``); the Transformers take their vocabulary instead and refuse ``num_classes``.
     ``last_bn_gamma=None`` keeps the BatchNorm default 1.
     """
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
+    depth = cifar_resnet_depth(name)
+    if name not in MODEL_NAMES and depth is None:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}, or resnetD for any CIFAR "
+                         f"ResNet depth D = 6n+2 >= 8")
     if name in _TRANSFORMERS:
         if num_classes is not None:
             raise ValueError(f"model {name!r} is a sequence-to-sequence model: give vocab_size (or "
                              f"src_vocab_size and tgt_vocab_size), not num_classes")
         from lb_dist.models.transformer import build_transformer
         return build_transformer(_TRANSFORMERS[name], **options)
-    classes = _IMAGE_DEFAULT_CLASSES[name] if num_classes is None else num_classes
-    if name in _CIFAR_DEPTHS:
+    classes = _IMAGE_DEFAULT_CLASSES.get(name, 10) if num_classes is None else num_classes
+    if depth is not None:
         _check_options(name, options, ("last_bn_gamma", "shortcut", "in_channels"))
         gamma = options.pop("last_bn_gamma", None)
-        return CifarResNet(_CIFAR_DEPTHS[name], num_classes=classes,
+        return CifarResNet(depth, num_classes=classes,
                            residual_bn_init=1.0 if gamma is None else gamma, **options)
     if name == "vgg11_bn":
         _check_options(name, options, ("in_channels",))

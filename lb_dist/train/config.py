@@ -253,9 +253,7 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, world_size: int | None = None) -> None:
     """Cross-flag checks; ``p.error`` (exit 2, message naming the flag) on the first problem.
     ``world_size``: checked against the batch layout when known (it is, except in ``--help`` paths)."""
-    from lb_dist.models import MODEL_NAMES
-
-    from lb_dist.train.workloads import cifar_resnet_depth
+    from lb_dist.models import MODEL_NAMES, cifar_resnet_depth
 
     if args.model not in MODEL_NAMES and cifar_resnet_depth(args.model) is None:
         p.error(f"argument --model: invalid choice {args.model!r} (choose from {', '.join(MODEL_NAMES)}, or "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -161,32 +160,6 @@ class Workload:
     info: dict = field(default_factory=dict)  # e.g. tokenizer fingerprint, classes
 
 
-def cifar_resnet_depth(name: str) -> int | None:
-    """``resnetD`` with D = 6n+2 not among ``lb_dist.models.MODEL_NAMES`` (e.g. ``resnet8``, the demo's
-    small ResNet, or ``resnet1202``): the depth, else None."""
-    m = re.fullmatch(r"resnet(\d+)", name)
-    if m is None:
-        return None
-    depth = int(m.group(1))
-    return depth if depth >= 8 and (depth - 2) % 6 == 0 else None
-
-
-def build_image_model(name: str, *, num_classes: int, **options) -> nn.Module:
-    """``lb_dist.models.build_model``, plus the CIFAR ResNets of any depth 6n+2 (``resnet8``, ...)
-    built the way build_model builds resnet20..110 (``CifarResNet``, option A shortcuts)."""
-    from lb_dist.models import MODEL_NAMES, CifarResNet, build_model
-
-    depth = cifar_resnet_depth(name)
-    if name in MODEL_NAMES or depth is None:
-        return build_model(name, num_classes=num_classes, **options)
-    unknown = sorted(set(options) - {"last_bn_gamma", "shortcut", "in_channels"})
-    if unknown:
-        raise ValueError(f"model {name!r} does not take option(s) {', '.join(map(repr, unknown))}; "
-                         f"valid: last_bn_gamma, shortcut, in_channels")
-    gamma = options.pop("last_bn_gamma", None)
-    return CifarResNet(depth, num_classes=num_classes, residual_bn_init=1.0 if gamma is None else gamma, **options)
-
-
 def _synthetic(args) -> tuple[Dataset, Dataset, int]:
     from lb_dist.data import SyntheticImages
 
@@ -205,6 +178,7 @@ def build_workload(args: argparse.Namespace, run_dir: Path, backend, resume_stat
     options = parse_model_options(args.model_option)
     name = args.dataset
     if name in ("synthetic", "cifar10", "cifar100", "imagenet"):
+        from lb_dist.models import build_model
         if name == "synthetic":
             train, test, classes = _synthetic(args)
         elif name in ("cifar10", "cifar100"):
@@ -223,7 +197,7 @@ def build_workload(args: argparse.Namespace, run_dir: Path, backend, resume_stat
         train, test = _subset(train, args.train_size if name != "synthetic" else None), \
             _subset(test, args.test_size if name != "synthetic" else None)
         return Workload(train=train, test=test, task=ImageTask(args.label_smoothing),
-                        build_model=lambda: build_image_model(args.model, num_classes=classes, **options),
+                        build_model=lambda: build_model(args.model, num_classes=classes, **options),
                         info={"num_classes": classes})
     return _translation_workload(args, run_dir, backend, resume_state, options)
 
