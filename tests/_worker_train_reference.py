@@ -81,6 +81,19 @@ def reference_layerwise(*, optimizer: str, steps: int, batch_size: int, world_si
       big = small - u (1 - 1/n));
     * the schedule: ``poly`` (GradientMix eq. 15, no warmup, decay power 2, over ``steps``) or ``constant``.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (--num-threads 1): the same kernels on the same micro-batches
+    try:
+        return _reference_layerwise(optimizer=optimizer, steps=steps, batch_size=batch_size, world_size=world_size,
+                                    lr=lr, train_size=train_size, image_size=image_size, momentum=momentum,
+                                    weight_decay=weight_decay, eta=eta, seed=seed, mix=mix, mix_std=mix_std,
+                                    mix_noise=mix_noise, estimator=estimator, schedule=schedule, model=model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_layerwise(*, optimizer, steps, batch_size, world_size, lr, train_size, image_size, momentum,
+                         weight_decay, eta, seed, mix, mix_std, mix_noise, estimator, schedule, model):
     from lb_dist.moments import MicroBatchMoments
     from lb_dist.optim import CLARS, LARS, param_groups
     from lb_dist.schedules import PolynomialWarmupDecay

@@ -386,3 +386,65 @@ def test_build_model_takes_any_cifar_resnet_depth(tmp_path):
     assert parse_args(common(tmp_path / "r", "--lr", "1", "--model", "resnet14")).model == "resnet14"
     with pytest.raises(SystemExit):
         parse_args(common(tmp_path / "r", "--lr", "1", "--model", "resnet10"))
+
+
+# expected flags of every deepspeed_configs/ file (docs: deepspeed_configs/README.md, "With lb-dist train")
+DS_CONFIG_FLAGS = {
+    "clars_resnet50_imagenet_b16384.json": dict(optimizer="clars", lr=25.0, eta=0.01, weight_decay=1e-4,
+                                                batch_size=16384, accumulation_steps=32, zero_stage=1, bf16=True,
+                                                clars_moments="per-sample", schedule="poly", warmup_steps=0),
+    "lars_resnet50_imagenet_b16384.json": dict(optimizer="lars", lr=25.0, eta=0.001, schedule="poly",
+                                               warmup_steps=390, decay_power=2.0, zero_stage=1, bf16=True),
+    "clars_resnet56_cifar10_b8192.json": dict(optimizer="clars", lr=6.4, weight_decay=5e-4, batch_size=8192,
+                                              schedule="constant", zero_stage=1, bf16=None, mix="none"),
+    "gradientmix_nesterov_resnet50_imagenet_b32k.json": dict(optimizer="nesterov", lr=7.05, momentum=0.97603,
+                                                             weight_decay=5.8e-5, warmup_steps=706, warmup_power=2.0,
+                                                             mix="device", mix_std=0.25, mix_seed=0),
+    "gradientmix_lars_resnet50_imagenet_b32k.json": dict(optimizer="lars", lr=29.0, momentum=0.929, eta=0.001,
+                                                         lr_final_factor=3.4482758620689654e-06, mix="device"),
+    "gradientmix_adam_transformer_multi30k_b1024.json": dict(optimizer="adam", lr=0.008, betas=[0.9, 0.98],
+                                                             eps=1e-9, schedule="inverse-sqrt", warmup_steps=250,
+                                                             zero_stage=2, mix="device"),
+    "gradientmix_lamb_transformer_multi30k_b1024.json": dict(optimizer="lamb", lr=0.008, betas=[0.9, 0.98], eps=1e-6,
+                                                             weight_decay=0.01, schedule="inverse-sqrt",
+                                                             warmup_steps=250, mix="device", mix_noise="gaussian"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DS_CONFIG_FLAGS))
+def test_deepspeed_configs_become_flags(tmp_path, name):
+    """Every file of deepspeed_configs/ translates into lb-dist train's flags (--deepspeed-config), without
+    starting anything; a flag given on the command line wins over the file."""
+    path = REPO / "deepspeed_configs" / name
+    model = ["--model", "transformer_small", "--dataset", "multi30k", "--data-dir", str(tmp_path)] \
+        if "transformer" in name else ["--model", "resnet20"]
+    args = parse_args(["--run-dir", str(tmp_path / "r"), "--backend", "deepspeed", "--deepspeed-config", str(path),
+                       *model])
+    for key, want in DS_CONFIG_FLAGS[name].items():
+        assert getattr(args, key) == want, (key, getattr(args, key), want)
+    assert args._deepspeed_notes == []
+    args = parse_args(["--run-dir", str(tmp_path / "r"), "--backend", "deepspeed", "--deepspeed-config", str(path),
+                       *model, "--batch-size", "64", "--lr", "0.5", "--zero-stage", "0", "--no-bf16"])
+    assert (args.batch_size, args.lr, args.zero_stage, args.bf16) == (64, 0.5, 0, False)
+    assert any("overridden by --batch-size 64" in n for n in args._deepspeed_notes)
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}}, "optimizer.type 'OneBitAdam'"),
+    ({"optimizer": {"type": "LARS", "params": {"lr": 1.0, "nesterov": True}}}, "optimizer.params.nesterov = true for LARS"),
+    ({"optimizer": {"type": "CLARS", "params": {"lr": 1.0, "nesterov": False}}}, "Nesterov momentum whenever"),
+    ({"optimizer": {"type": "CLARS", "params": {"lr": 1.0, "trust_clip": 1}}}, "optimizer.params.trust_clip"),
+    ({"scheduler": {"type": "WarmupLR", "params": {}}}, "scheduler.type 'WarmupLR'"),
+    ({"gradient_mix": {"noise": "uniform"}}, "gradient_mix"),
+    ({"train_batch_size": "auto"}, "train_batch_size must be a positive integer"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage"),
+])
+def test_deepspeed_config_errors_name_the_key(tmp_path, capsys, config, match):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--run-dir", str(tmp_path / "r"), "--backend", "deepspeed", "--deepspeed-config", str(path),
+                    "--lr", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --deepspeed-config: {path}" in err and match in err, err

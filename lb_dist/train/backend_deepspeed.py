@@ -73,6 +73,10 @@ def deepspeed_config(args, world_size: int) -> dict:
         bf16["enabled"] = bool(args.bf16)
     if bf16:
         cfg["bf16"] = bf16
+        if bf16.get("enabled"):
+            # DeepSpeed 0.19.8 casts the parameters only; BatchNorm then meets fp32 running statistics
+            # ("expected scalar type BFloat16 but found Float"): the buffers go to bf16 as well
+            cfg["data_types"] = {"buffer_dtype": "bf16", **(cfg.get("data_types") or {})}
     name = args.optimizer
     if name in LAYERWISE_TYPES:
         params = {"lr": peak_lr(args), "weight_decay": args.weight_decay}
