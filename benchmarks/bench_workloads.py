@@ -1,11 +1,13 @@
-"""Throughput of the lb-dist train workloads per process, with 1 and 2 processes, for the backends
-available (``single``: one plain process; ``torchrun``: DDP with 1 and with 2 processes), and the
-overhead of CLARS and of GradientMix on each.
+"""Throughput of the lb-dist train workloads per process, with 1 and 2 processes, for every backend
+(``single``: one plain process; ``torchrun``: DDP; ``deepspeed``: lb_dist.deepspeed's engine at ZeRO
+stage ``--zero-stage``; ``horovod``: lb_dist.horovod.DistributedOptimizer over Gloo), and the overhead
+of CLARS and of GradientMix on each.
 
     python benchmarks/bench_workloads.py [--rounds 6] [--steps 2] [--repeat 2] [--workloads resnet20 transformer_small]
+        [--configs single:1 torchrun:1 torchrun:2 deepspeed:1 deepspeed:2 horovod:1 horovod:2] [--zero-stage 2]
 
-The parent starts one job per configuration (``--worker``: a plain process, or ``torchrun
---nproc_per_node K``). In a job, every variant of a workload is built with ``lb_dist.train``'s own
+The parent starts one job per configuration (``--worker``: a plain process, ``torchrun
+--nproc_per_node K``, ``deepspeed --num_gpus K`` or ``horovodrun -np K -H localhost:K --gloo``). In a job, every variant of a workload is built with ``lb_dist.train``'s own
 ``build_components`` and timed with its ``StepRunner`` (exactly the training step of ``lb-dist train``:
 forward, backward, DDP/hook reduction, statistics, optimizer step), on fixed micro-batches prepared
 in memory beforehand (data loading is not timed), in interleaved rounds: per round every variant runs
@@ -65,6 +67,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
 def worker(args) -> None:
     import torch
 
@@ -74,7 +84,7 @@ def worker(args) -> None:
     from lb_dist.train.workloads import build_workload
 
     torch.set_num_threads(args.threads)
-    backend = select_backend(args.backend)
+    backend = select_backend(args.backend, local_rank_flag=args.local_rank)
     backend.start()
     K = backend.world_size
     results = {}
@@ -84,6 +94,8 @@ def worker(args) -> None:
         batch = micro * A * K
         common = ["--run-dir", str(Path(tmp) / name), "--batch-size", str(batch), "--accumulation-steps", str(A),
                   "--epochs", "1", "--no-progress", "--schedule", "constant", "--backend", args.backend]
+        if args.backend == "deepspeed":
+            common += ["--zero-stage", str(args.zero_stage)]
         if name == "resnet20":
             common += ["--model", "resnet20", "--train-size", str(batch * args.steps), "--test-size", "32"]
             variants = IMAGE_VARIANTS
@@ -127,11 +139,9 @@ def worker(args) -> None:
             parts["engine"].close()
         del runners
     if backend.rank == 0:
-        Path(args.out).write_text(json.dumps({"backend": args.backend, "world_size": K, "results": results}))
-    if args.backend == "torchrun":
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+        label = args.backend + (f" (ZeRO-{args.zero_stage})" if args.backend == "deepspeed" else "")
+        Path(args.out).write_text(json.dumps({"backend": label, "world_size": K, "results": results}))
+    backend.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -145,14 +155,17 @@ def main() -> int:
                    choices=["resnet20", "transformer_small"])
     p.add_argument("--data-dir", default=str(SHARED_MULTI30K), help="Multi30k raw files")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--configs", nargs="+", default=["single:1", "torchrun:1", "torchrun:2"],
+    p.add_argument("--configs", nargs="+", default=["single:1", "torchrun:1", "torchrun:2", "deepspeed:1", "deepspeed:2",
+                                                    "horovod:1", "horovod:2"],
                    help="BACKEND:PROCESSES, run in this order --repeat times")
+    p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage of the deepspeed jobs")
     p.add_argument("--repeat", type=int, default=2, help="repetitions of the sequence of configurations")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="single", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -160,7 +173,10 @@ def main() -> int:
     if "transformer_small" in args.workloads and not Path(args.data_dir).is_dir():
         print(f"[bench] {args.data_dir} not found: skipping transformer_small", file=sys.stderr)
         args.workloads = [w for w in args.workloads if w != "transformer_small"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO),
+               PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))  # horovodrun starts `python`
+    env.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     raw: dict = {}  # (config) -> {"world_size", "results": {workload: {"per_step", "unit", "mix", "times"}}}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeat):  # the configurations alternate, so that slow phases of a shared
@@ -170,12 +186,19 @@ def main() -> int:
                 me = [str(Path(__file__).resolve()), "--worker", "--backend", backend, "--out", str(out),
                       "--tmp", str(Path(tmp) / f"{backend}{nproc}-{rep}"),
                       "--rounds", str(args.rounds), "--steps", str(args.steps), "--data-dir", args.data_dir,
-                      "--threads", str(args.threads), "--workloads", *args.workloads]
+                      "--threads", str(args.threads), "--zero-stage", str(args.zero_stage), "--workloads", *args.workloads]
                 if backend == "single":
                     cmd = [sys.executable, *me]
-                else:
+                elif backend == "torchrun":
                     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc,
                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *me]
+                elif backend == "deepspeed":
+                    cmd = [str(bin_dir / "deepspeed"), "--num_gpus", nproc, "--master_port", str(_free_port()), *me]
+                elif backend == "horovod":
+                    cmd = [str(bin_dir / "horovodrun"), "-np", nproc, "-H", f"localhost:{nproc}", "--gloo",
+                           sys.executable, *me]
+                else:
+                    p.error(f"--configs: unknown backend {backend!r} in {config!r}")
                 print(f"[bench] {config} (repetition {rep + 1}/{args.repeat}): {' '.join(cmd[1:])}",
                       file=sys.stderr, flush=True)
                 rc = subprocess.call(cmd, env=env, cwd=str(REPO))
