@@ -229,6 +229,24 @@ def test_deepspeed_bf16_is_the_same_training_in_lower_precision(ds_job):
             torch.testing.assert_close(got[k].float(), v, rtol=0.05, atol=0.02)
 
 
+def test_deepspeed_command_line_detects_the_launcher(tmp_path):
+    """``deepspeed --num_gpus 2 --module lb_dist.train ...`` without --backend: the launcher's --local_rank
+    selects the deepspeed backend; the run equals the one-process SGD reference."""
+    pytest.importorskip("deepspeed")
+    run = tmp_path / "cli"
+    env = child_env()
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    proc = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                           "lb_dist.train", *common(run, *SGD, *MIX, "--zero-stage", "1")], env=env, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["backend_used"] == "deepspeed" and cfg["world_size"] == 2 and cfg["backend"] == "auto"
+    want = reference_sgd(steps=STEPS, batch_size=BATCH, world_size=2, accumulation=1, lr=0.05, momentum=0.9,
+                         train_size=TRAIN, image_size=IMAGE, mix="device", mix_std=0.5)
+    assert_params_close(final_model(run), want)
+
+
 # ----------------------------------------------------------------------------- Horovod
 @pytest.fixture(scope="module")
 def hvd_job(tmp_path_factory):
