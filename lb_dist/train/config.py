@@ -111,8 +111,8 @@ def parse_model_options(items) -> dict:
 def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, usage=f"{prog} --run-dir DIR --lr LR [options]   ({prog} --help lists them)",
-        description="Train a ResNet or Transformer with lb_dist's optimizers and GradientMix, in one process or "
-                    "under torchrun (the same command; DeepSpeed and Horovod come next). "
+        description="Train a ResNet or Transformer with lb_dist's optimizers and GradientMix, the same command in "
+                    "one process or under torchrun, deepspeed (--module lb_dist.train) or horovodrun. "
                     "Reference: docs/training.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
