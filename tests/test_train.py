@@ -448,3 +448,18 @@ def test_deepspeed_config_errors_name_the_key(tmp_path, capsys, config, match):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument --deepspeed-config: {path}" in err and match in err, err
+
+
+def test_detect_backend_from_the_launchers_environment():
+    """The environments the launchers set (seen under the real launchers in the distributed tests)."""
+    from lb_dist.train import detect_backend
+
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert detect_backend({}) == "single"
+    assert detect_backend({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}) == "horovod"                 # horovodrun --gloo
+    assert detect_backend({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}) == "horovod"  # --mpi / mpirun
+    assert detect_backend({"OMPI_COMM_WORLD_SIZE": "1"}) == "single"
+    assert detect_backend({**env, "TORCHELASTIC_RUN_ID": "x", "LOCAL_SIZE": "2"}) == "torchrun"
+    assert detect_backend(env, local_rank_flag=0) == "deepspeed"                                   # --local_rank=0
+    assert detect_backend({**env, "CROSS_RANK": "0", "LOCAL_SIZE": "2"}) == "deepspeed"            # --no_local_rank
+    assert detect_backend(env) == "torchrun"
