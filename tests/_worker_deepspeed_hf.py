@@ -25,6 +25,9 @@ torch.set_num_threads(1)
 import lb_dist.deepspeed as lbds  # noqa: E402
 
 STEPS, MICRO, ACC, LR = 4, 4, 2, 0.5
+# dropout off: the test recomputes every micro-batch gradient from the recorded inputs and weights
+BERT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -52,10 +55,33 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
 
+    from transformers import TrainerCallback
+
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, num_labels=3))
+    model = BertForSequenceClassification(BertConfig(**BERT))
+    # what every micro-step computed on: its inputs and the weights it saw (the test recomputes the
+    # micro-batch gradients from them in float64, independently of lb_dist and DeepSpeed)
+    micro_steps: list = []
+
+    def record(module, args, kwargs):
+        if module.training and torch.is_grad_enabled():
+            micro_steps.append({"weights": {n: p.detach().clone() for n, p in module.named_parameters()},
+                                "batch": {k: kwargs[k].detach().clone() for k in ("input_ids", "attention_mask", "labels")}})
+
+    def record_loss(module, args, kwargs, output):
+        if module.training and torch.is_grad_enabled():
+            micro_steps[-1]["model_loss"] = float(output.loss)
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    model.register_forward_hook(record_loss, with_kwargs=True)
+    updates: list = []
+
+    class RecordMoments(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            est_state = lbds.get_runtime(trainer.model_wrapped).step_moments
+            last = dict(est_state.last_update)
+            updates.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in last.items()})
+
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     ds_config = {
         "train_micro_batch_size_per_gpu": "auto",
@@ -73,7 +99,18 @@ def main() -> None:
         gradient_accumulation_steps=ACC, max_steps=STEPS, learning_rate=LR, weight_decay=1e-4,
         deepspeed=ds_config, report_to=[], save_strategy="no", logging_steps=1, seed=0,
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=True)
-    trainer = Trainer(model=model, args=training_args, train_dataset=RandomTokens())
+    trainer = Trainer(model=model, args=training_args, train_dataset=RandomTokens(), callbacks=[RecordMoments()])
+    # the loss the Trainer hands to DeepSpeed may differ from the model's by a factor (transformers
+    # 5.23 multiplies by the number of processes for models taking loss kwargs, and divides by the
+    # accumulation steps only for the others): record it, as the test needs what was backpropagated
+    hf_backward = trainer.accelerator.backward
+
+    def backward(loss, **kwargs):
+        micro_steps[-1]["backward_loss"] = float(loss)
+        micro_steps[-1]["scale_wrt_gas"] = kwargs.get("scale_wrt_gas", True)
+        return hf_backward(loss, **kwargs)
+
+    trainer.accelerator.backward = backward
     result = trainer.train()
 
     engine = trainer.model_wrapped
@@ -101,7 +138,11 @@ def main() -> None:
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "learning_rates": [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h],
     }
-    if torch.distributed.get_rank() == 0:
+    rank = torch.distributed.get_rank()
+    torch.save({"micro_steps": micro_steps, "updates": updates,
+                "estimator_layers": [names[p] for p in estimators[0].params]},
+               os.path.join(args.out_dir, f"hf_rank{rank}.pt"))
+    if rank == 0:
         with open(os.path.join(args.out_dir, "hf.json"), "w") as f:
             json.dump(out, f, indent=1)
     print(f"rank {torch.distributed.get_rank()}: {out['engine']} {out['optimizer']} steps {out['global_step']}",

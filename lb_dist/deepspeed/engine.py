@@ -157,8 +157,11 @@ class LbDistRuntime:
         scale_wrt_gas = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)
         factor = self.loss_factor()
         if self.step_moments is not None:
-            gas = self.accumulation_steps if scale_wrt_gas else 1
-            self.step_moments.set_grad_scale(abs(factor) * self.loss_scale() / gas)
+            # The loss of one micro-step reaches the gradient as (micro-batch mean loss) / A either
+            # way: DeepSpeed divides by A (scale_wrt_gas=True), or the caller did, as Hugging Face's
+            # Trainer does before engine.backward(loss, scale_wrt_gas=False). A caller that does
+            # not divide trains on A times the mean gradient, and S_k scales with it consistently.
+            self.step_moments.set_grad_scale(abs(factor) * self.loss_scale() / self.accumulation_steps)
         self._backward_calls += 1
         if factor == 1.0:
             return base(loss, *args, **kwargs)
