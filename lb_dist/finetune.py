@@ -35,10 +35,9 @@ config names the optimizer (``"type": "CLARS" | "LARS" | "LAMB"``, ZeRO-exact at
 ``"auto"`` values filled from the Trainer's arguments) and the device-wise ``gradient_mix`` section
 (applied in ``engine.backward``); docs/config-deepspeed.md. lb_dist.finetune's own ``--optimizer``,
 ``--mix*``, ``--momentum``, ``--eta``, ``--moments_ema`` are then refused (the config decides), as are
-what the Trainer loop cannot feed (CLARS' ``per_sample`` source, sample-wise ``gradient_mix``) and CLARS'
-micro-batch source with gradient accumulation (the Trainer backpropagates ``loss / A`` with
-``scale_wrt_gas=False``, which lb_dist.deepspeed's estimator does not expect). The loss is the same
-token-mean loss over the global batch.
+what the Trainer loop cannot feed (CLARS' ``per_sample`` source, sample-wise ``gradient_mix``). CLARS'
+micro-batch source works with gradient accumulation (the estimator follows the scale of the loss the
+Trainer backpropagates). The loss is the same token-mean loss over the global batch.
 """
 from __future__ import annotations
 
@@ -339,13 +338,6 @@ def _prepare_deepspeed(fa: FinetuneArguments, ta) -> dict:
         if source_kind == "per_sample":
             raise ValueError(f"{source}: optimizer.second_moments.source \"per_sample\" is not available in "
                              f"lb_dist.finetune (per-sample gradients of the seq2seq model); use \"micro_batch\"")
-        gas = config.get("gradient_accumulation_steps", "auto")
-        gas = ta.gradient_accumulation_steps if gas == "auto" else gas
-        if isinstance(gas, int) and gas > 1:
-            raise ValueError(f"{source}: CLARS' micro-batch second moments with gradient_accumulation_steps {gas}: the "
-                             f"Trainer backpropagates loss/{gas} with DeepSpeed's scale_wrt_gas=False, which "
-                             f"lb_dist.deepspeed's estimator reads as unscaled; use 1 accumulation step (more "
-                             f"processes give the micro-batches), or run without --deepspeed")
     lbds.register()
     return config
 

@@ -255,7 +255,6 @@ def test_ddp_sample_mix_gradient_and_clars_device_mix(tmp_path):
     ({"mix": "device"}, {}, "--mix 'device': with --deepspeed"),
     ({}, {"gradient_mix": {"granularity": "sample"}}, "gradient_mix.granularity \"sample\""),
     ({}, {"optimizer": {"type": "CLARS", "second_moments": {"source": "per_sample"}}}, "per_sample"),
-    ({}, {"optimizer": {"type": "clars"}, "gradient_accumulation_steps": "auto"}, "gradient_accumulation_steps 2"),
 ])
 def test_deepspeed_refuses_what_the_config_decides_or_cannot_feed(tmp_path, flags, config, match):
     """Checked before any process group or engine exists (the arguments' dataclass and a config file)."""
