@@ -26,6 +26,8 @@ bench: setup-bench
 	$(PY) benchmarks/bench_moments.py
 	$(PY) benchmarks/bench_mixing.py
 	$(PY) benchmarks/bench_horovod.py
+	$(PY) benchmarks/bench_deepspeed.py
+	$(PY) benchmarks/bench_workloads.py
 
 clean:
 	rm -rf .venv build *.egg-info demo_out
