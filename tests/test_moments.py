@@ -5,7 +5,9 @@ References used here (none calls the implementation):
   BatchNorm running buffers set to the subset's batch statistics and the BatchNorms in eval mode;
 * the micro-batch estimator against the population E||g_i||^2 of a linear regression, whose
   per-sample gradients are known in closed form, in expectation over thousands of random batches;
-* the track_backward statistics against micro-batch gradients computed one by one.
+* the track_backward statistics against micro-batch gradients computed one by one;
+* the weighted (GradientMix) solve against ||M||^2 without mixing, and against the known ||G||^2 and
+  tr(Sigma) of simulated micro-batch gradients, in expectation over many draws of the data.
 """
 from __future__ import annotations
 
@@ -23,12 +25,16 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from lb_dist.mixing import GradientMix
 from lb_dist.moments import (
     MicroBatchMoments,
     MomentsUnavailableError,
     PerSampleMoments,
+    degenerate_weights,
+    mixing_weight_sums,
     per_sample_second_moments,
     two_batch_estimate,
+    weighted_big_batch_sq,
 )
 
 torch.set_num_threads(1)
@@ -517,6 +523,155 @@ def test_second_moment_bounded_below_by_micro_batch_mean():
         assert (s >= small * (1 - 1e-12)).all()
         if b == 1:  # micro-batches of one sample: S is exactly the per-sample mean
             torch.testing.assert_close(s, small, rtol=1e-12, atol=0)
+
+
+# ------------------------------------- weighted combinations (device-wise GradientMix)
+def _written_two_batch(small, big, b, big_b):
+    """McCandlish et al. (2018) appendix A, written out here: (||G||^2, tr(Sigma)) estimates."""
+    return (big_b * big - b * small) / (big_b - b), (small - big) / (1 / b - 1 / big_b)
+
+
+def _micro_batch_grads(trials, n, b, gen):
+    """``trials`` x n micro-batch mean gradients e_j ~ N(G, Sigma/b) (d = 6), with their truth."""
+    d = 6
+    g_true = torch.linspace(-0.3, 0.4, d, dtype=torch.float64)
+    sigma_diag = torch.linspace(0.5, 3.0, d, dtype=torch.float64)           # per-sample covariance
+    e = g_true + torch.randn(trials, n, d, generator=gen, dtype=torch.float64) * (sigma_diag / b).sqrt()
+    return e, float(g_true.square().sum()), float(sigma_diag.sum())
+
+
+def test_weighted_big_batch_without_mixing_is_the_mean_norm():
+    """w_j = 1/n: the solve gives back ||M||^2 = ||mean_j g_j||^2 (bit for bit with the sums
+    mixing_weight_sums returns for plain averaging), so update_weighted == update."""
+    gen = torch.Generator().manual_seed(3)
+    for n, b in ((2, 4), (3, 1), (8, 16)):
+        e = torch.randn(n, 5, 7, generator=gen, dtype=torch.float64)       # n micro-batches, 5 layers
+        micro_sq_sum = e.square().sum(-1).sum(0)
+        m_sq = e.mean(0).square().sum(-1)
+        assert mixing_weight_sums(n) == (1.0, 1.0 / n)
+        assert torch.equal(weighted_big_batch_sq(micro_sq_sum / n, m_sq, n, *mixing_weight_sums(n)), m_sq)
+        # weights summed in floating point, as a caller holding n copies of 1/n would
+        w = [1.0 / n] * n
+        torch.testing.assert_close(weighted_big_batch_sq(micro_sq_sum / n, m_sq, n, sum(w), sum(x * x for x in w)),
+                                   m_sq, rtol=1e-12, atol=0)
+        plain = MicroBatchMoments([torch.zeros(1) for _ in range(5)], micro_batch_size=b)
+        plain.update(micro_sq_sum, n, m_sq)
+        weighted = MicroBatchMoments([torch.zeros(1) for _ in range(5)], micro_batch_size=b)
+        passed = weighted.update_weighted(micro_sq_sum, n, m_sq, weight_sum=1.0, weight_sq_sum=1.0 / n)
+        assert torch.equal(passed, m_sq)
+        assert torch.equal(weighted.second_moments_tensor(), plain.second_moments_tensor())
+        assert torch.equal(weighted.grad_sq_norms_tensor(), plain.grad_sq_norms_tensor())
+
+
+def _weight_sets():
+    gauss = GradientMix(noise="gaussian", std=0.5, seed=2, world_size=4).coefficients(step=5)
+    rad = GradientMix(noise="rademacher", std=0.5, seed=2, world_size=4).coefficients(step=1)
+    return {
+        "plain": [0.25] * 4,
+        "gaussian_K4": gauss.tolist(),                                   # DDP / Horovod: w_k = pi_k
+        "rademacher_K4_A2": [float(p) / 2 for p in rad for _ in range(2)],  # DeepSpeed: w_kj = pi_k / A
+        "negative": [0.7, 0.55, -0.25],                                  # std > 1 draws negative pi
+    }
+
+
+@pytest.mark.parametrize("name", list(_weight_sets()))
+def test_weighted_estimate_is_unbiased_over_the_data(name):
+    """For fixed weights w, micro-batch gradients e_j ~ N(G, Sigma/b) i.i.d.: the weighted solve
+    followed by the two-batch estimator (both written out here) has mean ||G||^2 and tr(Sigma)
+    within 5 standard errors over 20000 draws of the data; taking ||M||^2 as the mean's norm
+    (ignoring the weights) is off by more than 10 standard errors when the weights are mixed."""
+    w = torch.tensor(_weight_sets()[name], dtype=torch.float64)
+    n, b, trials = w.numel(), 4, 20000
+    gen = torch.Generator().manual_seed(11)
+    e, g_sq_true, trace_true = _micro_batch_grads(trials, n, b, gen)
+    small = e.square().sum(-1).mean(1)                                   # [trials]
+    m_sq = torch.einsum("j,tjd->td", w, e).square().sum(-1)             # ||sum_j w_j e_j||^2
+    w1, w2 = float(w.sum()), float(w.square().sum())
+    big = weighted_big_batch_sq(small, m_sq, n, w1, w2)
+    # the documented form: big = small - u (1 - 1/n), u = (||M||^2 - W1^2 small) / (W2 - W1^2)
+    u = (m_sq - w1 * w1 * small) / (w2 - w1 * w1)
+    torch.testing.assert_close(big, small - u * (1 - 1 / n), rtol=1e-9, atol=1e-12)
+    grad_sq, trace = _written_two_batch(small, big, b, n * b)
+    for est, truth in ((grad_sq, g_sq_true), (trace, trace_true)):
+        se = float(est.std()) / math.sqrt(trials)
+        assert abs(float(est.mean()) - truth) < 5 * se, (name, float(est.mean()), truth, se)
+    if name != "plain":
+        naive_grad_sq, naive_trace = _written_two_batch(small, m_sq, b, n * b)
+        se = float(naive_trace.std()) / math.sqrt(trials)
+        assert abs(float(naive_trace.mean()) - trace_true) > 10 * se, (name, float(naive_trace.mean()), trace_true)
+
+
+def test_degenerate_weights_skip_the_update():
+    """W2 = W1^2 (one non-zero weight, or none): nothing to compare; the solve raises and
+    update_weighted skips the step, leaving the estimate as it was."""
+    n, b = 2, 4
+    est = MicroBatchMoments([torch.zeros(1) for _ in range(3)], micro_batch_size=b)
+    # no estimate yet, and the first step is degenerate: the error says why
+    assert est.update_weighted(torch.ones(3), n, torch.ones(3), weight_sum=0.75, weight_sq_sum=0.5625) is None
+    assert est.num_updates == 0 and est.num_skipped_updates == 1
+    with pytest.raises(MomentsUnavailableError, match="no estimate yet.*1 step.*degenerate"):
+        est.second_moments()
+    est.update(torch.tensor([2.0, 3.0, 4.0]), n, torch.tensor([0.5, 1.0, 1.5]))
+    before = est.second_moments_tensor().clone()
+    # Rademacher noise with std = 1 over K = 2 ranks: pi = (1 +- 1)/2, a coefficient is exactly 0
+    rad = GradientMix(noise="rademacher", std=1.0, seed=0, world_size=2)
+    zero_steps = [t for t in range(20) if float(rad.coefficients(step=t).min()) == 0.0]
+    assert zero_steps
+    cases = [mixing_weight_sums(2, rad.coefficients(step=t)) for t in zero_steps]
+    cases += [(0.5, 0.25), (0.0, 0.0), (-0.3, 0.09), mixing_weight_sums(3, [0.0, 0.4, 0.0], accumulation_steps=1)]
+    for w1, w2 in cases:
+        assert degenerate_weights(w1, w2), (w1, w2)
+        with pytest.raises(MomentsUnavailableError, match="degenerate weights"):
+            weighted_big_batch_sq(torch.ones(3), torch.ones(3), n, w1, w2)
+        assert est.update_weighted(torch.ones(3) * 2, n, torch.ones(3), weight_sum=w1, weight_sq_sum=w2) is None
+    assert est.num_updates == 1 and est.num_skipped_updates == 1 + len(cases)
+    assert torch.equal(est.second_moments_tensor(), before)
+    # two non-zero weights are enough, whatever their signs (W1 = 0 here)
+    assert not degenerate_weights(0.0, 2.0) and not degenerate_weights(*mixing_weight_sums(2, [0.75, 0.25]))
+    passed = est.update_weighted(torch.ones(3) * 2, n, torch.ones(3), weight_sum=0.0, weight_sq_sum=2.0)
+    small, m_sq, w1, w2 = 1.0, 1.0, 0.0, 2.0
+    u = (m_sq - w1 ** 2 * small) / (w2 - w1 ** 2)                       # tr(Sigma)/b = 0.5
+    torch.testing.assert_close(passed, torch.full((3,), small - u * (1 - 1 / n), dtype=torch.float64))
+    assert est.num_updates == 2
+
+
+def test_mixing_weight_sums():
+    pi = torch.tensor([0.3, 0.1, 0.45, 0.2], dtype=torch.float64)
+    w1, w2 = mixing_weight_sums(4, pi, accumulation_steps=3)
+    weights = [float(p) / 3 for p in pi for _ in range(3)]                # w_kj = pi_k / A
+    assert w1 == pytest.approx(sum(weights), rel=1e-15) and w2 == pytest.approx(sum(x * x for x in weights), rel=1e-14)
+    assert mixing_weight_sums(4, accumulation_steps=3) == (1.0, 1.0 / 12)
+    with pytest.raises(ValueError, match="coefficients has 3 entries"):
+        mixing_weight_sums(4, [0.25] * 3)
+    with pytest.raises(ValueError, match="coefficients are not finite"):
+        mixing_weight_sums(2, [0.5, float("nan")])
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        mixing_weight_sums(2, None, accumulation_steps=0)
+
+
+def test_update_weighted_bad_inputs():
+    est = MicroBatchMoments([torch.zeros(1) for _ in range(2)], micro_batch_size=4)
+    ok = dict(weight_sum=1.0, weight_sq_sum=0.5)
+    cases = [
+        (dict(weighted_sq=torch.tensor([1.0, float("inf")])), r"weighted_sq is not finite for layer\(s\) \[1\]"),
+        (dict(weighted_sq=torch.ones(3)), "weighted_sq has 3 entries"),
+        (dict(weighted_sq=torch.tensor([1.0, -1.0])), "weighted_sq holds negative"),
+        (dict(micro_sq_sum=torch.tensor([float("nan"), 1.0])), "micro_sq_sum is not finite"),
+        (dict(weight_sum=float("nan")), "weight_sum must be a finite number"),
+        (dict(weight_sq_sum=-0.1), "weight_sq_sum must be >= 0"),
+        (dict(weight_sq_sum=0.25), "weight_sq_sum=0.25 is below"),            # e.g. W2 divided by A twice
+        (dict(num_micro_batches=0), "num_micro_batches"),
+    ]
+    for change, match in cases:
+        args = dict(micro_sq_sum=torch.ones(2), num_micro_batches=2, weighted_sq=torch.ones(2) * 0.4, **ok)
+        args.update(change)
+        with pytest.raises(ValueError, match=match):
+            est.update_weighted(args.pop("micro_sq_sum"), args.pop("num_micro_batches"), args.pop("weighted_sq"), **args)
+    with pytest.raises(MomentsUnavailableError, match="num_micro_batches=1"):
+        est.update_weighted(torch.ones(2), 1, torch.ones(2), weight_sum=1.0, weight_sq_sum=1.0)
+    with pytest.raises(ValueError, match="micro_batch_size is unknown"):
+        MicroBatchMoments([torch.zeros(1)]).update_weighted(torch.ones(1), 2, torch.ones(1), **ok)
+    assert est.num_updates == 0 and est.num_skipped_updates == 0       # nothing was half-applied
 
 
 # ------------------------------------------------------------------- EMA and state_dict

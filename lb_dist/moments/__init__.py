@@ -5,7 +5,9 @@ Two estimators, both returning ``{param: S_k}`` (the protocol ``lb_dist.optim.CL
 * :func:`per_sample_second_moments`: exact, from per-sample gradients (``torch.func``) on a random
   subset of the batch (the paper's section 4.4); costs an extra forward/backward of the subset.
 * :class:`MicroBatchMoments`: free, from the gradients of the micro-batches that gradient
-  accumulation or data-parallel ranks compute anyway (two-batch-size estimator).
+  accumulation or data-parallel ranks compute anyway (two-batch-size estimator); under device-wise
+  GradientMix through :func:`weighted_big_batch_sq` (``MicroBatchMoments.update_weighted``), the one
+  rule the DDP, Horovod and DeepSpeed adapters share.
 
 Both also give the CLARS paper's gradient-variance factor M_k = S_k / ||G_k||^2 (Fig. 3).
 See docs/moments.md.
@@ -13,8 +15,11 @@ See docs/moments.md.
 from lb_dist.moments.microbatch import (
     MicroBatchMoments,
     MomentsUnavailableError,
+    degenerate_weights,
+    mixing_weight_sums,
     two_batch_estimate,
     variance_factors,
+    weighted_big_batch_sq,
 )
 from lb_dist.moments.per_sample import PerSampleMoments, local_subset_size, per_sample_second_moments
 
@@ -22,8 +27,11 @@ __all__ = [
     "MicroBatchMoments",
     "MomentsUnavailableError",
     "PerSampleMoments",
+    "degenerate_weights",
     "local_subset_size",
+    "mixing_weight_sums",
     "per_sample_second_moments",
     "two_batch_estimate",
     "variance_factors",
+    "weighted_big_batch_sq",
 ]

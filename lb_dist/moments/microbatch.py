@@ -13,10 +13,19 @@ McCandlish et al. (2018, "An Empirical Model of Large-Batch Training", appendix 
 and the CLARS denominator is ``S_k = E_i ||grad_k f_i||^2 = ||G_k||^2 + tr(Sigma_k)``
 (paper eq. 5). ``M_k = S_k / ||G_k||^2`` is the CLARS paper's gradient-variance factor (Fig. 3).
 
+When the step's gradient is not the plain mean but a weighted combination ``M = sum_j w_j g_j``
+(device-wise GradientMix: ``w`` are the mixing coefficients), :func:`weighted_big_batch_sq` turns
+``||M||^2`` into the unmixed ``big`` by solving the two equations conditioned on the step's weights
+(``W1 = sum_j w_j``, ``W2 = sum_j w_j^2``)::
+
+    E[small] = ||G_k||^2 + tr(Sigma_k)/b      E[||M_k||^2] = W1^2 ||G_k||^2 + W2 tr(Sigma_k)/b
+
 ``MicroBatchMoments`` holds the per-layer running estimate. Its input is three numbers per layer
-per step (``update``); collecting them is the job of the backend: tensor hooks during gradient
-accumulation (``track_backward`` + ``finish_step``), the DDP communication hook (``lb_dist.ddp``),
-or the caller (``observe`` with explicit micro-batch gradients, or ``update``).
+per step (``update``, or ``update_weighted`` for a weighted combination); collecting them is the job
+of the backend: tensor hooks during gradient accumulation (``track_backward`` + ``finish_step``),
+the DDP communication hook (``lb_dist.ddp``), Horovod's optimizer (``lb_dist.horovod``), DeepSpeed's
+optimizer step (``lb_dist.deepspeed``), or the caller (``observe`` with explicit micro-batch
+gradients, or ``update``).
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from lb_dist._validation import check_fraction, check_positive, check_positive_int
+from lb_dist._validation import check_finite_number, check_fraction, check_positive, check_positive_int
 
 
 class MomentsUnavailableError(RuntimeError):
@@ -46,6 +55,80 @@ def two_batch_estimate(small: torch.Tensor, big: torch.Tensor, b_small: float, b
     grad_sq = (b_big * big - b_small * small) / (b_big - b_small)
     trace_sigma = (small - big) / (1.0 / b_small - 1.0 / b_big)
     return grad_sq, trace_sigma
+
+
+#: Relative tolerance of :func:`degenerate_weights`: ``W2 - W1^2`` is 0 up to float64 round-off.
+DEGENERATE_WEIGHTS_RTOL = 1e-12
+
+
+def mixing_weight_sums(num_workers: int, coefficients=None, accumulation_steps: int = 1) -> tuple[float, float]:
+    """``(W1, W2) = (sum w, sum w^2)`` of the micro-batch weights of device-wise GradientMix.
+
+    K = ``num_workers`` workers each contribute the mean of A = ``accumulation_steps`` micro-batch
+    gradients, and the reduced gradient is ``M = sum_k pi_k (1/A) sum_j g_{k,j}``: the weight of
+    micro-batch (k, j) is ``w_{kj} = pi_k / A``, so ``W1 = sum_k pi_k`` and ``W2 = sum_k pi_k^2 / A``.
+    ``coefficients`` are the K values pi_k (any sequence or tensor); None means plain averaging,
+    ``pi_k = 1/K``, for which exactly ``(1.0, 1/(K A))`` is returned (so that
+    :func:`weighted_big_batch_sq` gives back ``||M||^2`` bit for bit).
+    """
+    check_positive_int("num_workers", num_workers)
+    check_positive_int("accumulation_steps", accumulation_steps)
+    if coefficients is None:
+        return 1.0, 1.0 / (num_workers * accumulation_steps)
+    pi = torch.as_tensor(coefficients, dtype=torch.float64).reshape(-1).cpu()
+    if pi.numel() != num_workers:
+        raise ValueError(f"coefficients has {pi.numel()} entries but num_workers is {num_workers}")
+    if not bool(torch.isfinite(pi).all()):
+        raise ValueError(f"coefficients are not finite: {pi.tolist()}")
+    return float(pi.sum()), float((pi * pi).sum()) / accumulation_steps
+
+
+def degenerate_weights(weight_sum: float, weight_sq_sum: float) -> bool:
+    """True when ``W2 = W1^2`` (to float64 round-off): e.g. a single non-zero weight, or none.
+
+    Then ``E[||M||^2] = W1^2 E[small]`` whatever ``tr(Sigma)`` is: the weighted gradient carries
+    the same information as one micro-batch and there is nothing to compare, so the step gives no
+    estimate (:meth:`MicroBatchMoments.update_weighted` skips it)."""
+    w1_sq = float(weight_sum) ** 2
+    w2 = float(weight_sq_sum)
+    return abs(w2 - w1_sq) <= DEGENERATE_WEIGHTS_RTOL * (abs(w2) + w1_sq)
+
+
+def weighted_big_batch_sq(small: torch.Tensor, weighted_sq: torch.Tensor, num_micro_batches: int,
+                          weight_sum: float, weight_sq_sum: float) -> torch.Tensor:
+    """The unmixed big-batch squared norm ``||G||^2 + tr(Sigma)/(n b)`` from a weighted combination.
+
+    The step has n micro-batch gradients e_j (each the mean over b samples, i.i.d. with mean G and
+    covariance Sigma/b), ``small = (1/n) sum_j ||e_j||^2`` and the weighted combination
+    ``M = sum_j w_j e_j`` with ``weighted_sq = ||M||^2``. Conditioned on the weights, over the data::
+
+        E[small]   = ||G||^2 + tr(Sigma)/b
+        E[||M||^2] = W1^2 ||G||^2 + W2 tr(Sigma)/b        W1 = sum_j w_j, W2 = sum_j w_j^2
+
+    so ``tr(Sigma)/b ~ u = (||M||^2 - W1^2 small) / (W2 - W1^2)`` and ``||G||^2 ~ small - u`` (both
+    unbiased, for any fixed weights). The returned value is the big-batch value the two-batch
+    estimator expects, ``big = small - u (1 - 1/n)``, computed as
+    ``c ||M||^2 + (1 - c W1^2) small`` with ``c = (1 - 1/n) / (W1^2 - W2)``; with
+    ``two_batch_estimate(small, big, b, n b)`` it gives back ``small - u`` and ``b u``. Without
+    mixing (``w_j = 1/n``: ``W1 = 1``, ``W2 = 1/n``) ``c = 1`` and ``big = ||M||^2`` exactly.
+
+    Elementwise on tensors (one entry per layer); float64. Unlike a squared norm, ``big`` can fall
+    outside ``[0, small]`` at a single step (noise); :meth:`MicroBatchMoments.update` projects it.
+    Raises :class:`MomentsUnavailableError` for degenerate weights (:func:`degenerate_weights`).
+    """
+    if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) or num_micro_batches < 2:
+        raise ValueError(f"num_micro_batches must be an integer >= 2, got {num_micro_batches!r}")
+    w1, w2 = float(weight_sum), float(weight_sq_sum)
+    if degenerate_weights(w1, w2):
+        raise MomentsUnavailableError(
+            f"degenerate weights (weight_sum={w1!r}, weight_sq_sum={w2!r}: W2 = W1^2, e.g. a single "
+            f"non-zero weight): the weighted gradient carries no information beyond one micro-batch")
+    n = num_micro_batches
+    w1_sq = w1 * w1
+    c = (1.0 - 1.0 / n) / (w1_sq - w2)
+    small = torch.as_tensor(small, dtype=torch.float64)
+    weighted_sq = torch.as_tensor(weighted_sq, dtype=torch.float64)
+    return c * weighted_sq + (1.0 - c * w1_sq) * small
 
 
 class MicroBatchMoments:
@@ -84,6 +167,7 @@ class MicroBatchMoments:
         self._trace: torch.Tensor | None = None
         self._small: torch.Tensor | None = None
         self.num_updates = 0
+        self.num_skipped_updates = 0   # steps update_weighted skipped (degenerate weights); not saved
         self._hooks: list = []
         self.grad_scale = 1.0
         self._pending_sq: list[torch.Tensor | None] = [None] * len(self.params)
@@ -102,39 +186,17 @@ class MicroBatchMoments:
             mean_sq: per-layer ``||G_{B,k}||^2`` of the step's mean gradient over all n*b samples.
             micro_batch_size: b (defaults to the constructor's).
         """
-        b = micro_batch_size if micro_batch_size is not None else self.micro_batch_size
-        if b is None:
-            raise ValueError("micro_batch_size is unknown: pass it to MicroBatchMoments(...) or update(...)")
-        check_positive_int("micro_batch_size", b)
-        if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) or num_micro_batches < 1:
-            raise ValueError(f"num_micro_batches must be a positive integer, got {num_micro_batches!r}")
-        if num_micro_batches == 1:
-            raise MomentsUnavailableError(
-                "num_micro_batches=1: the micro-batch estimator compares the micro-batch gradients with "
-                "their mean, and one micro-batch per step gives nothing to compare. Use gradient "
-                "accumulation (>= 2 backward passes per step), more than one data-parallel rank, or "
-                "lb_dist.moments.per_sample_second_moments")
-        n_layers = len(self.params)
-        micro_sq_sum = torch.as_tensor(micro_sq_sum, dtype=torch.float64).reshape(-1)
-        mean_sq = torch.as_tensor(mean_sq, dtype=torch.float64).reshape(-1)
-        for name, t in (("micro_sq_sum", micro_sq_sum), ("mean_sq", mean_sq)):
-            if t.numel() != n_layers:
-                raise ValueError(f"{name} has {t.numel()} entries but the estimator tracks {n_layers} parameters")
-            # one host sync per step; a NaN/inf here would poison every later estimate
-            bad = ~torch.isfinite(t)
-            if bool(bad.any()):
-                raise ValueError(f"{name} is not finite for layer(s) {bad.nonzero().flatten().tolist()}: "
-                                 f"skip this step's update (e.g. an AMP step with overflowing gradients)")
-        neg = micro_sq_sum < 0
-        if bool(neg.any()):
-            raise ValueError(f"micro_sq_sum holds negative squared norms for layer(s) {neg.nonzero().flatten().tolist()}")
-        # mean_sq may be negative when it is a bias-corrected estimate (GradientMix, lb_dist.ddp):
+        b = self._check_micro_batch_size(micro_batch_size)
+        self._check_num_micro_batches(num_micro_batches)
+        micro_sq_sum = self._layer_vector("micro_sq_sum", micro_sq_sum, non_negative=True)
+        # mean_sq may be negative when it is an estimate (update_weighted's solve under GradientMix):
         # it is clamped into [0, small] below.
+        mean_sq = self._layer_vector("mean_sq", mean_sq)
         if self._grad_sq is not None and micro_sq_sum.device != self._grad_sq.device:
             micro_sq_sum, mean_sq = micro_sq_sum.to(self._grad_sq.device), mean_sq.to(self._grad_sq.device)
         small = micro_sq_sum / num_micro_batches
         # ||mean||^2 <= mean ||g_j||^2 always holds (Jensen); an estimate of ``big`` that came
-        # out of a noisy correction (GradientMix) is projected back into that range.
+        # out of a noisy solve (GradientMix) is projected back into that range.
         big = torch.minimum(mean_sq.clamp_min(0.0), small)
         grad_sq, trace = two_batch_estimate(small, big, float(b), float(b * num_micro_batches))
         if self.ema > 0 and self._grad_sq is not None:
@@ -147,6 +209,84 @@ class MicroBatchMoments:
             self._grad_sq, self._trace, self._small = grad_sq * w, trace * w, small * w
         self.num_updates += 1
 
+    def update_weighted(self, micro_sq_sum: torch.Tensor, num_micro_batches: int, weighted_sq: torch.Tensor, *,
+                        weight_sum: float, weight_sq_sum: float,
+                        micro_batch_size: int | None = None) -> torch.Tensor | None:
+        """Feed one step whose reduced gradient is a weighted combination of its micro-batch gradients.
+
+        The step's reduced gradient is ``M = sum_j w_j g_j`` (device-wise GradientMix: ``w`` are the
+        coefficients, ``lb_dist.moments.mixing_weight_sums``); :func:`weighted_big_batch_sq` solves
+        for the unmixed big-batch value conditioned on the weights, and :meth:`update` is fed with it.
+        The one rule every backend adapter (``lb_dist.ddp``, ``lb_dist.horovod``, ``lb_dist.deepspeed``)
+        uses.
+
+        Args:
+            micro_sq_sum: per-layer ``sum_j ||g_{j,k}||^2`` over the n unmixed micro-batch gradients.
+            num_micro_batches: n (>= 2).
+            weighted_sq: per-layer ``||M_k||^2`` of the weighted combination.
+            weight_sum: ``W1 = sum_j w_j``.
+            weight_sq_sum: ``W2 = sum_j w_j^2`` (``>= W1^2 / n`` by Cauchy-Schwarz).
+            micro_batch_size: b (defaults to the constructor's).
+
+        Returns:
+            the big-batch value passed to :meth:`update` as ``mean_sq`` (float64, per layer), or None
+            when the weights are degenerate (``W2 = W1^2``, e.g. one non-zero weight): the step is
+            then skipped, the estimate stays as it was and :attr:`num_skipped_updates` counts it.
+            Bad input raises ``ValueError`` naming the argument, before anything changes.
+        """
+        b = self._check_micro_batch_size(micro_batch_size)
+        self._check_num_micro_batches(num_micro_batches)
+        micro_sq_sum = self._layer_vector("micro_sq_sum", micro_sq_sum, non_negative=True)
+        weighted_sq = self._layer_vector("weighted_sq", weighted_sq, non_negative=True).to(micro_sq_sum.device)
+        w1 = float(check_finite_number("weight_sum", weight_sum))
+        w2 = float(check_finite_number("weight_sq_sum", weight_sq_sum))
+        if w2 < 0:
+            raise ValueError(f"weight_sq_sum must be >= 0 (a sum of squares), got {weight_sq_sum!r}")
+        if num_micro_batches * w2 < w1 * w1 * (1.0 - 1e-9):
+            raise ValueError(f"weight_sq_sum={weight_sq_sum!r} is below weight_sum^2 / num_micro_batches = "
+                             f"{w1 * w1 / num_micro_batches!r} (Cauchy-Schwarz): these are not the sums of "
+                             f"{num_micro_batches} weights and their squares")
+        if degenerate_weights(w1, w2):
+            self.num_skipped_updates += 1
+            return None
+        big = weighted_big_batch_sq(micro_sq_sum / num_micro_batches, weighted_sq, num_micro_batches, w1, w2)
+        self.update(micro_sq_sum, num_micro_batches, big, b)
+        return big
+
+    def _check_micro_batch_size(self, micro_batch_size: int | None) -> int:
+        b = micro_batch_size if micro_batch_size is not None else self.micro_batch_size
+        if b is None:
+            raise ValueError("micro_batch_size is unknown: pass it to MicroBatchMoments(...) or update(...)")
+        return check_positive_int("micro_batch_size", b)
+
+    @staticmethod
+    def _check_num_micro_batches(num_micro_batches) -> None:
+        if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) or num_micro_batches < 1:
+            raise ValueError(f"num_micro_batches must be a positive integer, got {num_micro_batches!r}")
+        if num_micro_batches == 1:
+            raise MomentsUnavailableError(
+                "num_micro_batches=1: the micro-batch estimator compares the micro-batch gradients with "
+                "their mean, and one micro-batch per step gives nothing to compare. Use gradient "
+                "accumulation (>= 2 backward passes per step), more than one data-parallel rank, or "
+                "lb_dist.moments.per_sample_second_moments")
+
+    def _layer_vector(self, name: str, t, non_negative: bool = False) -> torch.Tensor:
+        """``t`` as a float64 vector of one finite entry per tracked parameter (one host sync)."""
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        n_layers = len(self.params)
+        if t.numel() != n_layers:
+            raise ValueError(f"{name} has {t.numel()} entries but the estimator tracks {n_layers} parameters")
+        # a NaN/inf here would poison every later estimate
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            raise ValueError(f"{name} is not finite for layer(s) {bad.nonzero().flatten().tolist()}: "
+                             f"skip this step's update (e.g. an AMP step with overflowing gradients)")
+        if non_negative:
+            neg = t < 0
+            if bool(neg.any()):
+                raise ValueError(f"{name} holds negative squared norms for layer(s) {neg.nonzero().flatten().tolist()}")
+        return t
+
     def _corrected(self, t: torch.Tensor) -> torch.Tensor:
         if self.ema > 0:
             return t / (1 - self.ema ** self.num_updates)
@@ -154,9 +294,13 @@ class MicroBatchMoments:
 
     def _require(self):
         if self._grad_sq is None:
+            skipped = (f" ({self.num_skipped_updates} step(s) so far were skipped by update_weighted because "
+                       f"their weights were degenerate, W2 = W1^2: e.g. a GradientMix with a single non-zero "
+                       f"coefficient)" if self.num_skipped_updates else "")
             raise MomentsUnavailableError(
                 "MicroBatchMoments has no estimate yet: it needs one step's micro-batch statistics "
-                "first (update(), track_backward() + finish_step(), or the lb_dist.ddp hook)")
+                "first (update(), update_weighted(), track_backward() + finish_step(), or a backend "
+                f"adapter such as the lb_dist.ddp hook){skipped}")
 
     # ------------------------------------------------------------ collection
     def track_backward(self, grad_scale: float = 1.0) -> "MicroBatchMoments":
