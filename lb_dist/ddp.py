@@ -9,13 +9,15 @@ Per bucket, :func:`gradient_mix_hook` runs ONE asynchronous all-reduce that
   there is no mix or its noise is ``"none"``: bitwise DDP's default);
 * and, with ``moments``, carries the per-parameter squared norms ``||g_k||^2`` of this rank's
   unmixed local gradient appended to the bucket (SUM over ranks) so that, after the last bucket,
-  ``moments.update(sum_k ||g_k||^2, K, ||M||^2 - kappa^2 sum_k ||g_k||^2, micro_batch_size)`` feeds
-  the micro-batch estimator of ``S_k`` without any extra communication round.
+  ``moments.update_weighted(sum_k ||g_k||^2, K, ||M||^2, weight_sum=W1, weight_sq_sum=W2,
+  micro_batch_size=b)`` feeds the micro-batch estimator of ``S_k`` without any extra communication
+  round.
 
-With mixing, ``E_pi ||M||^2 = ||mean_k g_k||^2 + kappa^2 sum_k ||g_k||^2`` (``kappa = std/K``, the
-coefficients being independent with variance kappa^2), hence the subtraction: the passed ``mean_sq``
-is an unbiased estimate of ``||mean_k g_k||^2`` (the estimator projects it into ``[0, small]``).
-Derivation and usage (torchrun, gradient accumulation) in docs/backend-ddp.md.
+Each rank's gradient is one micro-batch with weight ``pi_k`` (``1/K`` without mixing), so ``W1 =
+sum_k pi_k`` and ``W2 = sum_k pi_k^2``, known on every rank; the core solves for the unmixed
+big-batch value conditioned on these weights (``lb_dist.moments.weighted_big_batch_sq``, exactly
+``||M||^2`` without mixing), the same rule as ``lb_dist.horovod`` and ``lb_dist.deepspeed``.
+Equations in docs/moments.md; usage (torchrun, gradient accumulation) in docs/backend-ddp.md.
 """
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations at run time
 # (``bucket: dist.GradBucket``, ``-> torch.futures.Future[torch.Tensor]``).
@@ -26,7 +28,7 @@ import torch.distributed as dist
 
 from lb_dist._validation import check_positive_int
 from lb_dist.mixing import GradientMix
-from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError
+from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, mixing_weight_sums
 
 __all__ = ["GradientMixHookState", "gradient_mix_hook", "register"]
 
@@ -64,13 +66,15 @@ class GradientMixHookState:
 
     ``grad_scale`` (attribute, default 1.0): the factor the backward'ed loss carries relative to the
     mean loss (e.g. ``scaler.get_scale()`` with AMP loss scaling); the statistics are divided by its
-    square. A step whose statistics are not finite (an overflowing AMP step) is not fed to
-    ``moments`` (``last_update["skipped"]`` is True).
+    square.
 
-    After each synchronizing backward with ``moments``, :attr:`last_update` holds what was passed to
-    ``moments.update`` (``micro_sq_sum``, ``num_micro_batches``, ``mean_sq``, ``micro_batch_size``)
-    plus ``raw_mean_sq = ||M||^2``, ``corrected_mean_sq = ||M||^2 - kappa^2 micro_sq_sum`` (before
-    clamping at 0) and the ``kappa`` used, for logging.
+    After each synchronizing backward with ``moments``, :attr:`last_update` holds, for logging (the
+    same keys as ``lb_dist.horovod`` and ``lb_dist.deepspeed``): ``micro_sq_sum`` (``sum_k
+    ||g_k||^2``), ``num_micro_batches`` (K), ``micro_batch_size``, ``weighted_mean_sq`` (``||M||^2``),
+    ``weights`` (``(W1, W2)``), ``mean_sq`` (the big-batch value passed to ``moments.update``, None
+    when skipped) and ``skipped``; a skipped step also has a ``reason``: ``"non-finite statistics"``
+    (an overflowing AMP step) or ``"degenerate weights"`` (``W2 = W1^2``, e.g. one non-zero
+    coefficient: nothing to compare). A skipped step leaves ``moments`` unchanged.
     """
 
     def __init__(self, mix: GradientMix | None = None, moments: MicroBatchMoments | None = None,
@@ -98,6 +102,7 @@ class GradientMixHookState:
         self.last_update: dict | None = None
         self._coef_key: tuple | None = None
         self._coef = 0.0
+        self._coef_sums = (1.0, 1.0)
         self._lock = threading.Lock()
         self._reset()
 
@@ -122,7 +127,7 @@ class GradientMixHookState:
             self._filled.zero_()
         self._pending = 0
         self._saw_last = False
-        self._kappa = 0.0
+        self._weights = (1.0, 1.0)   # (W1, W2) of the step, fixed with K at its first bucket
         self._k = 1
 
     def _coefficient(self, k: int, rank: int) -> float | None:
@@ -134,9 +139,15 @@ class GradientMixHookState:
         if self._coef_key != key:  # once per step (a step has one bucket per ~25 MB of gradients)
             if mix.world_size is not None and mix.world_size != k:
                 raise ValueError(f"mix.world_size={mix.world_size} but the process group has {k} ranks")
-            self._coef = float(mix._weights(mix.step, k)[rank]) / k
+            pi = mix._weights(mix.step, k) / k
+            self._coef = float(pi[rank])
+            self._coef_sums = mixing_weight_sums(k, pi)
             self._coef_key = key
         return self._coef
+
+    def _weight_sums(self, k: int, coeff: float | None) -> tuple[float, float]:
+        """(W1, W2) of the current step: plain averaging (``coeff`` None) or the cached mix's."""
+        return mixing_weight_sums(k) if coeff is None else self._coef_sums
 
     def _finish_step(self) -> None:
         moments = self.moments
@@ -147,20 +158,21 @@ class GradientMixHookState:
                                f"(and only ones that receive gradients)")
         inv = 1.0 / (self.grad_scale * self.grad_scale)
         micro_sq_sum = self._local_sq * inv
-        raw = self._reduced_sq * inv
-        if not (bool(torch.isfinite(micro_sq_sum).all()) and bool(torch.isfinite(raw).all())):
+        weighted_sq = self._reduced_sq * inv                  # ||M||^2, M = sum_k pi_k g_k
+        w1, w2 = self._weights
+        record = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": self._k,
+                  "micro_batch_size": self.micro_batch_size or moments.micro_batch_size,
+                  "weighted_mean_sq": weighted_sq, "weights": (w1, w2), "mean_sq": None}
+        if not (bool(torch.isfinite(micro_sq_sum).all()) and bool(torch.isfinite(weighted_sq).all())):
             # e.g. an AMP step whose gradients overflowed (GradScaler skips that optimizer step)
-            self.last_update = {"skipped": True, "micro_sq_sum": micro_sq_sum, "raw_mean_sq": raw}
+            self.last_update = {**record, "skipped": True, "reason": "non-finite statistics"}
             return
-        corrected = raw - (self._kappa ** 2) * micro_sq_sum  # unbiased for ||mean_k g_k||^2
-        # A squared norm is >= 0; the estimator projects into [0, small] anyway (and rejects < 0).
-        mean_sq = corrected.clamp_min(0.0)
-        moments.update(micro_sq_sum, num_micro_batches=self._k, mean_sq=mean_sq,
-                       micro_batch_size=self.micro_batch_size)
-        self.last_update = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": self._k, "mean_sq": mean_sq,
-                            "micro_batch_size": self.micro_batch_size or moments.micro_batch_size,
-                            "raw_mean_sq": raw, "corrected_mean_sq": corrected, "kappa": self._kappa,
-                            "skipped": False}
+        mean_sq = moments.update_weighted(micro_sq_sum, self._k, weighted_sq, weight_sum=w1, weight_sq_sum=w2,
+                                          micro_batch_size=self.micro_batch_size)
+        if mean_sq is None:
+            self.last_update = {**record, "skipped": True, "reason": "degenerate weights"}
+            return
+        self.last_update = {**record, "mean_sq": mean_sq, "skipped": False}
 
 
 def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -192,7 +204,7 @@ def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> t
     torch.mul(buf, factor, out=plan.head)
     with state._lock:
         if state._pending == 0 and not state._saw_last:
-            state._kappa = 0.0 if coeff is None else state.mix.std / k
+            state._weights = state._weight_sums(k, coeff)
             state._k = k
         state._pending += 1
         state._saw_last = state._saw_last or bucket.is_last()

@@ -93,10 +93,11 @@ def run_plain(rank: int, steps: int = 3) -> dict:
     return variants
 
 
-def run_moments(noise: str, rank: int, accumulation: int = 1, steps: int = 3) -> dict:
+def run_moments(noise: str, rank: int, accumulation: int = 1, steps: int = 3, std: float = STD,
+                seed: int = 3) -> dict:
     model = make_model()
     ddp = DDP(model, bucket_cap_mb=TINY_BUCKET_MB)
-    mix = None if noise == "off" else GradientMix(noise=noise, std=STD, seed=3)
+    mix = None if noise == "off" else GradientMix(noise=noise, std=std, seed=seed)
     moments = MicroBatchMoments(list(ddp.module.parameters()))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     if mix is not None:
@@ -117,8 +118,9 @@ def run_moments(noise: str, rank: int, accumulation: int = 1, steps: int = 3) ->
                 (F.cross_entropy(ddp(x), y) / accumulation).backward()
         rec["grads"].append(grads(model))
         rec["last_update"].append(dict(state.last_update))
-        rec["grad_sq"].append(moments.grad_sq_norms_tensor().clone())
-        rec["trace"].append(moments.trace_sigma_tensor().clone())
+        has = moments.num_updates > 0   # a skipped (degenerate) first step leaves no estimate
+        rec["grad_sq"].append(moments.grad_sq_norms_tensor().clone() if has else None)
+        rec["trace"].append(moments.trace_sigma_tensor().clone() if has else None)
         rec["num_updates"].append(moments.num_updates)
         opt.step()
     return rec
@@ -180,6 +182,8 @@ def main() -> None:
             "gaussian": run_moments("gaussian", rank),
             "rademacher": run_moments("rademacher", rank),
             "gaussian_accum2": run_moments("gaussian", rank, accumulation=2),
+            # std 1: pi = (1 +- 1)/2, seed 2 draws (0, 1), (1, 1), (0, 1): steps 0 and 2 degenerate
+            "rademacher_std1": run_moments("rademacher", rank, std=1.0, seed=2),
         },
         "scaled": run_scaled(rank),
         "errors": run_errors(),

@@ -2,7 +2,8 @@
 
 Every expected value is recomputed here in ONE process (float64 autograd of the same model on the
 data each rank saved), never taken from lb_dist: the per-rank gradients g_k, the mixed gradient
-sum_k pi_k g_k, the squared norms and the two-batch estimator's outputs.
+sum_k pi_k g_k, the squared norms, the big-batch value solved from the step's weights
+(docs/moments.md) and the two-batch estimator's outputs.
 """
 from __future__ import annotations
 
@@ -104,23 +105,32 @@ def test_noise_none_is_bitwise_plain_ddp(runs):
 
 
 # ------------------------------------------------------------------------- hook + moments
-def check_moments(rec, g, t, kappa, pi=None, b=LOCAL):
+def weighted_solve(g, coef):
+    """The big-batch value of K micro-batches g_k (one per rank) combined with weights coef,
+    conditioned on the weights: E[small] = ||G||^2 + T/b, E[||M||^2] = W1^2 ||G||^2 + W2 T/b, so
+    T/b = (||M||^2 - W1^2 small) / (W2 - W1^2) and big = small - (T/b)(1 - 1/K)."""
+    micro_sq_sum = sum(sq(gk) for gk in g)
+    mixed = [sum(coef[k] * g[k][i] for k in range(K)) for i in range(len(g[0]))]
+    w1, w2 = sum(coef), sum(c * c for c in coef)
+    small = micro_sq_sum / K
+    u = (sq(mixed) - w1 ** 2 * small) / (w2 - w1 ** 2)
+    return micro_sq_sum, mixed, (w1, w2), small - u * (1 - 1 / K)
+
+
+def check_moments(rec, g, t, pi=None, b=LOCAL):
     """rec: one rank's record; g: per-rank reference gradients of step t."""
     upd = rec["last_update"][t]
-    norms = [sq(gk) for gk in g]
-    micro_sq_sum = norms[0] + norms[1]
-    mixed = [sum(pi[k] * g[k][i] for k in range(K)) if pi is not None else (g[0][i] + g[1][i]) / K
-             for i in range(len(g[0]))]
-    raw = sq(mixed)
-    corrected = raw - kappa ** 2 * micro_sq_sum
-    assert upd["num_micro_batches"] == K and upd["micro_batch_size"] == b
+    coef = [1.0 / K] * K if pi is None else [float(c) for c in pi]
+    micro_sq_sum, mixed, weights, big = weighted_solve(g, coef)
+    assert upd["skipped"] is False and upd["num_micro_batches"] == K and upd["micro_batch_size"] == b
+    assert upd["weights"] == pytest.approx(weights, rel=1e-12)
     close(upd["micro_sq_sum"], micro_sq_sum)
-    close(upd["raw_mean_sq"], raw)
-    close(upd["corrected_mean_sq"], corrected)
-    close(upd["mean_sq"], corrected.clamp_min(0))
+    close(upd["weighted_mean_sq"], sq(mixed))
+    close(upd["mean_sq"], big)
+    if pi is None:  # without mixing the solve gives back ||mean_k g_k||^2 itself
+        assert torch.equal(upd["mean_sq"], upd["weighted_mean_sq"])
     small = micro_sq_sum / K
-    big = torch.minimum(corrected.clamp_min(0), small)
-    grad_sq, trace = two_batch(small, big, b, K * b)
+    grad_sq, trace = two_batch(small, torch.minimum(big.clamp_min(0), small), b, K * b)
     close(rec["grad_sq"][t], grad_sq, atol=1e-5, rtol=1e-4)
     close(rec["trace"][t], trace, atol=1e-5, rtol=1e-4)
     return mixed
@@ -131,21 +141,20 @@ def test_moments_without_mixing_exact(runs):
         g = per_rank_grads(runs, lambda r: r["moments"]["off"], t)
         for r in range(K):
             rec = runs[r]["moments"]["off"]
-            assert rec["last_update"][t]["kappa"] == 0.0
-            mean = check_moments(rec, g, t, kappa=0.0)
+            assert rec["last_update"][t]["weights"] == (1.0, 1.0 / K)
+            mean = check_moments(rec, g, t)
             for got, want in zip(rec["grads"][t], mean):  # the gradient is still the plain mean
                 close(got, want)
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
-def test_moments_with_mixing_correction_algebra(runs, noise):
+def test_moments_with_mixing_weighted_solve(runs, noise):
     ref = GradientMix(noise=noise, std=STD, seed=3, world_size=K)
     for t in range(3):
         g = per_rank_grads(runs, lambda r: r["moments"][noise], t)
         for r in range(K):
             rec = runs[r]["moments"][noise]
-            assert rec["last_update"][t]["kappa"] == pytest.approx(STD / K)
-            mixed = check_moments(rec, g, t, kappa=STD / K, pi=ref.coefficients(step=t))
+            mixed = check_moments(rec, g, t, pi=ref.coefficients(step=t))
             for got, want in zip(rec["grads"][t], mixed):
                 close(got, want)
 
@@ -157,7 +166,7 @@ def test_moments_and_mixing_with_gradient_accumulation(runs):
         for r in range(K):
             rec = runs[r]["moments"]["gaussian_accum2"]
             assert rec["num_updates"][t] == t + 1  # the no_sync backward does not reach the hook
-            mixed = check_moments(rec, g, t, kappa=STD / K, pi=ref.coefficients(step=t), b=2 * LOCAL)
+            mixed = check_moments(rec, g, t, pi=ref.coefficients(step=t), b=2 * LOCAL)
             for got, want in zip(rec["grads"][t], mixed):
                 close(got, want)
 
@@ -169,28 +178,40 @@ def test_grad_scale_and_overflowing_steps(runs):
     ref = GradientMix(noise="gaussian", std=STD, seed=3, world_size=K)
     for r in range(K):
         rec = runs[r]["scaled"]
-        check_moments(rec, g, 0, kappa=STD / K, pi=ref.coefficients(step=0))
-        assert rec["overflow_update"]["skipped"] is True and rec["num_updates"] == 1
+        check_moments(rec, g, 0, pi=ref.coefficients(step=0))
+        over = rec["overflow_update"]
+        assert over["skipped"] is True and over["reason"] == "non-finite statistics" and over["mean_sq"] is None
+        assert rec["num_updates"] == 1
 
 
-@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
-def test_correction_is_unbiased_in_expectation(noise):
-    """E_pi[ ||sum_k pi_k g_k||^2 - kappa^2 sum_k ||g_k||^2 ] = ||mean_k g_k||^2 with kappa = std/K,
-    over the coefficients GradientMix actually draws (fixed g_k, many steps)."""
-    k, std, n = 4, 0.5, 6000
-    torch.manual_seed(1)
-    g = torch.randn(k, 7, dtype=torch.float64) + 0.3
-    mix = GradientMix(noise=noise, std=std, seed=11, world_size=k)
-    assert mix.kappa == pytest.approx(std / k)
-    pis = torch.stack([mix.coefficients(step=s) for s in range(n)])          # [n, K]
-    raw = (pis @ g).pow(2).sum(1)                                            # ||M||^2 per step
-    corrected = raw - (std / k) ** 2 * g.pow(2).sum()
-    target = g.mean(0).pow(2).sum()
-    se = corrected.std() / n ** 0.5
-    assert abs(corrected.mean() - target) < 5 * se
-    bias = (std / k) ** 2 * g.pow(2).sum()
-    assert bias > 10 * se                      # the uncorrected ||M||^2 would be detectably biased
-    assert abs(raw.mean() - target - bias) < 5 * se
+def test_degenerate_weights_skip_the_step(runs):
+    """Rademacher noise with std 1 over K = 2 ranks: pi_k = (1 +- 1)/2, so a step whose coefficients
+    hold a single non-zero one has W2 = W1^2 (nothing to compare): it is skipped and reported, the
+    estimate stays as it was (none yet after step 0); the step with two non-zero ones is fed."""
+    ref = GradientMix(noise="rademacher", std=1.0, seed=2, world_size=K)
+    kinds = []
+    for t in range(3):
+        pi = [float(c) for c in ref.coefficients(step=t)]
+        degenerate = sum(c != 0 for c in pi) <= 1
+        kinds.append(degenerate)
+        g = per_rank_grads(runs, lambda r: r["moments"]["rademacher_std1"], t)
+        for r in range(K):
+            rec = runs[r]["moments"]["rademacher_std1"]
+            upd = rec["last_update"][t]
+            if degenerate:
+                assert upd["skipped"] is True and upd["reason"] == "degenerate weights" and upd["mean_sq"] is None
+                assert upd["weights"] == (sum(pi), sum(c * c for c in pi))
+                close(upd["weighted_mean_sq"], sq([sum(pi[k] * g[k][i] for k in range(K)) for i in range(len(g[0]))]))
+                if rec["num_updates"][t] == 0:
+                    assert rec["grad_sq"][t] is None
+                else:                                         # the previous step's estimate, unchanged
+                    assert torch.equal(rec["grad_sq"][t], rec["grad_sq"][t - 1])
+            else:
+                check_moments(rec, g, t, pi=pi)
+            for got, want in zip(rec["grads"][t], [sum(pi[k] * g[k][i] for k in range(K)) for i in range(len(g[0]))]):
+                close(got, want)
+        assert runs[0]["moments"]["rademacher_std1"]["num_updates"][t] == kinds.count(False)
+    assert kinds == [True, False, True]      # the seed covers a first skipped step, an update, a kept one
 
 
 # ---------------------------------------------------------------------------- validation
@@ -242,7 +263,7 @@ def test_torchrun_training_matches_single_process_replay(tmp_path):
         for got, want in zip(outs[r]["final"], params):
             close(got, want, atol=1e-5, rtol=1e-4)
     # S_k of the last step from the estimator, recomputed from the replayed last-step gradients
-    small = (sq(g[0]) + sq(g[1])) / 2
-    corrected = sq(mixed) - (std / 2) ** 2 * (sq(g[0]) + sq(g[1]))
-    grad_sq, trace = two_batch(small, torch.minimum(corrected.clamp_min(0), small), 6, 12)
+    micro_sq_sum, _, _, big = weighted_solve(g, [float(c) for c in pi])
+    small = micro_sq_sum / 2
+    grad_sq, trace = two_batch(small, torch.minimum(big.clamp_min(0), small), 6, 12)
     close(outs[0]["second_moments"], (grad_sq + trace).clamp_min(0), atol=1e-5, rtol=1e-3)
