@@ -85,7 +85,8 @@ def configs(quick: bool) -> dict:
 
 def run_config(name: str, cfg: dict, variant: str, rank: int) -> dict:
     """variant: hvd (hvd.DistributedOptimizer), none (lb, noise 'none'), none_moments, gaussian
-    (+ moments), rademacher (+ moments)."""
+    (+ moments), rademacher (+ moments), rademacher_std1 (+ moments; std 1 and seed 2 draw
+    pi = (0, 1), (1, 1), (0, 1): steps 0 and 2 have degenerate weights)."""
     kind = cfg["model"]
     passes = cfg.get("passes", 1)
     model = make_model(kind)
@@ -99,8 +100,10 @@ def run_config(name: str, cfg: dict, variant: str, rank: int) -> dict:
     if variant == "hvd":
         opt = hvd.DistributedOptimizer(base, named_parameters=named, **kwargs)
     else:
-        noise = "none" if variant.startswith("none") else variant
-        mix = GradientMix(noise=noise, std=STD, seed=7)
+        if variant == "rademacher_std1":
+            mix = GradientMix(noise="rademacher", std=1.0, seed=2)
+        else:
+            mix = GradientMix(noise="none" if variant.startswith("none") else variant, std=STD, seed=7)
         if variant != "none":
             moments = MicroBatchMoments(params)
         opt = lbh.DistributedOptimizer(base, named_parameters=named, gradient_mix=mix, moments=moments,
@@ -122,8 +125,10 @@ def run_config(name: str, cfg: dict, variant: str, rank: int) -> dict:
             opt.step()
         if moments is not None:
             rec["last_update"].append(dict(opt.lb_dist_state.last_update))
-            rec["grad_sq"].append(moments.grad_sq_norms_tensor().clone())
-            rec["trace"].append(moments.trace_sigma_tensor().clone())
+            has = moments.num_updates > 0      # a skipped (degenerate) first step leaves no estimate
+            rec["grad_sq"].append(moments.grad_sq_norms_tensor().clone() if has else None)
+            rec["trace"].append(moments.trace_sigma_tensor().clone() if has else None)
+            rec.setdefault("num_updates", []).append(moments.num_updates)
     rec["final"] = snapshot(model)
     if variant != "hvd":
         rec["final_mix_step"] = opt.lb_dist_state.mix.step
@@ -378,7 +383,8 @@ def main() -> None:
     rank = hvd.rank()
     result = {"size": hvd.size(), "rank": rank, "configs": {}, "mpi": hvd.mpi_enabled(), "gloo": hvd.gloo_enabled()}
     for name, cfg in configs(quick).items():
-        variants = ("hvd", "none", "none_moments", "gaussian") + (("rademacher",) if name == "default" else ())
+        variants = ("hvd", "none", "none_moments", "gaussian") + (("rademacher", "rademacher_std1")
+                                                                  if name == "default" else ())
         result["configs"][name] = {v: run_config(name, cfg, v, rank) for v in variants}
     result["clars"] = run_clars(rank)
     result["errors"] = run_errors(rank)

@@ -186,21 +186,33 @@ def test_mixed_gradient_is_sum_of_pi_k_g_k(runs, config, noise):
 
 
 # ------------------------------------------------------------------- micro-batch moments
-def check_moments(rec, g, t, kappa, pi, b, op_sum=False, tol=None):
+def weighted_solve(g, pi):
+    """The big-batch value of the K rank gradients g_k (one micro-batch each) combined with weights
+    pi_k (1/K: plain averaging), conditioned on the weights: E[small] = ||G||^2 + T/b,
+    E[||M||^2] = W1^2 ||G||^2 + W2 T/b, so T/b = (||M||^2 - W1^2 small) / (W2 - W1^2) and
+    big = small - (T/b)(1 - 1/K). Returns (sum_k ||g_k||^2, ||M||^2, (W1, W2), big)."""
+    coef = [1.0 / K] * K if pi is None else [float(c) for c in pi]
+    micro_sq_sum = sum(sq(gk) for gk in g)
+    m_sq = sq(expected_reduced(g, coef, False))       # ||M||^2 of the AVERAGED mixed gradient
+    w1, w2 = sum(coef), sum(c * c for c in coef)
+    small = micro_sq_sum / K
+    u = (m_sq - w1 ** 2 * small) / (w2 - w1 ** 2)
+    return micro_sq_sum, m_sq, (w1, w2), small - u * (1 - 1 / K)
+
+
+def check_moments(rec, g, t, pi, b, op_sum=False, tol=None):
     upd = rec["last_update"][t]
     tol = tol or {}
-    micro_sq_sum = sq(g[0]) + sq(g[1])
-    raw = sq(expected_reduced(g, pi, False))          # ||M||^2 of the AVERAGED mixed gradient
-    corrected = raw - kappa ** 2 * micro_sq_sum
+    micro_sq_sum, m_sq, weights, big = weighted_solve(g, pi)
     assert upd["skipped"] is False and upd["num_micro_batches"] == K and upd["micro_batch_size"] == b
-    assert upd["kappa"] == pytest.approx(kappa)
+    assert upd["weights"] == pytest.approx(weights, rel=1e-12)
     close(upd["micro_sq_sum"], micro_sq_sum)
-    close(upd["raw_mean_sq"], raw, **tol)
-    close(upd["corrected_mean_sq"], corrected, **tol)
-    close(upd["mean_sq"], corrected.clamp_min(0), **tol)
+    close(upd["weighted_mean_sq"], m_sq, **tol)
+    close(upd["mean_sq"], big, **tol)
+    if pi is None:                                    # the solve gives back ||M||^2 itself
+        assert torch.equal(upd["mean_sq"], upd["weighted_mean_sq"])
     small = micro_sq_sum / K
-    big = torch.minimum(corrected.clamp_min(0), small)
-    grad_sq, trace = two_batch(small, big, b, K * b)
+    grad_sq, trace = two_batch(small, torch.minimum(big.clamp_min(0), small), b, K * b)
     loose = tol or dict(atol=1e-5, rtol=1e-4)
     close(rec["grad_sq"][t], grad_sq, **loose)
     close(rec["trace"][t], trace, **loose)
@@ -216,9 +228,8 @@ def test_moments_statistics_exact(runs, config, variant):
     for t in range(3):
         g = per_rank(runs, config, variant, t)
         pi = ref.coefficients(step=t) if variant == "gaussian" else None
-        kappa = STD / K if variant == "gaussian" else 0.0
         for r in range(K):
-            check_moments(runs[r]["configs"][config][variant], g, t, kappa, pi, b=LOCAL * passes,
+            check_moments(runs[r]["configs"][config][variant], g, t, pi, b=LOCAL * passes,
                           op_sum=config in SUM_CONFIGS, tol=tol)
 
 
@@ -227,15 +238,42 @@ def test_moments_with_rademacher_mixing(runs):
     for t in range(3):
         g = per_rank(runs, "default", "rademacher", t)
         for r in range(K):
-            check_moments(runs[r]["configs"]["default"]["rademacher"], g, t, STD / K, ref.coefficients(step=t), LOCAL)
+            check_moments(runs[r]["configs"]["default"]["rademacher"], g, t, ref.coefficients(step=t), LOCAL)
+
+
+def test_degenerate_weights_skip_the_step(runs):
+    """Rademacher std 1 over K = 2 ranks: pi_k = (1 +- 1)/2; a step with a single non-zero
+    coefficient has W2 = W1^2 and is skipped and reported (the estimate stays as it was, none yet
+    after step 0); the step with two non-zero coefficients is fed."""
+    ref = GradientMix(noise="rademacher", std=1.0, seed=2, world_size=K)
+    kinds = []
+    for t in range(3):
+        pi = [float(c) for c in ref.coefficients(step=t)]
+        degenerate = sum(c != 0 for c in pi) <= 1
+        kinds.append(degenerate)
+        g = per_rank(runs, "default", "rademacher_std1", t)
+        for r in range(K):
+            rec = runs[r]["configs"]["default"]["rademacher_std1"]
+            upd = rec["last_update"][t]
+            if degenerate:
+                assert upd["skipped"] is True and upd["reason"] == "degenerate weights" and upd["mean_sq"] is None
+                assert upd["weights"] == (sum(pi), sum(c * c for c in pi))
+                close(upd["weighted_mean_sq"], sq(expected_reduced(g, pi, False)))
+                assert rec["grad_sq"][t] is None if t == 0 else torch.equal(rec["grad_sq"][t], rec["grad_sq"][t - 1])
+            else:
+                check_moments(rec, g, t, pi, LOCAL)
+            assert rec["num_updates"][t] == kinds.count(False)
+    assert kinds == [True, False, True]
 
 
 def test_grad_scale_and_overflowing_step(runs):
     rec = runs[0]["scaled"]
     g = [local_grad(runs[r]["scaled"]["params"][0], runs[r]["scaled"]["data"][0]) for r in range(K)]
     ref = GradientMix(noise="gaussian", std=STD, seed=3, world_size=K)
-    check_moments(rec, g, 0, STD / K, ref.coefficients(step=0), LOCAL)
-    assert rec["overflow_update"]["skipped"] is True and rec["num_updates"] == 1
+    check_moments(rec, g, 0, ref.coefficients(step=0), LOCAL)
+    over = rec["overflow_update"]
+    assert over["skipped"] is True and over["reason"] == "non-finite statistics" and over["mean_sq"] is None
+    assert rec["num_updates"] == 1
 
 
 # ------------------------------------------------------------------------ CLARS replay
@@ -254,9 +292,8 @@ def test_clars_training_matches_single_process_replay(runs):
     for t in range(3):
         g = [local_grad(params, runs[r]["clars"]["data"][t]) for r in range(K)]
         mixed = expected_reduced(g, ref.coefficients(step=t), False)
-        micro = sq(g[0]) + sq(g[1])
-        corrected = sq(mixed) - (STD / K) ** 2 * micro
-        grad_sq, trace = two_batch(micro / K, torch.minimum(corrected.clamp_min(0), micro / K), LOCAL, K * LOCAL)
+        micro, _, _, big = weighted_solve(g, ref.coefficients(step=t))
+        grad_sq, trace = two_batch(micro / K, torch.minimum(big.clamp_min(0), micro / K), LOCAL, K * LOCAL)
         s = (grad_sq + trace).clamp_min(0)
         close(rec["second_moments"][t], s, atol=1e-6, rtol=1e-4)
         new = []
@@ -430,10 +467,11 @@ def test_elastic_horovodrun_grow_and_shrink(tmp_path):
             if k == 1:
                 assert upd["skipped"] is True and upd["reason"] == "single rank"
             else:
-                micro = sq(g[0]) + sq(g[1])
-                assert upd["skipped"] is False and upd["kappa"] == pytest.approx(STD / 2)
+                micro, m_sq, weights, big = weighted_solve(g, pi)
+                assert upd["skipped"] is False and upd["weights"] == pytest.approx(weights, rel=1e-12)
                 close(upd["micro_sq_sum"], micro, atol=1e-5, rtol=1e-4)
-                close(upd["corrected_mean_sq"], sq(mixed) - (STD / 2) ** 2 * micro, atol=1e-5, rtol=1e-4)
+                close(upd["weighted_mean_sq"], m_sq, atol=1e-5, rtol=1e-4)
+                close(upd["mean_sq"], big, atol=1e-5, rtol=1e-4)
         assert records[t][0]["num_updates"] == min(max(t - 2, 0), 3)  # fed only at K = 2
         bufs = [m.clone() for m in mixed] if bufs is None else [mu * b + m for b, m in zip(bufs, mixed)]
         params = [p - lr * b for p, b in zip(params, bufs)]

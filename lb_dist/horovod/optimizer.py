@@ -19,8 +19,9 @@ of them, each calling Horovod's original:
   gradient is submitted, with the gradients' dtype and op, so Horovod fuses it into the same allreduce
   as the last gradients;
 * ``synchronize()``: submit what Horovod would submit late (parameters whose hook did not fire), run
-  Horovod's synchronize, then feed ``moments.update`` with ``sum_k ||g_k||^2``, ``K`` and
-  ``||M||^2 - kappa^2 sum_k ||g_k||^2`` (as ``lb_dist.ddp`` does).
+  Horovod's synchronize, then feed ``moments.update_weighted`` with ``sum_k ||g_k||^2``, ``K``,
+  ``||M||^2`` and the step's ``W1 = sum_k pi_k``, ``W2 = sum_k pi_k^2`` (the core's solve
+  conditioned on the coefficients, the same rule as ``lb_dist.ddp`` and ``lb_dist.deepspeed``).
 
 Details, equations and what is refused: docs/backend-horovod.md.
 """
@@ -41,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Horovod
 
 from lb_dist._validation import check_positive, check_positive_int
 from lb_dist.mixing import GradientMix
-from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError
+from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, mixing_weight_sums
 
 __all__ = ["DistributedOptimizer", "GradientMixState"]
 
@@ -93,10 +94,13 @@ class GradientMixState:
             ``backward_passes_per_step``); None = ``moments.micro_batch_size``.
         grad_scale: factor the backward'ed loss carries relative to the mean loss (AMP loss
             scaling); the statistics are divided by its square. Default 1.0.
-        last_update: after each step with ``moments``: what was passed to ``moments.update``
-            (``micro_sq_sum``, ``num_micro_batches``, ``mean_sq``, ``micro_batch_size``) plus
-            ``raw_mean_sq = ||M||^2``, ``corrected_mean_sq``, ``kappa`` and ``skipped`` (True, with
-            a ``reason``, when the step was not fed: non-finite statistics or a single rank).
+        last_update: after each step with ``moments``, for logging (the same keys as ``lb_dist.ddp``
+            and ``lb_dist.deepspeed``): ``micro_sq_sum`` (``sum_k ||g_k||^2``), ``num_micro_batches``
+            (K), ``micro_batch_size``, ``weighted_mean_sq`` (``||M||^2`` of the averaged mixed
+            gradient), ``weights`` (``(W1, W2)``), ``mean_sq`` (the big-batch value passed to
+            ``moments.update``, None when skipped) and ``skipped`` (True, with a ``reason``, when the
+            step was not fed: ``"non-finite statistics"``, ``"single rank"`` or ``"degenerate
+            weights"``).
     """
 
     def __init__(self, mix: GradientMix | None, moments: MicroBatchMoments | None,
@@ -108,6 +112,7 @@ class GradientMixState:
         self.last_update: dict | None = None
         self._coef_key: tuple | None = None
         self._scale: float | None = None
+        self._coef_sums = (1.0, 1.0)
         self._warned_single_rank = False
         self.reset()
 
@@ -124,8 +129,8 @@ class GradientMixState:
         self._local_norm: list[torch.Tensor | None] = [None] * n
         self._num_norms = 0
         self._stats_handle = None
-        self._step_k: int | None = None      # K, kappa and K*pi_rank, fixed at the step's first submission
-        self._step_kappa = 0.0
+        self._step_k: int | None = None      # K, (W1, W2) and K*pi_rank, fixed at the step's first submission
+        self._step_weights = (1.0, 1.0)
         self._step_scale: float | None = None
 
     # --------------------------------------------------------------- per step
@@ -139,7 +144,9 @@ class GradientMixState:
             if mix.world_size is not None and mix.world_size != k:
                 raise ValueError(f"gradient_mix.world_size={mix.world_size} but Horovod's process set has {k} "
                                  f"ranks; use GradientMix(world_size=None) to follow the job's size")
-            self._scale = float(mix._weights(mix.step, k)[rank])
+            scales = mix._weights(mix.step, k)          # K * pi
+            self._scale = float(scales[rank])
+            self._coef_sums = mixing_weight_sums(k, scales / k)
             self._coef_key = key
         return self._scale
 
@@ -155,7 +162,7 @@ class GradientMixState:
             ps = opt.process_set
             k = ps.size()
             self._step_scale = self._scale_for(k, ps.rank()) if mixing else None
-            self._step_kappa = self.mix.std / k if mixing else 0.0
+            self._step_weights = self._coef_sums if mixing else mixing_weight_sums(k)
             self._step_k = k
         if self.moments is not None:
             index = self.moments.param_index
@@ -193,7 +200,7 @@ class GradientMixState:
 
     def finish_step(self, opt, handle) -> None:
         moments = self.moments
-        k, kappa = self._step_k, self._step_kappa
+        k, (w1, w2) = self._step_k, self._step_weights
         self.reset()
         sq_sum = hvd.synchronize(handle).double()                        # sum_k ||g_k||^2
         if opt.op == hvd.Average:
@@ -203,12 +210,11 @@ class GradientMixState:
             reduced = reduced / float(k * k)
         inv = 1.0 / (self.grad_scale * self.grad_scale)
         micro_sq_sum = sq_sum * inv
-        raw = reduced * inv
-        corrected = raw - (kappa ** 2) * micro_sq_sum
+        weighted_sq = reduced * inv                                      # ||M||^2, M = sum_k pi_k g_k
         b = self.micro_batch_size if self.micro_batch_size is not None else moments.micro_batch_size
-        record = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": k, "raw_mean_sq": raw,
-                  "corrected_mean_sq": corrected, "kappa": kappa, "micro_batch_size": b}
-        if not (bool(torch.isfinite(micro_sq_sum).all()) and bool(torch.isfinite(raw).all())):
+        record = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": k, "micro_batch_size": b,
+                  "weighted_mean_sq": weighted_sq, "weights": (w1, w2), "mean_sq": None}
+        if not (bool(torch.isfinite(micro_sq_sum).all()) and bool(torch.isfinite(weighted_sq).all())):
             # e.g. an AMP step whose gradients overflowed (GradScaler skips that optimizer step)
             self.last_update = {**record, "skipped": True, "reason": "non-finite statistics"}
             return
@@ -221,8 +227,11 @@ class GradientMixState:
                 self._warned_single_rank = True
             self.last_update = {**record, "skipped": True, "reason": "single rank"}
             return
-        mean_sq = corrected.clamp_min(0.0)
-        moments.update(micro_sq_sum, num_micro_batches=k, mean_sq=mean_sq, micro_batch_size=b)
+        mean_sq = moments.update_weighted(micro_sq_sum, k, weighted_sq, weight_sum=w1, weight_sq_sum=w2,
+                                          micro_batch_size=b)
+        if mean_sq is None:
+            self.last_update = {**record, "skipped": True, "reason": "degenerate weights"}
+            return
         self.last_update = {**record, "mean_sq": mean_sq, "skipped": False}
 
     # --------------------------------------------------------------- state
