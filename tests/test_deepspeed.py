@@ -266,3 +266,54 @@ def test_mpirun_launcher(job_mpi):
     assert job_mpi["launcher"] == "mpirun" and job_mpi["world"] == 2
     for result in job_mpi["results"].values():
         _check(result)
+
+
+def test_step_moments_weighted_solve_and_degenerate_steps():
+    """MicroBatchStepMoments in one process, the step's all-reduced statistics given by hand (K = 2
+    processes x A = 2 accumulation steps, clipping c = 0.5): the big-batch value is the solve
+    conditioned on the weights w_kj = pi_k / A, written out here; without mixing it is ||M||^2
+    itself. With A = 2 a single non-zero pi_k still leaves two micro-batches to compare; all-zero
+    coefficients (W2 = W1^2 = 0) are degenerate: the step is skipped and reported, S_k is NaN
+    before the first estimate (CLARS then skips the step) and the last estimate after."""
+    from lb_dist.deepspeed.zero import MicroBatchStepMoments
+    K, A, b, clip = 2, 2, C.MICRO, 0.5
+    n = K * A
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    sm = MicroBatchStepMoments([params], {p: f"p{i}" for i, p in enumerate(params)}, b, K)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(pi):
+        e = [[[torch.randn(p.numel(), generator=gen, dtype=torch.float64) + 0.5 for p in params]
+              for _ in range(A)] for _ in range(K)]                       # e[k][j][layer]
+        coef = [1.0 / K] * K if pi is None else pi
+        w = [coef[k] / A for k in range(K) for _ in range(A)]
+        flat = [e[k][j] for k in range(K) for j in range(A)]
+        total = torch.stack([sum(f[i].square().sum() for f in flat) for i in range(len(params))])
+        m_sq = torch.stack([sum(wj * f[i] for wj, f in zip(w, flat)).square().sum() for i in range(len(params))])
+        sm.coefficients = None if pi is None else torch.tensor(pi, dtype=torch.float64)
+        s = sm.second_moments(params, torch.cat([total, torch.tensor([float(n)], dtype=torch.float64)]),
+                              clip * clip * m_sq, clip)
+        return s, total / n, m_sq, (sum(w), sum(x * x for x in w))
+
+    s0, _, m_sq, weights = step([0.0, 0.0])
+    upd = sm.last_update
+    assert upd["skipped"] is True and upd["reason"] == "degenerate weights" and upd["mean_sq"] is None
+    assert upd["weights"] == (0.0, 0.0) and bool(torch.isnan(s0).all())
+    torch.testing.assert_close(upd["weighted_mean_sq"], m_sq)
+    for pi in ([0.0, 1.0], [0.7, 0.4]):
+        s1, small, m_sq, (w1, w2) = step(pi)
+        u = (m_sq - w1 ** 2 * small) / (w2 - w1 ** 2)                    # tr(Sigma)/b
+        big = small - u * (1 - 1 / n)
+        upd = sm.last_update
+        assert upd["skipped"] is False and upd["num_micro_batches"] == n and upd["clip"] == clip
+        assert upd["weights"] == pytest.approx((w1, w2), rel=1e-12)
+        torch.testing.assert_close(upd["mean_sq"], big, rtol=1e-12, atol=1e-14)
+        big = torch.minimum(big.clamp_min(0), small)
+        want = (n * big - small) / (n - 1) + (small - big) / (1 / b - 1 / (n * b))   # ||G||^2 + tr(Sigma)
+        torch.testing.assert_close(s1, want.clamp_min(0), rtol=1e-12, atol=1e-14)
+    s2, _, _, _ = step([0.0, 0.0])
+    assert sm.last_update["skipped"] is True and torch.equal(s2, s1)
+    step(None)
+    assert sm.last_update["weights"] == (1.0, 1.0 / n)
+    assert torch.equal(sm.last_update["mean_sq"], sm.last_update["weighted_mean_sq"])
+    sm.remove_hooks()

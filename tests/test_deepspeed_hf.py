@@ -53,7 +53,9 @@ def _check_micro_batch_statistics(out_dir: Path) -> None:
     scaled itself (``c`` times the model's mean loss; the worker records ``c``), so DeepSpeed's
     reduced gradient is ``M = sum_k pi_k sum_j c_kj g_kj`` with ``g_kj`` the micro-batch's mean-loss
     gradient. On that scale the micro-batch gradients are ``e_kj = A c_kj g_kj`` (``M = sum w e``,
-    ``w = pi_k / A``), and the estimator must see ``sum_{k,j} ||e_kj||^2`` and ``||M||^2`` per layer."""
+    ``w = pi_k / A``), and the estimator must see ``sum_{k,j} ||e_kj||^2`` and ``||M||^2`` per layer,
+    and the big-batch value solved from them conditioned on the weights (W1 = sum w, W2 = sum w^2,
+    n = 2A micro-batches): ``u = (||M||^2 - W1^2 small) / (W2 - W1^2)``, ``big = small - u (1 - 1/n)``."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -92,8 +94,15 @@ def _check_micro_batch_statistics(out_dir: Path) -> None:
         mixed = [sum(float(pi[k]) / ACC * per_rank[k][j][i] for k in range(2) for j in range(ACC))
                  for i in range(len(layers))]
         mixed_sq = torch.stack([m.square().sum() for m in mixed])
+        n = 2 * ACC
+        w = [float(pi[k]) / ACC for k in range(2) for _ in range(ACC)]
+        w1, w2 = sum(w), sum(x * x for x in w)
+        small = small_sum / n
+        u = (mixed_sq - w1 ** 2 * small) / (w2 - w1 ** 2)
         got = ranks[0]["updates"][t]
         assert not got.get("skipped"), got
-        assert got["num_micro_batches"] == 2 * ACC
+        assert got["num_micro_batches"] == n
+        assert got["weights"] == pytest.approx((w1, w2), rel=1e-12)
         torch.testing.assert_close(got["micro_sq_sum"].double(), small_sum, rtol=1e-4, atol=1e-12)
-        torch.testing.assert_close(got["mixed_mean_sq"].double(), mixed_sq, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(got["weighted_mean_sq"].double(), mixed_sq, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(got["mean_sq"].double(), small - u * (1 - 1 / n), rtol=1e-3, atol=1e-10)

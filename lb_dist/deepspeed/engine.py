@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from lb_dist.deepspeed.config import LbDistConfig, check_world
 from lb_dist.deepspeed.zero import (
-    MicroBatchStepMoments, PerSampleSource, ShardedLayerwise, make_sharded, mix_weights,
+    MicroBatchStepMoments, PerSampleSource, ShardedLayerwise, make_sharded,
     check_coverage, sharded_tensors)
 from lb_dist.mixing import GradientMix
 from lb_dist.moments.per_sample import per_sample_second_moments
@@ -183,7 +183,7 @@ class LbDistRuntime:
                 "before engine.backward")
         if self.step_moments is not None:
             coefficients = mix.coefficients() if mix is not None and mix.granularity == "device" else None
-            self.step_moments.weights = mix_weights(coefficients)
+            self.step_moments.coefficients = coefficients
 
     def _after_boundary(self) -> None:
         if self.step_moments is not None:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lb_dist.distributed import all_reduce_sum_
-from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError
+from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, mixing_weight_sums
 from lb_dist.optim import CLARS, LayerFragments, LayerwiseOptimizer, LayerwiseSGD
 
 __all__ = ["ShardedTensor", "sharded_tensors", "make_sharded", "ShardedLayerwise", "ShardedCLARS",
@@ -391,14 +391,17 @@ class MicroBatchStepMoments:
     micro-batch count are appended to the step's one all-reduce, giving ``sum_{k,j} ||g_{k,j}||^2``
     and ``n = K A``. The reduced gradient is ``c M`` with ``M = sum_{k,j} w_{kj} g_{k,j}``,
     ``w_{kj} = pi_k / A`` (``1/n`` without mixing) and ``c`` the clipping coefficient; so
-    ``||M_k||^2 = ||g_k||^2 / c^2`` from the reduced per-layer norms. Conditioned on the step's
-    weights, over the data (micro-batches i.i.d. with mean G and covariance Sigma/b)::
+    ``||M_k||^2 = ||g_k||^2 / c^2`` from the reduced per-layer norms. The estimator is fed through
+    the core's :meth:`~lb_dist.moments.MicroBatchMoments.update_weighted` with ``W1 = sum_k pi_k``
+    and ``W2 = sum_k pi_k^2 / A`` (:func:`~lb_dist.moments.mixing_weight_sums`): the solve
+    conditioned on the step's weights, the same rule as ``lb_dist.ddp`` and ``lb_dist.horovod``
+    (``||M||^2`` itself without mixing; docs/moments.md).
 
-        E[small] = ||G||^2 + tr(Sigma)/b,        small = (1/n) sum ||g_{k,j}||^2
-        E[||M||^2] = W1^2 ||G||^2 + W2 tr(Sigma)/b,   W1 = sum w,  W2 = sum w^2
-
-    which is solved for ``||G||^2`` and ``tr(Sigma)`` and handed to the estimator as the unmixed
-    big-batch value ``||G||^2 + tr(Sigma)/(n b)`` (without mixing this is ``||M||^2`` itself).
+    :attr:`last_update` (of the last param group stepped) has the keys of the other adapters
+    (``micro_sq_sum``, ``num_micro_batches``, ``micro_batch_size``, ``weighted_mean_sq`` =
+    ``||M||^2``, ``weights`` = ``(W1, W2)``, ``mean_sq``, ``skipped`` and, when skipped, ``reason``)
+    plus ``clip``. A step with degenerate weights (``W2 = W1^2``) keeps the previous estimate (NaN
+    before the first one, which makes CLARS skip the step).
     """
 
     def __init__(self, layer_sets: list[list[Tensor]], names: dict, micro_batch_size: int,
@@ -413,7 +416,7 @@ class MicroBatchStepMoments:
                 continue
             self.estimators[key] = MicroBatchMoments(layers, micro_batch_size=micro_batch_size,
                                                      ema=ema).track_backward()
-        self.weights = (1.0, None)   # (W1, W2 * A) of the step, set by the runtime
+        self.coefficients: Tensor | None = None   # pi_k of the step (None: plain averaging), set by the runtime
         self.last_update: dict = {}
 
     def _estimator(self, layer_keys) -> MicroBatchMoments:
@@ -444,31 +447,31 @@ class MicroBatchStepMoments:
         count = len(layer_keys)
         total_sq, n = reduced[:count], int(round(float(reduced[count])))
         b = self.micro_batch_size
-        big_raw = g_sq.to(torch.float64) / (clip * clip)           # ||M_k||^2 before clipping
-        finite = bool(torch.isfinite(total_sq).all()) and bool(torch.isfinite(big_raw).all())
-        if not finite:                       # a non-finite gradient: the step is skipped anyway
-            self.last_update = {"skipped": True}
-            return torch.full((count,), float("nan"), dtype=torch.float64)
         if n < 2:
             raise MomentsUnavailableError(
                 "CLARS' micro-batch second moments need at least 2 micro-batches per optimizer step "
                 "(data-parallel processes x gradient accumulation steps); this step had "
                 f"{n}. Use gradient accumulation, more processes, or optimizer.second_moments.source "
                 "= \"per_sample\"")
-        w1, w2_times_a = self.weights
-        accumulation = n / float(self.world_size)
-        w2 = (1.0 / n) if w2_times_a is None else w2_times_a / accumulation
-        small = total_sq / n
-        denom = w2 - w1 * w1
-        if denom == 0.0:
-            self.last_update = {"skipped": True}
-            return est.second_moments_tensor() if est.num_updates else torch.full(
-                (count,), float("nan"), dtype=torch.float64)
-        u = (big_raw - (w1 * w1) * small) / denom             # tr(Sigma) / b
-        big = small - u * (1.0 - 1.0 / n)                     # ||G||^2 + tr(Sigma)/(n b)
-        est.update(total_sq, n, big, b)
-        self.last_update = {"skipped": False, "micro_sq_sum": total_sq, "num_micro_batches": n,
-                            "mixed_mean_sq": big_raw, "mean_sq": big, "weights": (w1, w2), "clip": clip}
+        accumulation, rest = divmod(n, self.world_size)
+        if rest or not accumulation:
+            raise RuntimeError(f"lb_dist: the step's {n} micro-batches are not the same number on each of the "
+                               f"{self.world_size} data-parallel processes")
+        weights = mixing_weight_sums(self.world_size, self.coefficients, accumulation)
+        weighted_sq = g_sq.to(torch.float64) / (clip * clip)           # ||M_k||^2 before clipping
+        record = {"micro_sq_sum": total_sq, "num_micro_batches": n, "micro_batch_size": b,
+                  "weighted_mean_sq": weighted_sq, "weights": weights, "mean_sq": None, "clip": clip}
+        nan = torch.full((count,), float("nan"), dtype=torch.float64)
+        if not (bool(torch.isfinite(total_sq).all()) and bool(torch.isfinite(weighted_sq).all())):
+            # a non-finite gradient: the step is skipped anyway
+            self.last_update = {**record, "skipped": True, "reason": "non-finite statistics"}
+            return nan
+        mean_sq = est.update_weighted(total_sq, n, weighted_sq, weight_sum=weights[0], weight_sq_sum=weights[1],
+                                      micro_batch_size=b)
+        if mean_sq is None:
+            self.last_update = {**record, "skipped": True, "reason": "degenerate weights"}
+            return est.second_moments_tensor() if est.num_updates else nan
+        self.last_update = {**record, "mean_sq": mean_sq, "skipped": False}
         return est.second_moments_tensor()
 
     def state_dict(self) -> dict:
@@ -490,12 +493,3 @@ class MicroBatchStepMoments:
     def remove_hooks(self) -> None:
         for est in self.estimators.values():
             est.remove_hooks()
-
-
-def mix_weights(coefficients: Tensor | None) -> tuple[float, float | None]:
-    """(W1, A*W2) of a step from the device-wise coefficients pi_k (None: plain averaging)."""
-    if coefficients is None:
-        return 1.0, None
-    pi = coefficients.to(torch.float64)
-    return float(pi.sum()), float((pi * pi).sum())
-
