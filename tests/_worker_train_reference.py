@@ -66,7 +66,7 @@ def reference_sgd(*, steps: int, batch_size: int, world_size: int, accumulation:
 def reference_layerwise(*, optimizer: str, steps: int, batch_size: int, world_size: int, lr: float,
                         train_size: int, image_size: int, momentum: float = 0.9, weight_decay: float = 0.0,
                         eta: float | None = None, seed: int = 0, mix: str = "none", mix_std: float = 0.25,
-                        mix_noise: str = "gaussian", estimator: str = "ddp", schedule: str = "poly",
+                        mix_noise: str = "gaussian", estimator: str = "weighted", schedule: str = "poly",
                         model: str = "resnet20") -> dict[str, torch.Tensor]:
     """LARS or CLARS (the core's optimizers, ``lb_dist.optim.param_groups`` split) on the gradient of the
     batch layout above with K = ``world_size`` workers and no accumulation, written out per worker:
@@ -74,11 +74,11 @@ def reference_layerwise(*, optimizer: str, steps: int, batch_size: int, world_si
     * ``g_k`` = worker k's mean-loss gradient (its n samples, BatchNorm per slot), ``M = sum_k pi_k g_k``
       (``pi_k = 1/K`` without mixing; GradientMix's coefficients of the step with ``mix="device"``);
     * CLARS' micro-batch estimator (``MicroBatchMoments.update``) fed with ``sum_k ||g_k||^2`` per layer,
-      n = K micro-batches of b = n samples, and the big-batch value of the backend's documented
-      formula: ``estimator="ddp"`` (torchrun, Horovod: ``||M||^2 - kappa^2 sum_k ||g_k||^2``, kappa =
-      std/K, clamped at 0) or ``"deepspeed"`` (conditioned on the coefficients: with W1 = sum pi,
-      W2 = sum pi^2, small = mean_k ||g_k||^2, u = (||M||^2 - W1^2 small) / (W2 - W1^2),
-      big = small - u (1 - 1/n));
+      n = K micro-batches of b = n samples, and the big-batch value every backend documents
+      (docs/moments.md), conditioned on the step's coefficients: with W1 = sum pi, W2 = sum pi^2,
+      small = mean_k ||g_k||^2, u = (||M||^2 - W1^2 small) / (W2 - W1^2), big = small - u (1 - 1/K)
+      (``||M||^2`` itself without mixing). ``estimator="unweighted"`` is a control that feeds ``||M||^2``
+      as if M were the plain mean (the mixing ignored);
     * the schedule: ``poly`` (GradientMix eq. 15, no warmup, decay power 2, over ``steps``) or ``constant``.
     """
     threads = torch.get_num_threads()
@@ -137,14 +137,15 @@ def _reference_layerwise(*, optimizer, steps, batch_size, world_size, lr, train_
                               dtype=torch.float64)
             total = sq.sum(0)
             big_raw = torch.tensor([float(params[i].grad.double().square().sum()) for i in idx], dtype=torch.float64)
-            if estimator == "ddp":
-                kappa = mix_std / K if mix == "device" else 0.0
-                big = (big_raw - kappa ** 2 * total).clamp_min(0.0)
-            else:
+            if estimator == "unweighted":
+                big = big_raw
+            elif estimator == "weighted":
                 w1, w2 = float(pi.sum()), float((pi * pi).sum())
                 small = total / K
                 u = (big_raw - w1 * w1 * small) / (w2 - w1 * w1)
                 big = small - u * (1.0 - 1.0 / K)
+            else:
+                raise ValueError(estimator)
             moments.update(total, K, big, n)
         opt.step()
         if sched is not None:

@@ -9,9 +9,9 @@ core's optimizers (the same references the torchrun tests use):
 * SGD without mixing, with device-wise GradientMix (eq. 3) and with sample-wise GradientMix (eq. 4):
   ``reference_sgd``;
 * LARS and CLARS (micro-batch S_k) with and without device-wise mixing: ``reference_layerwise``, with
-  the big-batch estimate each backend documents (DeepSpeed: the solve conditioned on the step's
-  coefficients; Horovod: the DDP correction ``||M||^2 - kappa^2 sum_k ||g_k||^2``); under DeepSpeed at
-  ZeRO stages 0-3 (the partitions cut layers: the ZeRO-exact norms are needed for the match);
+  the one big-batch estimate every backend documents (the solve conditioned on the step's
+  coefficients, docs/moments.md); under DeepSpeed at ZeRO stages 0-3 (the partitions cut layers: the
+  ZeRO-exact norms are needed for the match);
 * a run stopped twice by --stop-after-steps and resumed equals the uninterrupted run (CLARS, device
   mixing, accumulation, EMA estimator, 2 epochs);
 * non-finite gradients: the steps are skipped and the weights stay finite (DeepSpeed ZeRO-0, where
@@ -151,11 +151,11 @@ def test_deepspeed_layerwise_equals_one_process_reference(ds_job, name, optimize
     d, _ = ds_job
     kw = dict(optimizer=optimizer, steps=STEPS, batch_size=BATCH, world_size=2, weight_decay=5e-4, train_size=TRAIN,
               image_size=IMAGE, mix=mix, mix_std=0.5, **LAYERWISE_KW[optimizer])
-    want = reference_layerwise(**kw, estimator="deepspeed")
+    want = reference_layerwise(**kw)
     got = final_model(d / name)
     assert_params_close(got, want, rtol=1e-4, atol=1e-5)
-    # controls: the comparison can fail (unmixed gradient; the DDP estimate of S_k under mixing; the schedule)
-    control = {"lars_device": dict(kw, mix="none"), "clars_device": dict(kw, estimator="ddp"),
+    # controls: the comparison can fail (unmixed gradient; S_k with the mixing weights ignored; the schedule)
+    control = {"lars_device": dict(kw, mix="none"), "clars_device": dict(kw, estimator="unweighted"),
                "clars": dict(kw, schedule="constant")}[name]
     assert max_diff(got, reference_layerwise(**control)) > 1e-4
     if optimizer == "clars":
@@ -288,9 +288,9 @@ def test_horovod_layerwise_equals_one_process_reference(hvd_job, name, optimizer
     kw = dict(optimizer=optimizer, steps=STEPS, batch_size=BATCH, world_size=2, weight_decay=5e-4, train_size=TRAIN,
               image_size=IMAGE, mix=mix, mix_std=0.5, **LAYERWISE_KW[optimizer])
     got = final_model(d / name)
-    assert_params_close(got, reference_layerwise(**kw, estimator="ddp"), rtol=1e-4, atol=1e-5)
-    if mix == "device":  # DeepSpeed's estimate under mixing differs: the comparison can fail
-        assert max_diff(got, reference_layerwise(**kw, estimator="deepspeed")) > 1e-4
+    assert_params_close(got, reference_layerwise(**kw), rtol=1e-4, atol=1e-5)
+    if mix == "device":  # S_k with the mixing weights ignored differs: the comparison can fail
+        assert max_diff(got, reference_layerwise(**kw, estimator="unweighted")) > 1e-4
 
 
 def test_horovod_resume_equals_uninterrupted(hvd_job):

@@ -6,6 +6,8 @@ compare its final checkpoints with
   no mixing, device-wise GradientMix (eq. 3) and sample-wise GradientMix (eq. 4);
 * a one-process lb_dist.train run of the same global batch as 2 accumulation micro-batches (CLARS with
   the micro-batch estimator: the DDP hook's statistics vs track_backward's);
+* the one-process CLARS reference with device-wise mixing (reference_layerwise: S_k from the solve
+  conditioned on the step's coefficients, the reference the DeepSpeed and Horovod runs match too);
 * an uninterrupted 2-process run (a run stopped twice by --stop-after-steps and resumed).
 The command line itself is run under torchrun too: a bad flag is refused (exit 2, the flag named, once)
 before any work, and a CLI run resumes.
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 from _worker_launch import REPO, child_env, free_port
-from _worker_train_reference import reference_sgd
+from _worker_train_reference import reference_layerwise, reference_sgd
 from lb_dist.train import train
 from lb_dist.train.checkpoint import latest_checkpoint, load_checkpoint
 from lb_dist.train.metrics import read_metrics
@@ -37,6 +39,8 @@ def common(run_dir, *extra):
 
 SGD = ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--schedule", "constant"]
 CLARS = ["--optimizer", "clars", "--lr", "1.0", "--weight-decay", "5e-4"]
+# as tests/test_train_backends.py: a moderate rate, at which the reference does not amplify float rounding
+CLARS_REF = ["--optimizer", "clars", "--lr", "0.2", "--weight-decay", "5e-4"]
 
 
 def torchrun(args: list[str], timeout: float = 240.0) -> subprocess.CompletedProcess:
@@ -68,6 +72,7 @@ def job(tmp_path_factory):
         {"name": "sgd_sample", "argv": common(d / "sgd_sample", *SGD, "--mix", "sample", "--mix-std", "0.5",
                                               "--mix-noise", "rademacher")},
         {"name": "clars", "argv": common(d / "clars", *CLARS)},
+        {"name": "clars_device", "argv": common(d / "clars_device", *CLARS_REF, "--mix", "device", "--mix-std", "0.5")},
         {"name": "clars_per_sample", "argv": common(d / "clars_ps", *CLARS, "--clars-moments", "per-sample",
                                                     "--per-sample-subset", "8")},
         # accumulation (DDP no_sync) + device mix + micro-batch moments with EMA: uninterrupted and resumed
@@ -123,6 +128,19 @@ def test_ddp_clars_equals_one_process_accumulation(job, tmp_path):
         assert v == pytest.approx(b["second_moment"][layer], rel=1e-3)
     assert set(a["trust_ratio"]) == set(a["variance_factor"])  # the adapted layers (weights, not BN/bias)
     assert all(name.endswith("weight") and "bn" not in name for name in a["trust_ratio"])
+
+
+def test_ddp_clars_with_device_mix_equals_one_process_reference(job):
+    """CLARS + device-wise GradientMix under torchrun: S_k from the DDP hook's statistics (the core's
+    solve conditioned on the step's coefficients) as in the one-process reference written out from
+    the equations; ignoring the mixing weights in S_k gives another result (the check can fail)."""
+    d, _ = job
+    kw = dict(optimizer="clars", steps=STEPS, batch_size=BATCH, world_size=2, weight_decay=5e-4, train_size=TRAIN,
+              image_size=IMAGE, mix="device", mix_std=0.5, lr=0.2)
+    got = final_model(d / "clars_device")
+    assert_params_close(got, reference_layerwise(**kw), rtol=1e-4, atol=1e-5)
+    control = reference_layerwise(**kw, estimator="unweighted")
+    assert max((got[k] - control[k]).abs().max().item() for k in control if k.endswith("weight")) > 1e-4
 
 
 def test_ddp_per_sample_moments_logged(job):
