@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 from lb_dist._validation import check_positive_int
-from lb_dist.mixing import GradientMix
-from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, mixing_weight_sums
+from lb_dist.mixing import GradientMix, check_device_mix
+from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments,
+                                       mixing_weight_sums)
 
 __all__ = ["GradientMixHookState", "gradient_mix_hook", "register"]
 
@@ -79,16 +80,8 @@ class GradientMixHookState:
 
     def __init__(self, mix: GradientMix | None = None, moments: MicroBatchMoments | None = None,
                  process_group=None, micro_batch_size: int | None = None) -> None:
-        if mix is not None:
-            if not isinstance(mix, GradientMix):
-                raise TypeError(f"mix must be an lb_dist.GradientMix or None, got {type(mix).__name__}")
-            if mix.granularity != "device":
-                raise ValueError("mix has granularity='sample': sample-wise mixing is applied through the "
-                                 "loss (mix.weighted_loss), not in the all-reduce; give the hook mix=None "
-                                 "or a GradientMix(granularity='device')")
-        if moments is not None and not isinstance(moments, MicroBatchMoments):
-            raise TypeError(f"moments must be an lb_dist.moments.MicroBatchMoments or None, "
-                            f"got {type(moments).__name__}")
+        check_device_mix("mix", mix, "the all-reduce")
+        check_micro_batch_moments("moments", moments)
         if micro_batch_size is not None:
             check_positive_int("micro_batch_size", micro_batch_size)
         elif moments is not None and moments.micro_batch_size is None:

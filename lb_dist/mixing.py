@@ -304,3 +304,19 @@ class GradientMix:
     def __repr__(self) -> str:
         return (f"GradientMix(noise={self.noise!r}, std={self.std}, granularity={self.granularity!r}, "
                 f"seed={self.seed}, world_size={self.world_size}, step={self.step})")
+
+
+def check_device_mix(name: str, mix, reduction: str) -> None:
+    """Validate a backend's device-wise mixing argument: None or ``GradientMix(granularity="device")``.
+
+    ``name`` is the argument's name in the caller's signature, ``reduction`` what the backend mixes
+    in ("the all-reduce", "the allreduce"), for the message."""
+    if mix is None:
+        return
+    if not isinstance(mix, GradientMix):
+        raise TypeError(f"{name} must be an lb_dist.GradientMix or None, got {type(mix).__name__}")
+    if mix.granularity != "device":
+        raise ValueError(f"{name} has granularity='sample': sample-wise mixing is applied through the loss "
+                         f"(mix.weighted_loss(...), which uses the backend's rank and size), not in {reduction}; "
+                         f"pass {name}=None or a GradientMix(granularity='device')")
+

@@ -41,8 +41,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without Horovod
                       "wheel, see scripts/install_horovod.sh)") from exc
 
 from lb_dist._validation import check_positive, check_positive_int
-from lb_dist.mixing import GradientMix
-from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, mixing_weight_sums
+from lb_dist.mixing import GradientMix, check_device_mix
+from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments,
+                                       mixing_weight_sums)
 
 __all__ = ["DistributedOptimizer", "GradientMixState"]
 
@@ -329,17 +330,9 @@ def _is_horovod_optimizer(optimizer) -> bool:
 
 
 def _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batch_size) -> None:
-    if gradient_mix is not None:
-        if not isinstance(gradient_mix, GradientMix):
-            raise TypeError(f"gradient_mix must be an lb_dist.GradientMix or None, got {type(gradient_mix).__name__}")
-        if gradient_mix.granularity != "device":
-            raise ValueError("gradient_mix has granularity='sample': sample-wise mixing is applied through the "
-                             "loss (mix.weighted_loss(...), which uses Horovod's rank and size), not in the "
-                             "allreduce; pass gradient_mix=None or a GradientMix(granularity='device')")
+    check_device_mix("gradient_mix", gradient_mix, "the allreduce")
+    check_micro_batch_moments("moments", moments)
     if moments is not None:
-        if not isinstance(moments, MicroBatchMoments):
-            raise TypeError(f"moments must be an lb_dist.moments.MicroBatchMoments or None, "
-                            f"got {type(moments).__name__}")
         own = {id(p): p for g in optimizer.param_groups for p in g["params"]}
         for i, p in enumerate(moments.params):
             if id(p) not in own:

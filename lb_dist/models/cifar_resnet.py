@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lb_dist._validation import check_choice, check_finite_number, check_positive_int
+from lb_dist.models._init import init_conv_bn_
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 
@@ -94,12 +95,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = layers
         self.fc = nn.Linear(64, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
         for m in self.modules():
             if isinstance(m, BasicBlock):
                 nn.init.constant_(m.bn2.weight, float(residual_bn_init))

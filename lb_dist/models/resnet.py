@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lb_dist._validation import check_choice, check_finite_number, check_positive_int
+from lb_dist.models._init import init_conv_bn_
 
 __all__ = ["ResNet", "ResidualBasicBlock", "Bottleneck", "resnet18", "resnet18_cifar", "resnet50"]
 
@@ -146,12 +147,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
         if last_bn_gamma is not None:
             for m in self.residual_blocks():
                 nn.init.constant_(m.last_bn.weight, float(last_bn_gamma))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lb_dist._validation import check_positive_int
+from lb_dist.models._init import init_conv_bn_
 
 __all__ = ["VGG", "VGG11_CONFIG", "vgg11_bn"]
 
@@ -52,13 +53,7 @@ class VGG(nn.Module):
             raise ValueError(f"config must contain at least one convolution width, got {config!r}")
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
         nn.init.normal_(self.classifier.weight, 0.0, 0.01)
         nn.init.zeros_(self.classifier.bias)
 

@@ -527,3 +527,11 @@ def variance_factors(second_moments: torch.Tensor, grad_sq_norms: torch.Tensor,
     if params is None:
         return m
     return {p: m[i] for i, p in enumerate(params)}
+
+
+def check_micro_batch_moments(name: str, moments) -> None:
+    """Validate a backend's ``moments`` argument: None or a :class:`MicroBatchMoments`."""
+    if moments is not None and not isinstance(moments, MicroBatchMoments):
+        raise TypeError(f"{name} must be an lb_dist.moments.MicroBatchMoments or None, "
+                        f"got {type(moments).__name__}")
+
