@@ -27,7 +27,7 @@ import torch
 from lb_dist._validation import check_positive_int
 
 __all__ = ["SPECIAL_TOKENS", "train_tokenizer", "save_tokenizer", "load_tokenizer", "tokenizer_fingerprint",
-           "check_tokenizer", "TokenizerMismatchError", "special_token_ids", "decode", "translate", "bleu",
+           "check_tokenizer", "TokenizerMismatchError", "TokenizerFileError", "special_token_ids", "decode", "translate", "bleu",
            "token_accuracy"]
 
 #: The special tokens, in id order (pad 0, bos 1, eos 2, unk 3).
@@ -36,6 +36,10 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 class TokenizerMismatchError(ValueError):
     """The tokenizer is not the one a run (or a model) was trained with."""
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file that is not an lb_dist tokenizer (not tokenizers JSON, or special tokens moved)."""
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000, save_path=None, min_frequency: int = 2):
@@ -69,7 +73,7 @@ def _check_specials(tok, where: str) -> None:
     for i, t in enumerate(SPECIAL_TOKENS):
         got = tok.token_to_id(t)
         if got != i:
-            raise ValueError(f"{where}: special token {t!r} has id {got}, expected {i} "
+            raise TokenizerFileError(f"{where}: special token {t!r} has id {got}, expected {i} "
                              f"(lb_dist tokenizers use {', '.join(f'{s}={j}' for j, s in enumerate(SPECIAL_TOKENS))})")
 
 
@@ -105,7 +109,7 @@ def load_tokenizer(path, *, expected_fingerprint: str | None = None):
         json.loads(text)
         tok = Tokenizer.from_str(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, Exception) as e:  # noqa: BLE001 - tokenizers raises Exception
-        raise ValueError(f"{path} is not a tokenizers JSON file ({type(e).__name__}: {e})") from None
+        raise TokenizerFileError(f"{path} is not a tokenizers JSON file ({type(e).__name__}: {e})") from None
     _check_specials(tok, str(path))
     if expected_fingerprint is not None:
         check_tokenizer(tok, expected_fingerprint, source=str(path))

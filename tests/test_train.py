@@ -463,3 +463,79 @@ def test_detect_backend_from_the_launchers_environment():
     assert detect_backend(env, local_rank_flag=0) == "deepspeed"                                   # --local_rank=0
     assert detect_backend({**env, "CROSS_RANK": "0", "LOCAL_SIZE": "2"}) == "deepspeed"            # --no_local_rank
     assert detect_backend(env) == "torchrun"
+
+
+# ----------------------------------------------------------------- bad data: one line naming the file
+def _fake_multi30k(root, n=64):
+    """Tiny Multi30k-format raw files (train and test_2016_flickr), independent of ../shared."""
+    root.mkdir(parents=True, exist_ok=True)
+    words_en, words_de = ["a", "dog", "runs", "the", "cat", "sleeps", "two", "men", "play"], \
+        ["ein", "hund", "rennt", "die", "katze", "schlaeft", "zwei", "maenner", "spielen"]
+    for prefix, count in (("train", n), ("test_2016_flickr", 16)):
+        en = [" ".join(words_en[(i + j) % 9] for j in range(4)) for i in range(count)]
+        de = [" ".join(words_de[(i + j) % 9] for j in range(4)) for i in range(count)]
+        (root / f"{prefix}.en").write_text("\n".join(en) + "\n", encoding="utf-8")
+        (root / f"{prefix}.de").write_text("\n".join(de) + "\n", encoding="utf-8")
+    return root
+
+
+def _fake_translation_argv(run, data, *extra):
+    argv = translation_argv(run, *extra)
+    argv[argv.index("--data-dir") + 1] = str(data)
+    argv[argv.index("--vocab-size") + 1] = "40"
+    return argv
+
+
+def test_malformed_multi30k_and_tokenizer_files_are_named(tmp_path, capsys):
+    """Bad data and a corrupt or missing tokenizer of a resumed run end in status 1 and one
+    ``lb-dist train: error:`` line naming the file, not a traceback."""
+    data = _fake_multi30k(tmp_path / "m30k")
+    run = tmp_path / "run"
+    assert train(_fake_translation_argv(run, data))["step"] == 2
+    again = _fake_translation_argv(run, data)      # the same command: resumes (and loads the tokenizer)
+    tok = run / "tokenizer.json"
+    tok.write_text("{not json", encoding="utf-8")
+    code, err = run_main(again, capsys)
+    assert code == 1 and f"error: {tok} is not a tokenizers JSON file" in err and "Traceback" not in err, err
+    tok.unlink()
+    code, err = run_main(again, capsys)
+    assert code == 1 and f"{tok}: the tokenizer of the run being resumed is missing" in err, err
+
+    (data / "train.de").write_text("ein hund\n", encoding="utf-8")          # 1 line against 64
+    code, err = run_main(_fake_translation_argv(tmp_path / "run2", data), capsys)
+    assert code == 1 and f"{data / 'train.en'} has 64 lines but {data / 'train.de'} has 1" in err, err
+    (data / "train.de").write_bytes(b"\xff\xfe bad")
+    code, err = run_main(_fake_translation_argv(tmp_path / "run3", data), capsys)
+    assert code == 1 and f"{data / 'train.de'} is not UTF-8 text" in err, err
+
+
+def test_imagenet_folders_are_data_dir_train_and_val(tmp_path, capsys):
+    """--dataset imagenet reads DATA/train/<class>/ and DATA/val/<class>/ (docs/training.md): a missing
+    split names its folder; with DATA/train present the next check is torchvision's (not a
+    DATA/train/train folder)."""
+    data = tmp_path / "imagenet"
+    data.mkdir()
+    argv = common(tmp_path / "run", "--optimizer", "sgd", "--lr", "0.1", "--dataset", "imagenet",
+                  "--data-dir", str(data))
+    code, err = run_main(argv, capsys)
+    assert code == 1 and f"imagenet: {data / 'train'} does not exist" in err, err
+    (data / "train" / "n01").mkdir(parents=True)
+    (data / "val" / "n01").mkdir(parents=True)
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or its C ops fail to load with this torch
+        code, err = run_main(argv, capsys)
+        assert code == 1 and "needs torchvision" in err and "does not exist" not in err, err
+    else:
+        code, err = run_main(argv, capsys)   # empty class folders: ImageFolder finds no images, named
+        assert code == 1 and str(data / "train") in err and "train/train" not in err, err
+
+
+def test_tensorboard_on_without_tensorboard_is_one_line(tmp_path, capsys):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    code, err = run_main(common(tmp_path / "run", "--optimizer", "sgd", "--lr", "0.1", "--tensorboard", "on"), capsys)
+    assert code == 1 and "--tensorboard on: the tensorboard package is not installed" in err, err

@@ -17,6 +17,7 @@ from lb_dist.data.cifar import CifarDataset, CifarFormatError, cifar, load_cifar
 from lb_dist.data.imagenet import MissingDependencyError, image_folder
 from lb_dist.data.multi30k import (
     MULTI30K_URL,
+    Multi30kFormatError,
     TranslationDataset,
     collate_translation,
     download_multi30k,
@@ -26,7 +27,7 @@ from lb_dist.data.sampler import ShardedSampler, epoch_permutation, global_batch
 from lb_dist.data.synthetic import SyntheticImages
 
 __all__ = ["make_dataset", "DATASET_NAMES", "SyntheticImages", "cifar", "CifarDataset", "CifarFormatError",
-           "load_cifar_file", "image_folder", "MissingDependencyError", "read_multi30k", "download_multi30k",
+           "load_cifar_file", "image_folder", "MissingDependencyError", "read_multi30k", "Multi30kFormatError", "download_multi30k",
            "TranslationDataset", "collate_translation", "MULTI30K_URL", "ShardedSampler", "epoch_permutation",
            "global_batch_indices"]
 

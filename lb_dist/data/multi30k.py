@@ -26,13 +26,17 @@ from torch.utils.data import Dataset
 from lb_dist._validation import check_positive_int
 
 __all__ = ["read_multi30k", "download_multi30k", "TranslationDataset", "collate_translation",
-           "MULTI30K_URL", "MULTI30K_SPLITS", "MULTI30K_SIZES"]
+           "MULTI30K_URL", "MULTI30K_SPLITS", "MULTI30K_SIZES", "Multi30kFormatError"]
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
 #: split name -> file prefix
 MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr", "test_2016_flickr": "test_2016_flickr"}
 MULTI30K_SIZES = {"train": 29000, "val": 1014, "test_2016_flickr": 1000}
 LANGS = ("en", "de")
+
+
+class Multi30kFormatError(ValueError):
+    """A Multi30k file that cannot be read as the official raw text files (the message names it)."""
 
 
 def _file(root: Path, prefix: str, lang: str) -> Path:
@@ -54,11 +58,11 @@ def _read_lines(path: Path) -> list[str]:
             raw = path.read_bytes()
         text = raw.decode("utf-8")
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise ValueError(f"Multi30k: cannot read {path} ({type(e).__name__}: {e})") from None
+        raise Multi30kFormatError(f"Multi30k: cannot read {path} ({type(e).__name__}: {e})") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"Multi30k: {path} is not UTF-8 text ({e})") from None
+        raise Multi30kFormatError(f"Multi30k: {path} is not UTF-8 text ({e})") from None
     if "\x00" in text:
-        raise ValueError(f"Multi30k: {path} contains NUL bytes: not a text file")
+        raise Multi30kFormatError(f"Multi30k: {path} contains NUL bytes: not a text file")
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -85,10 +89,10 @@ def read_multi30k(root, split: str = "train", *, src_lang: str = "en", tgt_lang:
     src_file, tgt_file = _file(root, prefix, src_lang), _file(root, prefix, tgt_lang)
     src, tgt = _read_lines(src_file), _read_lines(tgt_file)
     if len(src) != len(tgt):
-        raise ValueError(f"Multi30k {split}: {src_file} has {len(src)} lines but {tgt_file} has {len(tgt)}: "
+        raise Multi30kFormatError(f"Multi30k {split}: {src_file} has {len(src)} lines but {tgt_file} has {len(tgt)}: "
                          f"the files must be line-aligned translations")
     if not src:
-        raise ValueError(f"Multi30k {split}: {src_file} is empty")
+        raise Multi30kFormatError(f"Multi30k {split}: {src_file} is empty")
     return list(zip(src, tgt))
 
 

@@ -29,9 +29,6 @@ class SyntheticImages(Dataset):
     hides the template in every single pixel) and can be overfit. The labels and sample i depend only
     on ``(seed, split, i)``, so the dataset is the same in every process and at every access, and
     needs no memory (images are made on access; :meth:`get_batch` makes a batch at once).
-
-    The same construction as the demo's ``lb_dist.demo.synthetic_cifar`` (which draws all samples
-    from one generator instead of one per sample).
     """
 
     def __init__(self, n: int, *, num_classes: int = 10, image_shape=(3, 32, 32), seed: int = 0,

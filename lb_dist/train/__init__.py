@@ -82,13 +82,13 @@ def main(argv=None, prog: str = "lb-dist train") -> int:
 def _user_errors() -> tuple:
     errors = [BackendUnavailable, BackendConfigError, CheckpointError, FileNotFoundError, TrainingDiverged]
     try:
-        from lb_dist.data import CifarFormatError, MissingDependencyError
-        errors += [CifarFormatError, MissingDependencyError]
+        from lb_dist.data import CifarFormatError, MissingDependencyError, Multi30kFormatError
+        errors += [CifarFormatError, MissingDependencyError, Multi30kFormatError]
     except ImportError:  # pragma: no cover
         pass
     try:
-        from lb_dist.text import TokenizerMismatchError
-        errors.append(TokenizerMismatchError)
+        from lb_dist.text import TokenizerFileError, TokenizerMismatchError
+        errors += [TokenizerFileError, TokenizerMismatchError]
     except ImportError:  # pragma: no cover
         pass
     return tuple(errors)

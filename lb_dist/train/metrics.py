@@ -116,8 +116,9 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 if tensorboard == "on":
-                    raise ImportError("--tensorboard on: the tensorboard package is not installed "
-                                      "(pip install tensorboard)") from None
+                    from lb_dist.data.imagenet import MissingDependencyError
+                    raise MissingDependencyError("--tensorboard on: the tensorboard package is not installed "
+                                                 "(pip install tensorboard)") from None
             else:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
 

@@ -191,8 +191,8 @@ def build_workload(args: argparse.Namespace, run_dir: Path, backend, resume_stat
             from lb_dist.data import image_folder
             augment = True if args.augment is None else args.augment
             size = args.image_size or 224
-            train = image_folder(os.path.join(args.data_dir, "train"), split="train", image_size=size, augment=augment)
-            test = image_folder(os.path.join(args.data_dir, "val"), split="val", image_size=size, augment=False)
+            train = image_folder(args.data_dir, split="train", image_size=size, augment=augment)   # DATA/train/<class>/
+            test = image_folder(args.data_dir, split="val", image_size=size, augment=False)       # DATA/val/<class>/
             classes = len(getattr(train, "classes", [])) or 1000
         train, test = _subset(train, args.train_size if name != "synthetic" else None), \
             _subset(test, args.test_size if name != "synthetic" else None)
