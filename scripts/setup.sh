@@ -39,8 +39,12 @@ if has_extra mpi || has_extra horovod; then
         apt_install libopenmpi-dev openmpi-bin
     fi
 fi
-if has_extra horovod && ! command -v c++ >/dev/null; then
-    apt_install g++
+if has_extra horovod || has_extra deepspeed; then
+    # Horovod's build and DeepSpeed's CPU op compile C++ against torch and Python's headers.
+    command -v c++ >/dev/null || apt_install g++
+    if ! "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+        apt_install python3-dev
+    fi
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -69,4 +73,9 @@ if has_extra deepspeed; then
         echo "setup: could not pre-build DeepSpeed's CPU comm op; it will be JIT-built on first use" >&2; }
 fi
 "$VENV/bin/python" -c 'import torch, lb_dist; print(f"setup: torch {torch.__version__}, lb_dist {lb_dist.__version__}")'
+if [ "$(basename "$CONSTRAINTS")" = cpu.txt ] && "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
+    echo "setup: warning: constraints/cpu.txt but pip installed a CUDA build of torch (plain PyPI serves the CUDA" \
+         "build for a bare version pin); on a CPU-only machine rerun with" \
+         "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu after removing $VENV" >&2
+fi
 echo "$want" >> "$stamp"

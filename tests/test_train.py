@@ -370,6 +370,19 @@ def test_console_script_dispatches_train_and_plot(tmp_path, capsys):
     assert cli_main([]) == 2 and "usage: lb-dist {train,plot}" in capsys.readouterr().out
 
 
+def test_installed_console_script_runs(tmp_path):
+    """The ``lb-dist`` executable pip installs next to this interpreter (pyproject's
+    [project.scripts]) starts, dispatches and reports a bad flag with status 2."""
+    exe = os.path.join(os.path.dirname(sys.executable), "lb-dist")
+    assert os.access(exe, os.X_OK), f"{exe} is missing: the package is not installed with its console script"
+    env = child_env()
+    out = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and "--clars-moments" in out.stdout, out.stderr
+    bad = subprocess.run([exe, "train", "--run-dir", str(tmp_path / "r"), "--optimizer", "sgd"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "lb-dist train: error: argument --lr" in bad.stderr, bad.stderr
+
+
 def test_build_model_takes_any_cifar_resnet_depth(tmp_path):
     """``resnetD`` for D = 6n+2 is the CIFAR ResNet of that depth (n basic blocks per stage), through
     lb_dist.models.build_model itself; resnet50 stays the ImageNet model; other depths are refused."""
