@@ -147,6 +147,26 @@ def test_logged_lr_follows_linear_scaling_and_eq15(clars_run):
     assert lrs == pytest.approx([eq15(t) for t in range(T)], rel=1e-12)
 
 
+def test_epoch_evaluation_matches_the_final_checkpoint(clars_run):
+    """The last epoch record's test loss / top-1 / top-5 are those of the model saved at that step,
+    recomputed here in eval mode over the whole test split (plain cross-entropy, a loop for top-k)."""
+    run, _, records = clars_run
+    last = [r for r in records if r["kind"] == "epoch"][-1]
+    state = load_checkpoint(run / "checkpoints" / f"step-{last['step']:08d}.pt")["model"]
+    model = build_model("resnet20", num_classes=10)
+    model.load_state_dict(state)
+    model.eval()
+    x, y = SyntheticImages(TEST, num_classes=10, image_shape=(3, IMAGE, IMAGE), seed=0, split="test").get_batch(
+        torch.arange(TEST))
+    with torch.no_grad():
+        logits = model(x)
+    loss = F.cross_entropy(logits, y).item()
+    ranks = [(logits[i] > logits[i, y[i]]).sum().item() for i in range(TEST)]   # classes scored above the label
+    assert last["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert last["test_top1"] == pytest.approx(sum(r < 1 for r in ranks) / TEST, abs=1e-12)
+    assert last["test_top5"] == pytest.approx(sum(r < 5 for r in ranks) / TEST, abs=1e-12)
+
+
 def test_first_step_loss_is_the_global_batch_mean(clars_run):
     """The logged loss of step 1 = mean label-smoothed cross-entropy of the initial model over the
     global batch perm_0[:B], BatchNorm normalising per micro-batch of 16 (2 accumulation steps)."""
@@ -542,6 +562,36 @@ def test_imagenet_folders_are_data_dir_train_and_val(tmp_path, capsys):
     else:
         code, err = run_main(argv, capsys)   # empty class folders: ImageFolder finds no images, named
         assert code == 1 and str(data / "train") in err and "train/train" not in err, err
+
+
+def test_cifar10_files_through_the_trainer(tmp_path):
+    """--dataset cifar10 on python-format files: the first step's logged loss is the mean cross-entropy
+    of the initial model over perm_0[:B] of the first --train-size images, read here from the pickles
+    with numpy and normalised with the CIFAR statistics written out in this test."""
+    from test_data import make_cifar10
+
+    files = make_cifar10(tmp_path / "cifar", n=20)                       # 100 training, 20 test images
+    run = tmp_path / "run"
+    summary = train(["--run-dir", str(run), "--model", "resnet20", "--dataset", "cifar10", "--data-dir",
+                     str(tmp_path / "cifar"), "--train-size", "64", "--batch-size", "32", "--epochs", "1",
+                     "--no-augment", "--no-progress", "--optimizer", "lars", "--lr", "0.5", "--eval-batch-size", "10"])
+    assert summary["step"] == 2
+    records = read_metrics(run / "metrics.jsonl")
+    epoch = [r for r in records if r["kind"] == "epoch"][0]
+    assert math.isfinite(epoch["test_loss"]) and epoch["test_top1"] in {i / 20 for i in range(21)}
+    import numpy as np
+    data = np.concatenate([files[f"data_batch_{i}"][0] for i in range(1, 6)])[:64]
+    labels = torch.tensor(sum((files[f"data_batch_{i}"][1] for i in range(1, 6)), []))[:64]
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(data.reshape(-1, 3, 32, 32)).float() / 255 - mean) / std
+    batch = epoch_permutation(64, 0, 0)[:32]
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10).train()
+    with torch.no_grad():
+        want = F.cross_entropy(model(x[batch]), labels[batch]).item()
+    first = [r for r in records if r["kind"] == "step"][0]
+    assert first["loss"] == pytest.approx(want, rel=1e-4)
 
 
 def test_tensorboard_on_without_tensorboard_is_one_line(tmp_path, capsys):
