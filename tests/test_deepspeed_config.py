@@ -146,7 +146,15 @@ BAD = [
      "scheduler.params.total_num_steps"),
     ("scheduler bad value", cfg(scheduler={"type": "PolynomialWarmupDecay",
                                            "params": {"total_num_steps": 10, "warmup_num_steps": 10}}),
-     "warmup_steps (10) must be smaller than total_steps (10)"),
+     "scheduler.params.warmup_num_steps (10) must be smaller than scheduler.params.total_num_steps (10)"),
+    ("scheduler negative warmup", cfg(scheduler={"type": "InverseSqrt", "params": {"warmup_num_steps": -1}}),
+     "scheduler.params.warmup_num_steps must be a non-negative integer"),
+    ("scheduler negative total", cfg(scheduler={"type": "PolynomialWarmupDecay",
+                                                "params": {"total_num_steps": -5}}),
+     "scheduler.params.total_num_steps must be a positive integer"),
+    ("scheduler fractional warmup", cfg(scheduler={"type": "PolynomialWarmupDecay",
+                                                   "params": {"total_num_steps": 10, "warmup_num_steps": 2.5}}),
+     "scheduler.params.warmup_num_steps must be a non-negative integer"),
     ("scheduler misspelled", cfg(scheduler={"type": "inversesqrt", "params": {}}), "scheduler.type"),
 ]
 
@@ -156,6 +164,18 @@ def test_bad_config_names_the_key(what, config, needle):
     with pytest.raises(ConfigError) as err:
         parse_config(config)
     assert needle in str(err.value), str(err.value)
+
+
+def test_scheduler_errors_name_config_keys_not_python_arguments():
+    """The schedules' own argument names (warmup_steps, total_steps) never reach a config error."""
+    import re
+    for params in ({"total_num_steps": 10, "warmup_num_steps": 10}, {"total_num_steps": 10, "warmup_num_steps": -1},
+                   {"total_num_steps": 0}, {"total_num_steps": "10"}):
+        with pytest.raises(ConfigError) as err:
+            parse_config(cfg(scheduler={"type": "PolynomialWarmupDecay", "params": params}))
+        message = str(err.value)
+        assert not re.search(r"\b(warmup_steps|total_steps)\b", message), message
+        assert "scheduler.params." in message, message
 
 
 def test_missing_and_broken_files(tmp_path):

@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -307,11 +308,26 @@ def _parse_scheduler(section: Mapping) -> SchedulerSpec | None:
     if kind == "PolynomialWarmupDecay" and "total_num_steps" not in params:
         raise ConfigError("scheduler.params.total_num_steps is required for PolynomialWarmupDecay (T of "
                           "GradientMix eq. 15, in optimizer steps)")
+    # the step counts first, under their config names (the schedules' own messages say
+    # warmup_steps / total_steps, their Python argument names)
+    for key in ("total_num_steps", "warmup_num_steps"):
+        if key in params:
+            value = params[key]
+            low = 1 if key == "total_num_steps" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                what = "a positive integer" if low else "a non-negative integer"
+                raise ConfigError(f"scheduler.params.{key} must be {what}, got {value!r}")
+    if "total_num_steps" in params and params.get("warmup_num_steps", 0) >= params["total_num_steps"]:
+        raise ConfigError(f"scheduler.params.warmup_num_steps ({params.get('warmup_num_steps', 0)}) must be "
+                          f"smaller than scheduler.params.total_num_steps ({params['total_num_steps']})")
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
         SchedulerSpec(kind, params).build(probe)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"scheduler.params: {exc}") from None
+        message = str(exc)
+        for arg, key in (("warmup_steps", "warmup_num_steps"), ("total_steps", "total_num_steps")):
+            message = re.sub(rf"\b{arg}\b", f"scheduler.params.{key}", message)
+        raise ConfigError(f"scheduler.params: {message}") from None
     return SchedulerSpec(type=kind, params=params)
 
 
