@@ -132,6 +132,8 @@ BAD = [
      "coefficient 0"),
     ("offload", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
      "zero_optimization.offload_optimizer.device"),
+    ("deprecated cpu_offload", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 2, "cpu_offload": True}),
+     "zero_optimization.cpu_offload"),
     ("elastic checkpoint", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 2, "elastic_checkpoint": True}),
      "zero_optimization.elastic_checkpoint"),
     ("universal checkpoint", cfg(optimizer=CLARS_OPT, checkpoint={"load_universal": True}),
@@ -199,6 +201,26 @@ def test_world_dependent_checks():
     check_world(parse_config(cfg(gradient_mix={"granularity": "sample"})), 1)
 
 
+def test_per_sample_subset_smaller_than_world_is_refused():
+    """A global per-sample subset smaller than the number of processes would fail at the first
+    step inside per_sample_second_moments; check_world refuses it naming the key."""
+    spec = parse_config(cfg(optimizer={**CLARS_OPT, "second_moments": {"source": "per_sample", "subset_size": 2}}))
+    check_world(spec, 2)
+    with pytest.raises(ConfigError, match=r"optimizer\.second_moments\.subset_size = 2 .* has 3"):
+        check_world(spec, 3)
+
+
+def test_initialize_refuses_small_subset_before_deepspeed_starts(monkeypatch):
+    import torch
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    called = []
+    monkeypatch.setattr(lbds, "_deepspeed_initialize", lambda: fake_deepspeed_initialize(called))
+    with pytest.raises(ConfigError, match="optimizer.second_moments.subset_size"):
+        lbds.initialize(model=torch.nn.Linear(3, 2), config=cfg(optimizer={
+            **CLARS_OPT, "second_moments": {"source": "per_sample", "subset_size": 3}}))
+    assert not called
+
+
 def fake_deepspeed_initialize(record: list):
     """Stands in for deepspeed.initialize (same signature) to see what lb_dist passes on."""
     import inspect
@@ -231,6 +253,58 @@ def test_initialize_refuses_before_deepspeed_starts(monkeypatch):
     with pytest.raises(ConfigError, match="client CLARS"):
         lbds.initialize(model=model, optimizer=CLARS(model.parameters(), lr=0.1), config=cfg())
     assert not called
+
+
+CLIENT_REFUSED = [
+    ("no global norm", {"zero_optimization": {"stage": 2, "compute_grad_norm": False}},
+     "zero_optimization.compute_grad_norm"),
+    ("elastic checkpoint", {"zero_optimization": {"stage": 2, "elastic_checkpoint": True}},
+     "zero_optimization.elastic_checkpoint"),
+    ("universal checkpoint", {"checkpoint": {"load_universal": True}}, "checkpoint.load_universal"),
+    ("offload optimizer", {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+     "zero_optimization.offload_optimizer"),
+    ("offload param", {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+     "zero_optimization.offload_param"),
+    ("deprecated cpu_offload", {"zero_optimization": {"stage": 2, "cpu_offload": True}},
+     "zero_optimization.cpu_offload"),
+    ("bf16 at stage 0", {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "bf16.enabled"),
+]
+
+
+@pytest.mark.parametrize("with_mix", [False, True], ids=["plain", "gradient_mix"])
+@pytest.mark.parametrize("what,sections,needle", CLIENT_REFUSED, ids=[c[0] for c in CLIENT_REFUSED])
+@pytest.mark.parametrize("cls", [LARS, LAMB])
+def test_client_layerwise_optimizer_gets_the_config_refusals(monkeypatch, cls, what, sections, needle, with_mix):
+    """An lb_dist LARS/LAMB passed as optimizer= is refused the same DeepSpeed settings as one the
+    config names, naming the key, before DeepSpeed is called (with or without other lb_dist
+    sections in the config)."""
+    import torch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    called = []
+    monkeypatch.setattr(lbds, "_deepspeed_initialize", lambda: fake_deepspeed_initialize(called))
+    model = torch.nn.Linear(3, 2)
+    config = cfg(**copy.deepcopy(sections))
+    if with_mix:
+        config["gradient_mix"] = {"noise": "gaussian"}
+    with pytest.raises(ConfigError) as err:
+        lbds.initialize(model=model, optimizer=cls(model.parameters(), lr=0.1), config=config)
+    assert needle in str(err.value), str(err.value)
+    assert not called
+
+
+def test_client_layerwise_optimizer_without_refused_settings_reaches_deepspeed(monkeypatch):
+    """The client check refuses only those settings: a plain ZeRO-2 config goes on to DeepSpeed,
+    with zero_allow_untested_optimizer set for the (then ZeRO-aware) client optimizer."""
+    import torch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    called = []
+    monkeypatch.setattr(lbds, "_deepspeed_initialize", lambda: fake_deepspeed_initialize(called))
+    monkeypatch.setattr(lbds, "attach", lambda engine, spec, optimizer: None)
+    model = torch.nn.Linear(3, 2)
+    opt = LARS(model.parameters(), lr=0.1)
+    assert lbds.initialize(model=model, optimizer=opt, config=cfg())[0] == "engine"
+    (args, kwargs), = called
+    assert kwargs["optimizer"] is opt and kwargs["config"]["zero_allow_untested_optimizer"] is True
 
 
 def test_config_without_lb_dist_goes_to_deepspeed_unchanged(monkeypatch):

@@ -28,7 +28,7 @@ import threading
 
 from lb_dist.deepspeed.config import (
     EXCLUDE_CHOICES, OPTIMIZER_TYPES, SCHEDULER_TYPES, SECOND_MOMENT_SOURCES, ConfigError, LbDistConfig,
-    check_world, load_config, parse_config)
+    check_layerwise_settings, check_world, load_config, parse_config)
 from lb_dist.deepspeed.engine import CLIENT_STATE_KEY, LbDistRuntime, attach, get_runtime
 
 __all__ = ["initialize", "register", "unregister", "is_registered", "get_runtime", "parse_config",
@@ -160,6 +160,9 @@ def initialize(*args, **kwargs):
     if model is None:
         raise ValueError("deepspeed.initialize requires a model")
     _refuse(model, a.get("mpu"), spec)
+    if client_lb and spec.optimizer is None:
+        # the refusals a config-named lb_dist optimizer gets in parse_config, before DeepSpeed starts
+        check_layerwise_settings(spec, type(client).__name__)
     world = _world_size_hint()
     if world is not None:
         check_world(spec, world)

@@ -386,7 +386,8 @@ def accumulation_steps(raw: Mapping, world_size: int) -> int | None:
 
 def check_world(spec: LbDistConfig, world_size: int, accumulation: int | None = None) -> None:
     """The checks that need the number of data-parallel processes: device-wise mixing needs
-    >= 2; CLARS' micro-batch source needs >= 2 micro-batches per optimizer step."""
+    >= 2; CLARS' micro-batch source needs >= 2 micro-batches per optimizer step; the per-sample
+    source needs a subset of at least one sample per process."""
     mix = spec.gradient_mix
     if mix is not None and mix.enabled and mix.granularity == "device" and world_size < 2:
         raise ConfigError("gradient_mix.granularity = \"device\" mixes the gradients of the data-parallel "
@@ -403,45 +404,65 @@ def check_world(spec: LbDistConfig, world_size: int, accumulation: int | None = 
             f"one optimizer step, and this run has {world_size * accumulation} ({world_size} data-parallel "
             f"process(es) x gradient_accumulation_steps {accumulation}); use gradient accumulation, "
             f"more processes, or source \"per_sample\"")
+    if sm is not None and sm.source == "per_sample" and sm.subset_size < world_size:
+        raise ConfigError(
+            f"optimizer.second_moments.subset_size = {sm.subset_size} is the global subset of the "
+            f"per-sample source, split over the data-parallel processes, and this run has {world_size}: "
+            f"give at least {world_size} (one sample per process)")
+
+
+def check_layerwise_settings(spec: LbDistConfig, name: str) -> None:
+    """The DeepSpeed settings refused with an lb_dist layer-wise optimizer, whether the config
+    names it (``optimizer.type``) or the caller passes one as ``optimizer=`` (``name``: its type,
+    for the messages): ZeRO-Offload, elastic and universal checkpoints, ``compute_grad_norm:
+    false``, bf16/fp16 at ZeRO stage 0. Each error names the config key."""
+    raw = spec.raw
+    zero = raw.get("zero_optimization") or {}
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none") if isinstance(zero, Mapping) else "none"
+        if device not in (None, "none"):
+            raise ConfigError(
+                f"zero_optimization.{key}.device = {device!r}: ZeRO-Offload is not supported with "
+                f"lb_dist's {name} (DeepSpeed then runs its own CPU optimizer kernels and "
+                f"swaps partitions, paths lb_dist's layer-wise reduction is not tested on); "
+                f"remove the offload section or use \"device\": \"none\"")
+    for key, current in (("cpu_offload", "offload_optimizer"), ("cpu_offload_param", "offload_param")):
+        if isinstance(zero, Mapping) and zero.get(key) is True:
+            raise ConfigError(
+                f"zero_optimization.{key} = true (DeepSpeed's deprecated form of "
+                f"zero_optimization.{current}): ZeRO-Offload is not supported with lb_dist's {name}; "
+                f"remove the key")
+    if isinstance(zero, Mapping) and zero.get("elastic_checkpoint") is True:
+        raise ConfigError(
+            "zero_optimization.elastic_checkpoint = true: DeepSpeed then reads and writes the "
+            "optimizer's state tensors directly, bypassing lb_dist's state_dict (which folds the "
+            "per-fragment momentum scales into elementwise buffers); use the default rigid "
+            "checkpoints")
+    ckpt = raw.get("checkpoint") or {}
+    if isinstance(ckpt, Mapping) and ckpt.get("load_universal") is True:
+        raise ConfigError("checkpoint.load_universal = true: DeepSpeed's universal checkpoints are "
+                          "not supported with lb_dist's optimizers")
+    if isinstance(zero, Mapping) and zero.get("compute_grad_norm") is False:
+        raise ConfigError(
+            "zero_optimization.compute_grad_norm = false: DeepSpeed steps lb_dist's optimizer once "
+            "per param group, and lb_dist needs DeepSpeed's global gradient norm to skip a non-finite "
+            "step in all groups alike (and to undo clipping for CLARS); remove the key")
+    if spec.zero_stage() == 0:
+        for key in ("bf16", "bfloat16", "fp16"):
+            section = raw.get(key) or {}
+            if isinstance(section, Mapping) and section.get("enabled") is True:
+                raise ConfigError(
+                    f"{key}.enabled = true with zero_optimization.stage 0: DeepSpeed then wraps the "
+                    f"optimizer in its FP16_UnfusedOptimizer, which steps it once with zero "
+                    f"gradients while setting up (weight decay would change the weights); use "
+                    f"{key} with ZeRO stage 1, 2 or 3, or fp32 at stage 0")
 
 
 def _check_combinations(spec: LbDistConfig) -> None:
     raw = spec.raw
-    zero = raw.get("zero_optimization") or {}
     opt = spec.optimizer
     if opt is not None:
-        for key in ("offload_optimizer", "offload_param"):
-            device = (zero.get(key) or {}).get("device", "none") if isinstance(zero, Mapping) else "none"
-            if device not in (None, "none"):
-                raise ConfigError(
-                    f"zero_optimization.{key}.device = {device!r}: ZeRO-Offload is not supported with "
-                    f"lb_dist's {opt.type} (DeepSpeed then runs its own CPU optimizer kernels and "
-                    f"swaps partitions, paths lb_dist's layer-wise reduction is not tested on); "
-                    f"remove the offload section or use \"device\": \"none\"")
-        if isinstance(zero, Mapping) and zero.get("elastic_checkpoint") is True:
-            raise ConfigError(
-                "zero_optimization.elastic_checkpoint = true: DeepSpeed then reads and writes the "
-                "optimizer's state tensors directly, bypassing lb_dist's state_dict (which folds the "
-                "per-fragment momentum scales into elementwise buffers); use the default rigid "
-                "checkpoints")
-        ckpt = raw.get("checkpoint") or {}
-        if isinstance(ckpt, Mapping) and ckpt.get("load_universal") is True:
-            raise ConfigError("checkpoint.load_universal = true: DeepSpeed's universal checkpoints are "
-                              "not supported with lb_dist's optimizers")
-        if isinstance(zero, Mapping) and zero.get("compute_grad_norm") is False:
-            raise ConfigError(
-                "zero_optimization.compute_grad_norm = false: DeepSpeed steps lb_dist's optimizer once "
-                "per param group, and lb_dist needs DeepSpeed's global gradient norm to skip a non-finite "
-                "step in all groups alike (and to undo clipping for CLARS); remove the key")
-        if spec.zero_stage() == 0:
-            for key in ("bf16", "bfloat16", "fp16"):
-                section = raw.get(key) or {}
-                if isinstance(section, Mapping) and section.get("enabled") is True:
-                    raise ConfigError(
-                        f"{key}.enabled = true with zero_optimization.stage 0: DeepSpeed then wraps the "
-                        f"optimizer in its FP16_UnfusedOptimizer, which steps it once with zero "
-                        f"gradients while setting up (weight decay would change the weights); use "
-                        f"{key} with ZeRO stage 1, 2 or 3, or fp32 at stage 0")
+        check_layerwise_settings(spec, opt.type)
         sm = opt.second_moments
         mix = spec.gradient_mix
         if sm is not None and sm.source == "micro_batch" and mix is not None and mix.enabled:
