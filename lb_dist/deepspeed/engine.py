@@ -260,13 +260,55 @@ class LbDistRuntime:
             state["per_sample_moments"] = self.per_sample.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state(self, state: dict, source: str | None = None) -> None:
+        """Refuse lb_dist state that does not belong to this run, before anything is loaded: a
+        checkpoint of another data-parallel world size (at every ZeRO stage: DeepSpeed itself checks
+        only ZeRO checkpoints), and ``gradient_mix`` (``noise``, ``std``, ``granularity``,
+        ``seed``) or ``optimizer.second_moments.ema`` settings that differ between this engine's
+        config and the checkpoint (the checkpoint's would otherwise silently replace them).
+        ``source`` names the checkpoint in the messages."""
+        where = f"the checkpoint {source}" if source else "the checkpoint"
+        saved_world = state.get("world_size")
+        if saved_world is not None and int(saved_world) != self.world_size:
+            raise RuntimeError(
+                f"lb_dist: {where} was saved by {int(saved_world)} data-parallel processes and this run "
+                f"has {self.world_size}: resuming on another world size is not supported (GradientMix's "
+                f"coefficients, the micro-batch estimator and ZeRO's partitions depend on it); resume "
+                f"with {int(saved_world)} processes")
         for key, present in (("gradient_mix", self.mix is not None),
                              ("micro_batch_moments", self.step_moments is not None),
                              ("per_sample_moments", self.per_sample is not None)):
             if present and key not in state:
-                raise ValueError(f"the checkpoint has no lb_dist {key} state, but this engine's config uses "
+                raise ValueError(f"{where} has no lb_dist {key} state, but this engine's config uses "
                                  f"it (a checkpoint of another configuration?)")
+        mismatches = []
+        if self.mix is not None:
+            spec = self.config.gradient_mix
+            saved = state["gradient_mix"]
+            for key in ("noise", "std", "granularity", "seed"):
+                want = float(spec.std) if key == "std" else getattr(spec, key)
+                have = saved.get(key)
+                if key == "std" and have is not None:
+                    have = float(have)
+                if have != want:
+                    mismatches.append(f"gradient_mix.{key}: {want!r} in the config, {have!r} in the checkpoint")
+        if self.step_moments is not None:
+            want = float(self.config.optimizer.second_moments.ema)
+            for entry in state["micro_batch_moments"].get("estimators", []):
+                have = entry.get("state", {}).get("ema")
+                if have is not None and float(have) != want:
+                    mismatches.append(f"optimizer.second_moments.ema: {want!r} in the config, "
+                                      f"{float(have)!r} in the checkpoint")
+                    break
+        if mismatches:
+            raise ValueError(f"lb_dist: {where} was saved with other settings than this run's config ("
+                             f"{'; '.join(mismatches)}); resume with the checkpoint's settings, or start "
+                             f"a new run to change them")
+
+    def load_state_dict(self, state: dict, source: str | None = None) -> None:
+        """Restore :meth:`state_dict`'s state after :meth:`check_state` (``source``: the
+        checkpoint's path, for the messages)."""
+        self.check_state(state, source)
         if self.mix is not None:
             self.mix.load_state_dict(state["gradient_mix"])
         if self.step_moments is not None:
@@ -353,7 +395,7 @@ class _LbDistEngine:
                           f"lb_dist?): GradientMix restarts at step 0 and CLARS' second-moment estimates "
                           f"start empty", RuntimeWarning, stacklevel=2)
         else:
-            self.lb_dist.load_state_dict(state)
+            self.lb_dist.load_state_dict(state, source=path)
         return path, client_state
 
 

@@ -79,14 +79,21 @@ def refuse_unsupported(engine) -> str:
                            "layer's norm would need a reduction over the model-parallel group too")
     opt = engine.optimizer
     if kind == "zero3":
-        if getattr(opt, "offload_optimizer", False) or getattr(opt, "offload_param", False):
-            raise RuntimeError("ZeRO-Offload is not supported with lb_dist's layer-wise optimizers")
+        for key in ("offload_optimizer", "offload_param"):
+            if getattr(opt, key, False):
+                raise RuntimeError(_offload_message(key))
         if getattr(opt, "zero_hpz_partition_size", 1) > 1:
             raise RuntimeError("ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1) is not "
                                "supported with lb_dist's layer-wise optimizers")
     if kind == "zero12" and getattr(opt, "cpu_offload", False):
-        raise RuntimeError("ZeRO-Offload is not supported with lb_dist's layer-wise optimizers")
+        raise RuntimeError(_offload_message("offload_optimizer"))
     return kind
+
+
+def _offload_message(key: str) -> str:
+    return (f"zero_optimization.{key}: ZeRO-Offload is not supported with lb_dist's layer-wise "
+            f"optimizers (DeepSpeed then runs its own CPU optimizer kernels and swaps partitions); "
+            f"remove the {key} section or set its \"device\" to \"none\"")
 
 
 def _inner_group_index(optimizer, tensor: Tensor) -> int:
