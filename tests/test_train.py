@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _fake_data import fake_multi30k
 from _worker_launch import REPO, child_env
 from _worker_train_reference import reference_sgd
 from lb_dist.data import SyntheticImages, epoch_permutation
@@ -499,19 +500,6 @@ def test_detect_backend_from_the_launchers_environment():
 
 
 # ----------------------------------------------------------------- bad data: one line naming the file
-def _fake_multi30k(root, n=64):
-    """Tiny Multi30k-format raw files (train and test_2016_flickr), independent of ../shared."""
-    root.mkdir(parents=True, exist_ok=True)
-    words_en, words_de = ["a", "dog", "runs", "the", "cat", "sleeps", "two", "men", "play"], \
-        ["ein", "hund", "rennt", "die", "katze", "schlaeft", "zwei", "maenner", "spielen"]
-    for prefix, count in (("train", n), ("test_2016_flickr", 16)):
-        en = [" ".join(words_en[(i + j) % 9] for j in range(4)) for i in range(count)]
-        de = [" ".join(words_de[(i + j) % 9] for j in range(4)) for i in range(count)]
-        (root / f"{prefix}.en").write_text("\n".join(en) + "\n", encoding="utf-8")
-        (root / f"{prefix}.de").write_text("\n".join(de) + "\n", encoding="utf-8")
-    return root
-
-
 def _fake_translation_argv(run, data, *extra):
     argv = translation_argv(run, *extra)
     argv[argv.index("--data-dir") + 1] = str(data)
@@ -522,7 +510,7 @@ def _fake_translation_argv(run, data, *extra):
 def test_malformed_multi30k_and_tokenizer_files_are_named(tmp_path, capsys):
     """Bad data and a corrupt or missing tokenizer of a resumed run end in status 1 and one
     ``lb-dist train: error:`` line naming the file, not a traceback."""
-    data = _fake_multi30k(tmp_path / "m30k")
+    data = fake_multi30k(tmp_path / "m30k")
     run = tmp_path / "run"
     assert train(_fake_translation_argv(run, data))["step"] == 2
     again = _fake_translation_argv(run, data)      # the same command: resumes (and loads the tokenizer)

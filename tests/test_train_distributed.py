@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 
+from _fake_data import fake_multi30k
 from _worker_launch import REPO, child_env, free_port
 from _worker_train_reference import reference_layerwise, reference_sgd
 from lb_dist.train import train
@@ -29,6 +30,18 @@ from lb_dist.train.metrics import read_metrics
 
 IMAGE, TRAIN, TEST, BATCH = 8, 96, 32, 32  # 3 steps per epoch
 STEPS = TRAIN // BATCH
+
+
+def translation(run_dir, data, *extra):
+    """The small Transformer without dropout (deterministic) on tiny Multi30k-format files, Adam with
+    the inverse square root schedule: 2 steps of 32 sentences, then token accuracy and BLEU."""
+    return ["--run-dir", str(run_dir), "--model", "transformer_small", "--dataset", "multi30k", "--data-dir",
+            str(data), "--train-size", "64", "--test-size", "16", "--bleu-samples", "16", "--batch-size", "32",
+            "--max-length", "24", "--vocab-size", "60", "--epochs", "1", "--no-progress", "--num-threads", "1",
+            "--optimizer", "adam", "--lr", "0.003", "--schedule", "inverse-sqrt", "--warmup-steps", "1",
+            "--label-smoothing", "0.1", "--model-option", "d_model=32", "--model-option", "encoder_layers=1",
+            "--model-option", "decoder_layers=1", "--model-option", "attention_heads=2",
+            "--model-option", "ffn_dim=64", "--model-option", "dropout=0", *extra]
 
 
 def common(run_dir, *extra):
@@ -81,6 +94,7 @@ def job(tmp_path_factory):
         {"name": "full_resumed", "repeat_until_done": True,
          "argv": common(d / "full_resumed", *CLARS, "--mix", "device", "--accumulation-steps", "2",
                         "--moments-ema", "0.5", "--epochs", "2", "--warmup-steps", "2", "--stop-after-steps", "2")},
+        {"name": "transformer", "argv": translation(d / "transformer", fake_multi30k(d / "m30k"))},
     ]
     spec_path = d / "spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -162,6 +176,29 @@ def test_ddp_resume_equals_uninterrupted(job):
     for ra, rb in zip(a, b):
         assert ra.get("loss") == rb.get("loss") and ra.get("train_loss") == rb.get("train_loss")
         assert ra.get("test_top1") == rb.get("test_top1")
+
+
+def test_ddp_transformer_equals_one_process(job, tmp_path):
+    """The Transformer on Multi30k-format files with 2 processes (rank 0 trains the tokenizer, the others
+    wait; the step's loss is the token mean over both ranks' sentences, whose token counts differ; BLEU
+    gathered from both ranks) ends where one process with the same global batch ends, with the same
+    logged losses, token accuracy and BLEU."""
+    d, _ = job
+    single = train(translation(tmp_path / "single", d / "m30k", "--backend", "single"))
+    assert single["step"] == 2
+    assert (d / "transformer" / "tokenizer.json").read_text() == (tmp_path / "single" / "tokenizer.json").read_text()
+    assert_params_close(final_model(d / "transformer"), final_model(tmp_path / "single"), rtol=1e-4, atol=1e-5)
+    two = read_metrics(d / "transformer" / "metrics.jsonl")
+    one = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    for a, b in zip([r for r in two if r["kind"] == "step"], [r for r in one if r["kind"] == "step"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+    ea, eb = [r for r in two if r["kind"] == "epoch"][0], [r for r in one if r["kind"] == "epoch"][0]
+    assert ea["test_loss"] == pytest.approx(eb["test_loss"], rel=1e-4)
+    assert ea["test_token_accuracy"] == pytest.approx(eb["test_token_accuracy"], abs=1e-9)
+    assert ea["test_bleu"] == pytest.approx(eb["test_bleu"], abs=1e-6)
+    # the rates follow the inverse square root schedule written out (peak 0.003, 1 warmup step)
+    assert [r["lr"] for r in one if r["kind"] == "step"] == pytest.approx([0.003 * min(n / 1, (1 / n) ** 0.5)
+                                                                             for n in (1, 2)], rel=1e-12)
 
 
 def test_cli_under_torchrun_bad_flag_and_resume(tmp_path):
