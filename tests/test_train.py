@@ -263,6 +263,26 @@ def test_truncated_checkpoint_names_the_file(tmp_path, capsys):
     assert code == 1 and f"checkpoint {ckpt} is not an lb_dist.train checkpoint" in err
 
 
+def test_checkpoint_that_does_not_fit_names_the_file(tmp_path, capsys):
+    """A checkpoint whose model state lacks a tensor, or has one of another shape, or that lacks the
+    optimizer: status 1 and a message naming the file; the file is left as it was."""
+    run = tmp_path / "run"
+    argv = common(run, "--optimizer", "sgd", "--lr", "0.05")
+    train(argv)
+    ckpt = latest_checkpoint(run / "checkpoints")
+    good = load_checkpoint(ckpt)
+    name = next(k for k in good["model"] if k.endswith("conv1.weight"))
+    cases = [({**good, "model": {k: v for k, v in good["model"].items() if k != name}}, "does not fit this model"),
+             ({**good, "model": {**good["model"], name: good["model"][name][:1]}}, "does not fit this model"),
+             ({k: v for k, v in good.items() if k != "optimizer"}, "lacks optimizer")]
+    for state, message in cases:
+        atomic_save(state, ckpt)
+        before = ckpt.read_bytes()
+        code, err = run_main(argv, capsys)
+        assert code == 1 and f"checkpoint {ckpt} {message}" in err and "Traceback" not in err, err
+        assert ckpt.read_bytes() == before
+
+
 def test_changed_flag_on_resume_and_resume_never(tmp_path, capsys):
     run = tmp_path / "run"
     argv = common(run, "--optimizer", "sgd", "--lr", "0.05")
