@@ -46,3 +46,33 @@ def test_demo_runs_all_three_configurations(tmp_path):
     # the M_k of the CLARS runs are logged per layer
     steps = [r for r in read_metrics(out / "runs" / "clars" / "metrics.jsonl") if r["kind"] == "step"]
     assert any(r.get("variance_factor") for r in steps)
+
+
+def test_demo_multi30k_workload(tmp_path):
+    """``--workload multi30k`` (the small Transformer, LAMB + warmup vs CLARS vs CLARS + GradientMix)
+    on tiny Multi30k-format files: every run finishes with finite losses, a token accuracy and a BLEU
+    score, and the table lists them."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _fake_data import fake_multi30k
+
+    data = fake_multi30k(tmp_path / "m30k", n=128)
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lb_dist.demo", "--workload", "multi30k", "--data-dir", str(data), "--epochs", "2",
+         "--batch-size", "64", "--train-size", "128", "--test-size", "16", "--bleu-samples", "8", "--out", str(out),
+         "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())["results"]
+    from lb_dist.demo import TRANSFORMER_RUNS
+    assert set(results) == set(TRANSFORMER_RUNS)
+    for run, r in results.items():
+        assert r["finite"] and r["skipped_steps"] == 0, run
+        assert len(r["train_loss_per_epoch"]) == 2 and all(math.isfinite(v) for v in r["train_loss_per_epoch"])
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["test_bleu"] <= 100.0
+        flags = r["flags"]
+        assert flags[flags.index("--model") + 1] == "transformer_small"
+        assert (out / "runs" / run / "tokenizer.json").is_file()
+    table = proc.stdout[proc.stdout.index("loss after epoch 1"):]
+    assert "BLEU" in table and all(run in table for run in results)
