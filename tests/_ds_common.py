@@ -109,11 +109,15 @@ def cases(world: int) -> list[dict]:
         for stage, opt in ((0, "CLARS"), (1, "LAMB"), (2, "CLARS"), (3, "CLARS"), (3, "LARS")):
             out.append({"stage": stage, "opt": opt, "mix": "device", "accumulation": 2, "clip": 0.5,
                         "ema": 0.5, "resume": 10})
+        # an lb_dist LARS built by the caller and passed as optimizer= (the config names none)
+        out.append({"stage": 2, "opt": "LARS", "mix": "device", "client": True})
     for i, case in enumerate(out):
         case.update(world=world, name=f"w{world}c{i:02d}")
     return out
 
 
-#: The checkpoint the 3-process job tries to resume (written by the 2-process job): a clear error.
+#: The checkpoints the 3-process job tries to resume (written by the 2-process job): a clear error.
+#: ZeRO-2: DeepSpeed's own check fires first; stage 0: DeepSpeed loads it, lb_dist refuses.
 FOREIGN_CHECKPOINT_CASE = {"stage": 2, "opt": "CLARS", "mix": "device", "accumulation": 2, "clip": 0.5,
                            "ema": 0.5, "resume": 10}
+FOREIGN_CHECKPOINT_CASE_STAGE0 = {**FOREIGN_CHECKPOINT_CASE, "stage": 0}

@@ -52,6 +52,13 @@ def build(case: dict):
         cfg["zero_allow_untested_optimizer"] = True
         engine, *_ = lbds._deepspeed_initialize()(model=model, optimizer=opt, config=cfg)
         return engine, None
+    if case.get("client"):
+        kwargs = dict(C.OPT_PARAMS[case["opt"]])
+        opt = {"LARS": LARS, "LAMB": LAMB}[case["opt"]](param_groups(model, kwargs["weight_decay"]), **kwargs)
+        cfg.pop("optimizer")
+        engine, *_ = lbds.initialize(model=model, optimizer=opt, config=cfg)
+        assert engine.basic_optimizer is opt and type(opt).__name__ == f"ZeRO{case['opt']}"
+        return engine, lbds.get_runtime(engine)
     engine, *_ = lbds.initialize(model=model, config=cfg)
     return engine, lbds.get_runtime(engine)
 
@@ -187,9 +194,9 @@ def check_configs(paths: list[str], rank: int) -> dict:
     return out
 
 
-def check_foreign_checkpoint(path: str, rank: int) -> dict:
+def check_foreign_checkpoint(path: str, rank: int, template: dict = C.FOREIGN_CHECKPOINT_CASE) -> dict:
     """Resume a checkpoint written by another number of processes: must be refused clearly."""
-    case = {**C.FOREIGN_CHECKPOINT_CASE, "world": torch.distributed.get_world_size(), "name": "foreign"}
+    case = {**template, "world": torch.distributed.get_world_size(), "name": "foreign"}
     engine, runtime = build(case)
     try:
         engine.load_checkpoint(path, tag=f"step{case['resume']}")
@@ -208,6 +215,7 @@ def main() -> None:
     parser.add_argument("--checks", action="store_true", help="registration and deepspeed_configs checks")
     parser.add_argument("--configs", default="", help="comma-separated deepspeed_configs/*.json")
     parser.add_argument("--foreign", default="", help="a checkpoint directory of another world size")
+    parser.add_argument("--foreign0", default="", help="the same, of the stage-0 case")
     args = parser.parse_args()
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     deepspeed.utils.logger.setLevel(logging.ERROR)
@@ -237,6 +245,8 @@ def main() -> None:
         checks["configs"] = check_configs(args.configs.split(","), rank)
     if args.foreign and not errors:
         checks["foreign"] = check_foreign_checkpoint(args.foreign, rank)
+    if args.foreign0 and not errors:
+        checks["foreign_stage0"] = check_foreign_checkpoint(args.foreign0, rank, C.FOREIGN_CHECKPOINT_CASE_STAGE0)
     took = time.perf_counter() - start
     if rank == 0:
         torch.save({"results": results, "errors": errors, "world": world, "seconds": took,

@@ -75,11 +75,14 @@ def job2(prebuilt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def job3(job2, tmp_path_factory):
-    foreign = next(c for c in C.cases(2) if {k: v for k, v in c.items() if k not in ("name", "world")}
-                   == C.FOREIGN_CHECKPOINT_CASE)
-    ckpt = job2["dir"] / f"ckpt_{foreign['name']}"
-    assert ckpt.exists()
-    return _deepspeed_job(3, tmp_path_factory.mktemp("ds3"), ["--foreign", str(ckpt)])
+    ckpts = []
+    for template in (C.FOREIGN_CHECKPOINT_CASE, C.FOREIGN_CHECKPOINT_CASE_STAGE0):
+        foreign = next(c for c in C.cases(2) if {k: v for k, v in c.items() if k not in ("name", "world")}
+                       == template)
+        ckpts.append(job2["dir"] / f"ckpt_{foreign['name']}")
+        assert ckpts[-1].exists()
+    return _deepspeed_job(3, tmp_path_factory.mktemp("ds3"), ["--foreign", str(ckpts[0]),
+                                                               "--foreign0", str(ckpts[1])])
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +186,28 @@ def test_checkpoint_resume_equals_uninterrupted_run(job2):
 
 
 def test_resume_on_another_world_size_is_refused(job3):
-    """A 2-process ZeRO checkpoint loaded by 3 processes: refused with a message naming both
-    world sizes (DeepSpeed's own check fires first for ZeRO checkpoints; lb_dist's optimizer
-    state carries its partition layout and refuses too)."""
+    """2-process checkpoints loaded by 3 processes: refused with a message naming both world
+    sizes. ZeRO-2: DeepSpeed's own check fires first (lb_dist's optimizer state carries its
+    partition layout and would refuse too); stage 0: DeepSpeed has no check, lb_dist's runtime
+    state (its recorded world size) refuses."""
     foreign = job3["checks"]["foreign"]
     assert foreign["refused"], "a 2-process checkpoint loaded into 3 processes without an error"
     message = foreign["message"]
     assert ("world size of 2" in message or "2 data-parallel processes" in message) and "3" in message, foreign
+    # ZeRO stage 0: DeepSpeed loads it without a check; lb_dist's runtime state refuses it
+    foreign = job3["checks"]["foreign_stage0"]
+    assert foreign["refused"], "a 2-process stage-0 checkpoint loaded into 3 processes without an error"
+    message = foreign["message"]
+    assert "saved by 2 data-parallel processes" in message and "has 3" in message and "ckpt_" in message, foreign
+
+
+def test_client_lars_is_made_zero_exact(job2):
+    """An lb_dist LARS built by the caller and passed as optimizer= (the config names no
+    optimizer; gradient_mix on), ZeRO-2: made ZeRO-aware, equal to the single-process reference."""
+    (result,) = _select(job2, client=True)
+    assert result["case"]["stage"] == 2 and result["case"]["opt"] == "LARS"
+    _check(result)
+    assert result["mix_step"] == C.STEPS
 
 
 def test_bf16_stages_agree_and_track_fp32(job2):
