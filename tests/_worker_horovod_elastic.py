@@ -1,4 +1,5 @@
-"""Worker for tests/test_horovod_elastic.py: elastic Horovod training (horovodrun --host-discovery-script).
+"""Worker for tests/test_horovod.py::test_elastic_horovodrun_grow_and_shrink: elastic Horovod
+training (horovodrun --host-discovery-script).
 
 Rank 0 drives the host changes by rewriting HOSTS_FILE, which the discovery script prints:
 1 slot for steps 0-2, then 2 slots (a second worker joins and is synced from rank 0) for steps
