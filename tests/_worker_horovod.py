@@ -9,6 +9,7 @@ comparisons with hvd.DistributedOptimizer are made on results both produced here
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 torch.set_num_threads(1)
 
 import horovod.torch as hvd  # noqa: E402
+import horovod.torch.optimizer as hvd_optimizer  # noqa: E402
 
 import lb_dist.horovod as lbh  # noqa: E402
 from lb_dist.mixing import GradientMix  # noqa: E402
@@ -65,6 +67,49 @@ def dense_grads(model):
     return [(p.grad.to_dense() if p.grad.is_sparse else p.grad).detach().clone() for p in model.parameters()]
 
 
+STATS_PREFIX = "lb_dist.horovod.layer_sq_norms"
+# Collectives, by the Python function that submits them: Horovod's optimizer submits gradients through
+# the functions it imported into horovod.torch.optimizer; anything else (lb_dist's statistics) goes
+# through horovod.torch's public functions, all of which are counted.
+GRAD_SUBMITTERS = ("allreduce_async_", "grouped_allreduce_async_", "sparse_allreduce_async")
+PUBLIC_COLLECTIVES = tuple(n for n in dir(hvd) if n.split("_")[0] in (
+    "allreduce", "grouped", "allgather", "broadcast", "alltoall", "reducescatter", "sparse"))
+
+
+@contextlib.contextmanager
+def count_submissions():
+    """Counts, while active, the collectives submitted from Python: ``grad`` (Horovod's gradient
+    allreduces), ``stats`` (those named like lb_dist's statistics tensor, by function) and ``other``
+    (any other public horovod.torch collective)."""
+    counts = {"grad": 0, "stats": 0, "other": 0, "stats_names": []}
+    saved = []
+
+    def wrap(module, name, kind):
+        fn = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            tname = kwargs.get("name")
+            if kind == "public" and isinstance(tname, str) and tname.startswith(STATS_PREFIX):
+                counts["stats"] += 1
+                counts["stats_names"].append(tname)
+            else:
+                counts["grad" if kind == "grad" else "other"] += 1
+            return fn(*args, **kwargs)
+        saved.append((module, name, fn))
+        setattr(module, name, counted)
+
+    for n in GRAD_SUBMITTERS:
+        wrap(hvd_optimizer, n, "grad")
+    for n in PUBLIC_COLLECTIVES:
+        if callable(getattr(hvd, n)):
+            wrap(hvd, n, "public")
+    try:
+        yield counts
+    finally:
+        for module, name, fn in reversed(saved):
+            setattr(module, name, fn)
+
+
 # Horovod options under test; each also runs with hvd.DistributedOptimizer for the bitwise comparison.
 def configs(quick: bool) -> dict:
     cfg = {
@@ -109,7 +154,7 @@ def run_config(name: str, cfg: dict, variant: str, rank: int) -> dict:
         opt = lbh.DistributedOptimizer(base, named_parameters=named, gradient_mix=mix, moments=moments,
                                        micro_batch_size=LOCAL * passes if moments is not None else None, **kwargs)
     rec = {"params": [], "data": [], "grads": [], "final": None, "last_update": [], "grad_sq": [], "trace": [],
-           "mix_step": []}
+           "mix_step": [], "submissions": []}
     for t in range(STEPS):
         opt.zero_grad()
         rec["params"].append(snapshot(model))
@@ -117,12 +162,14 @@ def run_config(name: str, cfg: dict, variant: str, rank: int) -> dict:
         rec["data"].append(batches)
         if variant != "hvd":
             rec["mix_step"].append(opt.lb_dist_state.mix.step)
-        for x, y in batches:
-            (F.cross_entropy(model(x), y) / passes).backward()
-        opt.synchronize()
-        rec["grads"].append(dense_grads(model))
-        with opt.skip_synchronize():
-            opt.step()
+        with count_submissions() as counts:
+            for x, y in batches:
+                (F.cross_entropy(model(x), y) / passes).backward()
+            opt.synchronize()
+            rec["grads"].append(dense_grads(model))
+            with opt.skip_synchronize():
+                opt.step()
+        rec["submissions"].append(counts)
         if moments is not None:
             rec["last_update"].append(dict(opt.lb_dist_state.last_update))
             has = moments.num_updates > 0      # a skipped (degenerate) first step leaves no estimate
@@ -158,6 +205,44 @@ def run_clars(rank: int) -> dict:
         rec["hvd_wraps_clars"] = None
     except TypeError as e:
         rec["hvd_wraps_clars"] = str(e)
+    return rec
+
+
+def run_two_optimizers(rank: int) -> dict:
+    """An encoder optimizer (first Linear) and a decoder optimizer (the rest), each with its own
+    moments and Gaussian mix, both fed by ONE backward: their statistics tensors are in flight
+    together, so they need distinct Horovod names."""
+    model = make_model()
+    named = list(model.named_parameters())
+    parts = {"enc": named[:2], "dec": named[2:]}
+    seeds = {"enc": 7, "dec": 8}
+    opts, moms = {}, {}
+    for part, np_ in parts.items():
+        moms[part] = MicroBatchMoments([p for _, p in np_])
+        opts[part] = lbh.DistributedOptimizer(
+            torch.optim.SGD([p for _, p in np_], lr=0.1, momentum=0.9), named_parameters=np_,
+            gradient_mix=GradientMix(noise="gaussian", std=STD, seed=seeds[part]), moments=moms[part],
+            micro_batch_size=LOCAL)
+    rec = {"params": [], "data": [], "submissions": [],
+           "stats_names": {part: getattr(opts[part].lb_dist_state, "stats_name", None) for part in parts}}
+    for part in parts:
+        rec[part] = {"last_update": [], "grad_sq": [], "trace": []}
+    for t in range(STEPS):
+        for o in opts.values():
+            o.zero_grad()
+        rec["params"].append(snapshot(model))
+        x, y = data("mlp", t, rank)
+        rec["data"].append([(x, y)])
+        with count_submissions() as counts:
+            F.cross_entropy(model(x), y).backward()
+            for o in opts.values():
+                o.step()
+        rec["submissions"].append(counts)
+        for part in parts:
+            rec[part]["last_update"].append(dict(opts[part].lb_dist_state.last_update))
+            rec[part]["grad_sq"].append(moms[part].grad_sq_norms_tensor().clone())
+            rec[part]["trace"].append(moms[part].trace_sigma_tensor().clone())
+    rec["final"] = snapshot(model)
     return rec
 
 
@@ -350,6 +435,17 @@ def run_errors(rank: int) -> dict:
     attempt("foreign_moments", lambda: lbh.DistributedOptimizer(
         opt_for(m), moments=MicroBatchMoments(list(other.parameters()), micro_batch_size=4)))
     attempt("no_micro_batch_size", lambda: lbh.DistributedOptimizer(opt_for(m), moments=MicroBatchMoments(list(m.parameters()))))
+    # A > 1: the estimator's micro_batch_size (documented as the per-pass batch) is not enough
+    attempt("bpps_no_micro_batch_size", lambda: lbh.DistributedOptimizer(
+        opt_for(m), backward_passes_per_step=2, moments=MicroBatchMoments(list(m.parameters()), micro_batch_size=4)))
+    bp = lbh.DistributedOptimizer(opt_for(m), named_parameters=m.named_parameters(),
+                                  moments=MicroBatchMoments(list(m.parameters()), micro_batch_size=4))
+    attempt("set_bpps_no_micro_batch_size", lambda: bp.set_backward_passes_per_step(2))
+    try:
+        bp.set_backward_passes_per_step(3, micro_batch_size=12)
+        errors["set_bpps_with_micro_batch_size"] = (bp.backward_passes_per_step, bp.lb_dist_state.micro_batch_size)
+    except TypeError as e:
+        errors["set_bpps_with_micro_batch_size"] = f"TypeError: {e}"
     attempt("named_parameters_mismatch", lambda: lbh.DistributedOptimizer(
         opt_for(m), named_parameters=list(m.named_parameters())[:2], gradient_mix=GradientMix()))
     attempt("named_parameters_dups", lambda: lbh.DistributedOptimizer(
@@ -387,6 +483,7 @@ def main() -> None:
                                                                   if name == "default" else ())
         result["configs"][name] = {v: run_config(name, cfg, v, rank) for v in variants}
     result["clars"] = run_clars(rank)
+    result["two_optimizers"] = run_two_optimizers(rank)
     result["errors"] = run_errors(rank)
     if not quick:
         result["scaled"] = run_scaled(rank)

@@ -233,6 +233,67 @@ def test_moments_statistics_exact(runs, config, variant):
                           op_sum=config in SUM_CONFIGS, tol=tol)
 
 
+@pytest.mark.parametrize("config", ["default", "fp16", "predivide", "groups2", "groups_list", "bpps2", "sum",
+                                    "sparse", "sparse_as_dense"])
+def test_statistics_are_one_extra_submission_per_step(runs, config):
+    """"at most one extra small allreduce per step": every collective submitted from Python during a
+    step (backward, synchronize, step) is counted in the worker. With moments exactly one is lb_dist's
+    statistics tensor; lb_dist submits the same gradient collectives as hvd.DistributedOptimizer and
+    nothing else, with or without moments."""
+    for r in range(K):
+        v = runs[r]["configs"][config]
+        for variant, rec in v.items():
+            collects = variant not in ("hvd", "none")
+            for t, counts in enumerate(rec["submissions"]):
+                want_grad = v["hvd"]["submissions"][t]["grad"]
+                assert want_grad > 0, (config, t)
+                assert counts["grad"] == want_grad, (config, variant, t, counts)
+                assert counts["other"] == 0, (config, variant, t, counts)
+                assert counts["stats"] == (1 if collects else 0), (config, variant, t, counts)
+                if collects:
+                    assert counts["stats_names"] == ["lb_dist.horovod.layer_sq_norms." + rec_first_name(config)]
+
+
+def rec_first_name(config):
+    """Horovod's name of the first parameter of the worker's models (the first tracked by moments)."""
+    return "emb.weight" if CONFIG_MODEL.get(config) == "sparse" else "0.weight"
+
+
+def test_two_optimizers_with_moments_in_one_backward(runs):
+    """Encoder and decoder optimizers, each with its own moments and Gaussian mix, fed by ONE backward:
+    each has its own statistics tensor name (the same on both ranks), and each optimizer's statistics
+    match the one-process reference on its own parameters with its own coefficients."""
+    names = runs[0]["two_optimizers"]["stats_names"]
+    assert names == {"enc": "lb_dist.horovod.layer_sq_norms.0.weight",
+                     "dec": "lb_dist.horovod.layer_sq_norms.2.weight"}
+    assert runs[1]["two_optimizers"]["stats_names"] == names
+    mixes = {"enc": GradientMix(noise="gaussian", std=STD, seed=7, world_size=K),
+             "dec": GradientMix(noise="gaussian", std=STD, seed=8, world_size=K)}
+    slices = {"enc": slice(0, 2), "dec": slice(2, None)}
+    for t in range(3):
+        g = [local_grad(runs[r]["two_optimizers"]["params"][t], runs[r]["two_optimizers"]["data"][t])
+             for r in range(K)]
+        for r in range(K):
+            rec = runs[r]["two_optimizers"]
+            counts = rec["submissions"][t]
+            assert counts["stats"] == 2 and sorted(counts["stats_names"]) == sorted(names.values())
+            for part, sl in slices.items():
+                check_moments(rec[part], [gk[sl] for gk in g], t, mixes[part].coefficients(step=t), LOCAL)
+    # the mixed updates themselves: SGD with momentum 0.9, lr 0.1 on each part's mixed gradient
+    params = [p.double() for p in runs[0]["two_optimizers"]["params"][0]]
+    bufs = None
+    for t in range(3):
+        g = [local_grad(params, runs[r]["two_optimizers"]["data"][t]) for r in range(K)]
+        mixed = []
+        for part, sl in slices.items():
+            mixed += expected_reduced([gk[sl] for gk in g], mixes[part].coefficients(step=t), False)
+        bufs = [m.clone() for m in mixed] if bufs is None else [0.9 * b + m for b, m in zip(bufs, mixed)]
+        params = [p - 0.1 * b for p, b in zip(params, bufs)]
+    for r in range(K):
+        for got, want in zip(runs[r]["two_optimizers"]["final"], params):
+            close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_moments_with_rademacher_mixing(runs):
     ref = GradientMix(noise="rademacher", std=STD, seed=7, world_size=K)
     for t in range(3):
@@ -393,6 +454,14 @@ def test_errors_name_the_argument(runs):
     assert e["mix_type"].startswith("TypeError") and "gradient_mix" in e["mix_type"]
     assert "moments.params[0]" in e["foreign_moments"]
     assert "micro_batch_size" in e["no_micro_batch_size"]
+    # backward_passes_per_step > 1 with moments: micro_batch_size must be explicit (the estimator's is
+    # the per-pass batch in the documented usage and would understate b A times)
+    assert e["bpps_no_micro_batch_size"].startswith("ValueError")
+    assert "micro_batch_size" in e["bpps_no_micro_batch_size"]
+    assert "backward_passes_per_step=2" in e["bpps_no_micro_batch_size"]
+    assert e["set_bpps_no_micro_batch_size"].startswith("ValueError")
+    assert "micro_batch_size" in e["set_bpps_no_micro_batch_size"]
+    assert e["set_bpps_with_micro_batch_size"] == (3, 12)
     assert "named_parameters" in e["named_parameters_mismatch"]          # Horovod's own checks still run
     assert "named_parameters" in e["named_parameters_dups"] and "duplicates" in e["named_parameters_dups"]
     assert "already a Horovod DistributedOptimizer" in e["double_wrap"]
@@ -401,19 +470,70 @@ def test_errors_name_the_argument(runs):
     assert e["adasum_plain_type"] == "SGD"
 
 
+SINGLE_PROCESS = """
+import copy, torch, horovod.torch as hvd, lb_dist.horovod as lbh
+from lb_dist import GradientMix
+from lb_dist.moments import MicroBatchMoments, MomentsUnavailableError
+hvd.init()
+torch.manual_seed(0)
+m = torch.nn.Linear(3, 2)
+try:
+    lbh.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1),
+                             moments=MicroBatchMoments(list(m.parameters()), micro_batch_size=2))
+    print('no error')
+except MomentsUnavailableError as e:
+    print('refused', 'single rank' in str(e))
+ref = copy.deepcopy(m)
+mix = GradientMix(std=0.5, seed=3)
+o = lbh.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
+                             gradient_mix=mix)
+ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+x, y = torch.randn(4, 3), torch.randn(4, 2)
+ok = isinstance(o, torch.optim.SGD)
+for t in range(2):
+    o.zero_grad(); ref_opt.zero_grad()
+    torch.nn.functional.mse_loss(m(x), y).backward()
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    o.step(); ref_opt.step()
+    # one non-elastic rank: Horovod registers no hooks and reduces nothing, and no coefficient is
+    # applied either (pi_0 = 1 + std xi_0 would only rescale the step): the plain local gradient
+    ok = ok and all(torch.equal(a.grad, b.grad) for a, b in zip(m.parameters(), ref.parameters()))
+    ok = ok and all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
+print('mix ok', ok, mix.step)
+"""
+
+
 def test_single_process_job():
     """DistributedOptimizer in a plain process (no horovodrun, hvd.init() of one rank): moments are
-    refused (nothing to compare), mixing works with K = 1."""
-    code = ("import torch, horovod.torch as hvd, lb_dist.horovod as lbh\n"
-            "from lb_dist import GradientMix\nfrom lb_dist.moments import MicroBatchMoments, MomentsUnavailableError\n"
-            "hvd.init(); m = torch.nn.Linear(2, 2)\n"
-            "try:\n    lbh.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), "
-            "moments=MicroBatchMoments(list(m.parameters()), micro_batch_size=2))\n"
-            "    print('no error')\nexcept MomentsUnavailableError as e:\n    print('refused', 'single rank' in str(e))\n"
-            "o = lbh.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), gradient_mix=GradientMix(std=0.5))\n"
-            "print('ok', isinstance(o, torch.optim.SGD))\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=launch_env(), capture_output=True, text=True, timeout=60)
-    assert "refused True" in proc.stdout and "ok True" in proc.stdout, proc.stdout + proc.stderr
+    refused (nothing to compare); with a Gaussian mix the gradient after each step is the plain local
+    gradient and the weights follow plain SGD bitwise (nothing is reduced or scaled, as with
+    hvd.DistributedOptimizer in one process); the mix still advances once per step."""
+    proc = subprocess.run([sys.executable, "-c", SINGLE_PROCESS], env=launch_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert "refused True" in proc.stdout and "mix ok True 2" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), float("-inf"), True, "8", None,
+                                 torch.tensor(0.0), torch.tensor([1.0, 2.0])])
+def test_grad_scale_must_be_finite_and_positive(bad):
+    """grad_scale divides the statistics by its square: 0 gave a bare ZeroDivisionError at the step,
+    NaN / inf silently made every step "non-finite" (skipped). Refused when set, naming grad_scale."""
+    from lb_dist.horovod import GradientMixState
+    st = GradientMixState(None, None, None)
+    assert st.grad_scale == 1.0
+    with pytest.raises(ValueError, match="grad_scale"):
+        st.grad_scale = bad
+    assert st.grad_scale == 1.0
+
+
+def test_grad_scale_accepts_positive_numbers():
+    import numpy as np
+
+    from lb_dist.horovod import GradientMixState
+    st = GradientMixState(None, None, None)
+    for value, want in [(8, 8.0), (65536.0, 65536.0), (np.float32(0.5), 0.5), (torch.tensor(4.0), 4.0)]:
+        st.grad_scale = value
+        assert st.grad_scale == want and type(st.grad_scale) is float
 
 
 # ------------------------------------------------------------------------- elastic job

@@ -27,6 +27,8 @@ Details, equations and what is refused: docs/backend-horovod.md.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import warnings
 
@@ -49,7 +51,28 @@ __all__ = ["DistributedOptimizer", "GradientMixState"]
 
 # Horovod's own methods, called explicitly from the overrides (plain functions in the class dict).
 _HVD = dict(_DistributedOptimizer.__dict__)
+# Prefix of the statistics tensor's Horovod name; each optimizer appends the Horovod name of its first
+# tracked parameter (``_stats_name``), so that two optimizers fed by one backward (e.g. an encoder's
+# and a decoder's) submit differently named tensors: Horovod refuses a second tensor whose name is
+# still being processed.
 _STATS_NAME = "lb_dist.horovod.layer_sq_norms"
+
+
+def _stats_name(parameter_names: dict, moments: MicroBatchMoments) -> str:
+    """The statistics tensor's name for an optimizer: identical on every rank (Horovod requires the
+    parameter names to match across ranks) and distinct between optimizers over distinct parameters."""
+    first = parameter_names.get(moments.params[0])
+    return _STATS_NAME if first is None else f"{_STATS_NAME}.{first}"
+
+
+def _check_grad_scale(value) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"grad_scale must be a finite number > 0 (the factor the backward'ed loss carries, "
+                         f"e.g. GradScaler.get_scale()), got {value!r}")
+    return float(value)
 
 
 def _op_name(op) -> str:
@@ -92,9 +115,13 @@ class GradientMixState:
         mix: the device-wise :class:`lb_dist.GradientMix` or None (read, never advanced, here).
         moments: the :class:`lb_dist.moments.MicroBatchMoments` fed once per step, or None.
         micro_batch_size: samples behind one rank's gradient of a step (local batch times
-            ``backward_passes_per_step``); None = ``moments.micro_batch_size``.
+            ``backward_passes_per_step``); None = ``moments.micro_batch_size`` (only allowed with
+            ``backward_passes_per_step == 1``).
         grad_scale: factor the backward'ed loss carries relative to the mean loss (AMP loss
-            scaling); the statistics are divided by its square. Default 1.0.
+            scaling); the statistics are divided by its square. Default 1.0; setting anything but a
+            finite number > 0 raises ValueError.
+        stats_name: the Horovod name of this optimizer's statistics tensor
+            (``"lb_dist.horovod.layer_sq_norms.<name of the first tracked parameter>"``).
         last_update: after each step with ``moments``, for logging (the same keys as ``lb_dist.ddp``
             and ``lb_dist.deepspeed``): ``micro_sq_sum`` (``sum_k ||g_k||^2``), ``num_micro_batches``
             (K), ``micro_batch_size``, ``weighted_mean_sq`` (``||M||^2`` of the averaged mixed
@@ -110,12 +137,23 @@ class GradientMixState:
         self.moments = moments
         self.micro_batch_size = micro_batch_size
         self.grad_scale = 1.0
+        self.stats_name = _STATS_NAME
         self.last_update: dict | None = None
         self._coef_key: tuple | None = None
         self._scale: float | None = None
         self._coef_sums = (1.0, 1.0)
         self._warned_single_rank = False
         self.reset()
+
+    @property
+    def grad_scale(self) -> float:
+        return self._grad_scale
+
+    @grad_scale.setter
+    def grad_scale(self, value) -> None:
+        # 0 would divide by zero in finish_step; NaN / inf would make every step "non-finite" and
+        # silently skip it
+        self._grad_scale = _check_grad_scale(value)
 
     @property
     def collects(self) -> bool:
@@ -197,7 +235,7 @@ class GradientMixState:
         # (Average or Sum, 1.0/1.0 without gradient_predivide_factor), so that Horovod fuses this small
         # tensor with the step's last gradients into the same allreduce instead of running another one.
         local = torch.stack(norms).square_()
-        return hvd.allreduce_async(local, name=_STATS_NAME, op=opt.op, process_set=opt.process_set)
+        return hvd.allreduce_async(local, name=self.stats_name, op=opt.op, process_set=opt.process_set)
 
     def finish_step(self, opt, handle) -> None:
         moments = self.moments
@@ -313,6 +351,24 @@ class _Overrides:
     # keeps the hooks (GradientMix.attach) at once per step. hvd.DistributedOptimizer runs them twice.
     step.hooked = True
 
+    def set_backward_passes_per_step(self, passes, micro_batch_size=None):
+        """Horovod's, plus: with ``moments`` a changed number of passes needs the new
+        ``micro_batch_size`` (local batch per pass x passes), or the statistics' b would be stale."""
+        st = self.lb_dist_state
+        if st.moments is not None and passes != self.backward_passes_per_step:
+            if micro_batch_size is None:
+                raise ValueError(f"micro_batch_size is required when changing backward_passes_per_step from "
+                                 f"{self.backward_passes_per_step} to {passes} with moments: pass "
+                                 f"set_backward_passes_per_step({passes}, micro_batch_size=local batch per pass "
+                                 f"x {passes})")
+        if micro_batch_size is not None:
+            if st.moments is None:
+                raise ValueError("micro_batch_size is only used with moments")
+            check_positive_int("micro_batch_size", micro_batch_size)
+        _HVD["set_backward_passes_per_step"](self, passes)
+        if micro_batch_size is not None:
+            st.micro_batch_size = micro_batch_size
+
     def load_state_dict(self, *args, **kwargs):
         self.lb_dist_state.reset()
         return _HVD["load_state_dict"](self, *args, **kwargs)
@@ -325,11 +381,19 @@ class _Overrides:
         return super(self.__class__, self).zero_grad(set_to_none)
 
 
+def _passes_above_one(passes) -> bool:
+    try:
+        return passes > 1
+    except TypeError:   # Horovod's own check reports a wrong type
+        return False
+
+
 def _is_horovod_optimizer(optimizer) -> bool:
     return hasattr(optimizer, "_allreduce_grad_async") or hasattr(optimizer, "_starting_models")
 
 
-def _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batch_size) -> None:
+def _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batch_size,
+                   backward_passes_per_step=1) -> None:
     check_device_mix("gradient_mix", gradient_mix, "the allreduce")
     check_micro_batch_moments("moments", moments)
     if moments is not None:
@@ -345,6 +409,12 @@ def _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batc
             raise ValueError("micro_batch_size is required with moments (samples behind one rank's gradient "
                              "of a step: local batch x backward_passes_per_step), unless the "
                              "MicroBatchMoments was given one")
+        if micro_batch_size is None and _passes_above_one(backward_passes_per_step):
+            raise ValueError(f"micro_batch_size is required with moments and backward_passes_per_step="
+                             f"{backward_passes_per_step}: one rank's gradient of a step accumulates "
+                             f"{backward_passes_per_step} passes, so pass micro_batch_size=local batch per pass "
+                             f"x backward_passes_per_step (moments.micro_batch_size="
+                             f"{moments.micro_batch_size} is not used, it usually is the per-pass batch)")
     if micro_batch_size is not None:
         if moments is None:
             raise ValueError("micro_batch_size is only used with moments; pass moments=MicroBatchMoments(...)")
@@ -396,9 +466,12 @@ def DistributedOptimizer(optimizer, named_parameters=None,
             ``hvd.DistributedOptimizer``. If the mix is not attached to an optimizer yet, it is
             attached to the returned one (``mix.attach``: one new draw per ``step()``).
         moments: a :class:`lb_dist.moments.MicroBatchMoments` over parameters of ``optimizer``, fed
-            once per step from the ranks' local gradients (one extra small allreduce per step).
-        micro_batch_size: samples behind one rank's gradient of one step (local batch times
-            ``backward_passes_per_step``); defaults to ``moments.micro_batch_size``.
+            once per step from the ranks' local gradients (one extra small allreduce submission per
+            step, named ``"lb_dist.horovod.layer_sq_norms.<first tracked parameter's name>"`` so that
+            several such optimizers can share one backward).
+        micro_batch_size: samples behind one rank's gradient of one step (local batch per pass times
+            ``backward_passes_per_step``). Defaults to ``moments.micro_batch_size`` only when
+            ``backward_passes_per_step == 1``; required with ``moments`` when it is larger.
 
     Returns:
         an instance of a run-time subclass of ``type(optimizer)`` (``isinstance(result,
@@ -417,7 +490,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
     if _is_horovod_optimizer(optimizer):
         raise ValueError("optimizer is already a Horovod DistributedOptimizer (hvd.DistributedOptimizer or "
                          "lb_dist.horovod.DistributedOptimizer); wrap the plain optimizer once")
-    _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batch_size)
+    _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batch_size, backward_passes_per_step)
     if op == hvd.Adasum and hvd.size() > 1:
         return hvd.DistributedOptimizer(optimizer, named_parameters, compression, backward_passes_per_step, op,
                                         gradient_predivide_factor, num_groups, groups, sparse_as_dense,
@@ -460,6 +533,8 @@ def DistributedOptimizer(optimizer, named_parameters=None,
     state = GradientMixState(gradient_mix, moments, micro_batch_size)
     result = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
                  gradient_predivide_factor, groups, sparse_as_dense, process_set, state)
+    if moments is not None:
+        state.stats_name = _stats_name(result._parameter_names, moments)
     if gradient_mix is not None and gradient_mix._attached is None:
         gradient_mix.attach(result)
     return result
