@@ -168,6 +168,35 @@ def test_epoch_evaluation_matches_the_final_checkpoint(clars_run):
     assert last["test_top5"] == pytest.approx(sum(r < 5 for r in ranks) / TEST, abs=1e-12)
 
 
+@pytest.mark.parametrize("optimizer,wd_exclusion", [("nesterov", True), ("adamw", True), ("nesterov", False)])
+def test_torch_optimizers_equal_a_written_out_loop(tmp_path, optimizer, wd_exclusion):
+    """--optimizer nesterov / adamw with weight decay, with and without the exclusion of biases and
+    normalization parameters (ndim <= 1 here), against torch's optimizers stepped in a plain loop."""
+    lr = 0.05 if optimizer == "nesterov" else 0.003
+    extra = ["--optimizer", optimizer, "--lr", str(lr), "--schedule", "constant", "--weight-decay", "0.01"]
+    run = tmp_path / "run"
+    train(common(run, *extra, *([] if wd_exclusion else ["--no-wd-exclusion"])))
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10).train()
+    decayed = [p for p in model.parameters() if p.ndim > 1 or not wd_exclusion]
+    exempt = [p for p in model.parameters() if p.ndim <= 1 and wd_exclusion]
+    groups = [{"params": decayed, "weight_decay": 0.01}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+    if optimizer == "nesterov":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    ds = SyntheticImages(TRAIN, num_classes=10, image_shape=(3, IMAGE, IMAGE), seed=0, split="train")
+    order = epoch_permutation(TRAIN, 0, 0)
+    for s in range(TRAIN // BATCH):
+        x, y = ds.get_batch(order[s * BATCH:(s + 1) * BATCH])
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    got = params_of(final_model(run))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_first_step_loss_is_the_global_batch_mean(clars_run):
     """The logged loss of step 1 = mean label-smoothed cross-entropy of the initial model over the
     global batch perm_0[:B], BatchNorm normalising per micro-batch of 16 (2 accumulation steps)."""
