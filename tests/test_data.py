@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
+from _data import MULTI30K, needs_multi30k
 from lb_dist.data import (
     DATASET_NAMES,
     CifarFormatError,
@@ -32,10 +33,6 @@ from lb_dist.data import (
 
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MULTI30K = SHARED / "data" / "multi30k"
-needs_multi30k = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"real Multi30k data not found: {MULTI30K} "
-                                    f"(../shared is absent on this machine)")
 
 
 # ------------------------------------------------------------------------------------ synthetic

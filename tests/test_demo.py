@@ -53,7 +53,7 @@ def test_demo_multi30k_workload(tmp_path):
     on tiny Multi30k-format files: every run finishes with finite losses, a token accuracy and a BLEU
     score, and the table lists them."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from _fake_data import fake_multi30k
+    from _data import fake_multi30k
 
     data = fake_multi30k(tmp_path / "m30k", n=128)
     out = tmp_path / "demo"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers", reason="lb_dist.finetune needs the 'workloads' extra (transformers)")
 
+from _data import MULTI30K, needs_multi30k  # noqa: E402
 from lb_dist import GradientMix  # noqa: E402
 from lb_dist.data import TranslationDataset, collate_translation, read_multi30k  # noqa: E402
 from lb_dist.finetune import LbDistSeq2SeqTrainer, main, make_optimizer  # noqa: E402
@@ -29,10 +30,7 @@ from lb_dist.text import TokenizerMismatchError, train_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MULTI30K = SHARED / "data" / "multi30k"
-pytestmark = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"real Multi30k data not found: {MULTI30K} "
-                                f"(../shared is absent on this machine)")
+pytestmark = needs_multi30k
 
 TINY = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "attention_heads": 2, "ffn_dim": 64}
 

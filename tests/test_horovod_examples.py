@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _fake_data import fake_multi30k
+from _data import fake_multi30k
 from _worker_launch import REPO, child_env
 from lb_dist.train.metrics import read_metrics
 

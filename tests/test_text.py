@@ -6,11 +6,11 @@ import json
 import math
 import unicodedata
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
+from _data import MULTI30K, needs_multi30k
 from lb_dist.text import (
     SPECIAL_TOKENS,
     TokenizerMismatchError,
@@ -28,10 +28,6 @@ from lb_dist.text import (
 
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MULTI30K = SHARED / "data" / "multi30k"
-needs_multi30k = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"real Multi30k data not found: {MULTI30K} "
-                                    f"(../shared is absent on this machine)")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _fake_data import fake_multi30k
+from _data import MULTI30K, fake_multi30k, needs_multi30k
+from _train_runs import final_model, params_of
 from _worker_launch import REPO, child_env
 from _worker_train_reference import reference_sgd
 from lb_dist.data import SyntheticImages, epoch_permutation
@@ -33,14 +34,6 @@ def common(run_dir, *extra):
     return ["--run-dir", str(run_dir), "--model", "resnet20", "--image-size", str(IMAGE), "--train-size", str(TRAIN),
             "--test-size", str(TEST), "--batch-size", str(BATCH), "--epochs", "1", "--no-progress",
             "--layer-stats-every", "1", "--eval-batch-size", "32", *extra]
-
-
-def final_model(run_dir) -> dict:
-    return load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["model"]
-
-
-def params_of(state: dict) -> dict:
-    return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
@@ -380,8 +373,6 @@ def test_topk_correct_against_a_loop():
 
 
 # ------------------------------------------------------------------------- translation
-MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
-needs_multi30k = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"{MULTI30K} (../shared) is not present")
 
 
 def translation_argv(run, *extra):

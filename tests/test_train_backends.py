@@ -30,9 +30,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from _train_runs import assert_params_close, final_model, max_diff
 from _worker_launch import REPO, TESTS, child_env, free_port
 from _worker_train_reference import reference_layerwise, reference_sgd
-from lb_dist.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from lb_dist.train.checkpoint import list_checkpoints, load_checkpoint
 from lb_dist.train.metrics import read_metrics
 
 BIN = Path(sys.executable).parent
@@ -55,23 +56,6 @@ def common(run_dir, *extra):
     return ["--run-dir", str(run_dir), "--model", "resnet20", "--image-size", str(IMAGE), "--train-size", str(TRAIN),
             "--test-size", str(TEST), "--batch-size", str(BATCH), "--epochs", "1", "--no-progress",
             "--num-threads", "1", "--layer-stats-every", "1", "--eval-batch-size", "32", *extra]
-
-
-def final_model(run_dir) -> dict:
-    path = latest_checkpoint(Path(run_dir) / "checkpoints")
-    assert path is not None, f"no checkpoint in {run_dir}"
-    return load_checkpoint(path)["model"]
-
-
-def assert_params_close(got: dict, want: dict, rtol=1e-5, atol=1e-6):
-    params = [k for k in want if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert params
-    for k in params:
-        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
-
-
-def max_diff(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in b if k.endswith("weight"))
 
 
 def _launch(cmd: list[str], d: Path, spec: list[dict], timeout: float = 420) -> dict:

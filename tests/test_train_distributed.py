@@ -19,13 +19,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from _fake_data import fake_multi30k
+from _data import fake_multi30k
+from _train_runs import assert_params_close, final_model
 from _worker_launch import REPO, child_env, free_port
 from _worker_train_reference import reference_layerwise, reference_sgd
 from lb_dist.train import train
-from lb_dist.train.checkpoint import latest_checkpoint, load_checkpoint
 from lb_dist.train.metrics import read_metrics
 
 IMAGE, TRAIN, TEST, BATCH = 8, 96, 32, 32  # 3 steps per epoch
@@ -60,19 +59,6 @@ def torchrun(args: list[str], timeout: float = 240.0) -> subprocess.CompletedPro
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), *args]
     return subprocess.run(cmd, env=child_env(), cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
-
-
-def final_model(run_dir) -> dict:
-    path = latest_checkpoint(run_dir / "checkpoints")
-    assert path is not None, f"no checkpoint in {run_dir}"
-    return load_checkpoint(path)["model"]
-
-
-def assert_params_close(got: dict, want: dict, rtol=1e-5, atol=1e-6):
-    params = [k for k in want if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert params
-    for k in params:
-        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")

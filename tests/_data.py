@@ -1,5 +1,14 @@
-"""Small data files in the official formats, written by tests (independent of ../shared)."""
+"""Test data: the real Multi30k files in ../shared (and the skip marker for clones without them), and
+small files in the official formats written by tests (independent of ../shared)."""
 from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+needs_multi30k = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"real Multi30k data not found: {MULTI30K} "
+                                    f"(../shared is absent on this machine)")
 
 
 def fake_multi30k(root, n=64):
