@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable
 
 
@@ -50,3 +51,19 @@ def check_choice(name: str, value, choices: Iterable[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
+
+
+def check_grad_scale(value) -> float:
+    """``grad_scale`` of the backends' statistics: the factor the backward'ed loss carries (e.g.
+    ``GradScaler.get_scale()``), a finite number > 0 (a number or a one-element tensor). 0 would divide
+    by zero, NaN / inf would make every step's statistics non-finite and silently skip it."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"grad_scale must be a finite number > 0 (the factor the backward'ed loss carries, "
+                         f"e.g. GradScaler.get_scale()), got {value!r}")
+    return float(value)
+

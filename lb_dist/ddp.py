@@ -26,7 +26,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from lb_dist._validation import check_positive_int
+from lb_dist._validation import check_grad_scale, check_positive_int
 from lb_dist.mixing import GradientMix, check_device_mix
 from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments,
                                        mixing_weight_sums)
@@ -91,13 +91,21 @@ class GradientMixHookState:
         self.moments = moments
         self.process_group = process_group
         self.micro_batch_size = micro_batch_size
-        self.grad_scale = 1.0
+        self._grad_scale = 1.0
         self.last_update: dict | None = None
         self._coef_key: tuple | None = None
         self._coef = 0.0
         self._coef_sums = (1.0, 1.0)
         self._lock = threading.Lock()
         self._reset()
+
+    @property
+    def grad_scale(self) -> float:
+        return self._grad_scale
+
+    @grad_scale.setter
+    def grad_scale(self, value) -> None:
+        self._grad_scale = check_grad_scale(value)
 
     def _plan(self, bucket, buf: torch.Tensor) -> _BucketPlan:
         """The bucket's plan, rebuilt (and the old one dropped) when DDP rebuilds its buckets."""
@@ -152,20 +160,10 @@ class GradientMixHookState:
         inv = 1.0 / (self.grad_scale * self.grad_scale)
         micro_sq_sum = self._local_sq * inv
         weighted_sq = self._reduced_sq * inv                  # ||M||^2, M = sum_k pi_k g_k
-        w1, w2 = self._weights
-        record = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": self._k,
-                  "micro_batch_size": self.micro_batch_size or moments.micro_batch_size,
-                  "weighted_mean_sq": weighted_sq, "weights": (w1, w2), "mean_sq": None}
-        if not (bool(torch.isfinite(micro_sq_sum).all()) and bool(torch.isfinite(weighted_sq).all())):
-            # e.g. an AMP step whose gradients overflowed (GradScaler skips that optimizer step)
-            self.last_update = {**record, "skipped": True, "reason": "non-finite statistics"}
-            return
-        mean_sq = moments.update_weighted(micro_sq_sum, self._k, weighted_sq, weight_sum=w1, weight_sq_sum=w2,
-                                          micro_batch_size=self.micro_batch_size)
-        if mean_sq is None:
-            self.last_update = {**record, "skipped": True, "reason": "degenerate weights"}
-            return
-        self.last_update = {**record, "mean_sq": mean_sq, "skipped": False}
+        # non-finite statistics (an AMP step whose gradients overflowed: GradScaler skips that optimizer
+        # step) and degenerate weights skip the update
+        self.last_update = moments.feed_weighted(micro_sq_sum, self._k, weighted_sq, weights=self._weights,
+                                                 micro_batch_size=self.micro_batch_size)
 
 
 def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -237,6 +237,11 @@ def test_state_validation():
         GradientMixHookState(moments=MicroBatchMoments(list(model.parameters())))
     state = GradientMixHookState(moments=MicroBatchMoments(list(model.parameters()), micro_batch_size=3))
     assert state.micro_batch_size is None and state.last_update is None
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "8", torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="grad_scale must be a finite number > 0"):
+            state.grad_scale = bad
+    state.grad_scale = torch.tensor(8.0)
+    assert state.grad_scale == 8.0 and isinstance(state.grad_scale, float)
 
 
 # ------------------------------------------------------------------------------ torchrun

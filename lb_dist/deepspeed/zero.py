@@ -466,19 +466,10 @@ class MicroBatchStepMoments:
                                f"{self.world_size} data-parallel processes")
         weights = mixing_weight_sums(self.world_size, self.coefficients, accumulation)
         weighted_sq = g_sq.to(torch.float64) / (clip * clip)           # ||M_k||^2 before clipping
-        record = {"micro_sq_sum": total_sq, "num_micro_batches": n, "micro_batch_size": b,
-                  "weighted_mean_sq": weighted_sq, "weights": weights, "mean_sq": None, "clip": clip}
-        nan = torch.full((count,), float("nan"), dtype=torch.float64)
-        if not (bool(torch.isfinite(total_sq).all()) and bool(torch.isfinite(weighted_sq).all())):
-            # a non-finite gradient: the step is skipped anyway
-            self.last_update = {**record, "skipped": True, "reason": "non-finite statistics"}
-            return nan
-        mean_sq = est.update_weighted(total_sq, n, weighted_sq, weight_sum=weights[0], weight_sq_sum=weights[1],
-                                      micro_batch_size=b)
-        if mean_sq is None:
-            self.last_update = {**record, "skipped": True, "reason": "degenerate weights"}
-            return est.second_moments_tensor() if est.num_updates else nan
-        self.last_update = {**record, "mean_sq": mean_sq, "skipped": False}
+        self.last_update = est.feed_weighted(total_sq, n, weighted_sq, weights=weights, micro_batch_size=b, clip=clip)
+        if self.last_update.get("reason") == "non-finite statistics" or not est.num_updates:
+            # a non-finite gradient (the step is skipped anyway), or no estimate yet (degenerate weights)
+            return torch.full((count,), float("nan"), dtype=torch.float64)
         return est.second_moments_tensor()
 
     def state_dict(self) -> dict:

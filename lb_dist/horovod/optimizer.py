@@ -27,8 +27,6 @@ Details, equations and what is refused: docs/backend-horovod.md.
 """
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import warnings
 
@@ -42,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Horovod
                       "this torch): run `scripts/setup.sh dev,horovod` (it builds and caches a patched "
                       "wheel, see scripts/install_horovod.sh)") from exc
 
-from lb_dist._validation import check_positive, check_positive_int
+from lb_dist._validation import check_grad_scale, check_positive_int
 from lb_dist.mixing import GradientMix, check_device_mix
 from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments,
                                        mixing_weight_sums)
@@ -63,16 +61,6 @@ def _stats_name(parameter_names: dict, moments: MicroBatchMoments) -> str:
     parameter names to match across ranks) and distinct between optimizers over distinct parameters."""
     first = parameter_names.get(moments.params[0])
     return _STATS_NAME if first is None else f"{_STATS_NAME}.{first}"
-
-
-def _check_grad_scale(value) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex \
-            and value.dtype != torch.bool:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"grad_scale must be a finite number > 0 (the factor the backward'ed loss carries, "
-                         f"e.g. GradScaler.get_scale()), got {value!r}")
-    return float(value)
 
 
 def _op_name(op) -> str:
@@ -153,7 +141,7 @@ class GradientMixState:
     def grad_scale(self, value) -> None:
         # 0 would divide by zero in finish_step; NaN / inf would make every step "non-finite" and
         # silently skip it
-        self._grad_scale = _check_grad_scale(value)
+        self._grad_scale = check_grad_scale(value)
 
     @property
     def collects(self) -> bool:
@@ -250,13 +238,6 @@ class GradientMixState:
         inv = 1.0 / (self.grad_scale * self.grad_scale)
         micro_sq_sum = sq_sum * inv
         weighted_sq = reduced * inv                                      # ||M||^2, M = sum_k pi_k g_k
-        b = self.micro_batch_size if self.micro_batch_size is not None else moments.micro_batch_size
-        record = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": k, "micro_batch_size": b,
-                  "weighted_mean_sq": weighted_sq, "weights": (w1, w2), "mean_sq": None}
-        if not (bool(torch.isfinite(micro_sq_sum).all()) and bool(torch.isfinite(weighted_sq).all())):
-            # e.g. an AMP step whose gradients overflowed (GradScaler skips that optimizer step)
-            self.last_update = {**record, "skipped": True, "reason": "non-finite statistics"}
-            return
         if k == 1:
             # only reachable in an elastic job that shrank to one worker (refused at construction otherwise)
             if not self._warned_single_rank:
@@ -264,14 +245,14 @@ class GradientMixState:
                               "need >= 2 ranks, so moments keeps its last estimate until the job grows",
                               RuntimeWarning, stacklevel=3)
                 self._warned_single_rank = True
-            self.last_update = {**record, "skipped": True, "reason": "single rank"}
+            b = self.micro_batch_size if self.micro_batch_size is not None else moments.micro_batch_size
+            self.last_update = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": k, "micro_batch_size": b,
+                                "weighted_mean_sq": weighted_sq, "weights": (w1, w2), "mean_sq": None,
+                                "skipped": True, "reason": "single rank"}
             return
-        mean_sq = moments.update_weighted(micro_sq_sum, k, weighted_sq, weight_sum=w1, weight_sq_sum=w2,
-                                          micro_batch_size=b)
-        if mean_sq is None:
-            self.last_update = {**record, "skipped": True, "reason": "degenerate weights"}
-            return
-        self.last_update = {**record, "mean_sq": mean_sq, "skipped": False}
+        # non-finite statistics (an AMP step whose gradients overflowed) and degenerate weights skip the update
+        self.last_update = moments.feed_weighted(micro_sq_sum, k, weighted_sq, weights=(w1, w2),
+                                                 micro_batch_size=self.micro_batch_size)
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict:

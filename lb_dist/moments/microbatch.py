@@ -189,9 +189,13 @@ class MicroBatchMoments:
         b = self._check_micro_batch_size(micro_batch_size)
         self._check_num_micro_batches(num_micro_batches)
         micro_sq_sum = self._layer_vector("micro_sq_sum", micro_sq_sum, non_negative=True)
-        # mean_sq may be negative when it is an estimate (update_weighted's solve under GradientMix):
-        # it is clamped into [0, small] below.
         mean_sq = self._layer_vector("mean_sq", mean_sq)
+        self._update_checked(micro_sq_sum, num_micro_batches, mean_sq, b)
+
+    def _update_checked(self, micro_sq_sum: torch.Tensor, num_micro_batches: int, mean_sq: torch.Tensor,
+                        b: int) -> None:
+        """:meth:`update` with validated float64 per-layer vectors. ``mean_sq`` may be negative when it
+        is an estimate (update_weighted's solve under GradientMix): it is clamped into [0, small]."""
         if self._grad_sq is not None and micro_sq_sum.device != self._grad_sq.device:
             micro_sq_sum, mean_sq = micro_sq_sum.to(self._grad_sq.device), mean_sq.to(self._grad_sq.device)
         small = micro_sq_sum / num_micro_batches
@@ -250,8 +254,29 @@ class MicroBatchMoments:
             self.num_skipped_updates += 1
             return None
         big = weighted_big_batch_sq(micro_sq_sum / num_micro_batches, weighted_sq, num_micro_batches, w1, w2)
-        self.update(micro_sq_sum, num_micro_batches, big, b)
+        self._update_checked(micro_sq_sum, num_micro_batches, big, b)   # big is finite: its inputs were checked
         return big
+
+    def feed_weighted(self, micro_sq_sum: torch.Tensor, num_micro_batches: int, weighted_sq: torch.Tensor, *,
+                      weights: tuple[float, float], micro_batch_size: int | None = None, **extra) -> dict:
+        """A backend's end of step: :meth:`update_weighted`, except that non-finite statistics (an
+        overflowing AMP step) skip the step instead of raising. Returns the record the adapters keep
+        as ``last_update`` (``lb_dist.ddp``, ``lb_dist.horovod``, ``lb_dist.deepspeed``): the inputs
+        (``micro_sq_sum``, ``num_micro_batches``, ``micro_batch_size``, ``weighted_mean_sq``,
+        ``weights = (W1, W2)``, plus ``extra``), ``mean_sq`` (the big-batch value passed on, None when
+        skipped), ``skipped`` and, when skipped, ``reason``: ``"non-finite statistics"`` or
+        ``"degenerate weights"``."""
+        b = micro_batch_size if micro_batch_size is not None else self.micro_batch_size
+        w1, w2 = weights
+        record = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": num_micro_batches, "micro_batch_size": b,
+                  "weighted_mean_sq": weighted_sq, "weights": (w1, w2), "mean_sq": None, **extra}
+        if not bool(torch.isfinite(micro_sq_sum).all() & torch.isfinite(weighted_sq).all()):
+            return {**record, "skipped": True, "reason": "non-finite statistics"}
+        mean_sq = self.update_weighted(micro_sq_sum, num_micro_batches, weighted_sq, weight_sum=w1,
+                                       weight_sq_sum=w2, micro_batch_size=micro_batch_size)
+        if mean_sq is None:
+            return {**record, "skipped": True, "reason": "degenerate weights"}
+        return {**record, "mean_sq": mean_sq, "skipped": False}
 
     def _check_micro_batch_size(self, micro_batch_size: int | None) -> int:
         b = micro_batch_size if micro_batch_size is not None else self.micro_batch_size
@@ -277,15 +302,15 @@ class MicroBatchMoments:
         if t.numel() != n_layers:
             raise ValueError(f"{name} has {t.numel()} entries but the estimator tracks {n_layers} parameters")
         # a NaN/inf here would poison every later estimate
+        ok = torch.isfinite(t) & (t >= 0) if non_negative else torch.isfinite(t)
+        if bool(ok.all()):
+            return t
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
             raise ValueError(f"{name} is not finite for layer(s) {bad.nonzero().flatten().tolist()}: "
                              f"skip this step's update (e.g. an AMP step with overflowing gradients)")
-        if non_negative:
-            neg = t < 0
-            if bool(neg.any()):
-                raise ValueError(f"{name} holds negative squared norms for layer(s) {neg.nonzero().flatten().tolist()}")
-        return t
+        neg = t < 0
+        raise ValueError(f"{name} holds negative squared norms for layer(s) {neg.nonzero().flatten().tolist()}")
 
     def _corrected(self, t: torch.Tensor) -> torch.Tensor:
         if self.ema > 0:
@@ -397,17 +422,13 @@ class MicroBatchMoments:
         The pending statistics are reset even if the update fails (e.g. a single micro-batch:
         :class:`MomentsUnavailableError`).
         """
-        n = self._pending_n
-        pending = self._pending_sq
         scale = self.grad_scale
-        self._reset_pending()
+        micro_sq_sum, n = self.pop_pending()
         if n == 0:
             raise MomentsUnavailableError(
                 "finish_step() found no tracked backward pass: call track_backward() before the "
                 "micro-batches' backward passes (or use update() / observe())")
-        dev = self._stat_device()
-        micro_sq_sum = torch.stack([torch.zeros((), dtype=torch.float64, device=dev) if t is None
-                                    else t.to(dev) for t in pending])
+        dev = micro_sq_sum.device
         if mean_grads is None:
             mean_sq = self._sq_norms([p.grad for p in self.params], dev) / float(n * scale) ** 2
         else:

@@ -12,7 +12,6 @@ the token-mean loss for translation, however the batch is split over ranks and m
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
