@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable
+from typing import Iterable, Mapping
 
 
 def _is_number(value) -> bool:
@@ -66,4 +66,13 @@ def check_grad_scale(value) -> float:
         raise ValueError(f"grad_scale must be a finite number > 0 (the factor the backward'ed loss carries, "
                          f"e.g. GradScaler.get_scale()), got {value!r}")
     return float(value)
+
+
+def check_options(kind: str, name: str, options: Mapping, allowed: Iterable[str]) -> None:
+    """Refuse keyword options a factory (``kind`` "model" or "dataset", ``name``) does not take."""
+    allowed = tuple(allowed)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{kind} {name!r} does not take option(s) {', '.join(map(repr, unknown))}; "
+                         f"valid: {', '.join(allowed) if allowed else 'none'}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from lb_dist._validation import check_options
 from lb_dist.data.cifar import CifarDataset, CifarFormatError, cifar, load_cifar_file
 from lb_dist.data.imagenet import MissingDependencyError, image_folder
 from lb_dist.data.multi30k import (
@@ -37,13 +38,6 @@ DATASET_NAMES: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "imagenet"
 SYNTHETIC_SIZES = {"train": 10000, "val": 2000, "test": 2000}
 
 
-def _options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"dataset {name!r} does not take option(s) {', '.join(map(repr, unknown))}; "
-                         f"valid: {', '.join(allowed) if allowed else 'none'}")
-
-
 def make_dataset(name: str, *, root=None, split: str = "train", **options) -> Dataset:
     """A dataset by name (``DATASET_NAMES``).
 
@@ -65,18 +59,18 @@ def make_dataset(name: str, *, root=None, split: str = "train", **options) -> Da
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASET_NAMES)}")
     if name == "synthetic":
-        _options(name, options, ("n", "num_classes", "image_shape", "seed", "noise"))
+        check_options("dataset", name, options, ("n", "num_classes", "image_shape", "seed", "noise"))
         if split not in SYNTHETIC_SIZES:
             raise ValueError(f"split must be one of {', '.join(map(repr, SYNTHETIC_SIZES))}; got {split!r}")
         n = options.pop("n", SYNTHETIC_SIZES[split])
         return SyntheticImages(n, split=split, **options)
     if name in ("cifar10", "cifar100"):
-        _options(name, options, ("augment",))
+        check_options("dataset", name, options, ("augment",))
         return cifar(root, name=name, split=split, **options)
     if name == "imagenet":
-        _options(name, options, ("image_size", "augment"))
+        check_options("dataset", name, options, ("image_size", "augment"))
         return image_folder(root, split=split, **options)
-    _options(name, options, ("tokenizer", "max_length", "src_lang", "tgt_lang"))
+    check_options("dataset", name, options, ("tokenizer", "max_length", "src_lang", "tgt_lang"))
     tokenizer = options.pop("tokenizer", None)
     if tokenizer is None:
         raise ValueError("dataset 'multi30k' needs tokenizer=... (lb_dist.text.train_tokenizer on the train "

@@ -28,6 +28,7 @@ import re
 
 from torch import nn
 
+from lb_dist._validation import check_options
 from lb_dist.models.cifar_resnet import (
     BasicBlock,
     CifarResNet,
@@ -67,13 +68,6 @@ def cifar_resnet_depth(name: str) -> int | None:
     return depth if depth >= 8 and (depth - 2) % 6 == 0 else None
 
 
-def _check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"model {name!r} does not take option(s) {', '.join(map(repr, unknown))}; "
-                         f"valid: {', '.join(allowed) if allowed else 'none'}")
-
-
 def build_model(name: str, *, num_classes: int | None = None, **options) -> nn.Module:
     """Build a model by name (``MODEL_NAMES``, or ``resnetD`` for any CIFAR depth D = 6n+2, see
     :func:`cifar_resnet_depth`), freshly initialised.
@@ -94,14 +88,14 @@ def build_model(name: str, *, num_classes: int | None = None, **options) -> nn.M
         return build_transformer(_TRANSFORMERS[name], **options)
     classes = _IMAGE_DEFAULT_CLASSES.get(name, 10) if num_classes is None else num_classes
     if depth is not None:
-        _check_options(name, options, ("last_bn_gamma", "shortcut", "in_channels"))
+        check_options("model", name, options, ("last_bn_gamma", "shortcut", "in_channels"))
         gamma = options.pop("last_bn_gamma", None)
         return CifarResNet(depth, num_classes=classes,
                            residual_bn_init=1.0 if gamma is None else gamma, **options)
     if name == "vgg11_bn":
-        _check_options(name, options, ("in_channels",))
+        check_options("model", name, options, ("in_channels",))
         return vgg11_bn(num_classes=classes, **options)
-    _check_options(name, options, ("last_bn_gamma", "in_channels"))
+    check_options("model", name, options, ("last_bn_gamma", "in_channels"))
     factory = resnet18_cifar if name == "resnet18_cifar" else resnet50
     return factory(num_classes=classes, **options)
 
