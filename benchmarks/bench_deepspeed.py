@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import median_quartiles, thread_time_counter
+
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("SGD z0", "SGD z2", "LARS z0", "LARS z2", "LARS z2 + mix", "CLARS z2 + mix")
 
@@ -70,16 +72,7 @@ def worker(args) -> None:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank = torch.distributed.get_rank()
 
-    spent = [0.0]          # CPU time of this thread inside lb_dist's per-step code
-
-    def timed(fn):
-        def wrapper(*a, **k):
-            t = time.thread_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[0] += time.thread_time() - t
-        return wrapper
+    spent, timed = thread_time_counter()   # CPU time of this thread inside lb_dist's per-step code
 
     lbzero.ShardedLayerwise._reduce_step_sq_norms = timed(lbzero.ShardedLayerwise._reduce_step_sq_norms)
     for meth in ("loss_factor", "_before_boundary", "_after_boundary"):
@@ -125,9 +118,7 @@ def worker(args) -> None:
 
 
 def report(rows: list[dict], args) -> None:
-    def med(values):
-        return statistics.median(values)
-
+    med = statistics.median
     print(f"2 processes x 1 thread, resnet20, batch {args.batch}/process, {args.rounds} rounds x "
           f"{args.steps} steps (median)\n")
     print("| variant | wall step (ms) | CPU step (ms) | lb_dist CPU (ms) |")
@@ -142,12 +133,12 @@ def report(rows: list[dict], args) -> None:
         clars = [r["CLARS z2 + mix"][kind] / r["LARS z2 + mix"][kind] - 1 for r in rows]
         lars0 = [r["LARS z0"][kind] / r["SGD z0"][kind] - 1 for r in rows]
         lars2 = [r["LARS z2"][kind] / r["SGD z2"][kind] - 1 for r in rows]
-        q = lambda v: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3  # noqa: E731
+        _, z1, z3 = median_quartiles(zero)
+        _, m1, m3 = median_quartiles(mix)
         print(f"{kind}: LARS vs SGD at z0 {100 * med(lars0):+.1f} %, at z2 {100 * med(lars2):+.1f} %; "
-              f"ZeRO-aware reduction {100 * med(zero):+.1f} % (quartiles {100 * q(zero)[0]:+.1f}.."
-              f"{100 * q(zero)[2]:+.1f}); GradientMix {100 * med(mix):+.1f} % (quartiles "
-              f"{100 * q(mix)[0]:+.1f}..{100 * q(mix)[2]:+.1f}); CLARS micro-batch S_k vs LARS "
-              f"{100 * med(clars):+.1f} %")
+              f"ZeRO-aware reduction {100 * med(zero):+.1f} % (quartiles {100 * z1:+.1f}..{100 * z3:+.1f}); "
+              f"GradientMix {100 * med(mix):+.1f} % (quartiles {100 * m1:+.1f}..{100 * m3:+.1f}); "
+              f"CLARS micro-batch S_k vs LARS {100 * med(clars):+.1f} %")
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import fmt_overhead, paired_summary, thread_time_counter
+
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("hvd.DistributedOptimizer", "lb_dist, mix noise='none'", "lb_dist, GradientMix",
             "lb_dist, GradientMix + moments")
@@ -54,16 +56,7 @@ def worker(args) -> None:
     # Direct measure of lb_dist's own work: CPU time of the main thread inside the three methods
     # that run lb_dist code (per-parameter hook part, statistics launch, statistics completion).
     from lb_dist.horovod.optimizer import GradientMixState
-    spent = [0.0]
-
-    def timed(fn):
-        def wrapper(*a, **k):
-            t = time.thread_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[0] += time.thread_time() - t
-        return wrapper
+    spent, timed = thread_time_counter()
 
     for meth in ("before_reduce", "launch_stats", "finish_step"):
         setattr(GradientMixState, meth, timed(getattr(GradientMixState, meth)))
@@ -147,12 +140,7 @@ def main() -> None:
     subprocess.run(cmd, env=env, check=True)
     res = json.loads(Path(out).read_text())
     os.remove(out)
-    summary = {}
-    for metric in ("times", "cpu", "main"):
-        base = res[metric][VARIANTS[0]]
-        summary[metric] = {k: {"median_s": statistics.median(v),
-                               "overhead": sorted(t / b - 1 for t, b in zip(v, base))}
-                           for k, v in res[metric].items()}
+    summary = {metric: paired_summary(res[metric], VARIANTS[0]) for metric in ("times", "cpu", "main")}
     print(f"\n2 processes x 1 thread, horovodrun --{res['controller']}, resnet20 ({res['params'] / 1e6:.2f}M params), "
           f"batch {args.batch}/rank, {args.rounds} interleaved rounds x {args.steps} steps; overhead = "
           f"median over rounds of the per-round ratio to hvd.DistributedOptimizer [quartiles]\n")
@@ -160,9 +148,7 @@ def main() -> None:
           "| main-thread CPU ms/step | main-thread overhead |")
     print("|---|---|---|---|---|---|---|")
 
-    def fmt(o):
-        q = statistics.quantiles(o, n=4)
-        return f"{100 * statistics.median(o):+.1f} % [{100 * q[0]:+.1f}, {100 * q[2]:+.1f}]"
+    fmt = fmt_overhead
 
     for name in VARIANTS:
         w, c, m = summary["times"][name], summary["cpu"][name], summary["main"][name]

@@ -22,10 +22,11 @@ import importlib.util
 import json
 import os
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from _common import fmt_overhead, paired_summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -124,22 +125,15 @@ def main() -> None:
     mp.spawn(worker, args=(2, port, args, out_path), nprocs=2, join=True)
     res = json.loads(Path(out_path).read_text())
     os.remove(out_path)
-    summary = {}
-    for metric in ("times", "cpu"):
-        base = res[metric][VARIANTS[0]]
-        # paired: each round's variant against the same round's ddp default
-        summary[metric] = {k: {"median_s": statistics.median(v),
-                               "overhead": sorted(t / b - 1 for t, b in zip(v, base))}
-                           for k, v in res[metric].items()}
+    # paired: each round's variant against the same round's ddp default
+    summary = {metric: paired_summary(res[metric], VARIANTS[0]) for metric in ("times", "cpu")}
     print(f"\n2 processes x 1 thread, gloo, {args.model} ({res['params'] / 1e6:.2f}M params), "
           f"batch {args.batch}/rank, {args.rounds} interleaved rounds x {args.steps} steps; overhead = "
           f"median over rounds of the per-round ratio to ddp default [quartiles]\n")
     print("| variant | wall ms/step | wall overhead | CPU ms/step (rank 0) | CPU overhead |")
     print("|---|---|---|---|---|")
 
-    def fmt(o):
-        q = statistics.quantiles(o, n=4)
-        return f"{100 * statistics.median(o):+.1f} % [{100 * q[0]:+.1f}, {100 * q[2]:+.1f}]"
+    fmt = fmt_overhead
 
     for name in VARIANTS:
         w, c = summary["times"][name], summary["cpu"][name]

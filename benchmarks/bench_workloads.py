@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import median_quartiles, paired_overheads
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
 
@@ -227,11 +229,9 @@ def main() -> int:
                 base = BASE.get(vname, {}).get(name)
                 over = "base" if vname in ("lars", "lamb") else "reference"
                 if base is not None:
-                    ratios = [t / b for t, b in zip(ts, times[base])]
-                    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
-                    row.update(base=base, overhead=statistics.median(ratios) - 1)
-                    over = (f"{100 * row['overhead']:+.1f} % vs {base} "
-                            f"[{100 * (q[0] - 1):+.1f}, {100 * (q[2] - 1):+.1f}]")
+                    m, q1, q3 = median_quartiles(paired_overheads(ts, times[base]))
+                    row.update(base=base, overhead=m)
+                    over = f"{100 * m:+.1f} % vs {base} [{100 * q1:+.1f}, {100 * q3:+.1f}]"
                 label = vname.replace("mix", f"mix ({res['mix']})")
                 print(f"| {name} | {entry['backend']} | {entry['world_size']} | {label} | {1000 * med:.0f} | "
                       f"{row['per_process_per_s']:.0f} {res['unit']} | {over} |")

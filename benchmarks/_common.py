@@ -1,0 +1,51 @@
+"""Helpers the benchmark scripts share: CPU time spent inside wrapped functions, and paired overheads
+(the median over rounds of each round's ratio to the base variant, with quartiles)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def thread_time_counter():
+    """``(spent, timed)``: ``timed(fn)`` wraps ``fn`` so that the CPU time of the calling thread spent
+    inside it is added to ``spent[0]`` (seconds)."""
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.thread_time() - t
+        return wrapper
+
+    return spent, timed
+
+
+def median_quartiles(values) -> tuple[float, float, float]:
+    """``(median, first quartile, third quartile)``; a single value is all three."""
+    values = list(values)
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return statistics.median(values), q[0], q[2]
+
+
+def paired_overheads(values, base) -> list[float]:
+    """Per round: ``value / base - 1`` (rounds paired by position)."""
+    return [v / b - 1 for v, b in zip(values, base)]
+
+
+def fmt_overhead(overheads) -> str:
+    """``+1.2 % [-3.4, +5.6]``: median and quartiles of relative overheads, in percent."""
+    m, q1, q3 = median_quartiles(overheads)
+    return f"{100 * m:+.1f} % [{100 * q1:+.1f}, {100 * q3:+.1f}]"
+
+
+def paired_summary(per_variant: dict, base_name: str) -> dict:
+    """``{variant: {"median_s", "overhead"}}`` from ``{variant: [seconds per round]}``: the median time
+    and the sorted per-round overheads against ``base_name``."""
+    base = per_variant[base_name]
+    return {k: {"median_s": statistics.median(v), "overhead": sorted(paired_overheads(v, base))}
+            for k, v in per_variant.items()}
