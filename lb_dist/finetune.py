@@ -58,7 +58,7 @@ from lb_dist.data.multi30k import TranslationDataset, collate_translation, read_
 from lb_dist.distributed import all_reduce_sum_, get_rank, get_world_size
 from lb_dist.mixing import DEFAULT_STD
 from lb_dist.moments import MicroBatchMoments
-from lb_dist.optim import CLARS, LAMB, LARS, param_groups
+from lb_dist.optim import adapted_params, create_optimizer, param_groups
 
 __all__ = ["FinetuneArguments", "LbDistSeq2SeqTrainer", "make_optimizer", "token_sum_losses", "main", "OPTIMIZERS"]
 
@@ -122,18 +122,9 @@ def make_optimizer(model: torch.nn.Module, name: str, *, lr: float, weight_decay
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}; got {name!r}")
     groups = param_groups(model, weight_decay)
-    if name == "adamw":
-        for g in groups:
-            g.pop("layer_adaptation", None)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps), None
-    if name == "lamb":
-        return LAMB(groups, lr=lr, betas=betas, eps=eps), None
-    extra = {} if eta is None else {"eta": eta}
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, **extra), None
-    adapted = [p for g in groups if g.get("layer_adaptation", True) for p in g["params"]]
-    moments = MicroBatchMoments(adapted, ema=moments_ema)
-    return CLARS(groups, lr=lr, momentum=momentum, moments=moments, **extra), moments
+    moments = MicroBatchMoments(adapted_params(groups), ema=moments_ema) if name == "clars" else None
+    return create_optimizer(name, groups, lr=lr, momentum=momentum, eta=eta, betas=betas, eps=eps,
+                            moments=moments), moments
 
 
 @dataclass

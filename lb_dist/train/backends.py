@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lb_dist.optim import adapted_params
 from lb_dist.train.checkpoint import CheckpointError, atomic_save
 
 __all__ = ["Backend", "Engine", "SingleProcess", "Torchrun", "LocalEngine", "DDPEngine", "BackendUnavailable",
@@ -137,7 +138,7 @@ class Engine:
 
     def adapted_params(self) -> list:
         """The model's parameters in layer-adapted param groups (LARS/CLARS/LAMB; all for the others)."""
-        return [p for g in self.optimizer.param_groups if g.get("layer_adaptation", True) for p in g["params"]]
+        return adapted_params(self.optimizer.param_groups)
 
     def moment_estimators(self) -> list:
         """The :class:`lb_dist.moments.MicroBatchMoments` holding CLARS' current micro-batch

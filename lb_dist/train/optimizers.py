@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from lb_dist.moments import MicroBatchMoments
-from lb_dist.optim import CLARS, LAMB, LARS, param_groups
+from lb_dist.optim import OPTIMIZER_NAMES, adapted_params, create_optimizer, param_groups
 from lb_dist.schedules import InverseSqrt, PolynomialWarmupDecay, linear_scaling, scaled_warmup_steps
 
-__all__ = ["peak_lr", "warmup_steps", "build_optimizer", "build_scheduler", "adapted_params"]
+__all__ = ["peak_lr", "warmup_steps", "build_optimizer", "build_scheduler"]
 
 
 def peak_lr(args: argparse.Namespace) -> float:
@@ -40,41 +40,22 @@ def _groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
     return [{"params": params, "weight_decay": args.weight_decay}]
 
 
-def adapted_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The parameters whose group is layer-adapted (LARS/CLARS/LAMB; every group for the others)."""
-    return [p for g in optimizer.param_groups if g.get("layer_adaptation", True) for p in g["params"]]
-
-
 def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float, *,
                     local_batch_size: int) -> tuple[torch.optim.Optimizer, MicroBatchMoments | None]:
     """The optimizer of ``--optimizer`` over ``model``'s trainable parameters, and for CLARS with
     ``--clars-moments micro-batch`` the :class:`MicroBatchMoments` it reads ``S_k`` from (over the
     adapted layers; the backend feeds it)."""
     name = args.optimizer
+    if name not in OPTIMIZER_NAMES:  # pragma: no cover - argparse choices
+        raise ValueError(f"unknown optimizer {name!r}")
     groups = _groups(args, model)
     betas = tuple(args.betas) if args.betas is not None else (0.9, 0.999)
-    if name in ("sgd", "nesterov"):
-        for g in groups:  # torch's SGD decays every group by its own weight_decay; the key is harmless
-            g.pop("layer_adaptation", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, nesterov=(name == "nesterov")), None
-    if name in ("adam", "adamw"):
-        for g in groups:
-            g.pop("layer_adaptation", None)
-        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls(groups, lr=lr, betas=betas, eps=args.eps if args.eps is not None else 1e-8), None
-    if name == "lamb":
-        return LAMB(groups, lr=lr, betas=betas, eps=args.eps if args.eps is not None else 1e-6), None
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=args.momentum, eta=args.eta if args.eta is not None else 0.001), None
-    if name == "clars":
-        adapted = [p for g in groups if g.get("layer_adaptation", True) for p in g["params"]]
-        moments = None
-        if args.clars_moments == "micro-batch":
-            moments = MicroBatchMoments(adapted, micro_batch_size=local_batch_size, ema=args.moments_ema)
-        opt = CLARS(groups, lr=lr, momentum=args.momentum, eta=args.eta if args.eta is not None else 0.01,
-                    nesterov=args.momentum > 0, moments=moments)
-        return opt, moments
-    raise ValueError(f"unknown optimizer {name!r}")  # pragma: no cover - argparse choices
+    moments = None
+    if name == "clars" and args.clars_moments == "micro-batch":
+        moments = MicroBatchMoments(adapted_params(groups), micro_batch_size=local_batch_size, ema=args.moments_ema)
+    opt = create_optimizer(name, groups, lr=lr, momentum=args.momentum, eta=args.eta, betas=betas, eps=args.eps,
+                           nesterov=args.momentum > 0 if name == "clars" else None, moments=moments)
+    return opt, moments
 
 
 def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, total_steps: int,
