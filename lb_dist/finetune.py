@@ -59,6 +59,7 @@ from lb_dist.distributed import all_reduce_sum_, get_rank, get_world_size
 from lb_dist.mixing import DEFAULT_STD
 from lb_dist.moments import MicroBatchMoments
 from lb_dist.optim import adapted_params, create_optimizer, param_groups
+from lb_dist.text import token_sum_losses
 
 __all__ = ["FinetuneArguments", "LbDistSeq2SeqTrainer", "make_optimizer", "token_sum_losses", "main", "OPTIMIZERS"]
 
@@ -100,17 +101,6 @@ class FinetuneArguments:
     mix_noise: str = field(default="gaussian", metadata={"help": "gaussian | rademacher."})
     mix_std: float = field(default=DEFAULT_STD, metadata={"help": "Relative std of a mixing coefficient."})
     mix_seed: int = field(default=0)
-
-
-def token_sum_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
-                     ignore_index: int = -100) -> torch.Tensor:
-    """Per-sentence sum of the token cross-entropies ``[B]`` (positions labelled ``ignore_index``
-    contribute 0), with label smoothing per token (``torch.nn.functional.cross_entropy``'s)."""
-    b, t, v = logits.shape
-    ce = torch.nn.functional.cross_entropy(logits.reshape(b * t, v).float(), labels.reshape(b * t),
-                                           ignore_index=ignore_index, reduction="none",
-                                           label_smoothing=label_smoothing)
-    return ce.view(b, t).sum(1)
 
 
 def make_optimizer(model: torch.nn.Module, name: str, *, lr: float, weight_decay: float = 0.0,

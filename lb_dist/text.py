@@ -28,7 +28,7 @@ from lb_dist._validation import check_positive_int
 
 __all__ = ["SPECIAL_TOKENS", "train_tokenizer", "save_tokenizer", "load_tokenizer", "tokenizer_fingerprint",
            "check_tokenizer", "TokenizerMismatchError", "TokenizerFileError", "special_token_ids", "decode", "translate", "bleu",
-           "token_accuracy"]
+           "token_accuracy", "token_sum_losses"]
 
 #: The special tokens, in id order (pad 0, bos 1, eos 2, unk 3).
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -224,3 +224,14 @@ def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     mask = labels != ignore_index
     correct = (logits.argmax(-1) == labels) & mask
     return int(correct.sum()), int(mask.sum())
+
+
+def token_sum_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                     ignore_index: int = -100) -> torch.Tensor:
+    """Per-sentence sum of the token cross-entropies ``[B]`` (positions labelled ``ignore_index``
+    contribute 0), with label smoothing per token (``torch.nn.functional.cross_entropy``'s)."""
+    b, t, v = logits.shape
+    ce = torch.nn.functional.cross_entropy(logits.reshape(b * t, v).float(), labels.reshape(b * t),
+                                           ignore_index=ignore_index, reduction="none",
+                                           label_smoothing=label_smoothing)
+    return ce.view(b, t).sum(1)

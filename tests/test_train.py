@@ -375,6 +375,41 @@ def test_topk_correct_against_a_loop():
 # ------------------------------------------------------------------------- translation
 
 
+def test_translation_losses_teacher_forced_without_the_models_own_loss():
+    """TranslationTask feeds the decoder the shifted labels (no ``labels=``, so no discarded loss of
+    the model's own) and gets the same per-sentence token sums as a forward with labels, also through
+    a wrapper's ``.module`` (DDP)."""
+    from lb_dist.models.transformer import build_transformer
+    from lb_dist.train.workloads import TranslationTask
+
+    torch.manual_seed(0)
+    model = build_transformer("small", vocab_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2, d_model=16,
+                              encoder_layers=1, decoder_layers=1, attention_heads=2, ffn_dim=32, dropout=0.0)
+    ids = torch.randint(3, 40, (3, 5))
+    labels = torch.randint(3, 40, (3, 6))
+    labels[1, 3:] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kw):
+            assert "labels" not in kw
+            return self.module(**kw)
+
+    task = TranslationTask(None, label_smoothing=0.1)
+    ref = model(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels)
+    mask = labels != -100
+    tok = F.cross_entropy(ref.logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none",
+                          label_smoothing=0.1).view(labels.shape)
+    for module in (model, Wrapper(model)):
+        losses, counts = task.losses(module, batch)
+        assert torch.equal(losses, (tok * mask).sum(1)) and torch.equal(counts, mask.sum(1).float())
+    assert TranslationTask._forward(model, batch).loss is None
+
+
 def translation_argv(run, *extra):
     return ["--run-dir", str(run), "--model", "transformer_small", "--dataset", "multi30k", "--data-dir",
             str(MULTI30K), "--train-size", "64", "--test-size", "16", "--bleu-samples", "8", "--batch-size", "32",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from lb_dist.text import token_accuracy, token_sum_losses
 from lb_dist.train.config import parse_model_options
 from lb_dist.train.metrics import topk_correct
 
@@ -98,17 +99,25 @@ class TranslationTask:
     def count(self, batch) -> float:
         return float((batch["labels"] != -100).sum())
 
-    def _token_losses(self, logits, labels, smoothing):
-        v = logits.shape[-1]
-        tok = F.cross_entropy(logits.reshape(-1, v).float(), labels.reshape(-1), ignore_index=-100,
-                              reduction="none", label_smoothing=smoothing).view(labels.shape)
-        return tok
+    @staticmethod
+    def _forward(module: nn.Module, batch):
+        """The model's output for a batch, teacher-forced: the decoder reads the labels shifted right
+        (``prepare_decoder_input_ids_from_labels`` of the model inside a DDP/engine wrapper's
+        ``.module``). No ``labels`` are passed, so the model does not compute a loss of its own that
+        :func:`lb_dist.text.token_sum_losses` would compute again; ``use_cache=False`` as with labels."""
+        labels = batch["labels"]
+        inner = module
+        while not hasattr(inner, "prepare_decoder_input_ids_from_labels") and hasattr(inner, "module"):
+            inner = inner.module
+        if not hasattr(inner, "prepare_decoder_input_ids_from_labels"):
+            return module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        return module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      decoder_input_ids=inner.prepare_decoder_input_ids_from_labels(labels=labels), use_cache=False)
 
     def losses(self, module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        mask = batch["labels"] != -100
-        tok = self._token_losses(out.logits, batch["labels"], self.label_smoothing)
-        return (tok * mask).sum(dim=1), mask.sum(dim=1).to(tok.dtype)
+        out = self._forward(module, batch)
+        losses = token_sum_losses(out.logits, batch["labels"], self.label_smoothing)
+        return losses, (batch["labels"] != -100).sum(dim=1).to(losses.dtype)
 
     def mean_loss_fn(self):  # pragma: no cover - refused by the flag checks
         raise NotImplementedError("per-sample second moments are implemented for the image models")
@@ -125,11 +134,9 @@ class TranslationTask:
         sums = torch.zeros(3, dtype=torch.float64)
         for batch in batches:
             batch = self.to(batch, backend.device)
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            mask = batch["labels"] != -100
-            tok = self._token_losses(out.logits, batch["labels"], 0.0)
-            correct = (out.logits.argmax(-1) == batch["labels"]) & mask
-            sums += torch.tensor([(tok * mask).sum().item(), correct.sum().item(), mask.sum().item()],
+            out = self._forward(model, batch)
+            correct, count = token_accuracy(out.logits, batch["labels"])
+            sums += torch.tensor([token_sum_losses(out.logits, batch["labels"]).sum().item(), correct, count],
                                  dtype=torch.float64)
         sums = backend.all_reduce_sum(sums.to(backend.device)).cpu()
         n = max(sums[2].item(), 1.0)
