@@ -130,16 +130,16 @@ class StepRunner:
 
     def run(self, micro: list, step: int) -> dict:
         """Train on this rank's micro-batches (already on the device) as optimizer step ``step``
-        (0-based, global). Returns ``{"sums": [loss sum, count] of this rank (float64), "skipped",
-        "lr", "mix_step", "per_sample": per-sample statistics | None}``."""
+        (0-based, global). Returns ``{"sums": [loss sum, count] of this rank (float64, on the device),
+        "skipped", "lr", "mix_step", "per_sample": per-sample statistics | None}``."""
         args, backend, engine, task = self.args, self.backend, self.engine, self.task
         optimizer, mix = self.optimizer, self.mix
         K, A = backend.world_size, len(micro)
         if task.counts_are_constant:
             total_count = float(args.batch_size)
         else:
-            local = torch.tensor([sum(task.count(b) for b in micro)], dtype=torch.float64, device=backend.device)
-            total_count = float(backend.all_reduce_sum(local).item())
+            local = torch.stack([task.count_tensor(b).to(backend.device, torch.float64) for b in micro]).sum()
+            total_count = float(backend.all_reduce_sum(local.reshape(1)).item())  # one host sync per step
         ps_stats = None
         if self.per_sample:
             gen = torch.Generator().manual_seed(args.seed * 7919 + step * 104729 + backend.rank)
@@ -147,7 +147,7 @@ class StepRunner:
             ps_stats = engine.per_sample_second_moments(task.mean_loss_fn(), x, y, subset_size=args.per_sample_subset,
                                                         chunk_size=args.per_sample_chunk, params=self.adapted,
                                                         generator=gen)
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=backend.device)  # no host sync per micro-batch
         for j, batch in enumerate(micro):
             with engine.accumulate(last=(j == A - 1)):
                 losses, counts = task.losses(engine.forward_module, batch)
@@ -157,7 +157,7 @@ class StepRunner:
                 else:
                     weighted = losses.sum()
                 engine.backward(weighted * (K / total_count))
-            sums += torch.tensor([float(losses.detach().sum()), float(counts.sum())], dtype=torch.float64)
+            sums += torch.stack([losses.detach().sum().double(), counts.sum().double()]).to(sums.device)
         engine.finish_gradients()
         lr_used = optimizer.param_groups[0]["lr"]
         mix_step = mix.step if mix is not None else None
@@ -255,14 +255,15 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     elapsed = 0.0
     skipped_total = 0
     consecutive_skips = 0
-    epoch_sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, count) of the current epoch, this rank
+    # (loss sum, count) of the current epoch, this rank; on the device, read at log steps and checkpoints
+    epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)
     if resume_state is not None:
         engine.restore(resume_state, Path(latest))
         tr = resume_state["trainer"]
         step, elapsed = int(tr["step"]), float(tr["time"])
         skipped_total, consecutive_skips = int(tr["skipped_steps"]), int(tr["consecutive_skips"])
         if backend.is_main:
-            epoch_sums = torch.tensor(tr["epoch_sums"], dtype=torch.float64)
+            epoch_sums = torch.tensor(tr["epoch_sums"], dtype=torch.float64, device=backend.device)
         scheduler.load_state_dict(resume_state["scheduler"])
         if mix is not None:
             mix.load_state_dict(resume_state["mix"])
@@ -284,8 +285,9 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
 
     def save(at_step: int) -> None:
         nonlocal epoch_sums
-        global_sums = backend.all_reduce_sum(epoch_sums.clone().to(backend.device)).cpu()
-        epoch_sums = global_sums.clone() if backend.is_main else torch.zeros(2, dtype=torch.float64)
+        global_sums = backend.all_reduce_sum(epoch_sums.clone()).cpu()
+        epoch_sums = (global_sums.to(backend.device) if backend.is_main
+                      else torch.zeros(2, dtype=torch.float64, device=backend.device))
         rngs = backend.all_gather_object(_rng_state(backend.device))
         state = {"format": FORMAT,
                  "trainer": {"step": at_step, "time": elapsed, "skipped_steps": skipped_total,
@@ -331,7 +333,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
 
             # ---- step record
             if step % args.log_every == 0 or s == steps_per_epoch - 1:
-                reduced = backend.all_reduce_sum(step_sums.clone().to(backend.device)).cpu()
+                reduced = backend.all_reduce_sum(step_sums.clone()).cpu()
                 loss_value = reduced[0].item() / max(reduced[1].item(), 1.0)
                 record = {"kind": "step", "step": step, "epoch": epoch, "time": round(elapsed, 4), "lr": lr_used,
                           "loss": loss_value, "skipped": skipped}
@@ -368,8 +370,8 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
             result = task.evaluate(eval_model, _eval_batches(workload, backend, args.eval_batch_size, args.workers),
                                    backend)
         eval_time = time.perf_counter() - t_eval
-        sums = backend.all_reduce_sum(epoch_sums.clone().to(backend.device)).cpu()
-        epoch_sums = torch.zeros(2, dtype=torch.float64)
+        sums = backend.all_reduce_sum(epoch_sums.clone()).cpu()
+        epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)
         train_time = elapsed - epoch_start_time
         record = {"kind": "epoch", "step": step, "epoch": epoch, "time": round(elapsed, 4),
                   "train_loss": sums[0].item() / max(sums[1].item(), 1.0), **result, "eval_time": round(eval_time, 4),

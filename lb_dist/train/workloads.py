@@ -49,6 +49,10 @@ class ImageTask:
     def count(self, batch) -> float:
         return float(batch[1].shape[0])
 
+    def count_tensor(self, batch) -> torch.Tensor:
+        """:meth:`count` as a 0-d tensor (no host sync)."""
+        return torch.tensor(float(batch[1].shape[0]), dtype=torch.float64)
+
     def losses(self, module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(l_b, c_b)`` of the micro-batch (per-sample cross-entropy, ones)."""
         x, y = batch
@@ -97,7 +101,11 @@ class TranslationTask:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def count(self, batch) -> float:
-        return float((batch["labels"] != -100).sum())
+        return float(self.count_tensor(batch))
+
+    def count_tensor(self, batch) -> torch.Tensor:
+        """The number of target tokens as a 0-d tensor on the batch's device (no host sync)."""
+        return (batch["labels"] != -100).sum()
 
     @staticmethod
     def _forward(module: nn.Module, batch):
