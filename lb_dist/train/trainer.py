@@ -394,22 +394,40 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
             "checkpoints": [str(p) for _, p in list_checkpoints(ckpt_dir)] if backend.is_main else []}
 
 
+def _floats(values) -> list[float]:
+    """Python floats of 0-d tensors (or numbers) with one host sync for all of them (float64 holds
+    every float32/bf16/fp16 value exactly, so the floats are those ``float(v)`` gives)."""
+    values = list(values)
+    if not all(torch.is_tensor(v) for v in values):
+        return [float(v) for v in values]
+    if not values:
+        return []
+    device = values[0].device
+    return torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in values]).tolist()
+
+
+def _named(names, params, values) -> dict:
+    params = list(params)
+    return dict(zip((names[p] for p in params), _floats(values)))
+
+
 def _layer_stats(optimizer, estimators, ps_stats, adapted, names, layerwise) -> dict:
     out = {}
     if layerwise:
         trust = optimizer.trust_ratios()
-        out["trust_ratio"] = {names[p]: float(trust[p]) for p in adapted if p in trust}
+        params = [p for p in adapted if p in trust]
+        out["trust_ratio"] = _named(names, params, (trust[p] for p in params))
     estimators = [e for e in estimators if e.num_updates > 0]
     if estimators:
         out["variance_factor"], out["second_moment"] = {}, {}
         for est in estimators:
             vf = est.variance_factors()
-            s = est.second_moments_tensor()
-            out["variance_factor"].update({names[p]: float(vf[p]) for p in est.params})
-            out["second_moment"].update({names[p]: float(s[i]) for i, p in enumerate(est.params)})
+            out["variance_factor"].update(_named(names, est.params, (vf[p] for p in est.params)))
+            out["second_moment"].update(zip((names[p] for p in est.params), est.second_moments_tensor().tolist()))
     elif ps_stats is not None:
-        out["variance_factor"] = {names[p]: float(v) for p, v in getattr(ps_stats, "variance_factors", {}).items()}
-        out["second_moment"] = {names[p]: float(v) for p, v in ps_stats.second_moments.items()}
+        vf = getattr(ps_stats, "variance_factors", {})
+        out["variance_factor"] = _named(names, vf.keys(), vf.values())
+        out["second_moment"] = _named(names, ps_stats.second_moments.keys(), ps_stats.second_moments.values())
     for key in ("variance_factor", "second_moment", "trust_ratio"):
         if key in out:
             out[key] = {k: (v if math.isfinite(v) else None) for k, v in out[key].items()}
