@@ -45,7 +45,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from typing import Any
 import torch
 
 from lb_dist import GradientMix
+from lb_dist._io import atomic_write_text
 from lb_dist.data.multi30k import TranslationDataset, collate_translation, read_multi30k
 from lb_dist.distributed import all_reduce_sum_, get_rank, get_world_size
 from lb_dist.mixing import DEFAULT_STD
@@ -344,13 +344,6 @@ class _Bleu:
         return {"bleu": bleu(hyps, self.references)}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _load_model_and_tokenizer(fa: FinetuneArguments, output_dir: Path, train_pairs, is_main: bool):
     """(model, tokenizer for the datasets, transformers tokenizer for the Trainer). For a config-built
     model the tokenizer is loaded or trained (identically on every rank; the main process saves it)
@@ -385,7 +378,7 @@ def _load_model_and_tokenizer(fa: FinetuneArguments, output_dir: Path, train_pai
     if recorded is not None:
         check_tokenizer(tok, recorded, source=str(path))
     elif is_main:
-        _atomic_write_text(record, json.dumps({"tokenizer_fingerprint": fingerprint, "tokenizer": str(path)}) + "\n")
+        atomic_write_text(record, json.dumps({"tokenizer_fingerprint": fingerprint, "tokenizer": str(path)}) + "\n")
     options = json.loads(fa.model_options) if fa.model_options else {}
     if not isinstance(options, dict):
         raise ValueError(f"--model_options must be a JSON object, got {fa.model_options!r}")
@@ -471,7 +464,7 @@ def run(fa: FinetuneArguments, ta) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         summary = {k: v for k, v in results.items() if k != "log_history"}
         summary["args"] = {"lb_dist": dataclasses.asdict(fa)}
-        _atomic_write_text(output_dir / "results.json", json.dumps(summary, indent=1, default=str) + "\n")
+        atomic_write_text(output_dir / "results.json", json.dumps(summary, indent=1, default=str) + "\n")
     trainer.save_model()
     return results
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
+from lb_dist._io import atomic_write_text
 from lb_dist._validation import check_positive_int
 
 __all__ = ["SPECIAL_TOKENS", "train_tokenizer", "save_tokenizer", "load_tokenizer", "tokenizer_fingerprint",
@@ -78,21 +77,9 @@ def _check_specials(tok, where: str) -> None:
 
 
 def save_tokenizer(tokenizer, path) -> Path:
-    """Write the tokenizer JSON to ``path`` atomically (temporary file in the same directory, then
-    rename), so a crash never leaves half a tokenizer."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(tokenizer.to_str())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the tokenizer JSON to ``path`` atomically (:func:`lb_dist._io.atomic_write_text`:
+    temporary file in the same directory, fsync, rename), so a crash never leaves half a tokenizer."""
+    return atomic_write_text(path, tokenizer.to_str())
 
 
 def load_tokenizer(path, *, expected_fingerprint: str | None = None):

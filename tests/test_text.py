@@ -82,7 +82,7 @@ def test_tokenizer_save_load_fingerprint(tok, pairs, tmp_path):
         check_tokenizer(other, tokenizer_fingerprint(tok), source="my-run/tokenizer.json")
     with pytest.raises(TokenizerMismatchError, match=str(path)):
         load_tokenizer(path, expected_fingerprint=tokenizer_fingerprint(other))
-    assert not list((tmp_path / "run").glob("*.tmp"))  # atomic save leaves no temporary file
+    assert not list((tmp_path / "run").glob("*.tmp*"))  # atomic save leaves no temporary file
 
 
 def test_load_tokenizer_bad_files(tmp_path):
@@ -190,3 +190,19 @@ def test_translate_with_a_small_model(tok, pairs):
     score = bleu(out, refs)
     assert 0.0 <= score <= 100.0 and math.isfinite(score)
     assert translate(model, tok, []) == []
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    from lb_dist._io import atomic_write, atomic_write_text
+
+    path = tmp_path / "sub" / "tokenizer.json"
+    assert atomic_write_text(path, "old ü") == path and path.read_text(encoding="utf-8") == "old ü"
+
+    def torn(f):
+        f.write(b"half")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError, match="crash mid-write"):
+        atomic_write(path, torn)
+    assert path.read_text(encoding="utf-8") == "old ü"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tokenizer.json"]  # no temporary left

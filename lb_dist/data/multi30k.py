@@ -13,9 +13,7 @@ papers' "Multi30k" test split is ``test_2016_flickr`` (``split="test"`` reads it
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +21,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from lb_dist._io import atomic_write
 from lb_dist._validation import check_positive_int
 
 __all__ = ["read_multi30k", "download_multi30k", "TranslationDataset", "collate_translation",
@@ -116,16 +115,17 @@ def download_multi30k(root, *, splits: Sequence[str] = ("train", "val", "test"),
                 out.append(plain if plain.is_file() else target)
                 continue
             url = base_url.rstrip("/") + "/" + target.name
-            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=root)
-            try:
-                with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            def fetch(f, url=url):
+                with urllib.request.urlopen(url, timeout=timeout) as r:
                     shutil.copyfileobj(r, f)
-                with gzip.open(tmp, "rb") as g:
+                f.flush()
+                with gzip.open(f.name, "rb") as g:  # readable gzip, or no file
                     while g.read(1 << 20):
                         pass
-                os.replace(tmp, target)
+
+            try:
+                atomic_write(target, fetch, suffix=".part")
             except Exception as e:
-                Path(tmp).unlink(missing_ok=True)
                 raise OSError(f"Multi30k: downloading {url} to {target} failed: {type(e).__name__}: {e}") from None
             out.append(target)
     return out

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from lb_dist._io import atomic_write
+
 __all__ = ["CheckpointError", "FORMAT", "atomic_save", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
            "checkpoint_path", "prune_checkpoints"]
 
@@ -56,43 +58,10 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: dict, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` through a temporary file + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a crash in an earlier save
-        try:
-            stale.unlink()
-        except OSError:  # pragma: no cover
-            pass
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """``torch.save(obj)`` to ``path`` through a temporary file + fsync + rename
+    (:func:`lb_dist._io.atomic_write`; temporaries left by a crash of an earlier save are removed)."""
+    return atomic_write(path, lambda f: torch.save(obj, f), remove_stale=True)
 
 
 def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict:
