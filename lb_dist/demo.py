@@ -179,7 +179,6 @@ def _table(args, worker_results: dict) -> tuple[str, dict]:
     from lb_dist.train.metrics import read_metrics
 
     mt = args.workload == "multi30k"
-    acc_key = "test_bleu" if mt else "test_top1"
     rows, results = [], {}
     for run in args.runs:
         records = read_metrics(Path(args.out) / "runs" / run / "metrics.jsonl")
@@ -205,7 +204,6 @@ def _table(args, worker_results: dict) -> tuple[str, dict]:
     head = (f"{'run':<20} {'loss after epoch 1':>19} {'final train loss':>17} "
             f"{'test token acc' if mt else 'test accuracy':>14}" + (f" {'BLEU':>9}" if mt else "") +
             f" {'wall time (s)':>14}")
-    del acc_key
     return "\n".join([head, *rows]), results
 
 

@@ -35,24 +35,22 @@ RUN_DEFINING = (
 )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, expected: str):
+    """An argparse ``type``: an integer >= ``minimum``; errors say ``expected {expected}``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _finite_float(text: str) -> float:
@@ -299,8 +297,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, world_size:
         p.error(f"argument --label-smoothing: must be < 1, got {args.label_smoothing}")
 
     # schedule
-    if args.schedule == "inverse-sqrt" and args.warmup_steps is None and args.warmup_epochs is None:
-        pass  # inverse sqrt without warmup is allowed (peak / sqrt(t + 1))
+    # (inverse-sqrt without warmup is allowed: peak / sqrt(t + 1))
     if args.warmup_base_batch_size is not None and args.warmup_steps is None:
         p.error("argument --warmup-base-batch-size: scales --warmup-steps; give --warmup-steps too")
     poly_only = [("--warmup-power", args.warmup_power != 1.0), ("--decay-power", args.decay_power != 2.0),
