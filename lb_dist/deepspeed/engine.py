@@ -21,6 +21,7 @@ lb_dist optimizer ZeRO-aware (:mod:`lb_dist.deepspeed.zero`), builds the :class:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Callable
@@ -36,7 +37,7 @@ from lb_dist.mixing import GradientMix
 from lb_dist.moments.per_sample import per_sample_second_moments
 from lb_dist.optim import CLARS, LayerwiseOptimizer
 
-__all__ = ["LbDistRuntime", "attach", "get_runtime", "CLIENT_STATE_KEY"]
+__all__ = ["LbDistRuntime", "attach", "get_runtime", "full_module", "CLIENT_STATE_KEY"]
 
 #: The key of lb_dist's state in DeepSpeed's checkpoint ``client_state``.
 CLIENT_STATE_KEY = "lb_dist"
@@ -266,10 +267,9 @@ class LbDistRuntime:
                                              group=self.process_group)
 
         if self.engine.zero_optimization_partition_weights():
-            import deepspeed
             # ZeRO-3's module hooks fetch/release parameters and wrap outputs in autograd
             # functions torch.func cannot vmap; with the parameters gathered they are not needed
-            with deepspeed.zero.GatheredParameters(list(model.parameters())), _module_hooks_suspended(model):
+            with full_module(model):
                 values = compute()
         else:
             values = compute()
@@ -374,6 +374,17 @@ class _module_hooks_suspended:
         for module, name, value in self.saved:
             module.__dict__[name] = value
         self.saved = []
+
+
+@contextlib.contextmanager
+def full_module(model: torch.nn.Module):
+    """ZeRO-3: every parameter of ``model`` gathered (DeepSpeed's ``GatheredParameters``, a
+    collective: every process enters it) and DeepSpeed's module hooks set aside for the block, so
+    that ``model`` runs as a plain module (any number of times, under ``torch.func`` too). Hooks
+    registered inside the block are dropped with it."""
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(model.parameters())), _module_hooks_suspended(model):
+        yield model
 
 
 # ------------------------------------------------------------------------------ engine

@@ -189,10 +189,8 @@ class DeepSpeedEngine(Engine):
         if self.zero_stage < 3:
             yield
             return
-        import deepspeed
-
-        from lb_dist.deepspeed.engine import _module_hooks_suspended
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters())), _module_hooks_suspended(self.model):
+        from lb_dist.deepspeed.engine import full_module
+        with full_module(self.model):
             handle = None
             if self._cast_hook is not None:       # set aside with the others: put the input cast back
                 handle = self.model.register_forward_pre_hook(_cast_floating_inputs(torch.bfloat16), with_kwargs=True)
