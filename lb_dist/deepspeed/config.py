@@ -25,6 +25,7 @@ from typing import Mapping
 
 import torch
 
+from lb_dist._validation import _is_number, check_fraction, check_positive_int
 from lb_dist.mixing import GradientMix
 from lb_dist.optim import CLARS, LAMB, LARS
 from lb_dist.schedules import InverseSqrt, PolynomialWarmupDecay
@@ -96,8 +97,10 @@ class MixSpec:
     granularity: str = "device"
     seed: int = 0
 
-    def build(self) -> GradientMix:
-        return GradientMix(noise=self.noise, std=self.std, granularity=self.granularity, seed=self.seed)
+    def build(self, world_size: int | None = None) -> GradientMix:
+        """The :class:`lb_dist.GradientMix` of this section (over ``world_size`` processes)."""
+        return GradientMix(noise=self.noise, std=self.std, granularity=self.granularity, seed=self.seed,
+                           world_size=world_size)
 
 
 @dataclass
@@ -151,10 +154,6 @@ class LbDistConfig:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_auto(prefix: str, values: Mapping) -> None:
     for key, value in values.items():
         if isinstance(value, str) and value == "auto":
@@ -253,17 +252,14 @@ def _parse_moments(section: Mapping) -> SecondMomentsSpec:
     _unknown("optimizer.second_moments", section, allowed)
     _check_auto("optimizer.second_moments", section)
     spec = SecondMomentsSpec(source=source)
-    if "ema" in section:
-        ema = section["ema"]
-        if not _is_number(ema) or not 0 <= ema < 1:
-            raise ConfigError(f"optimizer.second_moments.ema must be a number in [0, 1), got {ema!r}")
-        spec.ema = float(ema)
-    for key in ("subset_size", "chunk_size"):
-        if key in section:
-            value = section[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"optimizer.second_moments.{key} must be a positive integer, got {value!r}")
-            setattr(spec, key, value)
+    try:
+        if "ema" in section:
+            spec.ema = float(check_fraction("optimizer.second_moments.ema", section["ema"]))
+        for key in ("subset_size", "chunk_size"):
+            if key in section:
+                setattr(spec, key, check_positive_int(f"optimizer.second_moments.{key}", section[key]))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return spec
 
 
@@ -279,7 +275,7 @@ def _parse_mix(section: Mapping, raw: Mapping) -> MixSpec:
         if key in section:
             setattr(spec, key, section[key])
     try:
-        GradientMix(noise=spec.noise, std=spec.std, granularity=spec.granularity, seed=spec.seed)
+        spec.build()
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"gradient_mix: {exc}") from None
     spec.std = float(spec.std)

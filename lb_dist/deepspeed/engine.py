@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from lb_dist.deepspeed.config import LbDistConfig, check_world
 from lb_dist.deepspeed.zero import (
-    MicroBatchStepMoments, PerSampleSource, ShardedLayerwise, make_sharded,
+    MicroBatchStepMoments, PerSampleSource, make_sharded,
     check_coverage, sharded_tensors)
 from lb_dist.mixing import GradientMix
 from lb_dist.moments.per_sample import per_sample_second_moments
@@ -76,9 +76,7 @@ class LbDistRuntime:
         check_world(config, self.world_size, self.accumulation_steps)
         self.mix: GradientMix | None = None
         if config.mix_enabled:
-            spec = config.gradient_mix
-            self.mix = GradientMix(noise=spec.noise, std=spec.std, granularity=spec.granularity,
-                                   seed=spec.seed, world_size=self.world_size)
+            self.mix = config.gradient_mix.build(world_size=self.world_size)
         self.step_moments: MicroBatchStepMoments | None = None
         self.per_sample: PerSampleSource | None = None
         self._layer_keys: list = []
@@ -484,7 +482,3 @@ def get_runtime(engine) -> LbDistRuntime:
                          "deepspeed.initialize(...), with a config naming an lb_dist optimizer, "
                          "gradient_mix or an lb_dist scheduler")
     return runtime
-
-
-def is_sharded_optimizer(optimizer) -> bool:
-    return isinstance(optimizer, ShardedLayerwise)
