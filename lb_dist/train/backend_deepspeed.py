@@ -41,7 +41,6 @@ __all__ = ["DeepSpeedBackend", "DeepSpeedEngine", "deepspeed_config", "CHECKPOIN
 
 #: DeepSpeed's files of checkpoint ``checkpoints/step-N.pt`` are in ``checkpoints/deepspeed/step-N/``.
 CHECKPOINT_SUBDIR = "deepspeed"
-LAYERWISE_TYPES = {"clars": "CLARS", "lars": "LARS", "lamb": "LAMB"}
 
 
 def _free_port() -> int:
@@ -50,13 +49,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_config(args, world_size: int) -> dict:
+def deepspeed_config(args, world_size: int, optimizer, mix=None) -> dict:
     """The DeepSpeed config of a run: the ``--deepspeed-config`` file's keys that are not flags, plus
     the flags' batch layout, ZeRO stage, bf16, ``gradient_clipping`` 0 unless the file sets it
     (DeepSpeed 0.19.8's default is 1.0; ``lb-dist train`` does not clip), the lb_dist optimizer
-    section (CLARS/LARS/LAMB; ``lr`` is the peak, the loop's schedule drives it) and the
-    ``gradient_mix`` section (device-wise mixing; sample-wise mixing is the loop's weighted loss)."""
-    from lb_dist.mixing import DEFAULT_STD
+    section (CLARS/LARS/LAMB, with the hyperparameters of ``optimizer``, the loop's built optimizer;
+    ``lr`` is the peak, the loop's schedule drives it) and the ``gradient_mix`` section of ``mix``
+    (the loop's GradientMix) when it mixes device-wise (sample-wise mixing is the loop's weighted
+    loss)."""
+    from lb_dist.deepspeed.config import OPTIMIZER_TYPES
     from lb_dist.train.optimizers import peak_lr
 
     file = copy.deepcopy(getattr(args, "_deepspeed_file", None) or {})
@@ -78,17 +79,16 @@ def deepspeed_config(args, world_size: int) -> dict:
             # ("expected scalar type BFloat16 but found Float"): the buffers go to bf16 as well
             cfg["data_types"] = {"buffer_dtype": "bf16", **(cfg.get("data_types") or {})}
     name = args.optimizer
-    if name in LAYERWISE_TYPES:
+    if name.upper() in OPTIMIZER_TYPES:
+        defaults = optimizer.defaults
         params = {"lr": peak_lr(args), "weight_decay": args.weight_decay}
         if name in ("clars", "lars"):
-            params.update(momentum=args.momentum, eta=args.eta if args.eta is not None else
-                          (0.01 if name == "clars" else 0.001))
+            params.update(momentum=defaults["momentum"], eta=defaults["eta"])
             if name == "clars":
-                params["nesterov"] = args.momentum > 0
+                params["nesterov"] = defaults["nesterov"]
         else:
-            params.update(betas=list(args.betas) if args.betas is not None else [0.9, 0.999],
-                          eps=args.eps if args.eps is not None else 1e-6)
-        section = {"type": LAYERWISE_TYPES[name], "params": params}
+            params.update(betas=list(defaults["betas"]), eps=defaults["eps"])
+        section = {"type": name.upper(), "params": params}
         if name == "clars":
             section["second_moments"] = (
                 {"source": "micro_batch", "ema": args.moments_ema} if args.clars_moments == "micro-batch" else
@@ -96,9 +96,8 @@ def deepspeed_config(args, world_size: int) -> dict:
         cfg["optimizer"] = section
     elif zero["stage"] > 0:
         cfg["zero_allow_untested_optimizer"] = True      # torch's SGD is elementwise: ZeRO-safe
-    if args.mix == "device":
-        cfg["gradient_mix"] = {"noise": args.mix_noise, "std": DEFAULT_STD if args.mix_std is None else args.mix_std,
-                               "granularity": "device", "seed": args.seed if args.mix_seed is None else args.mix_seed}
+    if mix is not None and mix.granularity == "device":
+        cfg["gradient_mix"] = {"noise": mix.noise, "std": mix.std, "granularity": "device", "seed": mix.seed}
     return cfg
 
 
@@ -334,7 +333,7 @@ class DeepSpeedBackend(Torchrun):
             raise ValueError("the deepspeed backend builds its config from the run's flags: prepare(..., args=...)")
         import lb_dist.deepspeed as lbds
 
-        cfg = deepspeed_config(args, self.world_size)
+        cfg = deepspeed_config(args, self.world_size, optimizer, mix)
         groups = [{"params": list(g["params"]), "weight_decay": g.get("weight_decay", 0.0),
                    "layer_adaptation": g.get("layer_adaptation", True)} for g in optimizer.param_groups]
         adapted = [p for g in groups if g["layer_adaptation"] for p in g["params"]]
