@@ -249,6 +249,7 @@ def _trainer_class():
             if "decoder_input_ids" not in fwd and hasattr(unwrapped, "prepare_decoder_input_ids_from_labels"):
                 fwd.pop("labels")
                 fwd["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
+                fwd["use_cache"] = False          # as the model itself does when given labels: no cache to build
             outputs = model(**fwd)
             per_sentence = token_sum_losses(outputs.logits, labels, self.args.label_smoothing_factor)
             world = get_world_size()

@@ -33,6 +33,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from lb_dist._io import atomic_write_text
+from lb_dist.optim import adapted_params
 from lb_dist.train.backends import BackendConfigError, BackendUnavailable, Engine, Torchrun, grads_finite
 from lb_dist.train.checkpoint import CheckpointError, atomic_save, list_checkpoints
 from lb_dist.train.deepspeed_flags import TRANSLATED_KEYS
@@ -336,7 +338,7 @@ class DeepSpeedBackend(Torchrun):
         cfg = deepspeed_config(args, self.world_size, optimizer, mix)
         groups = [{"params": list(g["params"]), "weight_decay": g.get("weight_decay", 0.0),
                    "layer_adaptation": g.get("layer_adaptation", True)} for g in optimizer.param_groups]
-        adapted = [p for g in groups if g["layer_adaptation"] for p in g["params"]]
+        adapted = adapted_params(groups)
         if mix is not None:
             mix.detach()          # DeepSpeed steps the inner optimizer once per group: advanced by the engine instead
         try:
@@ -357,9 +359,7 @@ class DeepSpeedBackend(Torchrun):
             import json
             target = Path(args.run_dir) / "deepspeed_config.json"
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-            os.replace(tmp, target)
+            atomic_write_text(target, json.dumps(cfg, indent=2) + "\n")
         print_notes = getattr(args, "_deepspeed_notes", None)
         if print_notes and self.is_main:
             for note in print_notes:
