@@ -134,9 +134,9 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        # the loop's micro-batch loss already carries 1/A (its N counts the whole global batch):
-        # DeepSpeed must not divide by A again (CLARS' statistics take the 1/A as given)
-        self.ds.backward(loss, scale_wrt_gas=False)
+        # the loop's micro-batch loss already carries 1/A (its N counts the whole global batch);
+        # DeepSpeed divides by A again (and scales CLARS' statistics by it): multiply it back
+        self.ds.backward(loss * self.accumulation_steps)
         if not self._last:
             self.ds.step()                            # DeepSpeed counts micro-steps; no update here
 
