@@ -83,7 +83,6 @@ class LbDistRuntime:
         self._backward_calls = 0
         self._weighted_calls = 0
         self._clip_norm = None
-        self._clip_cache: tuple | None = None      # (norm, clip, coefficient) of the current step
         self.steps = 0
 
     # ------------------------------------------------------------------ set-up
@@ -123,60 +122,35 @@ class LbDistRuntime:
                 return float(scaler.cur_scale)
         return 1.0
 
-    def _global_norm(self):
-        """DeepSpeed's global gradient norm of the current step (a tensor or a float; None when
-        not computed): at stage 0 fp32 the one :meth:`_LbDistEngine.clip_fp32_gradients` kept,
-        otherwise the wrapper's ``_global_grad_norm``."""
-        engine = self.engine
-        if engine.optimizer is engine.basic_optimizer:
-            return self._clip_norm
-        return getattr(engine.optimizer, "_global_grad_norm", None)
-
     def clip_coefficient(self) -> float:
         """DeepSpeed's gradient-clipping factor of the current step, ``min(1, clip / (||M|| +
-        1e-6))`` with ``||M||`` the global norm before clipping (1 without clipping). Read from the
-        device once per optimizer step (DeepSpeed steps the param groups in separate calls; every
-        call asks): cached for the step's norm and cleared at the step boundary."""
+        1e-6))`` with ``||M||`` the global norm before clipping (1 without clipping)."""
         engine = self.engine
         clip = float(engine.gradient_clipping() or 0.0)
         if clip <= 0.0:
             return 1.0
-        norm = self._global_norm()
+        if engine.optimizer is engine.basic_optimizer:
+            norm = self._clip_norm
+        else:
+            norm = getattr(engine.optimizer, "_global_grad_norm", None)
         if norm is None:
             raise RuntimeError("lb_dist needs DeepSpeed's global gradient norm of the step to undo "
                                "gradient clipping for CLARS' S_k, and DeepSpeed computed none "
                                "(zero_optimization.compute_grad_norm = false?)")
-        cached = self._clip_cache
-        if cached is not None and cached[0] is norm and cached[1] == clip:
-            return cached[2]
-        coefficient = min(1.0, clip / (float(norm) + 1e-6))
-        self._clip_cache = (norm, clip, coefficient)   # the norm object kept: its identity is the key
-        return coefficient
-
-    def global_norm_nonfinite_flag(self, like: torch.Tensor) -> torch.Tensor | None:
-        """:meth:`global_norm_nonfinite` as a 0-dim float flag on ``like``'s device and dtype (1:
-        not finite), computed without a host sync, for the optimizer's one ``.item()`` of the
-        step's non-finite flags; None when DeepSpeed's norm is not known (stage 0, or none
-        computed)."""
-        engine = self.engine
-        if engine.optimizer is engine.basic_optimizer:
-            return None
-        norm = getattr(engine.optimizer, "_global_grad_norm", None)
-        if norm is None:
-            return None
-        if not torch.is_tensor(norm):
-            value = float(norm)
-            bad = not math.isfinite(value) or value < 0
-            return torch.tensor(float(bad), dtype=like.dtype, device=like.device)
-        norm = norm.detach()
-        bad = ~torch.isfinite(norm) | (norm < 0)       # DeepSpeed's "invalid" sentinel is -1
-        return bad.to(device=like.device, dtype=like.dtype).reshape(())
+        norm = float(norm)
+        return min(1.0, clip / (norm + 1e-6))
 
     def global_norm_nonfinite(self) -> bool:
         """True when DeepSpeed's global gradient norm of the current step is known and not
         finite (ZeRO-1/2/3 and the BF16 optimizer compute it before stepping the groups)."""
-        flag = self.global_norm_nonfinite_flag(torch.zeros(()))
-        return flag is not None and bool(flag.item() > 0)
+        engine = self.engine
+        if engine.optimizer is engine.basic_optimizer:
+            return False
+        norm = getattr(engine.optimizer, "_global_grad_norm", None)
+        if norm is None:
+            return False
+        value = float(norm)
+        return not math.isfinite(value) or value < 0      # DeepSpeed's "invalid" sentinel is -1
 
     def _backward(self, base: Callable, loss, args: tuple, kwargs: dict):
         scale_wrt_gas = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)
@@ -217,7 +191,6 @@ class LbDistRuntime:
             self.mix.advance()
         self._backward_calls = 0
         self._weighted_calls = 0
-        self._clip_cache = None
         self.steps += 1
 
     # ------------------------------------------------------------------ API

@@ -232,13 +232,10 @@ class ShardedLayerwise:
         if self._lb_call_sharded and not isinstance(self, LayerwiseSGD):
             found = found.clone()
             all_reduce_sum_(found, self._lb_process_group)
-        if self._lb_runtime is not None:
+        if self._lb_runtime is not None and self._lb_runtime.global_norm_nonfinite():
             # DeepSpeed steps the param groups in separate calls; its global gradient norm of
-            # the step (identical on every process) makes the skip cover all of them. A tensor
-            # flag: the optimizer's one .item() of the step reads it with the others
-            flag = self._lb_runtime.global_norm_nonfinite_flag(found)
-            if flag is not None:
-                found = found + flag
+            # the step (identical on every process) makes the skip cover all of them
+            found = found + 1
         return found
 
     def _lb_layout(self) -> dict:
@@ -275,23 +272,12 @@ class ShardedLayerwise:
 
     def _record_trust(self, plans) -> None:
         super()._record_trust(plans)
-        # kept as the core's entries, one per group (or ZeRO-3 sub-group), the latest last;
-        # trust_ratios() builds the dict over all layers only when asked
-        trust = self._lb_trust
-        for plan, entry in zip(plans, self._last_trust):
-            key = (plan.index, id(plan.layer_keys[0]) if plan.layer_keys else None)
-            trust.pop(key, None)
-            trust[key] = entry
+        self._lb_trust.update(super().trust_ratios())
 
     def trust_ratios(self):
         """Trust ratios of every layer (keyed by the model's parameters) in the last optimizer
         step, over all of DeepSpeed's per-group step calls."""
-        latest = self._last_trust
-        try:
-            self._last_trust = list(self._lb_trust.values())
-            return super().trust_ratios()
-        finally:
-            self._last_trust = latest
+        return dict(self._lb_trust)
 
 
 class ShardedCLARS(ShardedLayerwise):
@@ -316,12 +302,8 @@ class ShardedCLARS(ShardedLayerwise):
         micro = self._lb_micro()
         if micro is None:
             return []
-        pieces = []
-        for i, plan in enumerate(plans):
-            if plan.group["layer_adaptation"]:
-                est = plan.extra["micro_estimator"] = micro.estimator(plan.layer_keys)
-                pieces.append((i, micro.local_statistics(plan.layer_keys, est)))
-        return pieces
+        return [(i, micro.local_statistics(plan.layer_keys)) for i, plan in enumerate(plans)
+                if plan.group["layer_adaptation"]]
 
     def _lb_take_extra(self, plans, index, reduced) -> None:
         plans[index].extra["micro_stats"] = reduced
@@ -330,8 +312,7 @@ class ShardedCLARS(ShardedLayerwise):
         clip = self._lb_runtime.clip_coefficient() if self._lb_runtime is not None else 1.0
         micro = self._lb_micro()
         if micro is not None:
-            s = micro.second_moments(plan.layer_keys, plan.extra.pop("micro_stats"), g_sq, clip,
-                                     plan.extra.pop("micro_estimator", None))
+            s = micro.second_moments(plan.layer_keys, plan.extra.pop("micro_stats"), g_sq, clip)
             plan.extra["second_moments"] = s.to(dtype=plan.dtype, device=plan.device)
         if clip != 1.0:
             plan.extra["second_moments"] = plan.extra["second_moments"] * (clip * clip)
@@ -445,8 +426,7 @@ class MicroBatchStepMoments:
         self.coefficients: Tensor | None = None   # pi_k of the step (None: plain averaging), set by the runtime
         self.last_update: dict = {}
 
-    def estimator(self, layer_keys) -> MicroBatchMoments:
-        """The estimator of a layer set (``layer_keys``: the step plan's layers)."""
+    def _estimator(self, layer_keys) -> MicroBatchMoments:
         est = self.estimators.get(tuple(id(p) for p in layer_keys))
         if est is None:
             raise RuntimeError("the micro-batch second moments track other parameters than this CLARS "
@@ -463,18 +443,14 @@ class MicroBatchStepMoments:
         for est in self.estimators.values():
             est.pop_pending()
 
-    def local_statistics(self, layer_keys, estimator: MicroBatchMoments | None = None) -> Tensor:
-        """This process's ``[sum_j ||g_{k,j}||^2 per layer..., n_k]`` (float64); resets them.
-        ``estimator``: :meth:`estimator` of ``layer_keys`` when the caller has it already."""
-        est = estimator if estimator is not None else self.estimator(layer_keys)
-        sq, n = est.pop_pending()
+    def local_statistics(self, layer_keys) -> Tensor:
+        """This process's ``[sum_j ||g_{k,j}||^2 per layer..., n_k]`` (float64); resets them."""
+        sq, n = self._estimator(layer_keys).pop_pending()
         return torch.cat([sq, sq.new_tensor([float(n)])])
 
-    def second_moments(self, layer_keys, reduced: Tensor, g_sq: Tensor, clip: float,
-                       estimator: MicroBatchMoments | None = None) -> Tensor:
-        """S_k per layer from the reduced statistics and the reduced ``||g_k||^2`` (``estimator``:
-        as for :meth:`local_statistics`)."""
-        est = estimator if estimator is not None else self.estimator(layer_keys)
+    def second_moments(self, layer_keys, reduced: Tensor, g_sq: Tensor, clip: float) -> Tensor:
+        """S_k per layer from the reduced statistics and the reduced ``||g_k||^2``."""
+        est = self._estimator(layer_keys)
         count = len(layer_keys)
         total_sq, n = reduced[:count], int(round(float(reduced[count])))
         b = self.micro_batch_size
