@@ -6,10 +6,6 @@ DEMO_EXTRAS := workloads
 
 .PHONY: setup setup-test setup-bench demo test bench clean
 
-# DeepSpeed's JIT ops are built per checkout (torch rebuilds a shared cache whenever the venv path
-# changes, and a rebuild inside a multi-rank job serialises the ranks on torch's build lock).
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
-
 setup:
 	@scripts/setup.sh $(DEMO_EXTRAS)
 

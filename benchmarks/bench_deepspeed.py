@@ -69,6 +69,7 @@ def worker(args) -> None:
     from lb_dist.deepspeed.engine import LbDistRuntime
     from lb_dist.models import resnet20
 
+    lbds.skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank = torch.distributed.get_rank()
 
@@ -155,8 +156,6 @@ def main() -> None:
         return
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-m", "lb_dist.deepspeed.prebuild"], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", "2", __file__, "--worker", "--out", args.out,
            "--rounds", str(args.rounds), "--steps", str(args.steps), "--batch", str(args.batch)]

@@ -8,8 +8,8 @@
 #   (libopenmpi-dev openmpi-bin), otherwise it must already be there.
 # * "horovod" builds a patched Horovod wheel once (scripts/install_horovod.sh, ~3 min on 2 cores)
 #   and caches it outside the repository, in ${LB_DIST_CACHE:-~/.cache/lb_dist}.
-# * "deepspeed" pre-builds DeepSpeed's CPU shared-memory comm op once (cached by torch in
-#   ~/.cache/torch_extensions), so the first training run does not spend two minutes compiling it.
+# * "deepspeed" compiles nothing: DeepSpeed's one CPU JIT op (its shared-memory all-reduce, used only
+#   by DeepSpeed-Inference) is skipped by lb_dist.deepspeed (see lb_dist/deepspeed/cpu_comm.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-dev}"
@@ -67,10 +67,6 @@ echo "setup: installing lb_dist[$EXTRAS] into $VENV (constraints: $CONSTRAINTS)"
 "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e ".[$EXTRAS]"
 if has_extra horovod; then
     scripts/install_horovod.sh "$VENV/bin/python"
-fi
-if has_extra deepspeed; then
-    "$VENV/bin/python" -m lb_dist.deepspeed.prebuild || {
-        echo "setup: could not pre-build DeepSpeed's CPU comm op; it will be JIT-built on first use" >&2; }
 fi
 "$VENV/bin/python" -c 'import torch, lb_dist; print(f"setup: torch {torch.__version__}, lb_dist {lb_dist.__version__}")'
 if [ "$(basename "$CONSTRAINTS")" = cpu.txt ] && "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then

@@ -219,6 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     deepspeed.utils.logger.setLevel(logging.ERROR)
+    lbds.skip_shm_comm_op()     # as lb_dist.deepspeed.initialize does, before DeepSpeed's comm set-up
     deepspeed.init_distributed(dist_backend="gloo", distributed_port=args.port,
                                auto_mpi_discovery=args.deepspeed_mpi, verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -250,7 +251,8 @@ def main() -> None:
     took = time.perf_counter() - start
     if rank == 0:
         torch.save({"results": results, "errors": errors, "world": world, "seconds": took,
-                    "checks": checks, "launcher": "mpirun" if args.deepspeed_mpi else "deepspeed"},
+                    "checks": checks, "launcher": "mpirun" if args.deepspeed_mpi else "deepspeed",
+                    "shm_comm_op_loaded": deepspeed.comm.comm.cdb.shm_comm_op is not None},
                    os.path.join(args.out_dir, f"results_{world}.pt"))
     print(f"rank {rank}/{world}: {len(results)} cases in {took:.1f} s", flush=True)
     torch.distributed.barrier()

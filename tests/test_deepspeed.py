@@ -50,12 +50,6 @@ def _run(cmd: list[str], timeout: float) -> None:
         raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stdout[-6000:]}")
 
 
-@pytest.fixture(scope="module")
-def prebuilt():
-    """DeepSpeed's JIT comm op, built once (setup.sh does it; a second call only loads it)."""
-    _run([sys.executable, "-m", "lb_dist.deepspeed.prebuild"], timeout=600)
-
-
 def _deepspeed_job(nproc: int, out: Path, extra: list[str]) -> dict:
     launcher = BIN / "deepspeed"
     if not launcher.exists():
@@ -68,7 +62,7 @@ def _deepspeed_job(nproc: int, out: Path, extra: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def job2(prebuilt, tmp_path_factory):
+def job2(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds2")
     return {**_deepspeed_job(2, out, ["--checks", "--configs", ",".join(map(str, CONFIGS))]), "dir": out}
 
@@ -86,7 +80,7 @@ def job3(job2, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def job_mpi(prebuilt, tmp_path_factory):
+def job_mpi(tmp_path_factory):
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         pytest.skip("mpirun (OpenMPI) is not installed")
@@ -277,6 +271,11 @@ def test_deepspeed_configs_initialize_and_step(job2, path):
                 init=peak * p.get("init_factor", 0.0), final=peak * p.get("final_factor", 0.0),
                 warmup_power=p.get("warmup_power", 1.0), decay_power=p.get("decay_power", 2.0))
         assert result[key] == pytest.approx([want] * len(result[key]), rel=1e-9, abs=1e-15), (key, result)
+
+
+def test_launched_jobs_never_load_deepspeeds_cpu_shm_op(job2, job_mpi):
+    # lb_dist.deepspeed.skip_shm_comm_op before init_distributed: no JIT build inside a multi-rank job
+    assert job2["shm_comm_op_loaded"] is False and job_mpi["shm_comm_op_loaded"] is False
 
 
 def test_mpirun_launcher(job_mpi):

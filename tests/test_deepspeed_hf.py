@@ -24,8 +24,6 @@ def test_trainer_with_clars_and_gradient_mix(tmp_path):
     if not launcher.exists():
         pytest.skip("the deepspeed launcher is not installed")
     env = {**child_env(), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "lb_dist.deepspeed.prebuild"], cwd=str(REPO), env=env,
-                   check=True, capture_output=True, timeout=600)
     proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
                            str(TESTS / "_worker_deepspeed_hf.py"), str(tmp_path)], cwd=str(REPO), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)

@@ -80,10 +80,6 @@ def cmd_tail(cmd: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def ds_job(tmp_path_factory):
     pytest.importorskip("deepspeed")
-    # DeepSpeed's JIT comm op built (or loaded) once in one process, as tests/test_deepspeed.py does, so
-    # that the 2 ranks never compile it concurrently (they would serialise on torch's build lock)
-    subprocess.run([sys.executable, "-m", "lb_dist.deepspeed.prebuild"], cwd=str(REPO), env=child_env(),
-                   check=True, timeout=600)
     launcher = BIN / "deepspeed"
     if not launcher.exists():
         pytest.skip(f"the deepspeed launcher is not installed next to {sys.executable}")

@@ -15,6 +15,10 @@ and no lb_dist scheduler (``PolynomialWarmupDecay``, ``InverseSqrt``), with no l
 optimizer, goes to DeepSpeed unchanged: the wrapper then calls DeepSpeed's own function with the
 same arguments.
 
+On DeepSpeed's CPU accelerator :func:`initialize` and :func:`register` keep DeepSpeed from
+JIT-compiling its shared-memory all-reduce op, which only DeepSpeed-Inference uses
+(:mod:`lb_dist.deepspeed.cpu_comm`; ``LB_DIST_DEEPSPEED_SHM_COMM=1`` keeps it).
+
 While registered, ``"type": "LAMB"`` (any case) is lb_dist's LAMB, not DeepSpeed's FusedLamb (whose
 own keys such as ``max_coeff`` are refused by name); :func:`unregister` gives DeepSpeed's back.
 """
@@ -29,11 +33,12 @@ import threading
 from lb_dist.deepspeed.config import (
     EXCLUDE_CHOICES, OPTIMIZER_TYPES, SCHEDULER_TYPES, SECOND_MOMENT_SOURCES, ConfigError, LbDistConfig,
     check_layerwise_settings, check_world, load_config, parse_config)
+from lb_dist.deepspeed.cpu_comm import skip_shm_comm_op
 from lb_dist.deepspeed.engine import CLIENT_STATE_KEY, LbDistRuntime, attach, get_runtime
 
 __all__ = ["initialize", "register", "unregister", "is_registered", "get_runtime", "parse_config",
            "ConfigError", "LbDistConfig", "LbDistRuntime", "OPTIMIZER_TYPES", "SCHEDULER_TYPES",
-           "SECOND_MOMENT_SOURCES", "EXCLUDE_CHOICES", "CLIENT_STATE_KEY"]
+           "SECOND_MOMENT_SOURCES", "EXCLUDE_CHOICES", "CLIENT_STATE_KEY", "skip_shm_comm_op"]
 
 _lock = threading.Lock()
 _original = None        # deepspeed.initialize as it was before register()
@@ -134,6 +139,7 @@ def initialize(*args, **kwargs):
     moments to the engine (``lb_dist.deepspeed.get_runtime(engine)``). Otherwise this is
     DeepSpeed's function, called with the same arguments.
     """
+    skip_shm_comm_op()      # before DeepSpeed sets up its communication (lb_dist.deepspeed.cpu_comm)
     original = _deepspeed_initialize()
     signature = inspect.signature(original)
     bound = signature.bind(*args, **kwargs)
@@ -220,6 +226,7 @@ def register() -> None:
     when it prepares the model). Idempotent."""
     global _original
     import deepspeed
+    skip_shm_comm_op()      # before Accelerate/Trainer call deepspeed.init_distributed (cpu_comm)
     with _lock:
         if _original is not None:
             return

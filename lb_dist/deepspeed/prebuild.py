@@ -1,15 +1,16 @@
-"""Build (or load from the cache) what DeepSpeed JIT-compiles on this machine, once, ahead of time.
+"""Build (or load from the cache) DeepSpeed's CPU shared-memory comm op once, ahead of time, for
+users who keep it (``LB_DIST_DEEPSPEED_SHM_COMM=1``, see :mod:`lb_dist.deepspeed.cpu_comm`).
 
-    python -m lb_dist.deepspeed.prebuild
+    LB_DIST_DEEPSPEED_SHM_COMM=1 python -m lb_dist.deepspeed.prebuild
 
-On a CPU-only machine ``deepspeed.comm``'s torch backend loads the shared-memory all-reduce op
-``deepspeed_shm_comm`` (``deepspeed.ops.op_builder.cpu.ShareMemCommBuilder``) in every process
-that initializes DeepSpeed's communication; the first load compiles it with ninja (about two minutes
-on two cores) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``). Running this module once (``scripts/setup.sh`` does) pays that cost
-outside the tests and the first training job. It is idempotent: with the op cached it only loads it
-(a few seconds). Where DeepSpeed reports the op as incompatible (no compiler, not Linux) DeepSpeed
-falls back to plain torch.distributed, and this module builds nothing.
+lb_dist skips this op by default (training never uses it), and then nothing needs building. With the
+op kept, ``deepspeed.comm``'s torch backend loads ``deepspeed_shm_comm``
+(``deepspeed.ops.op_builder.cpu.ShareMemCommBuilder``) in every process that initializes
+DeepSpeed's communication; the first load compiles it with ninja (minutes on two cores) into torch's
+extension cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Running this
+module once pays that cost in one process, outside a multi-rank job (whose ranks would otherwise
+serialise on torch's build lock). It is idempotent: with the op cached it only loads it. Where
+DeepSpeed reports the op as incompatible (no compiler, not Linux) nothing is built.
 
 On a CUDA machine DeepSpeed does not use this op; nothing is built (exit status 0).
 Exit status 1 only when DeepSpeed is not installed or the build fails.

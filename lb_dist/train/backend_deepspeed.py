@@ -290,12 +290,13 @@ class DeepSpeedBackend(Torchrun):
         try:
             import deepspeed
 
-            import lb_dist.deepspeed  # noqa: F401
+            import lb_dist.deepspeed
         except ImportError as e:
             raise BackendUnavailable(f"--backend deepspeed needs deepspeed (pip install deepspeed; {e})") from e
         for name in ("DeepSpeed", "deepspeed"):
             logging.getLogger(name).setLevel(logging.WARNING)
         deepspeed.utils.logger.setLevel(logging.WARNING)
+        lb_dist.deepspeed.skip_shm_comm_op()    # training never uses DeepSpeed's CPU shm op: no JIT build
         self._owns_group = False
         env = os.environ
         if not (dist.is_available() and dist.is_initialized()):
