@@ -4,8 +4,9 @@
 On DeepSpeed's CPU accelerator, ``deepspeed.comm``'s torch backend loads the op
 ``deepspeed_shm_comm`` in every process that initializes DeepSpeed's communication; the first load
 compiles it with ninja (minutes on two cores) into torch's extension cache. DeepSpeed calls it only
-from ``inference_all_reduce`` (DeepSpeed-Inference's tensor parallelism); a training engine's
-reductions are torch.distributed's. Building it is minutes of compile for nothing, and it was this
+from ``inference_all_reduce``, i.e. from its tensor-parallel layers (``deepspeed.module_inject``:
+DeepSpeed-Inference and AutoTP, which lb_dist refuses); a data-parallel engine's reductions are
+torch.distributed's. Building it is minutes of compile for nothing, and it was this
 project's one source of hangs: inside a 2-rank job one rank recompiled the op while its peer waited on
 torch's build lock until the job's time ran out, a killed build leaves a lock file that stalls every
 later job, and a CI run stalled in the build itself.
