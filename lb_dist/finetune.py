@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -507,5 +508,22 @@ def main(argv=None) -> dict[str, Any]:
     return results
 
 
+def _exit_after_distributed_job() -> None:
+    """The process entry point's end (``python -m lb_dist.finetune``, launched by ``deepspeed`` or
+    ``torchrun``): leave the process group together and exit without interpreter teardown, where
+    torch 2.13 + gloo occasionally aborts ("terminate called without an active exception", seen in
+    this module's 2-rank DeepSpeed test after training and saving had finished), as ``lb-dist train``
+    does. Nothing to do after a single-process run."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    _exit_after_distributed_job()
