@@ -75,7 +75,19 @@ def worker(args) -> None:
 
     spent, timed = thread_time_counter()   # CPU time of this thread inside lb_dist's per-step code
 
-    lbzero.ShardedLayerwise._reduce_step_sq_norms = timed(lbzero.ShardedLayerwise._reduce_step_sq_norms)
+    waited = [0.0]                           # wall time inside the ZeRO-aware reduction (incl. the all-reduce)
+    opt_wall = [0.0]                         # wall time inside the inner optimizer's step calls
+
+    def wall_into(acc, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[0] += time.perf_counter() - t
+        return wrapper
+
+    lbzero.ShardedLayerwise._reduce_step_sq_norms = wall_into(waited, timed(lbzero.ShardedLayerwise._reduce_step_sq_norms))
     for meth in ("loss_factor", "_before_boundary", "_after_boundary"):
         setattr(LbDistRuntime, meth, timed(getattr(LbDistRuntime, meth)))
 
@@ -84,6 +96,8 @@ def worker(args) -> None:
         torch.manual_seed(0)
         engine, *_ = lbds.initialize(model=resnet20(num_classes=10), config=_config(name, args.batch))
         engines[name] = engine
+        inner = engine.basic_optimizer              # the optimizer DeepSpeed steps (once per param group)
+        inner.step = wall_into(opt_wall, inner.step)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
@@ -102,12 +116,13 @@ def worker(args) -> None:
         row = {}
         for name in order:
             torch.distributed.barrier()
-            spent[0] = 0.0
+            spent[0] = waited[0] = opt_wall[0] = 0.0
             w0, c0 = time.perf_counter(), time.thread_time()
             steps(engines[name], args.steps)
             row[name] = {"wall": (time.perf_counter() - w0) / args.steps,
                          "cpu": (time.thread_time() - c0) / args.steps,
-                         "lb": spent[0] / args.steps}
+                         "lb": spent[0] / args.steps, "reduce_wall": waited[0] / args.steps,
+                         "opt_wall": opt_wall[0] / args.steps}
         rows.append(row)
     if rank == 0:
         with open(args.out, "w") as f:
@@ -122,12 +137,23 @@ def report(rows: list[dict], args) -> None:
     med = statistics.median
     print(f"2 processes x 1 thread, resnet20, batch {args.batch}/process, {args.rounds} rounds x "
           f"{args.steps} steps (median)\n")
-    print("| variant | wall step (ms) | CPU step (ms) | lb_dist CPU (ms) |")
-    print("|---|---:|---:|---:|")
+    print("| variant | wall step (ms) | CPU step (ms) | lb_dist CPU (ms) | norm reduction wall (ms) | "
+          "inner optimizer wall (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in VARIANTS:
         print(f"| {name} | {1e3 * med([r[name]['wall'] for r in rows]):.1f} | "
-              f"{1e3 * med([r[name]['cpu'] for r in rows]):.1f} | {1e3 * med([r[name]['lb'] for r in rows]):.2f} |")
+              f"{1e3 * med([r[name]['cpu'] for r in rows]):.1f} | {1e3 * med([r[name]['lb'] for r in rows]):.2f} | "
+              f"{1e3 * med([r[name].get('reduce_wall', 0.0) for r in rows]):.2f} | "
+              f"{1e3 * med([r[name].get('opt_wall', 0.0) for r in rows]):.2f} |")
     print()
+    opt = {n: [r[n]["opt_wall"] for r in rows] for n in VARIANTS}
+    steps = {n: [r[n]["wall"] for r in rows] for n in VARIANTS}
+    extra = [(lz2 - sz2) - (lz0 - sz0) for lz2, sz2, lz0, sz0 in
+             zip(opt["LARS z2"], opt["SGD z2"], opt["LARS z0"], opt["SGD z0"])]
+    share = [e / s for e, s in zip(extra, steps["SGD z2"])]
+    _, s1, s3 = median_quartiles(share)
+    print(f"inner optimizer wall: (LARS z2 - SGD z2) - (LARS z0 - SGD z0) = {1e3 * med(extra):+.2f} ms per step "
+          f"= {100 * med(share):+.1f} % of the SGD z2 step (quartiles {100 * s1:+.1f}..{100 * s3:+.1f})")
     for kind in ("wall", "cpu"):
         zero = [r["LARS z2"][kind] / r["SGD z2"][kind] / (r["LARS z0"][kind] / r["SGD z0"][kind]) - 1 for r in rows]
         mix = [r["LARS z2 + mix"][kind] / r["LARS z2"][kind] - 1 for r in rows]

@@ -27,7 +27,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deepspeed  # noqa: E402
 import _ds_common as C  # noqa: E402
 import lb_dist.deepspeed as lbds  # noqa: E402
+import lb_dist.deepspeed.zero as lbzero  # noqa: E402
 from lb_dist.optim import LAMB, LARS, param_groups  # noqa: E402
+
+
+#: lb_dist's all-reduces inside the ZeRO-aware optimizers (lb_dist.deepspeed.zero), counted per case
+ALL_REDUCES = [0]
+_all_reduce_sum = lbzero.all_reduce_sum_
+
+
+def _counted_all_reduce_sum(tensor, group=None):
+    ALL_REDUCES[0] += 1
+    return _all_reduce_sum(tensor, group)
+
+
+lbzero.all_reduce_sum_ = _counted_all_reduce_sum
 
 
 def final_params(engine) -> dict[str, torch.Tensor]:
@@ -109,8 +123,9 @@ def run_case(case: dict, rank: int, out_dir: str) -> dict:
         assert path is not None, "DeepSpeed found no checkpoint"
         train(engine, runtime, case, rank, start=half)
     else:
+        ALL_REDUCES[0] = 0
         train(engine, runtime, case, rank)
-    result = {"params": final_params(engine)}
+    result = {"params": final_params(engine), "lb_all_reduces": ALL_REDUCES[0], "global_steps": engine.global_steps}
     if engine.zero_optimization_partition_weights():
         result["sub_groups"] = len(engine.optimizer.fp16_groups)
     skipped = [None] * torch.distributed.get_world_size()

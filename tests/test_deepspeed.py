@@ -273,6 +273,23 @@ def test_deepspeed_configs_initialize_and_step(job2, path):
         assert result[key] == pytest.approx([want] * len(result[key]), rel=1e-9, abs=1e-15), (key, result)
 
 
+def test_one_norm_all_reduce_per_step_when_deepspeed_knows_the_gradients_are_finite(job2):
+    """ZeRO-1/2 fp32 compute the global gradient norm (all-reduced) before stepping the two param
+    groups (layers adapted / biases excluded): finite, it answers the non-finite check, so only the
+    adapted group's norms are all-reduced, once per optimizer step (LARS, CLARS with its micro-batch
+    statistics in the same tensor, LAMB without its flag reduction); and the result is unchanged."""
+    grid = [r for r in job2["results"].values()
+            if r["case"]["stage"] in (1, 2) and not r["case"].get("naive") and not r["case"].get("bf16")
+            and not r["case"].get("nan_at") and not r["case"].get("resume")
+            and r["case"].get("source", "micro_batch") == "micro_batch" and not r["case"].get("client")]
+    assert {(r["case"]["stage"], r["case"]["opt"]) for r in grid} >= {(s, o) for s in (1, 2)
+                                                                     for o in ("LARS", "CLARS", "LAMB")}
+    for result in grid:
+        assert result["global_steps"] == result["case"].get("steps", C.STEPS), result["case"]
+        assert result["lb_all_reduces"] == result["global_steps"], result["case"]
+        _check(result)
+
+
 def test_launched_jobs_never_load_deepspeeds_cpu_shm_op(job2, job_mpi):
     # lb_dist.deepspeed.skip_shm_comm_op before init_distributed: no JIT build inside a multi-rank job
     assert job2["shm_comm_op_loaded"] is False and job_mpi["shm_comm_op_loaded"] is False

@@ -182,7 +182,14 @@ class ShardedLayerwise:
     * ``_reduce_found_nonfinite``: LAMB's non-finite check looks at this process's fragments
       before the moments change, so the flag is all-reduced (every process skips the same steps).
       LARS/CLARS take their flags from the reduced per-layer norms (identical on every process),
-      so they need no communication for it. A non-finite global gradient norm of the step
+      so they need no communication for it.
+    * Both skip what only serves the non-finite check when DeepSpeed's global gradient norm of the
+      step is known and finite (ZeRO-1/2/3 and bf16 compute it, all-reduced, before stepping the
+      groups; :meth:`LbDistRuntime.global_norm_finite`): then every gradient of every process is
+      finite, so the gradient norms of an excluded group (``layer_adaptation=False``, which no trust
+      ratio needs) and LAMB's flag are not reduced. With the usual two groups (layers adapted /
+      biases and normalization excluded) that leaves one all-reduce per optimizer step instead of
+      two (LARS, CLARS) or three (LAMB). A non-finite global gradient norm of the step
       (DeepSpeed's, when it does not skip the step itself: bf16 with ``check_grad_overflow``
       false) skips every group's call, so the step is skipped whole.
     * ``trust_ratios()`` collects the trust ratios of all groups of the last optimizer step
@@ -209,9 +216,16 @@ class ShardedLayerwise:
     def _lb_take_extra(self, plans, index: int, reduced: Tensor) -> None:
         pass
 
+    def _lb_grads_known_finite(self) -> bool:
+        """DeepSpeed's global gradient norm of this step (identical on every process) is finite."""
+        return self._lb_runtime is not None and self._lb_runtime.global_norm_finite()
+
     def _reduce_step_sq_norms(self, sqs, plans):
         pieces: list[tuple[int, Tensor]] = [(i, sq) for i, (sq, plan) in enumerate(zip(sqs, plans))
                                             if sq is not None and plan.sharded]
+        if any(not plans[i].group["layer_adaptation"] for i, _ in pieces) and self._lb_grads_known_finite():
+            # an excluded group's gradient norms feed only the non-finite check, answered already
+            pieces = [(i, sq) for i, sq in pieces if plans[i].group["layer_adaptation"]]
         extras = self._lb_extra_pieces(plans)
         if not pieces and not extras:
             return sqs
@@ -229,7 +243,9 @@ class ShardedLayerwise:
         return out
 
     def _reduce_found_nonfinite(self, found: Tensor) -> Tensor:
-        if self._lb_call_sharded and not isinstance(self, LayerwiseSGD):
+        if self._lb_call_sharded and not isinstance(self, LayerwiseSGD) and not self._lb_grads_known_finite():
+            # LAMB's flags are its gradients' finiteness: nothing to reduce when DeepSpeed's global
+            # norm already says every gradient is finite
             found = found.clone()
             all_reduce_sum_(found, self._lb_process_group)
         if self._lb_runtime is not None and self._lb_runtime.global_norm_nonfinite():
