@@ -15,7 +15,9 @@ of whole layers; CLARS' micro-batch statistics ride in the same all-reduce. The 
 the core's, applied to each fragment with its layer's trust ratio.
 
 DeepSpeed steps the inner optimizer once per param group (ZeRO-1/2) or sub-group (ZeRO-3), so
-there is one all-reduce per group per optimizer step (BF16 optimizer and ZeRO-0: one per step).
+there is at most one all-reduce per group per optimizer step (BF16 optimizer: one per step; ZeRO-0:
+none); a group whose norms only feed the non-finite check is skipped when DeepSpeed's global norm
+already says every gradient is finite (see :class:`ShardedLayerwise`).
 """
 from __future__ import annotations
 
