@@ -6,21 +6,26 @@ import statistics
 import time
 
 
-def thread_time_counter():
-    """``(spent, timed)``: ``timed(fn)`` wraps ``fn`` so that the CPU time of the calling thread spent
-    inside it is added to ``spent[0]`` (seconds)."""
+def time_counter(clock=time.perf_counter):
+    """``(spent, timed)``: ``timed(fn)`` wraps ``fn`` so that the time by ``clock`` spent inside it
+    is added to ``spent[0]`` (seconds)."""
     spent = [0.0]
 
     def timed(fn):
         def wrapper(*a, **k):
-            t = time.thread_time()
+            t = clock()
             try:
                 return fn(*a, **k)
             finally:
-                spent[0] += time.thread_time() - t
+                spent[0] += clock() - t
         return wrapper
 
     return spent, timed
+
+
+def thread_time_counter():
+    """:func:`time_counter` of the calling thread's CPU time."""
+    return time_counter(time.thread_time)
 
 
 def median_quartiles(values) -> tuple[float, float, float]:

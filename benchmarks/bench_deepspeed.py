@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import median_quartiles, thread_time_counter
+from _common import median_quartiles, thread_time_counter, time_counter
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("SGD z0", "SGD z2", "LARS z0", "LARS z2", "LARS z2 + mix", "CLARS z2 + mix")
@@ -75,19 +75,10 @@ def worker(args) -> None:
 
     spent, timed = thread_time_counter()   # CPU time of this thread inside lb_dist's per-step code
 
-    waited = [0.0]                           # wall time inside the ZeRO-aware reduction (incl. the all-reduce)
-    opt_wall = [0.0]                         # wall time inside the inner optimizer's step calls
+    waited, wall_timed = time_counter()      # wall time inside the ZeRO-aware reduction (incl. the all-reduce)
+    opt_wall, opt_timed = time_counter()     # wall time inside the inner optimizer's step calls
 
-    def wall_into(acc, fn):
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                acc[0] += time.perf_counter() - t
-        return wrapper
-
-    lbzero.ShardedLayerwise._reduce_step_sq_norms = wall_into(waited, timed(lbzero.ShardedLayerwise._reduce_step_sq_norms))
+    lbzero.ShardedLayerwise._reduce_step_sq_norms = wall_timed(timed(lbzero.ShardedLayerwise._reduce_step_sq_norms))
     for meth in ("loss_factor", "_before_boundary", "_after_boundary"):
         setattr(LbDistRuntime, meth, timed(getattr(LbDistRuntime, meth)))
 
@@ -97,7 +88,7 @@ def worker(args) -> None:
         engine, *_ = lbds.initialize(model=resnet20(num_classes=10), config=_config(name, args.batch))
         engines[name] = engine
         inner = engine.basic_optimizer              # the optimizer DeepSpeed steps (once per param group)
-        inner.step = wall_into(opt_wall, inner.step)
+        inner.step = opt_timed(inner.step)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
