@@ -490,27 +490,40 @@ o = lbh.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), named_para
 ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
 x, y = torch.randn(4, 3), torch.randn(4, 2)
 ok = isinstance(o, torch.optim.SGD)
-for t in range(2):
+pis = []
+for t in range(3):
     o.zero_grad(); ref_opt.zero_grad()
     torch.nn.functional.mse_loss(m(x), y).backward()
     torch.nn.functional.mse_loss(ref(x), y).backward()
-    o.step(); ref_opt.step()
-    # one non-elastic rank: Horovod registers no hooks and reduces nothing, and no coefficient is
-    # applied either (pi_0 = 1 + std xi_0 would only rescale the step): the plain local gradient
-    ok = ok and all(torch.equal(a.grad, b.grad) for a, b in zip(m.parameters(), ref.parameters()))
-    ok = ok and all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
+    # one non-elastic rank: Horovod reduces nothing; the mix scales the gradient by pi_0 of step t
+    # (eq. 3 with K = 1), as DDP, DeepSpeed and an elastic one-rank job do
+    pi0 = float(GradientMix(std=0.5, seed=3, world_size=1).coefficients(step=t)[0])
+    pis.append(pi0)
+    for p in ref.parameters():
+        p.grad.mul_(pi0)
+    if t < 2:
+        o.synchronize(); o.synchronize()      # a second synchronize before step must not scale again
+        with o.skip_synchronize():
+            o.step()
+    else:
+        o.step()                              # Horovod's step synchronizes itself
+    ref_opt.step()
+    ok = ok and all(torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0) for a, b in zip(m.parameters(), ref.parameters()))
+    ok = ok and all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(m.parameters(), ref.parameters()))
+ok = ok and len(set(pis)) == 3 and all(abs(p - 1.0) > 1e-3 for p in pis)   # the coefficients do differ from 1
 print('mix ok', ok, mix.step)
 """
 
 
 def test_single_process_job():
     """DistributedOptimizer in a plain process (no horovodrun, hvd.init() of one rank): moments are
-    refused (nothing to compare); with a Gaussian mix the gradient after each step is the plain local
-    gradient and the weights follow plain SGD bitwise (nothing is reduced or scaled, as with
-    hvd.DistributedOptimizer in one process); the mix still advances once per step."""
+    refused (nothing to compare); with a Gaussian mix the gradient of each step is the local gradient
+    times pi_0 of that step (nothing is reduced, as with hvd.DistributedOptimizer in one process, but
+    the coefficient applies as on every other backend), once even if synchronize() is called twice;
+    the weights follow SGD on it; the mix advances once per step."""
     proc = subprocess.run([sys.executable, "-c", SINGLE_PROCESS], env=launch_env(), capture_output=True, text=True,
                           timeout=60)
-    assert "refused True" in proc.stdout and "mix ok True 2" in proc.stdout, proc.stdout + proc.stderr
+    assert "refused True" in proc.stdout and "mix ok True 3" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), float("-inf"), True, "8", None,

@@ -298,6 +298,13 @@ class _Overrides:
             # A second synchronize() before step(): Horovod would reduce the reduced gradients again,
             # which would mix them twice. They are already final.
             return None
+        if not self._requires_update and not self._handles and st.mixing():
+            # One non-elastic rank: Horovod registered no gradient hooks and reduces nothing. The mix
+            # still applies its coefficient pi_0 (K = 1: 1 + std xi_0) to the rank's gradient, as under
+            # DDP, DeepSpeed and an elastic job that shrank to one rank, so one configuration trains
+            # the same way on every backend.
+            st.before_reduce(self, [p for group in self.param_groups for p in group["params"]
+                                    if p.requires_grad])
         # What Horovod's synchronize submits first (parameters whose hook did not fire, or fired
         # fewer than backward_passes_per_step times), submitted here so that every local norm is
         # known before the statistics' allreduce starts.
