@@ -134,8 +134,8 @@ def report(rows: list[dict], args) -> None:
     for name in VARIANTS:
         print(f"| {name} | {1e3 * med([r[name]['wall'] for r in rows]):.1f} | "
               f"{1e3 * med([r[name]['cpu'] for r in rows]):.1f} | {1e3 * med([r[name]['lb'] for r in rows]):.2f} | "
-              f"{1e3 * med([r[name].get('reduce_wall', 0.0) for r in rows]):.2f} | "
-              f"{1e3 * med([r[name].get('opt_wall', 0.0) for r in rows]):.2f} |")
+              f"{1e3 * med([r[name]['reduce_wall'] for r in rows]):.2f} | "
+              f"{1e3 * med([r[name]['opt_wall'] for r in rows]):.2f} |")
     print()
     opt = {n: [r[n]["opt_wall"] for r in rows] for n in VARIANTS}
     steps = {n: [r[n]["wall"] for r in rows] for n in VARIANTS}

@@ -9,7 +9,7 @@
 # * "horovod" builds a patched Horovod wheel once (scripts/install_horovod.sh, ~3 min on 2 cores)
 #   and caches it outside the repository, in ${LB_DIST_CACHE:-~/.cache/lb_dist}.
 # * "deepspeed" compiles nothing: DeepSpeed's one CPU JIT op (its shared-memory all-reduce, used only
-#   by DeepSpeed-Inference) is skipped by lb_dist.deepspeed (see lb_dist/deepspeed/cpu_comm.py).
+#   by its tensor-parallel layers) is skipped by lb_dist.deepspeed (see lb_dist/deepspeed/cpu_comm.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-dev}"

@@ -16,7 +16,7 @@ optimizer, goes to DeepSpeed unchanged: the wrapper then calls DeepSpeed's own f
 same arguments.
 
 On DeepSpeed's CPU accelerator :func:`initialize` and :func:`register` keep DeepSpeed from
-JIT-compiling its shared-memory all-reduce op, which only DeepSpeed-Inference uses
+JIT-compiling its shared-memory all-reduce op, which only its tensor-parallel layers use
 (:mod:`lb_dist.deepspeed.cpu_comm`; ``LB_DIST_DEEPSPEED_SHM_COMM=1`` keeps it).
 
 While registered, ``"type": "LAMB"`` (any case) is lb_dist's LAMB, not DeepSpeed's FusedLamb (whose

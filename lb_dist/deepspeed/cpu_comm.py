@@ -18,8 +18,8 @@ compiler. lb_dist calls it in :func:`lb_dist.deepspeed.initialize`, :func:`lb_di
 and ``lb-dist train --backend deepspeed``, before DeepSpeed initializes its communication. It changes
 nothing on CUDA (DeepSpeed does not use the op there) and nothing once the backend exists.
 
-Set ``LB_DIST_DEEPSPEED_SHM_COMM=1`` to keep DeepSpeed's default (for DeepSpeed-Inference on CPU in
-the same process); ``python -m lb_dist.deepspeed.prebuild`` then builds the op once ahead of time.
+Set ``LB_DIST_DEEPSPEED_SHM_COMM=1`` to keep DeepSpeed's default (for DeepSpeed-Inference or AutoTP
+on CPU in the same process); ``python -m lb_dist.deepspeed.prebuild`` then builds the op once ahead of time.
 """
 from __future__ import annotations
 

@@ -140,28 +140,21 @@ class LbDistRuntime:
         norm = float(norm)
         return min(1.0, clip / (norm + 1e-6))
 
-    def _global_norm(self) -> float | None:
-        """DeepSpeed's global gradient norm of the current step, or None where it computes none.
-        ZeRO-1/2 (unless ``zero_optimization.compute_grad_norm`` is false, when DeepSpeed sets it to
-        None at the step's start), ZeRO-3 and the BF16 optimizer compute it, all-reduced over the
-        processes, before they step the param groups; stage 0 without bf16 has none."""
+    def global_norm_finite(self) -> bool | None:
+        """Whether DeepSpeed's global gradient norm of the current step is finite; None where DeepSpeed
+        computes none. ZeRO-1/2 (unless ``zero_optimization.compute_grad_norm`` is false, when DeepSpeed
+        sets it to None at the step's start), ZeRO-3 and the BF16 optimizer compute it, all-reduced
+        over the processes, before they step the param groups; stage 0 without bf16 has none. True
+        means every gradient element of every process is finite (a NaN or inf anywhere makes the
+        norm NaN or inf); False covers DeepSpeed's "invalid" sentinel -1 too. One host read."""
         engine = self.engine
         if engine.optimizer is engine.basic_optimizer:
             return None
         norm = getattr(engine.optimizer, "_global_grad_norm", None)
-        return None if norm is None else float(norm)
-
-    def global_norm_nonfinite(self) -> bool:
-        """True when DeepSpeed's global gradient norm of the current step is known and not finite."""
-        value = self._global_norm()
-        return value is not None and (not math.isfinite(value) or value < 0)  # DeepSpeed's "invalid": -1
-
-    def global_norm_finite(self) -> bool:
-        """True when DeepSpeed's global gradient norm of the current step is known and finite: then
-        every gradient element of every process is finite (a NaN or inf anywhere makes the norm
-        NaN or inf), which the ZeRO-aware optimizers use to skip reducing a non-finite flag."""
-        value = self._global_norm()
-        return value is not None and math.isfinite(value) and value >= 0
+        if norm is None:
+            return None
+        value = float(norm)
+        return math.isfinite(value) and value >= 0
 
     def _backward(self, base: Callable, loss, args: tuple, kwargs: dict):
         scale_wrt_gas = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)

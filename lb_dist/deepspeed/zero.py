@@ -218,14 +218,15 @@ class ShardedLayerwise:
     def _lb_take_extra(self, plans, index: int, reduced: Tensor) -> None:
         pass
 
-    def _lb_grads_known_finite(self) -> bool:
-        """DeepSpeed's global gradient norm of this step (identical on every process) is finite."""
-        return self._lb_runtime is not None and self._lb_runtime.global_norm_finite()
+    def _lb_global_norm_finite(self) -> bool | None:
+        """Whether DeepSpeed's global gradient norm of this step (identical on every process) is
+        finite; None when unknown (:meth:`LbDistRuntime.global_norm_finite`)."""
+        return None if self._lb_runtime is None else self._lb_runtime.global_norm_finite()
 
     def _reduce_step_sq_norms(self, sqs, plans):
         pieces: list[tuple[int, Tensor]] = [(i, sq) for i, (sq, plan) in enumerate(zip(sqs, plans))
                                             if sq is not None and plan.sharded]
-        if any(not plans[i].group["layer_adaptation"] for i, _ in pieces) and self._lb_grads_known_finite():
+        if any(not plans[i].group["layer_adaptation"] for i, _ in pieces) and self._lb_global_norm_finite():
             # an excluded group's gradient norms feed only the non-finite check, answered already
             pieces = [(i, sq) for i, sq in pieces if plans[i].group["layer_adaptation"]]
         extras = self._lb_extra_pieces(plans)
@@ -245,12 +246,13 @@ class ShardedLayerwise:
         return out
 
     def _reduce_found_nonfinite(self, found: Tensor) -> Tensor:
-        if self._lb_call_sharded and not isinstance(self, LayerwiseSGD) and not self._lb_grads_known_finite():
+        norm_finite = self._lb_global_norm_finite()                     # one read per call
+        if self._lb_call_sharded and not isinstance(self, LayerwiseSGD) and norm_finite is not True:
             # LAMB's flags are its gradients' finiteness: nothing to reduce when DeepSpeed's global
             # norm already says every gradient is finite
             found = found.clone()
             all_reduce_sum_(found, self._lb_process_group)
-        if self._lb_runtime is not None and self._lb_runtime.global_norm_nonfinite():
+        if norm_finite is False:
             # DeepSpeed steps the param groups in separate calls; its global gradient norm of
             # the step (identical on every process) makes the skip cover all of them
             found = found + 1
