@@ -4,6 +4,7 @@ step's trust ratios."""
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Callable, Iterable
@@ -78,16 +79,22 @@ class LayerFragments:
 class _GroupPlan:
     """The tensors of one param group that take part in this step (those with a gradient).
 
-    Without fragments every tensor is a layer (``layer_index`` None). With fragments ``params``
-    and ``grads`` are views of the fragments, ``owners[i]``/``slots[i]`` the stored tensor whose
-    optimizer state fragment i uses and its fragment number there, ``layer_index[i]`` its layer
-    in the group's layout of ``num_layers`` layers named by ``layer_keys``.
+    ``keys`` are the group's parameters that step (the keys of ``self.state``); ``params`` and
+    ``grads`` are what the kernels see: the local shards of DTensors, ``torch.view_as_real`` of
+    complex tensors, or the fragments of a :class:`LayerFragments` tensor. Without fragments every
+    parameter is a layer (``layer_index`` None); ``shard_groups[k]`` are the process groups over
+    which layer k's partial squared norms must be summed (one per mesh dimension that holds
+    distinct shards of a DTensor; empty for a plain tensor). With fragments ``owners[i]``/``slots[i]``
+    are the stored tensor whose optimizer state fragment i uses and its fragment number there,
+    ``layer_index[i]`` its layer in the group's layout of ``num_layers`` layers named by
+    ``layer_keys``.
     """
     group: dict
     index: int
     params: list[Tensor]
     grads: list[Tensor]
     foreach: bool
+    keys: list[Tensor] = field(default_factory=list)
     trust: Tensor | None = None
     extra: dict = field(default_factory=dict)
     layer_keys: list | None = None
@@ -98,6 +105,7 @@ class _GroupPlan:
     fragments: list[tuple[int, int]] | None = None  # (start, numel) of each tensor in its owner
     device: torch.device | None = None
     dtype: torch.dtype | None = None
+    shard_groups: list[tuple] | None = None
 
     @property
     def sharded(self) -> bool:
@@ -127,73 +135,163 @@ def _where(group_index: int | None) -> str:
     return "" if group_index is None else f" (param group {group_index})"
 
 
+def kernel_view(t: Tensor) -> Tensor:
+    """What the update kernels see of a parameter, gradient or state tensor: the local shard of a
+    DTensor, and ``torch.view_as_real`` of a complex tensor (torch.optim's rule: a complex
+    parameter steps as the real tensor of its (re, im) pairs, so ``||w_k||^2 = sum |w|^2`` and
+    LAMB's second moment is taken per component)."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        t = t.to_local()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t
+
+
+try:  # torch.distributed may be built without DTensor
+    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import Replicate as _Replicate
+    from torch.distributed.tensor import Shard as _Shard
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover - older torch
+        _StridedShard = _Shard
+except ImportError:  # pragma: no cover
+    _DTensor = _Replicate = _Shard = _StridedShard = None
+
+
+def dtensor_shard_groups(p: Tensor, name: str) -> tuple:
+    """The process groups over which a DTensor's partial squared norms are summed: one per mesh
+    dimension whose placement is ``Shard`` (distinct pieces of the tensor); ``Replicate``
+    dimensions hold copies and are never reduced over. Any other placement (``Partial``: the
+    local values are not yet the tensor's; unknown placements) is refused naming ``name``."""
+    groups = []
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, (_Shard, _StridedShard)):
+            groups.append(p.device_mesh.get_group(dim))
+        elif not isinstance(placement, _Replicate):
+            raise ValueError(
+                f"{name} is a DTensor with placement {placement} on mesh dimension {dim} "
+                f"(placements {tuple(p.placements)}): lb_dist's layer-wise norms support Shard and "
+                f"Replicate placements only (a Partial tensor's local values are not yet its "
+                f"own; redistribute it to Shard or Replicate first)")
+    return tuple(groups)
+
+
 class LayerwiseOptimizer(Optimizer):
     """Base of LARS, CLARS and LAMB: a ``torch.optim.Optimizer`` whose param groups carry
     ``layer_adaptation`` (default True; False = trust ratio 1 and no weight decay).
 
-    Extension points for sharded (ZeRO) adapters, both identities here:
+    The layer-wise reduction seam (see docs/optimizers.md, "Sharded parameters"): every per-layer
+    quantity is first a *partial* sum of squares over what this process holds, stacked per group
+    in a fixed per-layer layout, then :meth:`_reduce_step_sq_norms` turns the partial sums of all
+    groups of the step into whole-layer sums. The default serves DTensor parameters (FSDP2, HSDP,
+    tensor parallel): one SUM all-reduce per process group (mesh dimension holding distinct
+    shards) per step, nothing for plain tensors. DeepSpeed's ZeRO adapter overrides it for its
+    :class:`LayerFragments` partitions (one all-reduce over the data-parallel group).
 
-    * :meth:`_reduce_layer_sq_norms` — the stacked per-layer partial squared norms of a group,
-      called exactly once per group and step;
-    * :meth:`_reduce_found_nonfinite` — the step's non-finite flag, called once per step, before
-      the one host synchronisation that decides whether the step is skipped.
+    * :meth:`_reduce_found_nonfinite` — the step's non-finite flag, called once per step.
+
+    The non-finite skip is decided where the flag lives: on CPU in eager mode by one host read
+    (free: there is no device to wait for), otherwise (an accelerator, or under ``torch.compile``)
+    on the device, by masking the update (:func:`lb_dist.optim._functional.masked`) so that no
+    host synchronisation happens and a skipped step leaves weights and state bit-identical.
 
     Reporting: ``skipped_steps`` (steps skipped because a gradient or estimate was not finite),
-    ``last_step_skipped`` and :meth:`trust_ratios`.
+    ``last_step_skipped`` (both read lazily from device counters) and :meth:`trust_ratios`.
     """
 
     # Keys checked per group, with the check; subclasses extend.
     _non_negative_keys: tuple[str, ...] = ("lr", "weight_decay")
     _positive_keys: tuple[str, ...] = ()
     _fraction_keys: tuple[str, ...] = ()
+    #: Keys whose value may be a 0-dim tensor (torch.optim accepts a tensor ``lr``).
+    _tensor_keys: tuple[str, ...] = ("lr",)
+    #: Instance attributes beyond torch's (defaults, state, param_groups) that deepcopy and
+    #: pickle carry.
+    _carried_attributes: tuple[str, ...] = ("_skips", "_last_skip", "_warned_nonfinite", "_fragments",
+                                            "_last_trust")
+    #: Decide the non-finite skip by a host read when the flag is a CPU tensor in eager mode
+    #: (False: always on the device, as under torch.compile; tests set it to exercise that path).
+    _host_gate: bool = True
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]):
         defaults.setdefault("layer_adaptation", True)
         defaults.setdefault("foreach", None)
         self._validate_values(defaults, None)
-        self.skipped_steps: int = 0
-        self.last_step_skipped: bool = False
         self._warned_nonfinite = False
-        self._last_trust: list[tuple[list, Tensor | None]] = []
+        self._last_trust: list[tuple[list, Tensor | None, Any]] = []
         self._fragments: dict[Tensor, LayerFragments] = {}
         super().__init__(params, defaults)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        device = kernel_view(first).device if first is not None else torch.device("cpu")
+        if device.type == "meta":
+            device = torch.device("cpu")
+        self._skips = torch.zeros((), dtype=torch.int64, device=device)
+        self._last_skip = torch.zeros((), dtype=torch.bool, device=device)
 
     # ------------------------------------------------------------------ validation
     def _validate_values(self, values: dict, group_index: int | None) -> None:
         where = _where(group_index)
         for key in self._non_negative_keys:
             if key in values:
-                check_non_negative(key + where, values[key])
+                check_non_negative(key + where, self._number(key, values[key], where))
         for key in self._positive_keys:
             if key in values:
-                check_positive(key + where, values[key])
+                check_positive(key + where, self._number(key, values[key], where))
         for key in self._fraction_keys:
             if key in values:
-                check_fraction(key + where, values[key])
+                check_fraction(key + where, self._number(key, values[key], where))
         if "layer_adaptation" in values and not isinstance(values["layer_adaptation"], bool):
             raise ValueError(f"layer_adaptation{where} must be True or False, "
                              f"got {values['layer_adaptation']!r}")
         if "foreach" in values and values["foreach"] not in (None, True, False):
             raise ValueError(f"foreach{where} must be None, True or False, got {values['foreach']!r}")
 
+    def _number(self, key: str, value, where: str):
+        """A 0-dim real tensor allowed for ``key`` (torch.optim's tensor ``lr``) as its number, for
+        the checks; any other tensor refused naming the argument."""
+        if not torch.is_tensor(value):
+            return value
+        if key not in self._tensor_keys:
+            raise ValueError(f"{key}{where} must be a number, got a tensor")
+        if value.dim() != 0 or value.is_complex() or not value.is_floating_point():
+            raise ValueError(f"{key}{where} as a tensor must be a 0-dim floating-point tensor "
+                             f"(as torch.optim's tensor lr), got shape {list(value.shape)} dtype "
+                             f"{value.dtype}")
+        return float(value)
+
     def add_param_group(self, param_group: dict) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._validate_values(merged, len(getattr(self, "param_groups", [])))
         super().add_param_group(param_group)
 
+    # ------------------------------------------------------------------ copy / pickle
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        for key in self._carried_attributes:
+            if key in self.__dict__:
+                state[key] = self.__dict__[key]
+        return state
+
     def __setstate__(self, state: dict) -> None:
+        had_differentiable = "differentiable" in state.get("defaults", getattr(self, "defaults", {}))
         super().__setstate__(state)
-        defaults = getattr(self, "defaults", {})
+        if not had_differentiable:
+            # torch adds this default for its own optimizers; ours have no differentiable mode,
+            # and copying it into every group would make state_dict() differ after a round trip
+            self.defaults.pop("differentiable", None)
+        defaults = self.defaults
         for group in self.param_groups:          # groups saved without some keys get defaults
             for key, value in defaults.items():
                 group.setdefault(key, value)
-            group.setdefault("layer_adaptation", True)
-            group.setdefault("foreach", None)
-        self.__dict__.setdefault("skipped_steps", 0)
-        self.__dict__.setdefault("last_step_skipped", False)
         self.__dict__.setdefault("_warned_nonfinite", False)
         self.__dict__.setdefault("_last_trust", [])
         self.__dict__.setdefault("_fragments", {})
+        if "_skips" not in self.__dict__:
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            device = kernel_view(first).device if first is not None else torch.device("cpu")
+            self._skips = torch.zeros((), dtype=torch.int64, device=device)
+            self._last_skip = torch.zeros((), dtype=torch.bool, device=device)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's ``load_state_dict``, except that the per-layer scalars (``momentum_scale``,
@@ -214,29 +312,104 @@ class LayerwiseOptimizer(Optimizer):
         for pid, extra in kept.items():
             p = id_map.get(pid)
             if p is not None:
-                self.state[p].update({k: v.to(device=p.device) for k, v in extra.items()})
+                device = kernel_view(p).device
+                self.state[p].update({k: v.to(device=device) for k, v in extra.items()})
 
     _scalar_state_keys: tuple[str, ...] = ("momentum_scale", "second_moment")
 
+    # ------------------------------------------------------------------ state creation
+    def _init_group(self, group: dict) -> None:
+        """Create the state of the group's parameters that have a gradient, appending
+        ``(param, keys)`` to ``self._fresh``. Subclasses implement it; the name matters: torch.compile
+        runs an optimizer's ``_init_group`` eagerly at trace time (as for torch's own optimizers),
+        so the first compiled step and the later ones share one graph."""
+
+    def _init_state(self) -> None:
+        """Run :meth:`_init_group` for every group (at the start of ``step()``, before anything
+        reads the state, which is the order torch.compile needs)."""
+        if not torch.compiler.is_compiling():   # (under compile _init_group runs at trace time)
+            self._fresh = []
+        for group in self.param_groups:
+            self._init_group(group)
+
+    def _note_fresh(self, p: Tensor, keys: tuple[str, ...]) -> None:
+        fresh = self.__dict__.get("_fresh")
+        if fresh is not None:
+            fresh.append((p, keys))
+
+    def _discard_fresh_state(self) -> None:
+        """Undo this step's :meth:`_init_state` (a step refused with an error, or skipped on the
+        host, leaves the state as it was)."""
+        for p, keys in getattr(self, "_fresh", []):
+            state = self.state.get(p)
+            if state is None:
+                continue
+            for key in keys:
+                state.pop(key, None)
+            if not state:
+                del self.state[p]
+        self._fresh = []
+
+    @contextmanager
+    def _fresh_state_guard(self):
+        try:
+            yield
+        except BaseException:
+            self._discard_fresh_state()
+            raise
+
+    # ------------------------------------------------------------------ skip reporting
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far because a gradient or estimate was not finite (reading it after a
+        device-side skip is a host synchronisation)."""
+        count = int(self._skips)
+        self._warn_skipped(count)
+        return count
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skips.fill_(int(value))
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last ``step()`` was skipped (read lazily, see :attr:`skipped_steps`)."""
+        skipped = bool(self._last_skip)
+        if skipped:
+            self._warn_skipped(1)
+        return skipped
+
+    @last_step_skipped.setter
+    def last_step_skipped(self, value: bool) -> None:
+        self._last_skip.fill_(bool(value))
+
+    def _warn_skipped(self, count: int) -> None:
+        if count and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: non-finite gradient or second-moment estimate; the "
+                f"whole step was skipped (no parameter or state changed). Further skips are "
+                f"counted in optimizer.skipped_steps without another warning.",
+                RuntimeWarning, stacklevel=3)
+
     # ------------------------------------------------------------------ hooks
     def _reduce_layer_sq_norms(self, sq: Tensor, group: dict) -> Tensor:
-        """Reduce a group's stacked per-layer partial squared norms; identity here.
-
-        ``sq`` is 1-D, one entry per (quantity, layer) of ``group`` in a fixed layout that every
-        process shares. A ZeRO adapter whose processes each hold fragments of a layer overrides
-        this with one SUM all-reduce of ``sq`` (fragments a process does not hold count 0).
-        """
+        """Reduce a group's stacked per-layer partial squared norms; identity here (kept for
+        adapters that reduce per group; :meth:`_reduce_step_sq_norms` calls it once per group)."""
         return sq
 
     def _reduce_step_sq_norms(self, sqs: list[Tensor | None], plans: list[_GroupPlan]) -> list[Tensor | None]:
         """Reduce the per-layer partial squared norms of all groups of one ``step()`` call.
 
         ``sqs[i]`` is None (nothing to reduce) or the 1-D stacked vector of ``plans[i]``, laid out
-        per (quantity, layer) of the plan's layer layout (see :class:`LayerFragments`). Default:
-        :meth:`_reduce_layer_sq_norms` once per group. A sharded adapter overrides this with ONE
-        SUM all-reduce of all groups' vectors packed together."""
-        return [None if sq is None else self._reduce_layer_sq_norms(sq, plan.group)
-                for sq, plan in zip(sqs, plans)]
+        per (quantity, layer) of the plan's layer layout: ``q * num_layers + k`` for quantity q of
+        layer k. Default: :meth:`_reduce_layer_sq_norms` once per group, then
+        :func:`reduce_layer_sq_norms` for DTensor layers (one SUM all-reduce per process group
+        for all groups together). A sharded adapter may override this (DeepSpeed's ZeRO adapter
+        packs its fragmented groups into one all-reduce)."""
+        sqs = [None if sq is None else self._reduce_layer_sq_norms(sq, plan.group)
+               for sq, plan in zip(sqs, plans)]
+        return reduce_layer_sq_norms(sqs, plans)
 
     def _reduce_found_nonfinite(self, found: Tensor) -> Tensor:
         """Reduce the 0-dim float flag (> 0: a non-finite gradient or estimate was seen); identity
@@ -258,6 +431,8 @@ class LayerwiseOptimizer(Optimizer):
             raise TypeError(f"fragments must be an lb_dist.optim.LayerFragments, got {type(fragments).__name__}")
         if not tensor.is_contiguous():
             raise ValueError("a tensor made of fragments must be contiguous")
+        if tensor.is_complex() or (_DTensor is not None and isinstance(tensor, _DTensor)):
+            raise ValueError("a tensor made of fragments must be a real, non-DTensor tensor")
         if fragments.end > tensor.numel():
             raise ValueError(f"LayerFragments reach element {fragments.end} but the tensor has "
                              f"{tensor.numel()} elements")
@@ -308,7 +483,8 @@ class LayerwiseOptimizer(Optimizer):
         if foreach is None or foreach:
             foreach = all(p.device == device for p, _ in layouts)
         return _GroupPlan(group=group, index=group_index, params=params, grads=grads,
-                          foreach=bool(foreach), layer_keys=list(first.layer_keys),
+                          foreach=bool(foreach), keys=[p for p, _ in layouts if p.grad is not None],
+                          layer_keys=list(first.layer_keys),
                           layer_index=torch.tensor(index, dtype=torch.long, device=device),
                           num_layers=first.num_layers, owners=owners, slots=slots, fragments=frags,
                           device=device, dtype=F.norm_dtype(*{p.dtype for p, _ in layouts}))
@@ -318,15 +494,31 @@ class LayerwiseOptimizer(Optimizer):
             plan = self._plan_fragments(group, group_index)
             if plan is not None:
                 return plan
-        params, grads = [], []
-        for p in group["params"]:
+        keys, params, grads, shard_groups = [], [], [], []
+        any_dtensor = False
+        for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
+            name = f"parameter {i} of param group {group_index} (shape {list(p.shape)})"
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                    f"(param group {group_index})")
-            params.append(p)
-            grads.append(p.grad)
+            if _DTensor is not None and isinstance(p, _DTensor):
+                any_dtensor = True
+                groups = dtensor_shard_groups(p, name)
+                g = p.grad
+                if not isinstance(g, _DTensor) or tuple(g.placements) != tuple(p.placements):
+                    got = tuple(g.placements) if isinstance(g, _DTensor) else "a plain tensor"
+                    raise ValueError(f"the gradient of {name} has placements {got}, its DTensor "
+                                     f"parameter {tuple(p.placements)}; lb_dist needs them equal")
+                shard_groups.append(groups)
+            else:
+                if _DTensor is not None and isinstance(p.grad, _DTensor):
+                    raise ValueError(f"the gradient of {name} is a DTensor but the parameter is not")
+                shard_groups.append(())
+            keys.append(p)
+            params.append(kernel_view(p))
+            grads.append(kernel_view(p.grad))
         if not params:
             return None
         device = params[0].device
@@ -339,8 +531,9 @@ class LayerwiseOptimizer(Optimizer):
                              f"one device; they are on {sorted({str(p.device) for p in params})}. "
                              f"Use foreach=None or False")
         return _GroupPlan(group=group, index=group_index, params=params, grads=grads,
-                          foreach=bool(foreach), layer_keys=params, num_layers=len(params),
-                          device=device, dtype=F.norm_dtype(*{p.dtype for p in params}))
+                          foreach=bool(foreach), keys=keys, layer_keys=keys, num_layers=len(params),
+                          device=device, dtype=F.norm_dtype(*{p.dtype for p in params}),
+                          shard_groups=shard_groups if any_dtensor else None)
 
     def _plans(self) -> list[_GroupPlan]:
         plans = []
@@ -350,32 +543,47 @@ class LayerwiseOptimizer(Optimizer):
                 plans.append(plan)
         return plans
 
-    def _gate_nonfinite(self, flags: list[Tensor]) -> bool:
-        """One host sync: True (and the step is counted as skipped) if any flag is set."""
+    def _gate_nonfinite(self, flags: list[Tensor]) -> bool | Tensor | None:
+        """Decide the step from its non-finite flags. Returns True (skip; decided by a host read
+        of a CPU flag in eager mode, free there), None (apply, nothing to check) or a 0-dim bool
+        tensor ``ok`` (decided on the device: the update is masked with it, see
+        :func:`lb_dist.optim._functional.masked`). Counts the skip on the device either way."""
         if not flags:
-            self.last_step_skipped = False
-            return False
+            self._last_skip.fill_(False)
+            return None
         device = flags[0].device
         found = torch.stack([f.to(device=device, dtype=torch.float32) for f in flags]).sum()
         found = self._reduce_found_nonfinite(found)
-        skip = bool(found.item() > 0)
-        self.last_step_skipped = skip
-        if skip:
-            self.skipped_steps += 1
-            if not self._warned_nonfinite:
-                self._warned_nonfinite = True
-                warnings.warn(
-                    f"{type(self).__name__}: non-finite gradient or second-moment estimate; the "
-                    f"whole step was skipped (no parameter or state changed). Further skips are "
-                    f"counted in optimizer.skipped_steps without another warning.",
-                    RuntimeWarning, stacklevel=3)
-        return skip
+        skip = found > 0
+        if self._host_gate and found.device.type == "cpu" and not torch.compiler.is_compiling():
+            skipped = bool(skip)
+            self._last_skip.fill_(skipped)
+            if skipped:
+                self._skips.add_(1)
+                self._warn_skipped(1)
+                return True
+            return None
+        skip = skip.to(self._last_skip.device)
+        self._last_skip.copy_(skip)
+        self._skips.add_(skip.to(torch.int64))
+        return ~found.gt(0)
 
-    def _record_trust(self, plans: list[_GroupPlan]) -> None:
+    def _record_trust(self, plans: list[_GroupPlan], ok: Tensor | None = None) -> None:
         """Keep each plan's per-layer trust ratios (``plan.extra["layer_trust"]``, or
-        ``plan.trust`` without fragments) keyed by its layer keys."""
-        self._last_trust = [(plan.layer_keys, plan.extra.get("layer_trust", plan.trust), plan.device)
-                            for plan in plans]
+        ``plan.trust`` without fragments) keyed by its layer keys; under a device-side skip
+        (``ok`` False) the previous values stay."""
+        previous = {id(keys[0]) if keys else None: (keys, trust) for keys, trust, _ in self._last_trust}
+        records = []
+        for plan in plans:
+            trust = plan.extra.get("layer_trust", plan.trust)
+            if ok is not None and trust is not None:
+                keys = plan.layer_keys
+                old = previous.get(id(keys[0]) if keys else None)
+                base = (old[1] if old is not None and old[1] is not None and len(old[0]) == len(keys)
+                        and all(a is b for a, b in zip(old[0], keys)) else torch.ones_like(trust))
+                trust = torch.where(ok.to(trust.device), trust, base.to(trust.device))
+            records.append((plan.layer_keys, trust, plan.device))
+        self._last_trust = records
 
     def trust_ratios(self) -> dict[Tensor, Tensor]:
         """The trust ratio each parameter got in the last applied step, as 0-dim tensors (views of
@@ -400,3 +608,44 @@ class LayerwiseOptimizer(Optimizer):
             return None
         with torch.enable_grad():
             return closure()
+
+
+def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[_GroupPlan]) -> list[Tensor | None]:
+    """Whole-layer sums of squares from this process's partial sums, for DTensor layers.
+
+    ``sqs[i]`` is plan i's stacked per-(quantity, layer) vector (or None); layer k of a plan with
+    ``shard_groups`` is summed over each process group in ``shard_groups[k]`` (the mesh
+    dimensions holding distinct shards of that DTensor). The entries of all plans that need a
+    given process group are packed into one vector and reduced by ONE SUM all-reduce: one
+    collective per mesh dimension per step, whatever the number of parameters and groups; a
+    layer sharded over two mesh dimensions (FSDP x TP) is summed over both in turn. Plans of
+    plain tensors are returned unchanged and nothing is communicated for them."""
+    batches: dict[Any, list[tuple[int, Tensor]]] = {}
+    for i, (sq, plan) in enumerate(zip(sqs, plans)):
+        if sq is None or not plan.shard_groups:
+            continue
+        count = plan.num_layers
+        quantities = sq.numel() // count if count else 0
+        for k, groups in enumerate(plan.shard_groups):
+            for pg in groups:
+                idx = torch.arange(quantities, device=sq.device) * count + k
+                batches.setdefault(pg, []).append((i, idx))
+    if not batches:
+        return sqs
+    import torch.distributed as dist
+    out = list(sqs)
+    for pg, entries in batches.items():          # insertion order: the same on every process
+        by_plan: dict[int, list[Tensor]] = {}
+        for i, idx in entries:
+            by_plan.setdefault(i, []).append(idx)
+        order = [(i, torch.cat(ix)) for i, ix in by_plan.items()]
+        packed = torch.cat([out[i].index_select(0, ix).to(torch.float64) for i, ix in order])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=pg)
+        offset = 0
+        for i, ix in order:
+            n = ix.numel()
+            updated = out[i].clone()
+            updated.index_copy_(0, ix, packed[offset:offset + n].to(updated.dtype))
+            out[i] = updated
+            offset += n
+    return out

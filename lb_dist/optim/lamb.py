@@ -7,7 +7,9 @@ import torch
 
 from lb_dist._validation import check_fraction
 from lb_dist.optim import _functional as F
-from lb_dist.optim._base import LayerwiseOptimizer, _where
+from torch import Tensor
+
+from lb_dist.optim._base import LayerwiseOptimizer, _where, kernel_view
 
 
 class LAMB(LayerwiseOptimizer):
@@ -72,11 +74,14 @@ class LAMB(LayerwiseOptimizer):
         """One optimizer step; returns the closure's loss if a closure is given."""
         loss = self._closure_loss(closure)
         plans = self._plans()
+        self._init_state()
 
         # Non-finite gradients must be found before the moments change.
         flags = [~torch.isfinite(F.sq_norms(plan.grads, foreach=plan.foreach).sum())
                  for plan in plans if plan.grads]
-        if self._gate_nonfinite(flags):
+        ok = self._gate_nonfinite(flags)
+        if ok is True:
+            self._discard_fresh_state()
             return loss
 
         # (0)+(1) for every group: moments, directions r and (adapted) stacked [||w||^2, ||r||^2]
@@ -84,16 +89,16 @@ class LAMB(LayerwiseOptimizer):
         for plan in plans:
             group = plan.group
             beta1, beta2 = group["betas"]
-            exp_avgs, exp_avg_sqs, step_values = self._adam_state(plan)
+            exp_avgs, exp_avg_sqs, step_values = self._adam_state(plan, ok)
             adapted = group["layer_adaptation"]
             if plan.params:
                 directions, sq, factor = F.lamb_direction(
                     plan.params, plan.grads, exp_avgs, exp_avg_sqs, step_values, beta1=beta1,
                     beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"] if adapted else 0.0,
-                    need_norms=adapted, grads_as_scratch=self._grads_usable_as_scratch(plan),
-                    foreach=plan.foreach)
+                    need_norms=adapted, grads_as_scratch=ok is None and self._grads_usable_as_scratch(plan),
+                    foreach=plan.foreach, ok=ok)
             else:                                # a process holding no fragment of the group
-                directions, factor = [], 1.0
+                directions, factor = [], torch.zeros(0, dtype=plan.dtype, device=plan.device)
                 sq = torch.zeros(0, dtype=plan.dtype, device=plan.device) if adapted else None
             work.append((directions, factor))
             sqs.append(plan.to_layers(sq, 2) if adapted else None)
@@ -105,27 +110,69 @@ class LAMB(LayerwiseOptimizer):
                 trust = F.scale_by_trust_ratio(sq[:count].sqrt(), sq[count:].sqrt())  # (3)
                 plan.extra["layer_trust"] = trust
                 plan.trust = plan.to_tensors(trust)
-            F.lamb_update(plan.params, directions, plan.trust, lr=plan.group["lr"] * factor,  # (4)
-                          foreach=plan.foreach)
-        self._record_trust(plans)
+            F.lamb_update(plan.params, directions, plan.trust, lr=plan.group["lr"],  # (4)
+                          factor=factor, foreach=plan.foreach, ok=ok)
+        self._record_trust(plans, ok)
         return loss
 
-    def _adam_state(self, plan) -> tuple[list, list, list[int]]:
-        """Adam moments (tensor-shaped, views per fragment for fragmented tensors) and the
-        incremented step count of each tensor of the plan, created on first use."""
+    def _reduce_found_nonfinite(self, found):
+        """LAMB's flag comes from this process's gradients, before the moments change: with
+        DTensor parameters it is summed over all processes (one 0-dim all-reduce), so that every
+        process skips the same steps."""
+        found = super()._reduce_found_nonfinite(found)
+        if self._dtensor_step:
+            import torch.distributed as dist
+            found = found.clone()
+            dist.all_reduce(found, op=dist.ReduceOp.SUM)
+        return found
+
+    _dtensor_step = False
+
+    def _plans(self):
+        plans = super()._plans()
+        self._dtensor_step = any(plan.shard_groups for plan in plans)
+        return plans
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for st in self.state.values():           # older checkpoints: a plain-number step (as Adam)
+            if "step" in st and not torch.is_tensor(st["step"]):
+                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+
+    def _init_group(self, group: dict) -> None:
+        """Create the Adam state of the group's parameters that have a gradient (see
+        ``LayerwiseSGD._init_group``: torch.compile runs this eagerly at trace time)."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if state:
+                continue
+            fmt = torch.contiguous_format if p in self._fragments else torch.preserve_format
+            device = p.device if p in self._fragments else kernel_view(p).device
+            self._note_fresh(p, ("step", "exp_avg", "exp_avg_sq"))
+            state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=fmt)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=fmt)
+
+    def _adam_state(self, plan, ok=None) -> tuple[list, list, Tensor]:
+        """Adam moments (tensor-shaped; kernel views: local shards, real views of complex, views
+        per fragment for fragmented tensors) and the incremented step counts of the plan's tensors
+        (1-D tensor), created on first use. A device-side skip (``ok`` False) adds 0."""
+        inc = 1 if ok is None else ok.to(torch.float32)
         exp_avgs, exp_avg_sqs, steps = [], [], []
         if not plan.sharded:
-            for p in plan.params:
-                state = self.state[p]
+            for key in plan.keys:
+                state = self.state[key]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=kernel_view(key).device)
+                    state["exp_avg"] = torch.zeros_like(key, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(key, memory_format=torch.preserve_format)
+                self._increment(state, inc)
                 steps.append(state["step"])
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-            return exp_avgs, exp_avg_sqs, [int(s) for s in torch.stack(steps).tolist()] if steps else []
+                exp_avgs.append(kernel_view(state["exp_avg"]))
+                exp_avg_sqs.append(kernel_view(state["exp_avg_sq"]))
+            return exp_avgs, exp_avg_sqs, self._stack_steps(steps, plan)
         stepped: set[int] = set()
         for owner in plan.owners or []:
             if id(owner) in stepped:
@@ -133,13 +180,26 @@ class LAMB(LayerwiseOptimizer):
             stepped.add(id(owner))
             state = self.state[owner]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=owner.device)
                 state["exp_avg"] = torch.zeros_like(owner, memory_format=torch.contiguous_format)
                 state["exp_avg_sq"] = torch.zeros_like(owner, memory_format=torch.contiguous_format)
-            state["step"] += 1
+            self._increment(state, inc)
         for owner, (start, numel) in zip(plan.owners, plan.fragments):
             state = self.state[owner]
             exp_avgs.append(state["exp_avg"].view(-1).narrow(0, start, numel))
             exp_avg_sqs.append(state["exp_avg_sq"].view(-1).narrow(0, start, numel))
             steps.append(state["step"])
-        return exp_avgs, exp_avg_sqs, [int(s) for s in torch.stack(steps).tolist()] if steps else []
+        return exp_avgs, exp_avg_sqs, self._stack_steps(steps, plan)
+
+    @staticmethod
+    def _increment(state: dict, inc) -> None:
+        step = state["step"]
+        if not torch.is_tensor(step):            # loaded from an older checkpoint
+            step = state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        step += inc.to(step.device) if torch.is_tensor(inc) else inc
+
+    @staticmethod
+    def _stack_steps(steps: list, plan) -> Tensor:
+        if not steps:
+            return torch.zeros(0, dtype=plan.dtype, device=plan.device)
+        return torch.stack([s.to(device=plan.device, dtype=plan.dtype) for s in steps])

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from lb_dist.optim import _functional as F
-from lb_dist.optim._base import LayerwiseOptimizer, _GroupPlan, _where
+from lb_dist.optim._base import LayerwiseOptimizer, _GroupPlan, _where, kernel_view
 
 
 class LayerwiseSGD(LayerwiseOptimizer):
@@ -66,7 +66,9 @@ class LayerwiseSGD(LayerwiseOptimizer):
         """One optimizer step; returns the closure's loss if a closure is given."""
         loss = self._closure_loss(closure)
         plans = self._plans()
-        self._prepare_step(plans)
+        self._init_state()
+        with self._fresh_state_guard():
+            self._prepare_step(plans)
 
         # (1) per-layer partial squared norms, one stacked vector per group:
         #     adapted [||w||^2..., ||g||^2...], excluded [||g||^2...] (for the non-finite check)
@@ -95,7 +97,9 @@ class LayerwiseSGD(LayerwiseOptimizer):
                 g_sq = sq
             flags.append(~torch.isfinite(g_sq.sum()))
 
-        if self._gate_nonfinite(flags):
+        ok = self._gate_nonfinite(flags)
+        if ok is True:
+            self._discard_fresh_state()
             return loss
 
         for plan in plans:                                              # (4)
@@ -106,9 +110,29 @@ class LayerwiseSGD(LayerwiseOptimizer):
                 plan.params, plan.grads, bufs, scales,
                 plan.trust if group["layer_adaptation"] else None,
                 lr=group["lr"], momentum=momentum, nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"], foreach=plan.foreach)
-        self._record_trust(plans)
+                weight_decay=group["weight_decay"], foreach=plan.foreach, ok=ok)
+        self._record_trust(plans, ok)
         return loss
+
+    def _init_group(self, group: dict) -> None:
+        """Create the momentum state of the group's parameters that have a gradient (what
+        :meth:`_momentum_state` would create on first use). Called at the start of ``step()``
+        under this name because torch.compile runs an optimizer's ``_init_group`` eagerly at
+        trace time, so the first compiled step and the later ones share one graph."""
+        if not group["momentum"]:
+            return
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            layout = self._fragments.get(p) if self._fragments else None
+            state = self.state[p]
+            if state.get("momentum_buffer") is not None:
+                continue
+            if layout is None:
+                dtype = F.norm_dtype(p.dtype)
+                self._note_fresh(p, ("momentum_buffer", "momentum_scale"))
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["momentum_scale"] = torch.zeros((), dtype=dtype, device=kernel_view(p).device)
 
     def _momentum_state(self, plan: _GroupPlan) -> tuple[list[Tensor], list[Tensor]]:
         """The momentum buffers ``B`` and 0-dim scales ``c`` of the plan's tensors, created on
@@ -117,14 +141,14 @@ class LayerwiseSGD(LayerwiseOptimizer):
         bufs, scales = [], []
         dtype = plan.dtype
         if not plan.sharded:
-            for p in plan.params:
-                state = self.state[p]
+            for key, p in zip(plan.keys, plan.params):
+                state = self.state[key]
                 if state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = torch.zeros_like(key, memory_format=torch.preserve_format)
                     state["momentum_scale"] = torch.zeros((), dtype=dtype, device=p.device)
                 elif "momentum_scale" not in state:      # a plain (torch SGD) buffer
                     state["momentum_scale"] = torch.ones((), dtype=dtype, device=p.device)
-                bufs.append(state["momentum_buffer"])
+                bufs.append(kernel_view(state["momentum_buffer"]))
                 scales.append(state["momentum_scale"])
             return bufs, scales
         for owner, slot, (start, numel) in zip(plan.owners, plan.slots, plan.fragments):
@@ -249,6 +273,21 @@ class CLARS(LayerwiseSGD):
         super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach)
         self.moments = moments
 
+    def __getstate__(self) -> dict:
+        """deepcopy / pickle keep the state, the skip counters and stored ``S_k``; an attached
+        estimator is not carried (it tracks the original model's parameters through hooks): the
+        copy's ``moments`` is a placeholder whose ``second_moments()`` raises an error saying how
+        to reattach one."""
+        state = super().__getstate__()
+        moments = self.__dict__.get("moments")
+        state["moments"] = (None if moments is None else moments
+                            if isinstance(moments, DetachedMoments) else DetachedMoments(type(moments).__name__))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("moments", None)
+
     def set_second_moments(self, second_moments: Mapping[Tensor, Any]) -> None:
         """Store ``S_k`` for the given parameters (0-dim tensors or numbers; parameters this
         optimizer does not hold are ignored). Used by every later step until replaced."""
@@ -267,7 +306,8 @@ class CLARS(LayerwiseSGD):
             if s.numel() != 1:
                 raise ValueError(f"second_moments: the estimate for a parameter of shape "
                                  f"{list(p.shape)} has shape {list(s.shape)}; expected one number")
-            self.state[p]["second_moment"] = s.reshape(()).to(device=p.device, dtype=dtype, copy=True)
+            self.state[p]["second_moment"] = s.reshape(()).to(device=kernel_view(p).device, dtype=dtype,
+                                                              copy=True)
 
     def _prepare_step(self, plans: list[_GroupPlan]) -> None:
         source = None
@@ -312,3 +352,19 @@ class CLARS(LayerwiseSGD):
         s = plan.extra.pop("second_moments")
         bad = (~torch.isfinite(s) | (s < 0)).any()
         return s.clamp_min(0).sqrt(), bad
+
+
+class DetachedMoments:
+    """The ``moments`` of a CLARS that was deep-copied or unpickled: the original estimator
+    (hooked to the original model's parameters) is not carried over."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def second_moments(self):
+        raise RuntimeError(
+            f"this CLARS was deep-copied or unpickled, and its moments estimator ({self.name}) was "
+            f"not carried over (it is hooked to the original model's parameters). Reattach one "
+            f"built on this copy's parameters before step(): optimizer.moments = "
+            f"lb_dist.moments.MicroBatchMoments(params, ...), or set optimizer.moments = None and "
+            f"call optimizer.set_second_moments(...)")
