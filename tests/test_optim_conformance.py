@@ -415,3 +415,33 @@ def test_compiled_step_one_graph_no_recompile(cls):
     explain = torch._dynamo.explain(opt.step)()
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cls", [LARS, CLARS, LAMB])
+def test_state_dict_hooks_round_trip(cls):
+    """torch's state-dict hooks (how estimators add their own state to ``opt.state_dict()``): a
+    post-hook's extra key survives a round trip and a load pre-hook sees it; deepcopy/pickle drop
+    the hooks (as torch does) but keep the state_dict otherwise identical."""
+    info = BY_CLASS[cls]
+    ps = make_params()
+    opt = build(info, info.configs[0], ps)
+    run(opt, ps, 2)
+    seen = []
+
+    def save(o, sd):
+        sd["extra_state"] = {"count": 7}
+
+    def load(o, sd):
+        seen.append(sd.pop("extra_state", None))
+        return sd
+
+    opt.register_state_dict_post_hook(save)
+    opt.register_load_state_dict_pre_hook(load)
+    sd = opt.state_dict()
+    assert sd["extra_state"] == {"count": 7}
+    opt.load_state_dict(copy.deepcopy(sd))
+    assert seen == [{"count": 7}]
+    assert_state_dict_equal(sd, opt.state_dict())
+    copied = copy.deepcopy(opt).state_dict()
+    assert "extra_state" not in copied
+    assert_state_dict_equal({k: v for k, v in sd.items() if k != "extra_state"}, copied)

@@ -568,10 +568,11 @@ class LayerwiseOptimizer(Optimizer):
         self._skips.add_(skip.to(torch.int64))
         return ~found.gt(0)
 
-    def _record_trust(self, plans: list[_GroupPlan], ok: Tensor | None = None) -> None:
+    def _record_trust(self, plans: list[_GroupPlan]) -> None:
         """Keep each plan's per-layer trust ratios (``plan.extra["layer_trust"]``, or
         ``plan.trust`` without fragments) keyed by its layer keys; under a device-side skip
-        (``ok`` False) the previous values stay."""
+        (``self._step_ok``, the step's mask, False) the previous values stay."""
+        ok = self.__dict__.get("_step_ok")
         previous = {id(keys[0]) if keys else None: (keys, trust) for keys, trust, _ in self._last_trust}
         records = []
         for plan in plans:

@@ -112,7 +112,8 @@ class LAMB(LayerwiseOptimizer):
                 plan.trust = plan.to_tensors(trust)
             F.lamb_update(plan.params, directions, plan.trust, lr=plan.group["lr"],  # (4)
                           factor=factor, foreach=plan.foreach, ok=ok)
-        self._record_trust(plans, ok)
+        self._step_ok = ok
+        self._record_trust(plans)
         return loss
 
     def _reduce_found_nonfinite(self, found):

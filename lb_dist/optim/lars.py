@@ -111,7 +111,8 @@ class LayerwiseSGD(LayerwiseOptimizer):
                 plan.trust if group["layer_adaptation"] else None,
                 lr=group["lr"], momentum=momentum, nesterov=group["nesterov"],
                 weight_decay=group["weight_decay"], foreach=plan.foreach, ok=ok)
-        self._record_trust(plans, ok)
+        self._step_ok = ok
+        self._record_trust(plans)
         return loss
 
     def _init_group(self, group: dict) -> None:
