@@ -12,6 +12,11 @@ back (some optimizers overwrite .grad) and a 64 MiB buffer is written so that no
 with its tensors in the 32 MiB L3 cache; both happen outside the timing.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_optim.py --repeats 30
+
+``--compiled``: the same list, ``torch.compile(opt.step)`` (inductor, compile time excluded) for
+LARS / CLARS / LAMB against compiled SGD(momentum) / SGD(nesterov) / AdamW. ``--dtensor N``: N
+processes (gloo) step a ``fully_shard``ed MLP; LARS against torch SGD(momentum) on the same model,
+and the all-reduces per step (torch profiler, ``c10d::allreduce_`` events).
 """
 from __future__ import annotations
 
@@ -94,14 +99,142 @@ PEERS = [("lb_dist LARS", "pytorch_optimizer LARS"), ("lb_dist LARS(wd)", "pytor
          ("lb_dist LAMB(wd=0.01)", "pytorch_optimizer Lamb(wd=0.01)")]
 
 
+COMPILED = {  # name -> (constructor, baseline)
+    "SGD(momentum)": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True), None),
+    "SGD(momentum, nesterov)": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True,
+                                                            foreach=True), None),
+    "AdamW(wd=0.01)": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True), None),
+    "lb_dist LARS": (lambda ps: LARS(split(ps, 0.0), lr=0.1, momentum=0.9), "SGD(momentum)"),
+    "lb_dist CLARS(nesterov)": (lambda ps: _clars(ps, 0.0), "SGD(momentum, nesterov)"),
+    "lb_dist LAMB(wd=0.01)": (lambda ps: LAMB(split(ps, 0.01), lr=1e-3), "AdamW(wd=0.01)"),
+}
+
+
+def compiled_main(args) -> None:
+    torch.manual_seed(0)
+    shapes = resnet50_shapes()
+    base_params = [torch.randn(s) * 0.05 for s in shapes]
+    base_grads = [torch.randn(s) * 1e-3 for s in shapes]
+    steps, opts, compile_s = {}, {}, {}
+    for name, (make, _) in COMPILED.items():
+        params = [torch.nn.Parameter(p.clone()) for p in base_params]
+        for p, g in zip(params, base_grads):
+            p.grad = g.clone()
+        opt = make(params)
+        fn = torch.compile(opt.step)
+        t0 = time.perf_counter()
+        fn()
+        compile_s[name] = time.perf_counter() - t0
+        steps[name], opts[name] = fn, (opt, params)
+    flush = torch.empty(16 << 20)
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for rep in range(args.warmup + args.repeats):
+        for name, fn in steps.items():
+            _, params = opts[name]
+            torch._foreach_copy_([p.grad for p in params], base_grads)
+            flush.fill_(1.0)
+            t0 = time.perf_counter()
+            fn()
+            if rep >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    print(f"compiled (inductor, CPU) steps on the ResNet-50 parameter list; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved steps, cold cache\n")
+    print("| optimizer | compiled step (ms) | first call incl. compile (s) | baseline | ratio |")
+    print("|---|---:|---:|---|---:|")
+    for n, (_, base) in COMPILED.items():
+        ratio = f"{med[n] / med[base]:.2f}x" if base else "-"
+        print(f"| {n} | {med[n]:.1f} | {compile_s[n]:.0f} | {base or '-'} | {ratio} |")
+
+
+def _dtensor_worker(args) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(*[torch.nn.Linear(args.width, args.width) for _ in range(args.layers)])
+        for layer in m:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        return m
+
+    runs = {}
+    for name in ("torch SGD(momentum)", "lb_dist LARS"):
+        m = model()
+        params = list(m.parameters())
+        opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True) if name.startswith("torch")
+               else LARS([{"params": [p for p in params if p.ndim > 1]},
+                          {"params": [p for p in params if p.ndim <= 1], "layer_adaptation": False}],
+                         lr=0.1, momentum=0.9))
+        for p in params:
+            p.grad = torch.distributed.tensor.zeros(p.shape, device_mesh=mesh, placements=p.placements) + 1e-3
+        runs[name] = opt
+    counts = {}
+    for name, opt in runs.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+        counts[name] = sum(1 for e in prof.events() if e.name == "c10d::allreduce_")
+    times: dict[str, list[float]] = {n: [] for n in runs}
+    for rep in range(args.warmup + args.repeats):
+        for name, opt in runs.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            if rep >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    if rank == 0:
+        numel = args.layers * (args.width * args.width + args.width)
+        print(f"fully_shard MLP ({args.layers} x Linear({args.width}, {args.width}), {numel:,} parameters) "
+              f"over {dist.get_world_size()} processes (gloo, CPU), median of {args.repeats} steps\n")
+        print("| optimizer | step (ms) | all-reduces per step | ratio |")
+        print("|---|---:|---:|---:|")
+        base = med["torch SGD(momentum)"]
+        for n in runs:
+            print(f"| {n} | {med[n]:.2f} | {counts[n]} | {med[n] / base:.2f}x |")
+    dist.destroy_process_group()
+
+
+def dtensor_main(args) -> None:
+    import socket
+    import subprocess
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(args.dtensor):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.dtensor),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LB_BENCH_DTENSOR_WORKER="1")
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"dtensor workers failed: {codes}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30, help="timed steps per optimizer (median)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None, help="subset of optimizer names")
+    ap.add_argument("--compiled", action="store_true", help="compiled steps (inductor) instead of eager")
+    ap.add_argument("--dtensor", type=int, default=0, metavar="N",
+                    help="N processes stepping a fully_shard'ed MLP instead")
+    ap.add_argument("--width", type=int, default=1024, help="--dtensor: Linear width")
+    ap.add_argument("--layers", type=int, default=8, help="--dtensor: number of Linear layers")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.dtensor:
+        if os.environ.get("LB_BENCH_DTENSOR_WORKER"):
+            return _dtensor_worker(args)
+        return dtensor_main(args)
+    if args.compiled:
+        return compiled_main(args)
 
     torch.manual_seed(0)
     shapes = resnet50_shapes()
