@@ -110,6 +110,19 @@ class LAMB(LayerwiseOptimizer):
         self._record_trust(plans)
         return loss
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create the state a first ``step()`` would find (step 0, zero moments) for the tensors with
+        a gradient, without updating anything: a step after it is exactly a first step. Only for
+        an optimizer without state (RuntimeError otherwise). What ``hvd.broadcast_optimizer_state``'s
+        initializing step runs for an ``lb_dist.horovod.DistributedOptimizer``."""
+        if any(self.state.values()):
+            raise RuntimeError(f"{type(self).__name__}.init_state() is for an optimizer without state")
+        for plan in self._plans():
+            self._adam_state(plan)          # creates the state and counts one step ...
+            for p in (plan.owners if plan.sharded else plan.params):
+                self.state[p]["step"].fill_(0.0)    # ... which is taken back
+
     def _adam_state(self, plan) -> tuple[list, list, list[int]]:
         """Adam moments (tensor-shaped, views per fragment for fragmented tensors) and the
         incremented step count of each tensor of the plan, created on first use."""

@@ -110,6 +110,19 @@ class LayerwiseSGD(LayerwiseOptimizer):
         self._record_trust(plans)
         return loss
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create the state a first ``step()`` would find (zero momentum buffers, scale 0) for the
+        tensors with a gradient, without updating anything: a step after it is exactly a first
+        step. Only for an optimizer without state (RuntimeError otherwise). What
+        ``hvd.broadcast_optimizer_state``'s initializing step runs for an
+        ``lb_dist.horovod.DistributedOptimizer``."""
+        if any(self.state.values()):
+            raise RuntimeError(f"{type(self).__name__}.init_state() is for an optimizer without state")
+        for plan in self._plans():
+            if plan.group["momentum"]:
+                self._momentum_state(plan)
+
     def _momentum_state(self, plan: _GroupPlan) -> tuple[list[Tensor], list[Tensor]]:
         """The momentum buffers ``B`` and 0-dim scales ``c`` of the plan's tensors, created on
         first use. A fragmented tensor keeps one tensor-shaped buffer and a 1-D vector of one
@@ -248,6 +261,9 @@ class CLARS(LayerwiseSGD):
                             f"{type(moments).__name__}")
         super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach)
         self.moments = moments
+        link = getattr(moments, "link_optimizer_state", None)
+        if callable(link):          # a MicroBatchMoments travels in this optimizer's state_dict
+            link(self)
 
     def set_second_moments(self, second_moments: Mapping[Tensor, Any]) -> None:
         """Store ``S_k`` for the given parameters (0-dim tensors or numbers; parameters this
