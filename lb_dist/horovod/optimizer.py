@@ -23,6 +23,12 @@ of them, each calling Horovod's original:
   ``||M||^2`` and the step's ``W1 = sum_k pi_k``, ``W2 = sum_k pi_k^2`` (the core's solve
   conditioned on the coefficients, the same rule as ``lb_dist.ddp`` and ``lb_dist.deepspeed``).
 
+Horovod's own ``hvd.broadcast_optimizer_state`` works on the result: its initializing ``step()`` on
+zero gradients is recognized and only creates the state a first step would find (no update, no mix
+draw, no estimator read); ``state_dict()`` carries the mix's and the estimator's state (also as an
+option of the first param group, so Horovod's broadcast carries it to every rank); with
+``sparse_as_dense=True`` a layer-wise optimizer gets the dense reduced gradient.
+
 Details, equations and what is refused: docs/backend-horovod.md.
 """
 from __future__ import annotations
