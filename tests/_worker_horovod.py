@@ -413,7 +413,7 @@ def run_elastic_state(rank: int) -> dict:
 # Horovod's documented flow (hvd.broadcast_parameters + hvd.broadcast_optimizer_state) and a plain
 # state_dict checkpoint loaded on rank 0 only (as Horovod's examples resume), for LARS, CLARS and LAMB.
 HVD_FLOW = {"lars": dict(lr=0.5, wd=1e-2, seed=11), "clars": dict(lr=0.5, wd=1e-2, seed=12),
-            "lamb": dict(lr=0.05, wd=1e-2, seed=13)}
+            "lamb": dict(lr=0.05, wd=1e-2, seed=13), "sgd": dict(lr=0.1, wd=1e-2, seed=15)}
 
 
 def _flow_optimizer(kind: str, model):
@@ -424,8 +424,10 @@ def _flow_optimizer(kind: str, model):
     elif kind == "clars":
         moments = MicroBatchMoments(list(model.parameters()), micro_batch_size=LOCAL, ema=0.5)
         base = CLARS(param_groups(model, h["wd"]), lr=h["lr"], momentum=0.9, eta=0.01, moments=moments)
-    else:
+    elif kind == "lamb":
         base = LAMB(param_groups(model, h["wd"]), lr=h["lr"], betas=(0.9, 0.99), eps=1e-6)
+    else:                      # a torch optimizer: Horovod's initializing step on it is neutralized too
+        base = torch.optim.SGD(model.parameters(), lr=h["lr"], momentum=0.9, weight_decay=h["wd"])
     mix = GradientMix(noise="gaussian", std=STD, seed=h["seed"])
     opt = lbh.DistributedOptimizer(base, named_parameters=model.named_parameters(), gradient_mix=mix,
                                    moments=moments)
@@ -449,7 +451,7 @@ def _flow_train(model, opt, t: int, rank: int) -> None:
 
 
 def run_hvd_flow(rank: int) -> dict:
-    """Per optimizer: (a) Horovod's documented order on a fresh optimizer, then STEPS steps;
+    """Per optimizer (LARS, CLARS, LAMB, torch's SGD with momentum and weight decay): (a) Horovod's documented order on a fresh optimizer, then STEPS steps;
     (b) 2 steps, ``opt.state_dict()`` through torch.save/torch.load, a new job whose rank 0 alone loads
     the model and the optimizer, Horovod's two broadcasts, then the remaining step."""
     import io

@@ -615,14 +615,15 @@ def test_elastic_horovodrun_grow_and_shrink(tmp_path):
 
 # ------------------------------------------- Horovod's own documented calls and plain checkpoints
 FLOW = {"lars": dict(lr=0.5, wd=1e-2, seed=11), "clars": dict(lr=0.5, wd=1e-2, seed=12),
-        "lamb": dict(lr=0.05, wd=1e-2, seed=13)}       # the worker's HVD_FLOW
+        "lamb": dict(lr=0.05, wd=1e-2, seed=13), "sgd": dict(lr=0.1, wd=1e-2, seed=15)}   # the worker's HVD_FLOW
 
 
 def flow_reference(kind, params, batches, steps):
     """float64 replay of `steps` steps from the equations: per-rank gradients, sum_k pi_k g_k, then
     LARS (trust eta ||w|| / (||g|| + wd ||w||)), CLARS (sqrt(S_k) for ||g||, S_k from the two-batch
     solve with EMA 0.5, bias-corrected) with Nesterov momentum 0.9, or LAMB (betas 0.9/0.99, eps
-    1e-6, trust ||w|| / ||r||); biases: trust 1, no weight decay. batches[t][r] = rank r's (x, y)."""
+    1e-6, trust ||w|| / ||r||); biases: trust 1, no weight decay; or torch's SGD (momentum 0.9, weight
+    decay on every parameter). batches[t][r] = rank r's (x, y)."""
     h = FLOW[kind]
     lr, wd, mu, eta, ema = h["lr"], h["wd"], 0.9, 0.01, 0.5
     mix = GradientMix(noise="gaussian", std=STD, seed=h["seed"], world_size=K)
@@ -647,6 +648,13 @@ def flow_reference(kind, params, batches, steps):
                     r = r + wd * w
                     trust = w.norm() / r.norm()
                 new.append(w - lr * trust * r)
+            params = new
+            continue
+        if kind == "sgd":       # torch.optim.SGD(momentum=0.9, weight_decay=wd) on every parameter
+            for i, (w, gi) in enumerate(zip(params, mixed)):
+                d = gi + wd * w
+                bufs[i] = d.clone() if bufs[i] is None else mu * bufs[i] + d
+                new.append(w - lr * bufs[i])
             params = new
             continue
         if kind == "clars":

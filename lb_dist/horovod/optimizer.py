@@ -465,8 +465,10 @@ def _init_step_shim(user_cls):
     gradients to create the state of an optimizer that has none; lb_dist's own ``step`` calls it with
     ``_lb_dist_in_step`` set. That initializing step is recognized and only creates the state a first
     step would find: lb_dist's optimizers run their ``init_state()``; any other optimizer runs its
-    step without step hooks (no GradientMix draw), its parameters put back and step counts reset to
-    0. The mix, the estimator and the weights are untouched (a CLARS estimator is not even read)."""
+    step without step hooks (no GradientMix draw) and without weight decay, its parameters put back
+    and step counts reset to 0 (zero buffers: a next step equal to a first one for SGD without
+    dampening, Adam/AdamW, Adagrad, RMSprop). The mix, the estimator and the weights are untouched
+    (a CLARS estimator is not even read)."""
     def step(self, closure=None):
         if closure is not None or self.__dict__.get("_lb_dist_in_step") or any(self.state.values()) \
                 or not _zero_grads(self):
@@ -480,10 +482,19 @@ def _init_step_shim(user_cls):
                 raw = raw.__wrapped__       # torch's wrapper that runs the step hooks
             params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
             saved = [p.detach().clone() for p in params]
-            raw(self)
-            with torch.no_grad():
-                for p, w in zip(params, saved):
-                    p.copy_(w)
+            decays = [group.get("weight_decay") for group in self.param_groups]
+            for group in self.param_groups:      # zero gradients, no decay: zero moment buffers
+                if "weight_decay" in group:
+                    group["weight_decay"] = 0.0
+            try:
+                raw(self)
+            finally:
+                for group, wd in zip(self.param_groups, decays):
+                    if wd is not None:
+                        group["weight_decay"] = wd
+                with torch.no_grad():
+                    for p, w in zip(params, saved):
+                        p.copy_(w)
             for st in self.state.values():
                 if "step" in st:
                     st["step"] = st["step"].zero_() if torch.is_tensor(st["step"]) else 0
