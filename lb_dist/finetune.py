@@ -214,6 +214,16 @@ def _trainer_class():
             if self.mix is not None:
                 self.mix.detach()
 
+        def _issue_warnings_after_load(self, load_result):
+            """The Trainer's, without the keys a checkpoint never holds: weights tied to a saved one
+            (shared embeddings, output projection) and sinusoidal position tables (computed)."""
+            derived = _derived_keys(self.accelerator.unwrap_model(self.model), load_result.missing_keys)
+            if derived and hasattr(load_result, "_replace"):
+                self.accelerator.unwrap_model(self.model).tie_weights()
+                load_result = load_result._replace(
+                    missing_keys=[k for k in load_result.missing_keys if k not in derived])
+            return super()._issue_warnings_after_load(load_result)
+
         # ------------------------------------------------------------- steps
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -295,6 +305,21 @@ def _trainer_class():
             return (loss, outputs) if return_outputs else loss
 
     return _LbDistSeq2SeqTrainer
+
+
+def _derived_keys(model, missing) -> set[str]:
+    """The ``missing`` state-dict keys of ``model`` that need no checkpoint value: tensors tied to a key
+    that is not missing, and the weights of sinusoidal position embeddings."""
+    missing = set(missing)
+    sd = model.state_dict()
+    holders: dict[tuple, list[str]] = {}
+    for key, t in sd.items():
+        holders.setdefault((t.data_ptr(), tuple(t.shape)), []).append(key)
+    derived = {k for keys in holders.values() if any(k2 not in missing for k2 in keys) for k in keys if k in missing}
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("SinusoidalPositionalEmbedding"):
+            derived.update(k for k in missing if k.startswith(f"{name}.") and k.count(".") == name.count(".") + 1)
+    return derived
 
 
 class LbDistSeq2SeqTrainer:
@@ -639,6 +664,9 @@ def _setup(fa: FinetuneArguments, ta, config, output_dir: Path, is_main: bool):
     settings = _run_settings(fa, ta, config)
     if resume:
         _check_resume(_read_record(output_dir), settings, resume)
+    from transformers import set_seed
+
+    set_seed(ta.seed)    # a config-built model's initial weights follow --seed, not the process's RNG history
     model, tok, hf_tok = _load_model_and_tokenizer(fa, output_dir, train_pairs, is_main)
     if is_main and not resume:
         output_dir.mkdir(parents=True, exist_ok=True)
