@@ -364,8 +364,8 @@ def _prepare_deepspeed(fa: FinetuneArguments, ta) -> dict:
     source = ta.deepspeed if isinstance(ta.deepspeed, str) else "the DeepSpeed config"
     if given is not None and "optim" in given and config.get("optimizer"):
         optim = getattr(ta, "optim", "")
-        raise ValueError(f"--optim {getattr(optim, 'value', optim)}: {source} has an optimizer section, which decides the "
-                         f"optimizer; remove --optim")
+        raise ValueError(f"--optim {getattr(optim, 'value', optim)}: {source} has an optimizer section, which "
+                         f"decides the optimizer; remove --optim")
     _adopt_gradient_clipping(config, ta, given, source)
     mix = config.get("gradient_mix") or {}
     if isinstance(mix, dict) and mix.get("enabled", True) and mix.get("granularity", "device") == "sample":
@@ -530,8 +530,8 @@ def _check_args(fa: FinetuneArguments, ta) -> dict | None:
             raise ValueError(f"--model_options is not valid JSON ({e}): {fa.model_options!r}") from None
     given = getattr(fa, "_given", None)
     if given is not None and "optim" in given and not ta.deepspeed:
-        raise ValueError(f"--optim {getattr(ta.optim, 'value', ta.optim)}: lb_dist.finetune builds the optimizer from --optimizer "
-                         f"({', '.join(OPTIMIZERS)}); the Trainer's --optim would be ignored. Remove it")
+        raise ValueError(f"--optim {getattr(ta.optim, 'value', ta.optim)}: lb_dist.finetune builds the optimizer from "
+                         f"--optimizer ({', '.join(OPTIMIZERS)}); the Trainer's --optim would be ignored. Remove it")
     if ta.deepspeed:
         return _prepare_deepspeed(fa, ta)
     return None

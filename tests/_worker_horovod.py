@@ -451,7 +451,8 @@ def _flow_train(model, opt, t: int, rank: int) -> None:
 
 
 def run_hvd_flow(rank: int) -> dict:
-    """Per optimizer (LARS, CLARS, LAMB, torch's SGD with momentum and weight decay): (a) Horovod's documented order on a fresh optimizer, then STEPS steps;
+    """Per optimizer (LARS, CLARS, LAMB, torch's SGD with momentum and weight decay): (a) Horovod's
+    documented order on a fresh optimizer, then STEPS steps;
     (b) 2 steps, ``opt.state_dict()`` through torch.save/torch.load, a new job whose rank 0 alone loads
     the model and the optimizer, Horovod's two broadcasts, then the remaining step."""
     import io

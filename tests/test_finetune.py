@@ -311,7 +311,8 @@ def test_cli_resume_equals_uninterrupted_without_missing_key_warnings(tmp_path, 
     res = run_cli(tmp_path, *common, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", out="parts")
     assert res["global_step"] == 2
     assert "missing keys" not in capfd.readouterr().err
-    whole, parts = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "parts" / "model.safetensors")
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    parts = load_file(tmp_path / "parts" / "model.safetensors")
     assert whole.keys() == parts.keys()
     for key in whole:
         torch.testing.assert_close(parts[key], whole[key], rtol=0, atol=0)
