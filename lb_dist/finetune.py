@@ -85,15 +85,20 @@ class FinetuneArguments:
     tokenizer_path: str | None = field(default=None, metadata={
         "help": "Tokenizer JSON for a config-built model. Default: OUTPUT_DIR/lb_dist_tokenizer.json if it exists "
                 "(a resumed run), else trained on the training split and saved there."})
-    vocab_size: int = field(default=8000, metadata={"help": "Vocabulary size of a newly trained tokenizer."})
-    src_lang: str = field(default="en")
-    tgt_lang: str = field(default="de")
+    vocab_size: int = field(default=8000, metadata={
+        "help": "Vocabulary size of a newly trained tokenizer (a resumed run keeps its tokenizer: a different "
+                "value is refused)."})
+    src_lang: str = field(default="en", metadata={"help": "Source language suffix of the Multi30k files."})
+    tgt_lang: str = field(default="de", metadata={"help": "Target language suffix of the Multi30k files."})
     max_length: int = field(default=128, metadata={"help": "Maximum source/target length in tokens."})
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=None)
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Use only the first N training pairs."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Use only the first N pairs of the evaluation split AND of the test split (--test_bleu)."})
     eval_split: str = field(default="val", metadata={"help": "val | test: split for evaluation during training."})
     test_bleu: bool = field(default=True, metadata={"help": "Translate the test split (test_2016_flickr) at the end "
-                                                             "and report its BLEU."})
+                                                             "and report its BLEU and token accuracy "
+                                                             "(with --predict_with_generate)."})
     optimizer: str = field(default="lamb", metadata={"help": "adamw | lamb | lars | clars."})
     momentum: float = field(default=0.9, metadata={"help": "LARS/CLARS momentum."})
     eta: float | None = field(default=None, metadata={"help": "LARS/CLARS trust coefficient (default 0.001 / 0.01)."})
@@ -101,7 +106,7 @@ class FinetuneArguments:
     mix: str = field(default="none", metadata={"help": "GradientMix: none | sample | device."})
     mix_noise: str = field(default="gaussian", metadata={"help": "gaussian | rademacher."})
     mix_std: float = field(default=DEFAULT_STD, metadata={"help": "Relative std of a mixing coefficient."})
-    mix_seed: int = field(default=0)
+    mix_seed: int = field(default=0, metadata={"help": "Seed of the mixing coefficients (GradientMix)."})
 
 
 def make_optimizer(model: torch.nn.Module, name: str, *, lr: float, weight_decay: float = 0.0,
@@ -209,6 +214,16 @@ def _trainer_class():
             if self.mix is not None:
                 self.mix.detach()
 
+        def _issue_warnings_after_load(self, load_result):
+            """The Trainer's, without the keys a checkpoint never holds: weights tied to a saved one
+            (shared embeddings, output projection) and sinusoidal position tables (computed)."""
+            derived = _derived_keys(self.accelerator.unwrap_model(self.model), load_result.missing_keys)
+            if derived and hasattr(load_result, "_replace"):
+                self.accelerator.unwrap_model(self.model).tie_weights()
+                load_result = load_result._replace(
+                    missing_keys=[k for k in load_result.missing_keys if k not in derived])
+            return super()._issue_warnings_after_load(load_result)
+
         # ------------------------------------------------------------- steps
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -239,19 +254,40 @@ def _trainer_class():
                 self.moments.finish_step(mean_grads=mean_grads, micro_batch_size=b)
             return loss
 
+        def _teacher_forced(self, model, inputs):
+            """The model's outputs on the reference prefix (decoder input = labels shifted right)."""
+            fwd = dict(inputs)
+            unwrapped = self.accelerator.unwrap_model(model)
+            if "decoder_input_ids" not in fwd and hasattr(unwrapped, "prepare_decoder_input_ids_from_labels"):
+                labels = fwd.pop("labels")
+                fwd["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
+                fwd["use_cache"] = False          # as the model itself does when given labels: no cache to build
+            return model(**fwd)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+            """Seq2SeqTrainer's (generated tokens), plus per-example teacher-forced token counts
+            ``[correct, total]`` as a second prediction array (token accuracy)."""
+            loss, generated, labels = super().prediction_step(model, inputs, prediction_loss_only,
+                                                              ignore_keys=ignore_keys, **gen_kwargs)
+            if prediction_loss_only or not self.args.predict_with_generate or "labels" not in inputs \
+                    or generated is None:
+                return loss, generated, labels
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                logits = self._teacher_forced(model, inputs).logits
+            target = inputs["labels"]
+            mask = target.ne(-100)
+            correct = (logits.argmax(-1).eq(target) & mask).sum(1)
+            counts = torch.stack([correct, mask.sum(1)], dim=1)
+            return loss, (generated, counts), labels
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             info = self._step_info
             if not model.training or info is None or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             labels = inputs["labels"]
-            fwd = dict(inputs)
-            unwrapped = self.accelerator.unwrap_model(model)
-            if "decoder_input_ids" not in fwd and hasattr(unwrapped, "prepare_decoder_input_ids_from_labels"):
-                fwd.pop("labels")
-                fwd["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
-                fwd["use_cache"] = False          # as the model itself does when given labels: no cache to build
-            outputs = model(**fwd)
+            outputs = self._teacher_forced(model, inputs)
             per_sentence = token_sum_losses(outputs.logits, labels, self.args.label_smoothing_factor)
             world = get_world_size()
             n_tokens = max(info.global_tokens, 1.0)
@@ -269,6 +305,21 @@ def _trainer_class():
             return (loss, outputs) if return_outputs else loss
 
     return _LbDistSeq2SeqTrainer
+
+
+def _derived_keys(model, missing) -> set[str]:
+    """The ``missing`` state-dict keys of ``model`` that need no checkpoint value: tensors tied to a key
+    that is not missing, and the weights of sinusoidal position embeddings."""
+    missing = set(missing)
+    sd = model.state_dict()
+    holders: dict[tuple, list[str]] = {}
+    for key, t in sd.items():
+        holders.setdefault((t.data_ptr(), tuple(t.shape)), []).append(key)
+    derived = {k for keys in holders.values() if any(k2 not in missing for k2 in keys) for k in keys if k in missing}
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("SinusoidalPositionalEmbedding"):
+            derived.update(k for k in missing if k.startswith(f"{name}.") and k.count(".") == name.count(".") + 1)
+    return derived
 
 
 class LbDistSeq2SeqTrainer:
@@ -303,13 +354,19 @@ def _prepare_deepspeed(fa: FinetuneArguments, ta) -> dict:
         from lb_dist.deepspeed.config import load_config
     except ImportError as e:
         raise RuntimeError(f"--deepspeed needs deepspeed and lb_dist.deepspeed ({e})") from e
+    given = getattr(fa, "_given", None)    # the flags on the command line (None: unknown, e.g. called from Python)
     for name, default in _DEEPSPEED_OWNED.items():
-        if getattr(fa, name) != default:
+        if (name in given) if given is not None else getattr(fa, name) != default:
             raise ValueError(f"--{name} {getattr(fa, name)!r}: with --deepspeed the DeepSpeed config decides the optimizer "
                              f"(optimizer.type CLARS/LARS/LAMB and its params) and the mixing (gradient_mix); remove "
                              f"--{name} and set it in {ta.deepspeed if isinstance(ta.deepspeed, str) else 'the config'}")
     config = load_config(ta.deepspeed)
     source = ta.deepspeed if isinstance(ta.deepspeed, str) else "the DeepSpeed config"
+    if given is not None and "optim" in given and config.get("optimizer"):
+        optim = getattr(ta, "optim", "")
+        raise ValueError(f"--optim {getattr(optim, 'value', optim)}: {source} has an optimizer section, which "
+                         f"decides the optimizer; remove --optim")
+    _adopt_gradient_clipping(config, ta, given, source)
     mix = config.get("gradient_mix") or {}
     if isinstance(mix, dict) and mix.get("enabled", True) and mix.get("granularity", "device") == "sample":
         raise ValueError(f"{source}: gradient_mix.granularity \"sample\" needs a training loop that calls "
@@ -325,25 +382,73 @@ def _prepare_deepspeed(fa: FinetuneArguments, ta) -> dict:
     return config
 
 
-class _Bleu:
-    """compute_metrics for predict_with_generate: BLEU of the decoded predictions against the raw
-    reference sentences of the split being evaluated (``references`` is set before each run)."""
+PREDICTIONS_FILE = "{prefix}_predictions.txt"
+
+
+def _adopt_gradient_clipping(config: dict, ta, given, source: str) -> None:
+    """A number in the config's ``gradient_clipping`` decides the clipping: the Trainer's
+    ``max_grad_norm`` (default 1.0, which transformers requires to equal it) takes its value, unless
+    ``--max_grad_norm`` was given with another value (refused, naming both)."""
+    clip = config.get("gradient_clipping")
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not hasattr(ta, "max_grad_norm"):
+        return
+    if float(clip) == float(ta.max_grad_norm):
+        return
+    if given is not None and "max_grad_norm" in given:
+        raise ValueError(f"--max_grad_norm {ta.max_grad_norm} disagrees with gradient_clipping {clip} in {source}; "
+                         f"give one of them (or \"gradient_clipping\": \"auto\" to take --max_grad_norm)")
+    ta.max_grad_norm = float(clip)
+    hf = getattr(ta, "hf_deepspeed_config", None)
+    if hf is not None and hasattr(hf, "mismatches"):  # recorded when the arguments were parsed
+        hf.mismatches = [m for m in hf.mismatches if not m.startswith("- ds gradient_clipping=")]
+
+
+class _TranslationMetrics:
+    """compute_metrics for predict_with_generate over exactly one split: BLEU of the decoded
+    predictions against the split's raw reference sentences, and teacher-forced token accuracy
+    (share of target tokens whose argmax prediction, given the reference prefix, is the reference
+    token: the metric of the GradientMix paper's Multi30k results). :meth:`use` sets the split.
+
+    With several processes the Trainer evaluates a set padded to a multiple of processes x batch size
+    (samples repeated at its end); the first ``len(references)`` rows are the split in order, which
+    is checked against the label ids before the padding is dropped."""
 
     def __init__(self, tokenizer, pad_id: int):
         self.tokenizer, self.pad_id = tokenizer, pad_id
         self.references: list[str] = []
+        self.labels: list[list[int]] = []
+        self.hypotheses: list[str] = []
+
+    def use(self, dataset, references: list[str]) -> None:
+        if len(dataset) != len(references):
+            raise ValueError(f"{len(dataset)} evaluation examples but {len(references)} references")
+        self.references, self.labels = list(references), [list(map(int, t)) for t in dataset.labels]
 
     def __call__(self, pred) -> dict[str, float]:
         import numpy as np
 
         from lb_dist.text import bleu, decode
 
-        preds = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        preds = np.where(preds < 0, self.pad_id, preds)
-        hyps = decode(self.tokenizer, preds.tolist())
-        if len(hyps) != len(self.references):
-            raise RuntimeError(f"BLEU: {len(hyps)} predictions for {len(self.references)} references")
-        return {"bleu": bleu(hyps, self.references)}
+        preds, counts = (pred.predictions[0], pred.predictions[1]) if isinstance(pred.predictions, tuple) \
+            else (pred.predictions, None)
+        n = len(self.references)
+        if len(preds) < n:
+            raise RuntimeError(f"BLEU: {len(preds)} predictions for {n} references")
+        labels = pred.label_ids
+        if labels is not None:
+            for i in range(n):
+                row = np.asarray(labels[i])
+                got = row[(row != -100) & (row != self.pad_id)].tolist()
+                if got != self.labels[i]:
+                    raise RuntimeError(f"evaluation row {i} does not hold example {i} of the split; the "
+                                       f"predictions cannot be matched with the references")
+        preds = np.where(preds[:n] < 0, self.pad_id, preds[:n])
+        self.hypotheses = decode(self.tokenizer, preds.tolist())
+        out = {"bleu": bleu(self.hypotheses, self.references)}
+        if counts is not None:
+            c = np.asarray(counts[:n], dtype=np.float64)
+            out["token_accuracy"] = float(c[:, 0].sum() / max(c[:, 1].sum(), 1.0))
+        return out
 
 
 def _load_model_and_tokenizer(fa: FinetuneArguments, output_dir: Path, train_pairs, is_main: bool):
@@ -358,18 +463,23 @@ def _load_model_and_tokenizer(fa: FinetuneArguments, output_dir: Path, train_pai
     if fa.model_name_or_path is not None:
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(fa.model_name_or_path)
-        model = AutoModelForSeq2SeqLM.from_pretrained(fa.model_name_or_path)
+        name = fa.model_name_or_path
+        local = os.path.isabs(os.path.expanduser(name)) or name.startswith((".", "~")) or name.count("/") > 1
+        if local and not Path(name).expanduser().is_dir():
+            raise FileNotFoundError(f"--model_name_or_path {name}: no such directory")
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForSeq2SeqLM.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"--model_name_or_path {name}: neither a local model directory nor loadable from the "
+                          f"Hugging Face Hub ({e})") from e
         return model, tok, tok
     from lb_dist.models import build_model
 
     record = output_dir / RECORD_FILE
     recorded = None
     if record.is_file():
-        try:
-            recorded = json.loads(record.read_text())["tokenizer_fingerprint"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{record} is not a valid lb_dist.finetune record ({type(e).__name__}: {e})") from None
+        recorded = _read_record(output_dir).get("tokenizer_fingerprint")
     path = Path(fa.tokenizer_path) if fa.tokenizer_path else output_dir / TOKENIZER_FILE
     if fa.tokenizer_path or path.is_file():
         tok = load_tokenizer(path)
@@ -378,10 +488,16 @@ def _load_model_and_tokenizer(fa: FinetuneArguments, output_dir: Path, train_pai
                               save_path=path if is_main else None)
     fingerprint = tokenizer_fingerprint(tok)
     if recorded is not None:
-        check_tokenizer(tok, recorded, source=str(path))
+        check_tokenizer(tok, recorded, source=str(path), expected_file=f"the tokenizer the run in {output_dir} "
+                        f"was trained with ({output_dir / TOKENIZER_FILE})")
     elif is_main:
-        atomic_write_text(record, json.dumps({"tokenizer_fingerprint": fingerprint, "tokenizer": str(path)}) + "\n")
-    options = json.loads(fa.model_options) if fa.model_options else {}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        entries = {**_read_record(output_dir), "tokenizer_fingerprint": fingerprint, "tokenizer": str(path)}
+        atomic_write_text(record, json.dumps(entries) + "\n")
+    try:
+        options = json.loads(fa.model_options) if fa.model_options else {}
+    except ValueError as e:
+        raise ValueError(f"--model_options is not valid JSON ({e}): {fa.model_options!r}") from None
     if not isinstance(options, dict):
         raise ValueError(f"--model_options must be a JSON object, got {fa.model_options!r}")
     options.setdefault("max_positions", max(fa.max_length, 8))
@@ -391,7 +507,8 @@ def _load_model_and_tokenizer(fa: FinetuneArguments, output_dir: Path, train_pai
     return model, tok, hf_tok
 
 
-def _check_args(fa: FinetuneArguments, ta) -> None:
+def _check_args(fa: FinetuneArguments, ta) -> dict | None:
+    """Refuse what cannot run, before anything is created; returns the DeepSpeed config (or None)."""
     if fa.optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {fa.optimizer!r}")
     if fa.mix not in MIX_CHOICES:
@@ -406,22 +523,156 @@ def _check_args(fa: FinetuneArguments, ta) -> None:
             raise ValueError(f"--{name} must be >= 1, got {v}")
     if not Path(fa.data_dir).is_dir():
         raise FileNotFoundError(f"--data_dir {fa.data_dir} does not exist")
+    if fa.model_options:
+        try:
+            json.loads(fa.model_options)
+        except ValueError as e:
+            raise ValueError(f"--model_options is not valid JSON ({e}): {fa.model_options!r}") from None
+    given = getattr(fa, "_given", None)
+    if given is not None and "optim" in given and not ta.deepspeed:
+        raise ValueError(f"--optim {getattr(ta.optim, 'value', ta.optim)}: lb_dist.finetune builds the optimizer from "
+                         f"--optimizer ({', '.join(OPTIMIZERS)}); the Trainer's --optim would be ignored. Remove it")
     if ta.deepspeed:
-        _prepare_deepspeed(fa, ta)
+        return _prepare_deepspeed(fa, ta)
+    return None
+
+
+def _run_settings(fa: FinetuneArguments, ta, config: dict | None) -> dict[str, Any]:
+    """What a resumed run must keep: the optimizer (lb_dist's ``--optimizer`` or the DeepSpeed config's
+    ``optimizer.type``), the learning rate and, for a config-built model, the vocabulary size."""
+    if config is not None:
+        opt = config.get("optimizer") or {}
+        optimizer = f"deepspeed:{opt.get('type')}" if isinstance(opt, dict) and opt.get("type") else "deepspeed:trainer"
+    else:
+        optimizer = fa.optimizer
+    out = {"optimizer": optimizer, "learning_rate": float(ta.learning_rate), "mix": fa.mix}
+    if fa.model_name_or_path is None:
+        out["vocab_size"] = fa.vocab_size
+    return out
+
+
+_SETTING_FLAGS = {"optimizer": "--optimizer (or the DeepSpeed config's optimizer.type)",
+                  "learning_rate": "--learning_rate", "mix": "--mix", "vocab_size": "--vocab_size"}
+
+
+def _check_resume(record: dict, settings: dict, checkpoint) -> None:
+    saved = record.get("run")
+    if not isinstance(saved, dict):
+        return
+    for key, value in settings.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(f"{_SETTING_FLAGS[key]} {value!r} differs from the run being resumed from {checkpoint} "
+                             f"({saved[key]!r}): its optimizer, scheduler and model state belong to the recorded "
+                             f"value. Resume with {_SETTING_FLAGS[key].split()[0]} {saved[key]!r}, or start a new run "
+                             f"(another --output_dir, or --overwrite_output_dir without a checkpoint)")
+
+
+def _read_record(output_dir: Path) -> dict:
+    path = output_dir / RECORD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not a valid lb_dist.finetune record ({e})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a valid lb_dist.finetune record (not a JSON object)")
+    return record
 
 
 def run(fa: FinetuneArguments, ta) -> dict[str, Any]:
     """Fine-tune with parsed arguments (``ta``: ``Seq2SeqTrainingArguments``); returns the metrics
-    (train loss, eval BLEU/loss, test BLEU) that are also written to ``OUTPUT_DIR/results.json``."""
-    _check_args(fa, ta)
+    (train loss, eval BLEU/token accuracy/loss, test BLEU/token accuracy) that are also written to
+    ``OUTPUT_DIR/results.json``. A start that fails before training leaves nothing new in OUTPUT_DIR."""
+    config = _check_args(fa, ta)
     output_dir = Path(ta.output_dir)
+    is_main = ta.process_index == 0
+    existed = set(output_dir.iterdir()) if output_dir.is_dir() else None
+    try:
+        trainer, resume, tok, metric, eval_ds, eval_pairs = _setup(fa, ta, config, output_dir, is_main)
+    except BaseException:
+        if is_main:
+            _remove_new_files(output_dir, existed)
+        raise
+    results: dict[str, Any] = {}
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    results["train_loss"] = train_out.training_loss
+    results["global_step"] = trainer.state.global_step
+    results["log_history"] = trainer.state.log_history
+    if ta.deepspeed:
+        results["deepspeed"] = _deepspeed_summary(trainer.model_wrapped)
+    if ta.predict_with_generate:
+        metric.use(eval_ds, [t for _, t in eval_pairs])
+        results.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+        _write_predictions(trainer, output_dir, "eval", metric.hypotheses)
+        if fa.test_bleu:
+            test_pairs = read_multi30k(fa.data_dir, "test", src_lang=fa.src_lang, tgt_lang=fa.tgt_lang)
+            if fa.max_eval_samples:
+                test_pairs = test_pairs[:fa.max_eval_samples]
+            test_ds = TranslationDataset(test_pairs, tok, fa.max_length)
+            metric.use(test_ds, [t for _, t in test_pairs])
+            pred = trainer.predict(test_ds, metric_key_prefix="test")
+            results.update({k: v for k, v in pred.metrics.items() if isinstance(v, (int, float))})
+            _write_predictions(trainer, output_dir, "test", metric.hypotheses)
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        summary = {k: v for k, v in results.items() if k != "log_history"}
+        summary["args"] = {"lb_dist": dataclasses.asdict(fa)}
+        if config is not None:
+            summary["args"]["decided_by_deepspeed_config"] = sorted(_DEEPSPEED_OWNED)
+        atomic_write_text(output_dir / "results.json", json.dumps(summary, indent=1, default=str) + "\n")
+    trainer.save_model()
+    return results
+
+
+def _write_predictions(trainer, output_dir: Path, prefix: str, hypotheses: list[str]) -> None:
+    """OUTPUT_DIR/{eval,test}_predictions.txt: the decoded translations the BLEU was computed on."""
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        text = "".join(h.replace("\n", " ") + "\n" for h in hypotheses)
+        atomic_write_text(output_dir / PREDICTIONS_FILE.format(prefix=prefix), text)
+
+
+def _remove_new_files(output_dir: Path, existed: set | None) -> None:
+    """Undo what a failed start created in OUTPUT_DIR (the tokenizer, the record, the Trainer's logs)."""
+    import shutil
+
+    if not output_dir.is_dir():
+        return
+    for path in output_dir.iterdir():
+        if existed is None or path not in existed:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if existed is None:
+        try:
+            output_dir.rmdir()
+        except OSError:
+            pass
+
+
+def _setup(fa: FinetuneArguments, ta, config, output_dir: Path, is_main: bool):
     train_pairs = read_multi30k(fa.data_dir, "train", src_lang=fa.src_lang, tgt_lang=fa.tgt_lang)
     eval_pairs = read_multi30k(fa.data_dir, fa.eval_split, src_lang=fa.src_lang, tgt_lang=fa.tgt_lang)
     if fa.max_train_samples:
         train_pairs = train_pairs[:fa.max_train_samples]
     if fa.max_eval_samples:
         eval_pairs = eval_pairs[:fa.max_eval_samples]
-    model, tok, hf_tok = _load_model_and_tokenizer(fa, output_dir, train_pairs, ta.process_index == 0)
+    resume = ta.resume_from_checkpoint
+    if resume is None and output_dir.is_dir():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(str(output_dir))
+    settings = _run_settings(fa, ta, config)
+    if resume:
+        _check_resume(_read_record(output_dir), settings, resume)
+    from transformers import set_seed
+
+    set_seed(ta.seed)    # a config-built model's initial weights follow --seed, not the process's RNG history
+    model, tok, hf_tok = _load_model_and_tokenizer(fa, output_dir, train_pairs, is_main)
+    if is_main and not resume:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        record = _read_record(output_dir)
+        record["run"] = settings
+        atomic_write_text(output_dir / RECORD_FILE, json.dumps(record) + "\n")
     model.to(ta.device)
     pad_id = hf_tok.pad_token_id
     train_ds = TranslationDataset(train_pairs, tok, fa.max_length)
@@ -433,42 +684,15 @@ def run(fa: FinetuneArguments, ta) -> dict[str, Any]:
                                       eps=ta.adam_epsilon, moments_ema=fa.moments_ema)
     if fa.mix != "none":
         mix = GradientMix(noise=fa.mix_noise, std=fa.mix_std, granularity=fa.mix, seed=fa.mix_seed)
-    metric = _Bleu(tok, pad_id)
-    metric.references = [t for _, t in eval_pairs]
+    metric = _TranslationMetrics(tok, pad_id)
+    metric.use(eval_ds, [t for _, t in eval_pairs])
     if ta.predict_with_generate and ta.generation_max_length is None:
         ta.generation_max_length = fa.max_length
     trainer = LbDistSeq2SeqTrainer(
         model=model, args=ta, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=functools.partial(collate_translation, pad_id=pad_id), processing_class=hf_tok,
         compute_metrics=metric if ta.predict_with_generate else None, optimizers=(optimizer, None), mix=mix)
-    resume = ta.resume_from_checkpoint
-    if resume is None and output_dir.is_dir():
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(str(output_dir))
-    results: dict[str, Any] = {}
-    train_out = trainer.train(resume_from_checkpoint=resume)
-    results["train_loss"] = train_out.training_loss
-    results["global_step"] = trainer.state.global_step
-    results["log_history"] = trainer.state.log_history
-    if ta.deepspeed:
-        results["deepspeed"] = _deepspeed_summary(trainer.model_wrapped)
-    if ta.predict_with_generate:
-        results.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
-        if fa.test_bleu:
-            test_pairs = read_multi30k(fa.data_dir, "test", src_lang=fa.src_lang, tgt_lang=fa.tgt_lang)
-            if fa.max_eval_samples:
-                test_pairs = test_pairs[:fa.max_eval_samples]
-            metric.references = [t for _, t in test_pairs]
-            pred = trainer.predict(TranslationDataset(test_pairs, tok, fa.max_length), metric_key_prefix="test")
-            results.update({k: v for k, v in pred.metrics.items() if isinstance(v, (int, float))})
-    if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        summary = {k: v for k, v in results.items() if k != "log_history"}
-        summary["args"] = {"lb_dist": dataclasses.asdict(fa)}
-        atomic_write_text(output_dir / "results.json", json.dumps(summary, indent=1, default=str) + "\n")
-    trainer.save_model()
-    return results
+    return trainer, resume, tok, metric, eval_ds, eval_pairs
 
 
 def _deepspeed_summary(engine) -> dict[str, Any]:
@@ -493,15 +717,21 @@ def parse_args(argv=None):
     if argv is None:
         argv = sys.argv[1:]
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=argv[0])
-    return parser.parse_args_into_dataclasses(args=list(argv))
+        fa, ta = parser.parse_json_file(json_file=argv[0])
+        given = set(json.loads(Path(argv[0]).read_text()))
+    else:
+        fa, ta = parser.parse_args_into_dataclasses(args=list(argv))
+        given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if isinstance(a, str) and a.startswith("--")}
+    fa._given = given      # the flags given at all (a flag the DeepSpeed config decides is refused if given)
+    return fa, ta
 
 
 def main(argv=None) -> dict[str, Any]:
     fa, ta = parse_args(argv)
     results = run(fa, ta)
     if get_rank() == 0:
-        keys = [k for k in ("train_loss", "eval_loss", "eval_bleu", "test_bleu") if k in results]
+        keys = [k for k in ("train_loss", "eval_loss", "eval_bleu", "eval_token_accuracy", "test_bleu",
+                            "test_token_accuracy") if k in results]
         print("[lb_dist.finetune] " + ", ".join(
             f"{k} {results[k]:.4f}" if isinstance(results[k], float) and math.isfinite(results[k])
             else f"{k} {results[k]}" for k in keys), flush=True)

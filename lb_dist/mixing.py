@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+import weakref
 from typing import Mapping
 
 import torch
 
+from lb_dist import _optimizer_state
 from lb_dist._validation import check_choice, check_non_negative, check_positive_int
 from lb_dist.distributed import get_rank, get_world_size
 
@@ -94,7 +96,8 @@ class GradientMix:
         self.world_size = world_size
         self.step = 0
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
-        self._attached = None  # (optimizer id, hook handle)
+        self._attached = None  # the step hook's handle
+        self._attached_to = None
         self._warn_negative()
 
     def _warn_negative(self) -> None:
@@ -263,7 +266,12 @@ class GradientMix:
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Advance after every ``optimizer.step()`` (an optimizer step post-hook). One optimizer at a
-        time: attaching a second one would advance twice per step. Returns the hook handle."""
+        time: attaching a second one would advance twice per step. Returns the hook handle.
+
+        The mix's state then travels in the optimizer's own checkpoint: ``optimizer.state_dict()``
+        carries :meth:`state_dict` as ``state_dict()["lb_dist"]["gradient_mix"]`` and
+        ``optimizer.load_state_dict`` restores it (a checkpoint without it warns, one whose
+        ``"lb_dist"`` section lacks it raises ValueError; docs/gradientmix.md)."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if self._attached is not None:
@@ -273,14 +281,20 @@ class GradientMix:
             self.advance()
 
         handle = optimizer.register_step_post_hook(_post_step)
+        _optimizer_state.link(optimizer, "gradient_mix", self)
         self._attached = handle
+        self._attached_to = weakref.ref(optimizer)
         return handle
 
     def detach(self) -> None:
-        """Undo :meth:`attach`."""
+        """Undo :meth:`attach` (also takes the mix out of the optimizer's ``state_dict``)."""
         if self._attached is not None:
             self._attached.remove()
+            optimizer = self._attached_to()
+            if optimizer is not None:
+                _optimizer_state.unlink(optimizer, "gradient_mix", self)
             self._attached = None
+            self._attached_to = None
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:

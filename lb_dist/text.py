@@ -117,15 +117,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def check_tokenizer(tokenizer, expected_fingerprint: str, *, source: str = "the tokenizer") -> None:
+def check_tokenizer(tokenizer, expected_fingerprint: str, *, source: str = "the tokenizer",
+                    expected_file: str | None = None) -> None:
     """Raise :class:`TokenizerMismatchError` naming ``source`` when the tokenizer's fingerprint is not
-    ``expected_fingerprint`` (e.g. the one recorded in a checkpoint)."""
+    ``expected_fingerprint`` (e.g. the one recorded in a checkpoint); ``expected_file`` names the file
+    the run's own tokenizer is in (default: "the run's own tokenizer file")."""
     got = tokenizer_fingerprint(tokenizer)
     if got != expected_fingerprint:
+        expected_file = expected_file or "the run's own tokenizer file"
         raise TokenizerMismatchError(
             f"{source} does not match the tokenizer the run was trained with (fingerprint {got[:16]}... "
             f"!= recorded {str(expected_fingerprint)[:16]}...): token ids would mean different words. "
-            f"Use the run's own tokenizer.json.")
+            f"Use {expected_file}.")
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:

@@ -25,7 +25,7 @@ import horovod.torch.optimizer as hvd_optimizer  # noqa: E402
 import lb_dist.horovod as lbh  # noqa: E402
 from lb_dist.mixing import GradientMix  # noqa: E402
 from lb_dist.moments import MicroBatchMoments, per_sample_second_moments  # noqa: E402
-from lb_dist.optim import CLARS, param_groups  # noqa: E402
+from lb_dist.optim import CLARS, LAMB, LARS, param_groups  # noqa: E402
 
 LOCAL = 4       # samples per rank per backward pass
 STD = 0.5
@@ -410,6 +410,130 @@ def run_elastic_state(rank: int) -> dict:
     return {"committed": committed, "restored": restored, "second": second, "synced_mix_step": mix.step}
 
 
+# Horovod's documented flow (hvd.broadcast_parameters + hvd.broadcast_optimizer_state) and a plain
+# state_dict checkpoint loaded on rank 0 only (as Horovod's examples resume), for LARS, CLARS and LAMB.
+HVD_FLOW = {"lars": dict(lr=0.5, wd=1e-2, seed=11), "clars": dict(lr=0.5, wd=1e-2, seed=12),
+            "lamb": dict(lr=0.05, wd=1e-2, seed=13), "sgd": dict(lr=0.1, wd=1e-2, seed=15)}
+
+
+def _flow_optimizer(kind: str, model):
+    h = HVD_FLOW[kind]
+    moments = None
+    if kind == "lars":
+        base = LARS(param_groups(model, h["wd"]), lr=h["lr"], momentum=0.9, eta=0.01, nesterov=True)
+    elif kind == "clars":
+        moments = MicroBatchMoments(list(model.parameters()), micro_batch_size=LOCAL, ema=0.5)
+        base = CLARS(param_groups(model, h["wd"]), lr=h["lr"], momentum=0.9, eta=0.01, moments=moments)
+    elif kind == "lamb":
+        base = LAMB(param_groups(model, h["wd"]), lr=h["lr"], betas=(0.9, 0.99), eps=1e-6)
+    else:                      # a torch optimizer: Horovod's initializing step on it is neutralized too
+        base = torch.optim.SGD(model.parameters(), lr=h["lr"], momentum=0.9, weight_decay=h["wd"])
+    mix = GradientMix(noise="gaussian", std=STD, seed=h["seed"])
+    opt = lbh.DistributedOptimizer(base, named_parameters=model.named_parameters(), gradient_mix=mix,
+                                   moments=moments)
+    return opt, mix, moments
+
+
+def _flow_model(rank: int):
+    model = make_model()
+    if rank != 0:              # the ranks start apart: hvd.broadcast_parameters must make them equal
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3)
+    return model
+
+
+def _flow_train(model, opt, t: int, rank: int) -> None:
+    opt.zero_grad()
+    x, y = data("mlp", t, rank)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def run_hvd_flow(rank: int) -> dict:
+    """Per optimizer (LARS, CLARS, LAMB, torch's SGD with momentum and weight decay): (a) Horovod's
+    documented order on a fresh optimizer, then STEPS steps;
+    (b) 2 steps, ``opt.state_dict()`` through torch.save/torch.load, a new job whose rank 0 alone loads
+    the model and the optimizer, Horovod's two broadcasts, then the remaining step."""
+    import io
+    out = {}
+    for kind in HVD_FLOW:
+        rec = {}
+        model = _flow_model(rank)
+        opt, mix, moments = _flow_optimizer(kind, model)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        start = snapshot(model)
+        try:
+            hvd.broadcast_optimizer_state(opt, root_rank=0)
+            rec["broadcast_error"] = None
+        except Exception as e:  # noqa: BLE001
+            rec["broadcast_error"] = f"{type(e).__name__}: {e}"
+            out[kind] = rec
+            continue
+        rec["start"] = start
+        rec["moved_by_broadcast"] = any(not torch.equal(a, b) for a, b in zip(start, snapshot(model)))
+        rec["mix_step_after_broadcast"] = mix.step
+        for t in range(STEPS):
+            _flow_train(model, opt, t, rank)
+        rec["final"] = snapshot(model)
+        rec["mix_step"] = mix.step
+        # (b) checkpoint after 2 steps, resumed by a new "job" in which only rank 0 loads it
+        model = _flow_model(rank)
+        opt, mix, moments = _flow_optimizer(kind, model)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+        for t in range(2):
+            _flow_train(model, opt, t, rank)
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buf)
+        rec["checkpoint_lb_dist"] = opt.state_dict().get("lb_dist")
+        model = _flow_model(rank)
+        opt, mix, moments = _flow_optimizer(kind, model)
+        if rank == 0:
+            buf.seek(0)
+            ck = torch.load(buf)            # torch's default (weights_only=True) loads it
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        try:
+            hvd.broadcast_optimizer_state(opt, root_rank=0)
+            rec["resume_error"] = None
+        except Exception as e:  # noqa: BLE001
+            rec["resume_error"] = f"{type(e).__name__}: {e}"
+            out[kind] = rec
+            continue
+        rec["resumed_mix_step"] = mix.step
+        rec["resumed_moments"] = None if moments is None else moments.state_dict()
+        rec["group_keys"] = [sorted(g) for g in opt.param_groups]
+        _flow_train(model, opt, 2, rank)
+        rec["resumed_final"] = snapshot(model)
+        rec["resumed_mix_step_end"] = mix.step
+        out[kind] = rec
+    # sparse_as_dense=True with a layer-wise optimizer: the reduced sparse gradient is used densely
+    sp = {}
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        net = SparseNet()
+        if not sparse:
+            dense = torch.nn.Embedding(VOCAB, DIM, sparse=False)
+            dense.weight.data.copy_(net.emb.weight.data)
+            net.emb = dense
+        opt = lbh.DistributedOptimizer(LARS(param_groups(net, 1e-2), lr=0.5, momentum=0.9),
+                                       named_parameters=net.named_parameters(), sparse_as_dense=True,
+                                       gradient_mix=GradientMix(noise="gaussian", std=STD, seed=14))
+        try:
+            for t in range(2):
+                opt.zero_grad()
+                x, y = data("sparse", t, rank)
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+            sp[sparse] = snapshot(net)
+        except Exception as e:  # noqa: BLE001
+            sp[sparse] = f"{type(e).__name__}: {e}"
+    out["sparse_as_dense"] = sp
+    return out
+
+
 def run_errors(rank: int) -> dict:
     errors = {}
 
@@ -485,6 +609,7 @@ def main() -> None:
     result["clars"] = run_clars(rank)
     result["two_optimizers"] = run_two_optimizers(rank)
     result["errors"] = run_errors(rank)
+    result["hvd_flow"] = run_hvd_flow(rank)
     if not quick:
         result["scaled"] = run_scaled(rank)
         result["hooks"] = run_hooks(rank)

@@ -196,12 +196,51 @@ def test_cli_config_model_lamb_with_sample_mix(tmp_path):
     out = tmp_path / "run"
     saved = json.loads((out / "results.json").read_text())
     assert saved["eval_bleu"] == res["eval_bleu"] and saved["args"]["lb_dist"]["mix"] == "sample"
+    check_translation_metrics(out, res, n_eval=12, n_test=12)
     assert (out / "lb_dist_tokenizer.json").is_file() and (out / "model.safetensors").is_file()
     # a second run in the same directory must use the same tokenizer
     other = tmp_path / "other.json"
     train_tokenizer(["ein zwei drei", "one two three"] * 20, vocab_size=50, min_frequency=1, save_path=other)
     with pytest.raises(TokenizerMismatchError, match="other.json does not match"):
         run_cli(tmp_path, "--tokenizer_path", str(other), "--max_steps", "1")
+
+
+def teacher_forced_accuracy(out_dir, split, n, max_length):
+    """Token accuracy of the saved model on the first n pairs of `split`, computed here: the share of
+    target tokens whose argmax, given the reference prefix (HF's own label shift), is the reference."""
+    from transformers import MarianMTModel
+
+    from lb_dist.text import load_tokenizer
+
+    model = MarianMTModel.from_pretrained(out_dir).eval()
+    tk = load_tokenizer(Path(out_dir) / "lb_dist_tokenizer.json")
+    ds = TranslationDataset(read_multi30k(MULTI30K, split)[:n], tk, max_length)
+    correct = total = 0
+    with torch.no_grad():
+        for i in range(n):
+            batch = collate_translation([ds[i]], pad_id=tk.token_to_id("<pad>"))
+            logits = model(**batch).logits
+            mask = batch["labels"].ne(-100)
+            correct += int((logits.argmax(-1).eq(batch["labels"]) & mask).sum())
+            total += int(mask.sum())
+    return correct / total
+
+
+def check_translation_metrics(out_dir, res, n_eval, n_test=None, max_length=48):
+    """BLEU of results.json = sacrebleu on the written predictions and exactly the first n references
+    (no padding rows); token accuracy = the one computed here from the saved model."""
+    import sacrebleu
+
+    for prefix, split, n in (("eval", "val", n_eval), ("test", "test", n_test)):
+        if n is None:
+            continue
+        hyps = (Path(out_dir) / f"{prefix}_predictions.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        refs = [t for _, t in read_multi30k(MULTI30K, split)[:n]]
+        assert len(hyps) == n
+        assert res[f"{prefix}_bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
+        assert 0.0 <= res[f"{prefix}_token_accuracy"] <= 1.0
+        want = teacher_forced_accuracy(out_dir, split, n, max_length)
+        assert res[f"{prefix}_token_accuracy"] == pytest.approx(want, abs=1e-6)
 
 
 def test_cli_pretrained_directory_with_clars(tmp_path, tok):
@@ -231,6 +270,54 @@ def test_cli_refuses_bad_arguments(tmp_path, extra, error, match):
         run_cli(tmp_path, "--max_steps", "1", *extra)
 
 
+def test_cli_messages_name_the_flag_and_failed_start_leaves_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--model_name_or_path .*nowhere: no such directory"):
+        run_cli(tmp_path, "--model_name_or_path", str(tmp_path / "nowhere"), "--max_steps", "1")
+    with pytest.raises(ValueError, match="--model_options is not valid JSON"):
+        run_cli(tmp_path, "--model_options", "{d_model: 64}", "--max_steps", "1")
+    with pytest.raises(ValueError, match="--optim adamw_torch: lb_dist.finetune builds the optimizer from --optimizer"):
+        run_cli(tmp_path, "--optim", "adamw_torch", "--max_steps", "1")
+    # fails after the tokenizer was trained and saved: nothing may stay behind
+    with pytest.raises(ValueError, match="no_such_option"):
+        run_cli(tmp_path, "--model_options", json.dumps({**TINY, "no_such_option": 1}), "--max_steps", "1",
+                out="failed")
+    assert not (tmp_path / "failed").exists()
+
+
+def test_cli_resume_refuses_changed_optimizer_lr_and_vocabulary(tmp_path):
+    res = run_cli(tmp_path, "--optimizer", "lamb", "--learning_rate", "0.05", "--max_steps", "1",
+                  "--save_strategy", "steps", "--save_steps", "1", "--test_bleu", "false", out="r")
+    assert res["global_step"] == 1 and (tmp_path / "r" / "checkpoint-1").is_dir()
+    for extra, flag in ((["--optimizer", "clars", "--learning_rate", "0.05", "--gradient_accumulation_steps", "2"],
+                         "--optimizer"),
+                        (["--learning_rate", "1.0"], "--learning_rate"),
+                        (["--learning_rate", "0.05", "--vocab_size", "300"], "--vocab_size")):
+        with pytest.raises(ValueError, match=f"{flag} .* differs from the run being resumed"):
+            run_cli(tmp_path, *extra, "--max_steps", "2", "--save_strategy", "no", out="r")
+
+
+def test_cli_resume_equals_uninterrupted_without_missing_key_warnings(tmp_path, capfd):
+    """2 steps in one go versus 1 step, checkpoint, resume to 2 (LAMB + sample-wise mix), in one process
+    (the model's initial weights must follow --seed, not the RNG left by the previous run): the same
+    weights, and the resume does not report the tied and sinusoidal weights as missing."""
+    from safetensors.torch import load_file
+
+    common = ["--optimizer", "lamb", "--learning_rate", "0.05", "--mix", "sample", "--test_bleu", "false",
+              "--lr_scheduler_type", "constant",
+              "--model_options", json.dumps({**TINY, "dropout": 0.0})]
+    run_cli(tmp_path, *common, "--max_steps", "2", out="whole")
+    run_cli(tmp_path, *common, "--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1", out="parts")
+    capfd.readouterr()
+    res = run_cli(tmp_path, *common, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", out="parts")
+    assert res["global_step"] == 2
+    assert "missing keys" not in capfd.readouterr().err
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    parts = load_file(tmp_path / "parts" / "model.safetensors")
+    assert whole.keys() == parts.keys()
+    for key in whole:
+        torch.testing.assert_close(parts[key], whole[key], rtol=0, atol=0)
+
+
 def test_cli_missing_data_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         main(["--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o"), "--use_cpu"])
@@ -248,8 +335,42 @@ def test_ddp_sample_mix_gradient_and_clars_device_mix(tmp_path):
     assert result["last_update_micro_batches"] == 2  # one micro-batch per rank and step
 
 
+# Evaluation sets of 13 pairs with 2 processes x eval batch 4: the Trainer pads them to 16.
+N_EVAL = 13
+
+
+def test_torchrun_module_evaluates_exactly_the_eval_set(tmp_path):
+    """``torchrun --nproc_per_node 2 -m lb_dist.finetune --predict_with_generate`` on val/test sets of 13
+    pairs (not a multiple of processes x batch = 8): BLEU and token accuracy over exactly those 13,
+    BLEU equal to sacrebleu on the written predictions, token accuracy to the saved model's computed here."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _worker_launch import REPO, child_env, free_port
+
+    out = tmp_path / "out"
+    argv = ["--data_dir", str(MULTI30K), "--output_dir", str(out), "--max_train_samples", "64",
+            "--max_eval_samples", str(N_EVAL), "--vocab_size", "200", "--model_options", json.dumps(TINY),
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_steps", "2",
+            "--optimizer", "lamb", "--learning_rate", "0.05", "--predict_with_generate", "--generation_max_length",
+            "12", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--max_length", "40",
+            "--disable_tqdm", "true", "--report_to", "none", "--seed", "0", "--dataloader_num_workers", "0"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "lb_dist.finetune", *argv], cwd=str(REPO), env=child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["global_step"] == 2
+    check_translation_metrics(out, res, n_eval=N_EVAL, n_test=N_EVAL, max_length=40)
+
+
 @pytest.mark.parametrize("flags,config,match", [
     ({"optimizer": "clars"}, {}, "--optimizer 'clars': with --deepspeed the DeepSpeed config decides"),
+    ({"_given": {"optimizer"}}, {}, "--optimizer 'lamb': with --deepspeed"),        # the default, but given
+    ({"_given": {"mix"}}, {}, "--mix 'none': with --deepspeed"),
+    ({"_given": {"optim"}}, {"optimizer": {"type": "LAMB"}}, "--optim .*optimizer section"),
+    ({"_given": {"max_grad_norm"}}, {"gradient_clipping": 0.0}, "--max_grad_norm 1.0 disagrees with gradient_clipping"),
     ({"mix": "device"}, {}, "--mix 'device': with --deepspeed"),
     ({}, {"gradient_mix": {"granularity": "sample"}}, "gradient_mix.granularity \"sample\""),
     ({}, {"optimizer": {"type": "CLARS", "second_moments": {"source": "per_sample"}}}, "per_sample"),
@@ -262,15 +383,37 @@ def test_deepspeed_refuses_what_the_config_decides_or_cannot_feed(tmp_path, flag
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
+    given = flags.pop("_given", None)
     fa = FinetuneArguments(data_dir=str(MULTI30K), **flags)
+    if given is not None:
+        fa._given = given
     with pytest.raises(ValueError, match=match):
-        _prepare_deepspeed(fa, SimpleNamespace(deepspeed=str(path), gradient_accumulation_steps=2))
+        _prepare_deepspeed(fa, SimpleNamespace(deepspeed=str(path), gradient_accumulation_steps=2, max_grad_norm=1.0,
+                                               optim="adamw_torch"))
+
+
+def test_deepspeed_gradient_clipping_number_sets_max_grad_norm(tmp_path):
+    """The README's config ("gradient_clipping": 0.0) under HF: max_grad_norm takes the config's value and
+    transformers' recorded mismatch is dropped (the launcher test below runs it for real)."""
+    from types import SimpleNamespace
+
+    from lb_dist.finetune import FinetuneArguments, _prepare_deepspeed
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_clipping": 0.0}))
+    fa = FinetuneArguments(data_dir=str(MULTI30K))
+    fa._given = {"data_dir", "deepspeed"}
+    hf = SimpleNamespace(mismatches=["- ds gradient_clipping=0.0 vs hf max_grad_norm=1.0"])
+    ta = SimpleNamespace(deepspeed=str(path), gradient_accumulation_steps=1, max_grad_norm=1.0, hf_deepspeed_config=hf)
+    _prepare_deepspeed(fa, ta)
+    assert ta.max_grad_norm == 0.0 and hf.mismatches == []
 
 
 def test_deepspeed_launcher_clars_gradient_mix(tmp_path):
     """``deepspeed --num_gpus 2 --module lb_dist.finetune --deepspeed ds.json``: the Trainer builds
     lb_dist's engine through register(): ZeRO-aware CLARS from the config (ZeRO-2, micro-batch S_k from
-    the 2 processes' micro-batches), device-wise gradient_mix, "auto" values from the Trainer."""
+    the 2 processes' micro-batches), device-wise gradient_mix, "auto" values from the Trainer; the
+    config's "gradient_clipping": 0.0 as the README writes it; --predict_with_generate on 13 pairs."""
     import subprocess
     import sys
 
@@ -282,7 +425,7 @@ def test_deepspeed_launcher_clars_gradient_mix(tmp_path):
     if not launcher.exists():
         pytest.skip("the deepspeed launcher is not installed")
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "train_batch_size": "auto", "gradient_clipping": "auto", "steps_per_print": 10 ** 9,
+              "train_batch_size": "auto", "gradient_clipping": 0.0, "steps_per_print": 10 ** 9,
               "zero_optimization": {"stage": 2},
               "optimizer": {"type": "CLARS", "params": {"lr": "auto", "weight_decay": "auto", "eta": 0.01}},
               "gradient_mix": {"noise": "gaussian", "std": 0.25, "seed": 0}}
@@ -291,9 +434,10 @@ def test_deepspeed_launcher_clars_gradient_mix(tmp_path):
     argv = ["--deepspeed", str(tmp_path / "ds.json"), "--data_dir", str(MULTI30K), "--output_dir", str(out),
             "--max_train_samples", "64", "--vocab_size", "200", "--model_options", json.dumps(TINY),
             "--per_device_train_batch_size", "4", "--max_steps", "3", "--learning_rate", "0.5",
-            "--weight_decay", "1e-4", "--max_grad_norm", "0", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu",
+            "--weight_decay", "1e-4", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu",
             "--max_length", "40", "--disable_tqdm", "true", "--report_to", "none", "--seed", "0",
-            "--dataloader_num_workers", "0", "--test_bleu", "false"]
+            "--dataloader_num_workers", "0", "--test_bleu", "false", "--predict_with_generate",
+            "--max_eval_samples", str(N_EVAL), "--per_device_eval_batch_size", "4", "--generation_max_length", "12"]
     env = {**child_env(), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                            "lb_dist.finetune", *argv], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
@@ -305,3 +449,5 @@ def test_deepspeed_launcher_clars_gradient_mix(tmp_path):
     assert ds["world_size"] == 2 and ds["mix_step"] == res["global_step"] == 3
     assert ds["estimator_updates"] == [3]   # one micro-batch estimate per optimizer step
     assert math.isfinite(res["train_loss"]) and res["train_loss"] > 0
+    # the README's "gradient_clipping": 0.0 as written (no --max_grad_norm), and evaluation of exactly 13 pairs
+    check_translation_metrics(out, res, n_eval=N_EVAL, max_length=40)

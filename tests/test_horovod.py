@@ -28,6 +28,7 @@ from lb_dist.mixing import GradientMix  # noqa: E402
 K = 2
 STD = 0.5        # tests/_worker_horovod.py
 LOCAL = 4
+STEPS = 3        # tests/_worker_horovod.py
 BIN = Path(sys.executable).parent
 HOROVODRUN = str(BIN / "horovodrun")
 WORKER = str(REPO / "tests" / "_worker_horovod.py")
@@ -610,3 +611,113 @@ def test_elastic_horovodrun_grow_and_shrink(tmp_path):
         params = [p - lr * b for p, b in zip(params, bufs)]
     for got, want in zip(final["final"], params):
         close(got, want, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------- Horovod's own documented calls and plain checkpoints
+FLOW = {"lars": dict(lr=0.5, wd=1e-2, seed=11), "clars": dict(lr=0.5, wd=1e-2, seed=12),
+        "lamb": dict(lr=0.05, wd=1e-2, seed=13), "sgd": dict(lr=0.1, wd=1e-2, seed=15)}   # the worker's HVD_FLOW
+
+
+def flow_reference(kind, params, batches, steps):
+    """float64 replay of `steps` steps from the equations: per-rank gradients, sum_k pi_k g_k, then
+    LARS (trust eta ||w|| / (||g|| + wd ||w||)), CLARS (sqrt(S_k) for ||g||, S_k from the two-batch
+    solve with EMA 0.5, bias-corrected) with Nesterov momentum 0.9, or LAMB (betas 0.9/0.99, eps
+    1e-6, trust ||w|| / ||r||); biases: trust 1, no weight decay; or torch's SGD (momentum 0.9, weight
+    decay on every parameter). batches[t][r] = rank r's (x, y)."""
+    h = FLOW[kind]
+    lr, wd, mu, eta, ema = h["lr"], h["wd"], 0.9, 0.01, 0.5
+    mix = GradientMix(noise="gaussian", std=STD, seed=h["seed"], world_size=K)
+    params = [p.double() for p in params]
+    bufs = [None] * len(params)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    acc = None
+    for t in range(steps):
+        g = [mlp_grads(params, *batches[t][r]) for r in range(K)]
+        pi = mix.coefficients(step=t)
+        mixed = expected_reduced(g, pi, False)
+        new = []
+        if kind == "lamb":
+            b1, b2, eps = 0.9, 0.99, 1e-6
+            for i, (w, gi) in enumerate(zip(params, mixed)):
+                m[i] = b1 * m[i] + (1 - b1) * gi
+                v[i] = b2 * v[i] + (1 - b2) * gi * gi
+                r = (m[i] / (1 - b1 ** (t + 1))) / ((v[i] / (1 - b2 ** (t + 1))).sqrt() + eps)
+                trust = 1.0
+                if w.dim() > 1:
+                    r = r + wd * w
+                    trust = w.norm() / r.norm()
+                new.append(w - lr * trust * r)
+            params = new
+            continue
+        if kind == "sgd":       # torch.optim.SGD(momentum=0.9, weight_decay=wd) on every parameter
+            for i, (w, gi) in enumerate(zip(params, mixed)):
+                d = gi + wd * w
+                bufs[i] = d.clone() if bufs[i] is None else mu * bufs[i] + d
+                new.append(w - lr * bufs[i])
+            params = new
+            continue
+        if kind == "clars":
+            micro, _, _, big = weighted_solve(g, pi)
+            small = micro / K
+            grad_sq, trace = two_batch(small, torch.minimum(big.clamp_min(0), small), LOCAL, K * LOCAL)
+            est = torch.stack([grad_sq, trace])
+            acc = (1 - ema) * est if acc is None else ema * acc + (1 - ema) * est
+            s = (acc.sum(0) / (1 - ema ** (t + 1))).clamp_min(0)
+        for i, (w, gi) in enumerate(zip(params, mixed)):
+            if w.dim() > 1:
+                wn = w.norm()
+                term = s[i].sqrt() if kind == "clars" else gi.norm()
+                u = eta * wn / (term + wd * wn) * (gi + wd * w)
+            else:
+                u = gi
+            bufs[i] = u.clone() if bufs[i] is None else mu * bufs[i] + u
+            new.append(w - lr * (u + mu * bufs[i]))
+        params = new
+    return params
+
+
+@pytest.mark.parametrize("kind", list(FLOW))
+def test_horovod_broadcast_and_root_only_resume_match_reference(runs, kind):
+    """hvd.broadcast_parameters + hvd.broadcast_optimizer_state (Horovod's documented order) on a
+    fresh lb_dist optimizer with GradientMix: nothing moves, no mix draw, no CLARS error; STEPS steps
+    then match the float64 replay. A plain opt.state_dict() checkpoint after 2 steps, loaded on rank 0
+    only (Horovod's examples), then Horovod's two broadcasts and the last step: the same result as
+    the uninterrupted run (mix step, CLARS estimator with EMA, LAMB's param-group keys all travel)."""
+    recs = [runs[r]["hvd_flow"][kind] for r in range(K)]
+    for rec in recs:
+        assert rec["broadcast_error"] is None and rec["resume_error"] is None
+        assert rec["moved_by_broadcast"] is False and rec["mix_step_after_broadcast"] == 0
+        assert rec["mix_step"] == STEPS and rec["resumed_mix_step_end"] == STEPS
+        section = rec["checkpoint_lb_dist"]
+        assert section["gradient_mix"]["step"] == 2
+        assert ("moments" in section) == (kind == "clars")
+    assert recs[0]["group_keys"] == recs[1]["group_keys"]
+    for a, b in zip(recs[0]["start"], recs[1]["start"]):
+        assert torch.equal(a, b)
+    batches = [[_flow_data(t, r) for r in range(K)] for t in range(STEPS)]
+    want = flow_reference(kind, recs[0]["start"], batches, STEPS)
+    for rec in recs:
+        for got, w in zip(rec["final"], want):
+            close(got, w, atol=1e-5, rtol=1e-4)
+        for got, w in zip(rec["resumed_final"], want):
+            close(got, w, atol=1e-5, rtol=1e-4)
+        for got, w in zip(rec["resumed_final"], rec["final"]):
+            assert torch.equal(got, w)      # resumed == uninterrupted, bitwise
+
+
+def _flow_data(t, rank):
+    """The worker's data("mlp", t, rank), rebuilt here from its seed rule."""
+    g = torch.Generator().manual_seed(1000 * t + 10 * rank)
+    x = torch.randn(LOCAL, 6, generator=g)
+    return x, torch.randint(0, 3, (LOCAL,), generator=g)
+
+
+def test_sparse_as_dense_with_layerwise_optimizer(runs):
+    """sparse_as_dense=True: Horovod hands back a sparse reduced gradient, which LARS refuses; lb_dist
+    gives the optimizer the dense one, so a sparse Embedding trains exactly as a dense one."""
+    for r in range(K):
+        sp = runs[r]["hvd_flow"]["sparse_as_dense"]
+        assert not isinstance(sp[True], str), sp[True]
+        for a, b in zip(sp[True], sp[False]):
+            close(a, b, atol=1e-6, rtol=1e-6)

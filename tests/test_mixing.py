@@ -6,6 +6,7 @@ sample-wise gradient as a per-sample Python loop sum_b pi_b grad l_b.
 """
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from pathlib import Path
@@ -134,6 +135,78 @@ def test_attach_advances_after_each_optimizer_step():
     assert mix.step == 3
     with pytest.raises(TypeError, match="optimizer"):
         mix.attach("sgd")
+
+
+def _clars_with_state(seed=0):
+    """A fresh CLARS with an EMA estimator (moments) and an attached mix."""
+    from lb_dist.moments import MicroBatchMoments
+    from lb_dist.optim import CLARS
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    moments = MicroBatchMoments(list(model.parameters()), micro_batch_size=2, ema=0.5)
+    opt = CLARS(model.parameters(), lr=0.1, moments=moments)
+    mix = GradientMix(seed=7, world_size=2)
+    mix.attach(opt)
+    return model, opt, mix, moments
+
+
+def test_optimizer_state_dict_carries_mix_and_estimator():
+    """opt.state_dict()["lb_dist"] holds the attached mix and CLARS' estimator; torch.save/torch.load
+    (weights_only) and load_state_dict into a fresh optimizer restore them, and the resumed steps
+    equal the uninterrupted ones bitwise (coefficients and S_k both depend on the restored state)."""
+    def run(model, opt, mix, moments, t0, t1):
+        for t in range(t0, t1):
+            g = torch.Generator().manual_seed(t)
+            moments.update(torch.rand(2, generator=g) + 1.0, 2, torch.rand(2, generator=g))
+            scale = mix.scale(rank=0) * mix.scale(rank=1)       # this step's coefficients enter the update
+            for p in model.parameters():
+                p.grad = scale * torch.randn(p.shape, generator=g)
+            opt.step()
+
+    model, opt, mix, moments = _clars_with_state()
+    run(model, opt, mix, moments, 0, 5)
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    model, opt, mix, moments = _clars_with_state()
+    run(model, opt, mix, moments, 0, 3)
+    sd = opt.state_dict()
+    assert sd["lb_dist"]["gradient_mix"] == mix.state_dict() and sd["lb_dist"]["gradient_mix"]["step"] == 3
+    assert sd["lb_dist"]["moments"]["num_updates"] == 3 and sd["lb_dist"]["moments"]["ema"] == 0.5
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": sd}, buf)
+    buf.seek(0)
+    ck = torch.load(buf)
+    model, opt, mix, moments = _clars_with_state(seed=1)       # another initialization, fresh state
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    assert mix.step == 3 and moments.num_updates == 3
+    run(model, opt, mix, moments, 3, 5)
+    for got, want in zip(model.parameters(), reference):
+        assert torch.equal(got, want)
+
+
+def test_optimizer_state_dict_refuses_a_mismatching_lb_dist_section():
+    _, opt, mix, moments = _clars_with_state()
+    sd = opt.state_dict()
+    # saved with a mix, loaded where none is attached: refused, naming it
+    _, other, other_mix, _ = _clars_with_state()
+    other_mix.detach()
+    with pytest.raises(ValueError, match=r"in the checkpoint but not linked to this optimizer: \['gradient_mix'\]"):
+        other.load_state_dict(sd)
+    # a section without the attached mix: refused
+    partial = {**sd, "lb_dist": {"moments": sd["lb_dist"]["moments"]}}
+    with pytest.raises(ValueError, match=r"absent from the checkpoint: \['gradient_mix'\]"):
+        opt.load_state_dict(partial)
+    # no section at all (a plain torch state_dict): loads with a warning naming what keeps its state
+    mix.step = 5
+    plain = {k: v for k, v in sd.items() if k != "lb_dist"}
+    with pytest.warns(UserWarning, match=r"no 'lb_dist' section .*\['gradient_mix', 'moments'\]"):
+        opt.load_state_dict(plain)
+    assert mix.step == 5
+    # detached: the mix leaves the state_dict
+    mix.detach()
+    assert "gradient_mix" not in opt.state_dict()["lb_dist"]
 
 
 def test_state_dict_round_trip():

@@ -23,6 +23,12 @@ of them, each calling Horovod's original:
   ``||M||^2`` and the step's ``W1 = sum_k pi_k``, ``W2 = sum_k pi_k^2`` (the core's solve
   conditioned on the coefficients, the same rule as ``lb_dist.ddp`` and ``lb_dist.deepspeed``).
 
+Horovod's own ``hvd.broadcast_optimizer_state`` works on the result: its initializing ``step()`` on
+zero gradients is recognized and only creates the state a first step would find (no update, no mix
+draw, no estimator read); ``state_dict()`` carries the mix's and the estimator's state (also as an
+option of the first param group, so Horovod's broadcast carries it to every rank); with
+``sparse_as_dense=True`` a layer-wise optimizer gets the dense reduced gradient.
+
 Details, equations and what is refused: docs/backend-horovod.md.
 """
 from __future__ import annotations
@@ -40,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Horovod
                       "this torch): run `scripts/setup.sh dev,horovod` (it builds and caches a patched "
                       "wheel, see scripts/install_horovod.sh)") from exc
 
+from lb_dist import _optimizer_state
 from lb_dist._validation import check_grad_scale, check_positive_int
 from lb_dist.mixing import GradientMix, check_device_mix
 from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments,
@@ -179,6 +186,7 @@ class GradientMixState:
 
     def before_reduce(self, opt, params) -> None:
         """Called for the parameters whose gradients are about to be submitted by Horovod."""
+        _adopt_broadcast_section(opt)
         mixing = self.mixing()
         if not mixing and self.moments is None:
             return
@@ -281,6 +289,15 @@ class _Overrides:
         _HVD["__init__"](self, params, named_parameters, compression, backward_passes_per_step, op,
                          gradient_predivide_factor, groups, sparse_as_dense, process_set)
         self.lb_dist_state = lb_dist_state
+        self._lb_dist_in_step = False
+        self._lb_dist_initialized = False
+        # The param-group keys a load_state_dict adds (torch's __setstate__: "differentiable" and the
+        # class defaults) are added now, so that a rank that loaded a checkpoint and a fresh one have
+        # the same keys: hvd.broadcast_optimizer_state broadcasts the options key by key.
+        self.__setstate__(self.__getstate__())
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     def _allreduce_grad_async(self, p):
         self.lb_dist_state.before_reduce(self, (p,))
@@ -291,6 +308,17 @@ class _Overrides:
         return _HVD["_grouped_allreduce_grad_async"](self, ps)
 
     def synchronize(self):
+        _adopt_broadcast_section(self)
+        self._lb_dist_synchronize()
+        if self.sparse_as_dense and _refuses_sparse(self):
+            # Horovod reduces sparse gradients densely and then makes them sparse again, which the
+            # layer-wise optimizers refuse: they get the dense reduced gradient (same values).
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and p.grad.is_sparse:
+                        p.grad = p.grad.to_dense()
+
+    def _lb_dist_synchronize(self):
         st = self.lb_dist_state
         if not self.process_set.included() or not (st.collects or st.mixing()):
             return _HVD["synchronize"](self)
@@ -331,7 +359,12 @@ class _Overrides:
         return None
 
     def step(self, closure=None):
-        return _HVD["step"](self, closure)
+        _adopt_broadcast_section(self)
+        self._lb_dist_in_step = True     # tells the class step (_init_step_shim) that this is a real step
+        try:
+            return _HVD["step"](self, closure)
+        finally:
+            self._lb_dist_in_step = False
 
     # torch's Optimizer._patch_step_function (run by Optimizer.__init__ and by __setstate__, i.e. by
     # every load_state_dict) wraps a class's step, unless marked hooked, in a function that runs the
@@ -357,9 +390,24 @@ class _Overrides:
         if micro_batch_size is not None:
             st.micro_batch_size = micro_batch_size
 
-    def load_state_dict(self, *args, **kwargs):
+    def state_dict(self):
+        """torch's ``state_dict`` (with ``["lb_dist"]``: the mix's and the estimator's state), whose
+        ``"lb_dist"`` section is also an option of the first param group: ``hvd.broadcast_optimizer_state``
+        broadcasts param-group options, so the mix step and the estimator reach every rank with it."""
+        _adopt_broadcast_section(self)
+        sd = super(self.__class__, self).state_dict()
+        section = sd.get(_optimizer_state.KEY)
+        if section is not None and sd["param_groups"]:
+            sd["param_groups"][0] = {**sd["param_groups"][0], _optimizer_state.KEY: section}
+            if not sd["state"] and self._lb_dist_initialized and self.param_groups[0]["params"]:
+                # a stateless optimizer after Horovod's initializing step: one empty entry, so that
+                # hvd.broadcast_optimizer_state does not stop before broadcasting the options
+                sd["state"] = {0: {}}
+        return sd
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
         self.lb_dist_state.reset()
-        return _HVD["load_state_dict"](self, *args, **kwargs)
+        return _HVD["load_state_dict"](self, _without_group_section(state_dict), *args, **kwargs)
 
     def zero_grad(self, set_to_none: bool = True):
         if self._handles:
@@ -367,6 +415,93 @@ class _Overrides:
                                  "but before optimizer.step() or optimizer.synchronize(). "
                                  "This is prohibited as it can cause a race condition.")
         return super(self.__class__, self).zero_grad(set_to_none)
+
+
+def _refuses_sparse(optimizer) -> bool:
+    from lb_dist.optim._base import LayerwiseOptimizer
+    return isinstance(optimizer, LayerwiseOptimizer)
+
+
+def _without_group_section(state_dict):
+    """``state_dict`` with the "lb_dist" param-group option (see ``state_dict``) taken out of its groups
+    (kept, or moved to, the top-level ``"lb_dist"`` key that the optimizer's load hooks read)."""
+    key = _optimizer_state.KEY
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not groups or not any(isinstance(g, dict) and key in g for g in groups):
+        return state_dict
+    sd = dict(state_dict)
+    section = next(g[key] for g in groups if isinstance(g, dict) and key in g)
+    sd["param_groups"] = [{k: v for k, v in g.items() if k != key} for g in groups]
+    sd.setdefault(key, section)
+    return sd
+
+
+def _adopt_broadcast_section(optimizer) -> None:
+    """After ``hvd.broadcast_optimizer_state`` every rank's first param group holds root's "lb_dist"
+    option (the mix's and the estimator's state): load it into the linked objects and take it out."""
+    groups = optimizer.param_groups
+    if groups and _optimizer_state.KEY in groups[0]:
+        _optimizer_state.load_section(optimizer, groups[0].pop(_optimizer_state.KEY), "hvd.broadcast_optimizer_state")
+        optimizer.lb_dist_state.reset()
+
+
+def _zero_grads(optimizer) -> bool:
+    """Every trainable parameter has an all-zero gradient (what hvd.broadcast_optimizer_state sets)."""
+    seen = False
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            if p.grad is None or (p.grad.is_sparse and p.grad._nnz() and bool(p.grad.coalesce().values().any())) \
+                    or (not p.grad.is_sparse and bool(p.grad.any())):
+                return False
+            seen = True
+    return seen
+
+
+def _init_step_shim(user_cls):
+    """The class ``step`` between the user's optimizer class and Horovod's methods. Horovod's
+    ``broadcast_optimizer_state`` calls it directly (``super(type(opt), opt).step()``) on zero
+    gradients to create the state of an optimizer that has none; lb_dist's own ``step`` calls it with
+    ``_lb_dist_in_step`` set. That initializing step is recognized and only creates the state a first
+    step would find: lb_dist's optimizers run their ``init_state()``; any other optimizer runs its
+    step without step hooks (no GradientMix draw) and without weight decay, its parameters put back
+    and step counts reset to 0 (zero buffers: a next step equal to a first one for SGD without
+    dampening, Adam/AdamW, Adagrad, RMSprop). The mix, the estimator and the weights are untouched
+    (a CLARS estimator is not even read)."""
+    def step(self, closure=None):
+        if closure is not None or self.__dict__.get("_lb_dist_in_step") or any(self.state.values()) \
+                or not _zero_grads(self):
+            return user_cls.step(self, closure)
+        init = getattr(self, "init_state", None)
+        if callable(init):
+            init()
+        else:
+            raw = user_cls.step
+            if getattr(raw, "hooked", False) and hasattr(raw, "__wrapped__"):
+                raw = raw.__wrapped__       # torch's wrapper that runs the step hooks
+            params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+            saved = [p.detach().clone() for p in params]
+            decays = [group.get("weight_decay") for group in self.param_groups]
+            for group in self.param_groups:      # zero gradients, no decay: zero moment buffers
+                if "weight_decay" in group:
+                    group["weight_decay"] = 0.0
+            try:
+                raw(self)
+            finally:
+                for group, wd in zip(self.param_groups, decays):
+                    if wd is not None:
+                        group["weight_decay"] = wd
+                with torch.no_grad():
+                    for p, w in zip(params, saved):
+                        p.copy_(w)
+            for st in self.state.values():
+                if "step" in st:
+                    st["step"] = st["step"].zero_() if torch.is_tensor(st["step"]) else 0
+        self._lb_dist_initialized = True
+        return None
+    step.hooked = True
+    return step
 
 
 def _passes_above_one(passes) -> bool:
@@ -509,8 +644,8 @@ def DistributedOptimizer(optimizer, named_parameters=None,
                 continue
             self.__dict__[key] = value
 
-    shim = type(user_cls.__name__, (user_cls,), {"__init__": adopt, "__module__": __name__,
-                                                 "__qualname__": user_cls.__qualname__})
+    shim = type(user_cls.__name__, (user_cls,), {"__init__": adopt, "step": _init_step_shim(user_cls),
+                                                 "__module__": __name__, "__qualname__": user_cls.__qualname__})
     body = {k: v for k, v in _HVD.items() if k not in ("__dict__", "__weakref__")}
     body.update({k: v for k, v in _Overrides.__dict__.items() if k not in ("__dict__", "__weakref__", "__doc__")})
     # Horovod's broadcast_optimizer_state recognizes its optimizers by this module name and then steps
@@ -525,4 +660,6 @@ def DistributedOptimizer(optimizer, named_parameters=None,
         state.stats_name = _stats_name(result._parameter_names, moments)
     if gradient_mix is not None and gradient_mix._attached is None:
         gradient_mix.attach(result)
+    if moments is not None:
+        moments.link_optimizer_state(result)
     return result

@@ -33,6 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from lb_dist import _optimizer_state
 from lb_dist._validation import check_finite_number, check_fraction, check_positive, check_positive_int
 
 
@@ -513,6 +514,12 @@ class MicroBatchMoments:
         return variance_factors(self.second_moments_tensor(), self.grad_sq_norms_tensor(), self.params)
 
     # ----------------------------------------------------------- state
+    def link_optimizer_state(self, optimizer) -> None:
+        """Carry this estimator's :meth:`state_dict` in ``optimizer.state_dict()["lb_dist"]["moments"]``
+        and restore it in ``optimizer.load_state_dict`` (``lb_dist.optim.CLARS(moments=...)`` and
+        ``lb_dist.horovod.DistributedOptimizer(moments=...)`` call this)."""
+        _optimizer_state.link(optimizer, "moments", self)
+
     def state_dict(self) -> dict:
         return {
             "ema": self.ema,

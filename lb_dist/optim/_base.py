@@ -332,6 +332,18 @@ class LayerwiseOptimizer(Optimizer):
         for group in self.param_groups:
             self._init_group(group)
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create the state a first ``step()`` would find (zero buffers; LAMB's step count 0) for the
+        tensors with a gradient, without updating anything: a step after it is exactly a first
+        step. Only for an optimizer without state (RuntimeError otherwise). What
+        ``hvd.broadcast_optimizer_state``'s initializing step runs for an
+        ``lb_dist.horovod.DistributedOptimizer``."""
+        if any(self.state.values()):
+            raise RuntimeError(f"{type(self).__name__}.init_state() is for an optimizer without state")
+        self._init_state()
+        self._fresh = []
+
     def _note_fresh(self, p: Tensor, keys: tuple[str, ...]) -> None:
         fresh = self.__dict__.get("_fresh")
         if fresh is not None:

@@ -273,6 +273,9 @@ class CLARS(LayerwiseSGD):
                             f"{type(moments).__name__}")
         super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach)
         self.moments = moments
+        link = getattr(moments, "link_optimizer_state", None)
+        if callable(link):          # a MicroBatchMoments travels in this optimizer's state_dict
+            link(self)
 
     def __getstate__(self) -> dict:
         """deepcopy / pickle keep the state, the skip counters and stored ``S_k``; an attached
