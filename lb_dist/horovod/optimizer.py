@@ -294,7 +294,9 @@ class _Overrides:
         # The param-group keys a load_state_dict adds (torch's __setstate__: "differentiable" and the
         # class defaults) are added now, so that a rank that loaded a checkpoint and a fresh one have
         # the same keys: hvd.broadcast_optimizer_state broadcasts the options key by key.
-        self.__setstate__(self.__getstate__())
+        # (exactly what torch's load_state_dict runs; not __getstate__, which drops what a copy must
+        # not share, such as CLARS' estimator)
+        self.__setstate__({"state": self.state, "param_groups": self.param_groups})
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
