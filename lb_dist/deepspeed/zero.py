@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lb_dist.distributed import all_reduce_sum_
 from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, mixing_weight_sums
-from lb_dist.optim import CLARS, LayerFragments, LayerwiseOptimizer, LayerwiseSGD
+from lb_dist.optim import CLARS, LayerFragments, LayerwiseOptimizer, LayerwiseSGD, logical_numel
 
 __all__ = ["ShardedTensor", "sharded_tensors", "make_sharded", "ShardedLayerwise", "ShardedCLARS",
            "MicroBatchStepMoments", "PerSampleSource", "refuse_unsupported"]
@@ -137,7 +137,7 @@ def sharded_tensors(engine, optimizer: LayerwiseOptimizer) -> list[ShardedTensor
             for j, p in enumerate(lps):
                 size = int(p.ds_tensor.ds_numel)
                 rank = dist.get_rank(group=p.ds_process_group)
-                valid = max(0, min(size, int(p.ds_numel) - rank * size))
+                valid = max(0, min(size, logical_numel(p) - rank * size))
                 if valid:
                     starts.append(offset)
                     numels.append(valid)
@@ -164,7 +164,7 @@ def check_coverage(shards: list[ShardedTensor]) -> None:
                         if s.fragments.layers else torch.zeros(s.fragments.num_layers, dtype=torch.float64)
                         for s in shards])
     all_reduce_sum_(counts, shards[0].process_group)
-    expected = torch.tensor([float(getattr(p, "ds_numel", p.numel())) for s in shards
+    expected = torch.tensor([float(logical_numel(p)) for s in shards
                              for p in s.fragments.layer_keys], dtype=torch.float64)
     if not torch.equal(counts, expected):
         bad = int((counts != expected).nonzero()[0])
