@@ -32,7 +32,47 @@ from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableErro
 from lb_dist.optim import CLARS, LayerFragments, LayerwiseOptimizer, LayerwiseSGD, logical_numel
 
 __all__ = ["ShardedTensor", "sharded_tensors", "make_sharded", "ShardedLayerwise", "ShardedCLARS",
-           "MicroBatchStepMoments", "PerSampleSource", "refuse_unsupported"]
+           "MicroBatchStepMoments", "PerSampleSource", "refuse_unsupported", "check_deepspeed_version",
+           "SUPPORTED_DEEPSPEED", "ENV_UNTESTED"]
+
+#: The DeepSpeed releases whose internals this module reads (``param._hp_mapping``,
+#: ``single_partition_of_fp32_groups``, ``fp32_partitioned_groups_flat``, ``ds_tensor``,
+#: ``sub_group_to_group_id``, ``_global_grad_norm``, ...), as a pip specifier; tested: 0.19.8.
+SUPPORTED_DEEPSPEED = ">=0.19.8,<0.20"
+#: Set to 1 to run lb_dist on an untested DeepSpeed anyway (a warning instead of the error).
+ENV_UNTESTED = "LB_DIST_DEEPSPEED_UNTESTED"
+
+
+def check_deepspeed_version(version: str | None = None) -> str:
+    """Refuse a DeepSpeed outside :data:`SUPPORTED_DEEPSPEED` (default: the installed one's
+    ``deepspeed.__version__``), naming the range; returns the version.
+
+    An error, not a warning: this module reads DeepSpeed's private partition bookkeeping, and a
+    release that renames an attribute fails loudly, but one that changes its meaning (the global
+    gradient norm lb_dist's non-finite skip relies on, the padding of a ZeRO-3 piece) would train
+    wrongly without a word. ``LB_DIST_DEEPSPEED_UNTESTED=1`` turns it into a warning (the set-up
+    check that the fragments cover every layer exactly once still runs)."""
+    import os
+    import warnings
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+    if version is None:
+        import deepspeed
+        version = str(deepspeed.__version__)
+    try:
+        ok = Version(version.split("+")[0]) in SpecifierSet(SUPPORTED_DEEPSPEED)
+    except InvalidVersion:
+        ok = False
+    if ok:
+        return version
+    message = (f"lb_dist.deepspeed supports DeepSpeed {SUPPORTED_DEEPSPEED} (it reads DeepSpeed's ZeRO "
+               f"partition internals, tested with 0.19.8) and found deepspeed {version}: install "
+               f"'deepspeed{SUPPORTED_DEEPSPEED}', or set {ENV_UNTESTED}=1 to try this release anyway")
+    if os.environ.get(ENV_UNTESTED, "").strip().lower() in ("1", "true", "yes"):
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return version
+    raise RuntimeError(message)
 
 
 @dataclass
@@ -64,6 +104,7 @@ def _kind(engine) -> str:
 def refuse_unsupported(engine) -> str:
     """Raise a clear error for DeepSpeed setups the layer-wise reduction does not cover; return
     the wrapper kind ("plain", "zero12", "bf16", "zero3")."""
+    check_deepspeed_version()
     kind = _kind(engine)
     if kind not in ("plain", "zero12", "bf16", "zero3"):
         raise RuntimeError(

@@ -150,6 +150,8 @@ class LayerwiseOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any]):
         defaults.setdefault("layer_adaptation", True)
         defaults.setdefault("foreach", None)
+        defaults.setdefault("min_coeff", None)      # trust-ratio clamp (scale_by_trust_ratio)
+        defaults.setdefault("max_coeff", None)
         self._validate_values(defaults, None)
         self.skipped_steps: int = 0
         self.last_step_skipped: bool = False
@@ -175,6 +177,13 @@ class LayerwiseOptimizer(Optimizer):
                              f"got {values['layer_adaptation']!r}")
         if "foreach" in values and values["foreach"] not in (None, True, False):
             raise ValueError(f"foreach{where} must be None, True or False, got {values['foreach']!r}")
+        for key in ("min_coeff", "max_coeff"):
+            if values.get(key) is not None:
+                check_non_negative(key + where, values[key])
+        if values.get("min_coeff") is not None and values.get("max_coeff") is not None \
+                and values["min_coeff"] > values["max_coeff"]:
+            raise ValueError(f"min_coeff{where} ({values['min_coeff']!r}) must be <= max_coeff "
+                             f"({values['max_coeff']!r})")
 
     def add_param_group(self, param_group: dict) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
@@ -189,6 +198,8 @@ class LayerwiseOptimizer(Optimizer):
                 group.setdefault(key, value)
             group.setdefault("layer_adaptation", True)
             group.setdefault("foreach", None)
+            group.setdefault("min_coeff", None)
+            group.setdefault("max_coeff", None)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("last_step_skipped", False)
         self.__dict__.setdefault("_warned_nonfinite", False)

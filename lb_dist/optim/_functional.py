@@ -36,7 +36,8 @@ CPU_DOT_NUMEL = 1 << 16
 
 
 def scale_by_trust_ratio(param_norm: Tensor, update_norm: Tensor, *, eta: float = 1.0,
-                         weight_decay: float = 0.0) -> Tensor:
+                         weight_decay: float = 0.0, min_coeff: float | None = None,
+                         max_coeff: float | None = None) -> Tensor:
     """Layer-wise trust ratios, elementwise over stacked per-layer norms.
 
     ``trust_k = eta * ||w_k|| / (update_norm_k + weight_decay * ||w_k||)``, and ``trust_k = 1``
@@ -48,11 +49,18 @@ def scale_by_trust_ratio(param_norm: Tensor, update_norm: Tensor, *, eta: float 
     * LAMB (You et al. 2019): ``update_norm = ||r_k||`` with the decay already inside ``r_k``,
       ``eta = 1``, ``weight_decay = 0``.
 
+    ``min_coeff`` / ``max_coeff`` (default None: no bound) clamp the computed ratio to
+    ``[min_coeff, max_coeff]``, DeepSpeed FusedLamb's trust-ratio clipping (``lamb_coeff`` in
+    ``fused_lamb_cuda_kernel.cu``; timm's ``trust_clip`` is ``max_coeff = 1``); the fallback 1
+    where a norm is 0 is not clamped, as in DeepSpeed.
+
     This is optax's ``scale_by_trust_ratio`` as a pure function on the stacked norms, so a sharded
     optimizer can call it on norms it has all-reduced itself.
     """
     denom = update_norm + weight_decay * param_norm if weight_decay else update_norm
     ratio = (eta * param_norm) / denom
+    if min_coeff is not None or max_coeff is not None:
+        ratio = ratio.clamp(min=min_coeff, max=max_coeff)
     usable = (param_norm > 0) & (denom > 0)
     return torch.where(usable, ratio, torch.ones_like(ratio))
 

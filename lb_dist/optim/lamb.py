@@ -40,15 +40,19 @@ class LAMB(LayerwiseOptimizer):
             ``weight_decay``, ``foreach`` override the defaults).
         lr: 1e-3. betas: (0.9, 0.999). eps: 1e-6. weight_decay: 0.
         foreach: None = multi-tensor kernels when all of a group's parameters are on one device.
+        min_coeff, max_coeff: clamp ``trust_k`` to ``[min_coeff, max_coeff]``, DeepSpeed FusedLamb's
+            ``min_coeff``/``max_coeff`` (FusedLamb's defaults are 0.01 and 10; here default None:
+            no clamp, the paper's Algorithm 2).
     """
 
     _non_negative_keys = ("lr", "weight_decay")
     _positive_keys = ("eps",)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, *, foreach: bool | None = None):
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, foreach: bool | None = None,
+                 min_coeff: float | None = None, max_coeff: float | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      foreach=foreach))
+                                      foreach=foreach, min_coeff=min_coeff, max_coeff=max_coeff))
 
     def _validate_values(self, values: dict, group_index: int | None) -> None:
         super()._validate_values(values, group_index)
@@ -102,7 +106,9 @@ class LAMB(LayerwiseOptimizer):
         for plan, (directions, factor), sq in zip(plans, work, sqs):
             if plan.group["layer_adaptation"]:
                 count = plan.num_layers
-                trust = F.scale_by_trust_ratio(sq[:count].sqrt(), sq[count:].sqrt())  # (3)
+                trust = F.scale_by_trust_ratio(sq[:count].sqrt(), sq[count:].sqrt(),  # (3)
+                                               min_coeff=plan.group["min_coeff"],
+                                               max_coeff=plan.group["max_coeff"])
                 plan.extra["layer_trust"] = trust
                 plan.trust = plan.to_tensors(trust)
             F.lamb_update(plan.params, directions, plan.trust, lr=plan.group["lr"] * factor,  # (4)
