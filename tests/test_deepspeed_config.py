@@ -173,6 +173,8 @@ BAD = [
      "lb_dist's 'PolynomialWarmupDecay'"),
     ("scheduler typo with lb_dist optimizer", cfg(optimizer=CLARS_OPT, scheduler={"type": "InverseSqr"}),
      "did you mean lb_dist's 'InverseSqrt'"),
+    ("scheduler unknown", cfg(optimizer=CLARS_OPT, scheduler={"type": "Poly"}),
+     "scheduler.type 'Poly' is none of lb_dist's (PolynomialWarmupDecay, InverseSqrt), DeepSpeed's"),
     # ZeRO layouts lb_dist does not map (the layout matrix of docs/backend-deepspeed.md)
     ("ZeRO++ hpZ", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 3, "zero_hpz_partition_size": 2}),
      "zero_optimization.zero_hpz_partition_size = 2"),
@@ -194,6 +196,7 @@ BAD = [
      "zero_optimization.stage must be 0, 1, 2 or 3, got '2'"),
     ("ZeRO section not an object", cfg(optimizer=CLARS_OPT, zero_optimization=2),
      "zero_optimization must be a JSON object"),
+    ("fp16 untested", cfg(optimizer=CLARS_OPT, fp16={"enabled": True}), "fp16.enabled = true with lb_dist's CLARS"),
 ]
 
 
@@ -215,6 +218,12 @@ def test_deepspeed_and_torch_schedulers_are_not_mistaken_for_typos(kind):
 def test_zero_layout_defaults_and_exact_entries_are_accepted(key, value):
     """The refused ZeRO keys at their off values, and the exact entries of the layout matrix."""
     assert parse_config(cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 3, key: value})) is not None
+
+
+def test_fp16_runs_only_when_untested_layouts_are_allowed(monkeypatch):
+    monkeypatch.setenv("LB_DIST_DEEPSPEED_UNTESTED", "1")
+    with pytest.warns(RuntimeWarning, match="fp16.enabled = true"):
+        assert parse_config(cfg(optimizer=CLARS_OPT, fp16={"enabled": True})) is not None
 
 
 def test_bert_style_fused_lamb_config_switches_to_lb_dist_lamb():

@@ -68,6 +68,16 @@ _SCHEDULER_KEYS = {
 }
 
 
+#: Set to 1 to run what lb_dist has not tested with DeepSpeed anyway (another DeepSpeed release,
+#: fp16): a warning instead of the refusal.
+ENV_UNTESTED = "LB_DIST_DEEPSPEED_UNTESTED"
+
+
+def untested_allowed() -> bool:
+    """True when ``LB_DIST_DEEPSPEED_UNTESTED`` is ``1``/``true``/``yes``."""
+    return os.environ.get(ENV_UNTESTED, "").strip().lower() in ("1", "true", "yes")
+
+
 class ConfigError(ValueError):
     """An lb_dist key or value of a DeepSpeed config is wrong; the message names the key."""
 
@@ -302,29 +312,37 @@ def _parse_mix(section: Mapping, raw: Mapping) -> MixSpec:
     return spec
 
 
-def _deepspeed_knows_scheduler(kind: str) -> bool:
+def _deepspeed_knows_scheduler(kind: str) -> bool | None:
     """Whether DeepSpeed resolves ``scheduler.type`` itself: its own schedules
-    (``deepspeed.runtime.lr_schedules``), then ``torch.optim.lr_scheduler`` (DeepSpeed's order)."""
+    (``deepspeed.runtime.lr_schedules``), then ``torch.optim.lr_scheduler`` (DeepSpeed's order);
+    None when DeepSpeed is not installed and torch does not have it."""
+    if hasattr(torch.optim.lr_scheduler, kind):
+        return True
     try:
         from deepspeed.runtime import lr_schedules
-        if hasattr(lr_schedules, kind):
-            return True
     except ImportError:
-        pass
-    return hasattr(torch.optim.lr_scheduler, kind)
+        return None
+    return hasattr(lr_schedules, kind)
 
 
 def _parse_scheduler(section: Mapping) -> SchedulerSpec | None:
     kind = section.get("type")
     if kind not in SCHEDULER_TYPES:
-        if isinstance(kind, str) and not _deepspeed_knows_scheduler(kind):
-            import difflib
-            lowered = {k.lower(): k for k in SCHEDULER_TYPES}
-            close = difflib.get_close_matches(kind.lower(), list(lowered), n=1, cutoff=0.75)
-            if close:
-                raise ConfigError(f"scheduler.type {kind!r} is neither DeepSpeed's nor torch's schedule; did you "
-                                  f"mean lb_dist's {lowered[close[0]]!r}? (lb_dist's types, exact spelling: "
-                                  f"{', '.join(SCHEDULER_TYPES)})")
+        if not isinstance(kind, str):
+            return None
+        known = _deepspeed_knows_scheduler(kind)
+        if known:
+            return None
+        import difflib
+        lowered = {k.lower(): k for k in SCHEDULER_TYPES}
+        close = difflib.get_close_matches(kind.lower(), list(lowered), n=1, cutoff=0.75)
+        if close:
+            raise ConfigError(f"scheduler.type {kind!r} is neither DeepSpeed's nor torch's schedule; did you "
+                              f"mean lb_dist's {lowered[close[0]]!r}? (lb_dist's types, exact spelling: "
+                              f"{', '.join(SCHEDULER_TYPES)})")
+        if known is False:       # DeepSpeed would stop at engine creation with a generic assertion
+            raise ConfigError(f"scheduler.type {kind!r} is none of lb_dist's ({', '.join(SCHEDULER_TYPES)}), "
+                              f"DeepSpeed's (deepspeed.runtime.lr_schedules) or torch.optim.lr_scheduler's")
         return None
     _unknown("scheduler", section, ("type", "params"))
     params = section.get("params", {}) or {}
@@ -481,6 +499,16 @@ def check_layerwise_settings(spec: LbDistConfig, name: str) -> None:
             "zero_optimization.compute_grad_norm = false: DeepSpeed steps lb_dist's optimizer once "
             "per param group, and lb_dist needs DeepSpeed's global gradient norm to skip a non-finite "
             "step in all groups alike (and to undo clipping for CLARS); remove the key")
+    fp16 = raw.get("fp16") or {}
+    if spec.zero_stage() > 0 and isinstance(fp16, Mapping) and fp16.get("enabled") is True:
+        message = (f"fp16.enabled = true with lb_dist's {name}: the fp16 path (DeepSpeed's loss scaling, "
+                   f"lb_dist's statistics divided by the loss scale) is not tested, because DeepSpeed runs "
+                   f"no fp16 on the CPU accelerator lb_dist is tested on; use bf16 (tested at ZeRO 1-3) or "
+                   f"fp32, or set {ENV_UNTESTED}=1 to run it untested")
+        if not untested_allowed():
+            raise ConfigError(message)
+        import warnings
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     if spec.zero_stage() == 0:
         for key in ("bf16", "bfloat16", "fp16"):
             section = raw.get(key) or {}

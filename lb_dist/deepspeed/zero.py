@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lb_dist.deepspeed.config import ENV_UNTESTED, untested_allowed
 from lb_dist.distributed import all_reduce_sum_
 from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, mixing_weight_sums
 from lb_dist.optim import CLARS, LayerFragments, LayerwiseOptimizer, LayerwiseSGD, logical_numel
@@ -39,8 +40,6 @@ __all__ = ["ShardedTensor", "sharded_tensors", "make_sharded", "ShardedLayerwise
 #: ``single_partition_of_fp32_groups``, ``fp32_partitioned_groups_flat``, ``ds_tensor``,
 #: ``sub_group_to_group_id``, ``_global_grad_norm``, ...), as a pip specifier; tested: 0.19.8.
 SUPPORTED_DEEPSPEED = ">=0.19.8,<0.20"
-#: Set to 1 to run lb_dist on an untested DeepSpeed anyway (a warning instead of the error).
-ENV_UNTESTED = "LB_DIST_DEEPSPEED_UNTESTED"
 
 
 def check_deepspeed_version(version: str | None = None) -> str:
@@ -52,7 +51,6 @@ def check_deepspeed_version(version: str | None = None) -> str:
     gradient norm lb_dist's non-finite skip relies on, the padding of a ZeRO-3 piece) would train
     wrongly without a word. ``LB_DIST_DEEPSPEED_UNTESTED=1`` turns it into a warning (the set-up
     check that the fragments cover every layer exactly once still runs)."""
-    import os
     import warnings
 
     from packaging.specifiers import SpecifierSet
@@ -69,7 +67,7 @@ def check_deepspeed_version(version: str | None = None) -> str:
     message = (f"lb_dist.deepspeed supports DeepSpeed {SUPPORTED_DEEPSPEED} (it reads DeepSpeed's ZeRO "
                f"partition internals, tested with 0.19.8) and found deepspeed {version}: install "
                f"'deepspeed{SUPPORTED_DEEPSPEED}', or set {ENV_UNTESTED}=1 to try this release anyway")
-    if os.environ.get(ENV_UNTESTED, "").strip().lower() in ("1", "true", "yes"):
+    if untested_allowed():
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return version
     raise RuntimeError(message)
