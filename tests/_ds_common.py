@@ -20,6 +20,18 @@ OPT_PARAMS = {
     "LAMB": {"lr": 0.02, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01},
 }
 MIX = {"noise": "gaussian", "std": 0.5, "seed": 3}
+#: A DeepSpeed FusedLamb-style LAMB ("fused_lamb" cases): raw moments, trust ratio clamped (bounds
+#: tight enough that the clamp acts on this model's layers).
+FUSED_LAMB = {"bias_correction": False, "max_coeff": 0.2, "min_coeff": 0.1}
+
+
+def optimizer_params(case: dict) -> dict:
+    """The optimizer's keyword arguments of a case (as in the JSON config)."""
+    params = dict(OPT_PARAMS[case["opt"]])
+    fused = case.get("fused_lamb")
+    if fused:
+        params.update(FUSED_LAMB if fused is True else fused)
+    return params
 
 
 def make_model(case: dict | None = None) -> nn.Module:
@@ -87,7 +99,7 @@ def ds_config(case: dict) -> dict:
                               "stage3_param_persistence_threshold": case.get("persist", 0),
                               "reduce_bucket_size": 100, "allgather_bucket_size": 100,
                               "sub_group_size": case.get("sub_group", 50)},
-        "optimizer": {"type": case["opt"], "params": dict(OPT_PARAMS[case["opt"]])},
+        "optimizer": {"type": case["opt"], "params": optimizer_params(case)},
     }
     # DeepSpeed 0.19.8's default gradient_clipping is 1.0: state it
     cfg["gradient_clipping"] = case.get("clip") or 0.0
@@ -160,6 +172,9 @@ def cases(world: int) -> list[dict]:
             out.append({"stage": stage, "opt": opt, "mix": None, "groups": True, "layout": "groups"})
         out.append({"stage": 3, "opt": "CLARS", "mix": "device", "zero_init": True, "persist": 20,
                     "accumulation": 2, "clip": 0.5, "layout": "zero_init"})
+        # a FusedLamb-style config (bias_correction false, max_coeff / min_coeff) at ZeRO-2 and ZeRO-3
+        for stage in (2, 3):
+            out.append({"stage": stage, "opt": "LAMB", "mix": None, "fused_lamb": True})
     for i, case in enumerate(out):
         case.update(world=world, name=f"w{world}c{i:02d}")
     return out

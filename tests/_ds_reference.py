@@ -57,7 +57,7 @@ def _reference(case: dict) -> dict[str, torch.Tensor]:
     n = k_procs * acc
     model = C.make_model(case).double()
     params = [p for p in model.parameters() if p.requires_grad]
-    kw = dict(C.OPT_PARAMS[case["opt"]])
+    kw = C.optimizer_params(case)
     if "betas" in kw:
         kw["betas"] = tuple(kw["betas"])
     cls = {"LARS": LARS, "CLARS": CLARS, "LAMB": LAMB}[case["opt"]]

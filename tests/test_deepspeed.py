@@ -165,6 +165,18 @@ def test_layout_matrix_entries_are_exact(job2):
         _check(result)
 
 
+def test_fused_lamb_style_config_is_exact_and_clamps(job2):
+    """A DeepSpeed FusedLamb-style LAMB config ("bias_correction": false, "max_coeff", "min_coeff")
+    at ZeRO-2 and ZeRO-3: equal to the one-process reference of the same LAMB to 1e-5, and the clamp
+    acts (the same reference without max_coeff / min_coeff is more than 1e-3 away)."""
+    cases = _select(job2, fused_lamb=True)
+    assert {r["case"]["stage"] for r in cases} == {2, 3}
+    for result in cases:
+        _check(result)
+        unclamped = reference({**result["case"], "fused_lamb": {"bias_correction": False}})
+        assert relative_error(result["params"], unclamped) > 1e-3
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_naive_sharding_unaware_optimizer_differs(world, request):
     """The same lb_dist optimizer under ZeRO without lb_dist's fragment map (a trust ratio per

@@ -99,8 +99,8 @@ BAD = [
     ("lr missing", cfg(optimizer={"type": "CLARS", "params": {"eta": 0.01}}), "optimizer.params.lr"),
     ("unknown optimizer key", cfg(optimizer={**CLARS_OPT, "moments": {}}), "optimizer.moments"),
     ("bad betas", cfg(optimizer={"type": "LAMB", "params": {"betas": [0.9]}}), "optimizer.params.betas"),
-    ("FusedLamb bias_correction", cfg(optimizer={"type": "Lamb", "params": {"lr": 1e-3, "bias_correction": False}}),
-     "optimizer.params.bias_correction = false is a key of DeepSpeed's FusedLamb"),
+    ("FusedLamb bias_correction", cfg(optimizer={"type": "Lamb", "params": {"lr": 1e-3, "bias_correction": True}}),
+     "optimizer.params.bias_correction = true is a key of DeepSpeed's FusedLamb"),
     ("FusedLamb eps_inside_sqrt", cfg(optimizer={"type": "Lamb", "params": {"eps_inside_sqrt": True}}),
      "optimizer.params.eps_inside_sqrt = true"),
     ("FusedLamb amsgrad", cfg(optimizer={"type": "Lamb", "params": {"amsgrad": True}}), "optimizer.params.amsgrad"),
@@ -231,12 +231,14 @@ def test_bert_style_fused_lamb_config_switches_to_lb_dist_lamb():
     (trust ratio clamped to [min_coeff, max_coeff]); FusedLamb's keys at lb_dist's behaviour are
     accepted and dropped; LARS/CLARS take the same clamp."""
     spec = parse_config(cfg(optimizer={"type": "Lamb", "params": {
-        "lr": 1e-3, "weight_decay": 0.01, "max_coeff": 0.3, "min_coeff": 0.01, "eps_inside_sqrt": False,
-        "amsgrad": False, "max_grad_norm": 0}}))
+        "lr": 1e-3, "weight_decay": 0.01, "bias_correction": False, "max_coeff": 0.3, "min_coeff": 0.01,
+        "eps_inside_sqrt": False, "amsgrad": False, "max_grad_norm": 0.0}}))
     assert spec.optimizer.cls is LAMB
-    assert spec.optimizer.params == {"lr": 1e-3, "weight_decay": 0.01, "max_coeff": 0.3, "min_coeff": 0.01}
+    assert spec.optimizer.params == {"lr": 1e-3, "weight_decay": 0.01, "bias_correction": False,
+                                     "max_coeff": 0.3, "min_coeff": 0.01}
     opt = spec.optimizer.build([{"params": [__import__("torch").zeros(2, 2, requires_grad=True)]}])
-    assert (opt.param_groups[0]["min_coeff"], opt.param_groups[0]["max_coeff"]) == (0.01, 0.3)
+    group = opt.param_groups[0]
+    assert (group["min_coeff"], group["max_coeff"], group["bias_correction"]) == (0.01, 0.3, False)
     spec = parse_config(cfg(optimizer={"type": "LARS", "params": {"lr": 1.0, "max_coeff": 1.0}}))
     assert spec.optimizer.params["max_coeff"] == 1.0
 

@@ -84,3 +84,34 @@ def test_default_is_no_clamp_and_bad_bounds_are_refused():
         LARS([p], lr=1.0, max_coeff=-1.0)
     with pytest.raises(ValueError, match=r"min_coeff \(param group 0\)"):
         LARS([{"params": [p], "min_coeff": -0.1}], lr=1.0)
+
+
+def test_lamb_without_bias_correction_is_fused_lambs_update():
+    """bias_correction=False with max_coeff/min_coeff: DeepSpeed FusedLamb's kernel
+    (fused_lamb_cuda_kernel.cu, eps outside the square root, bias_correction 0: step_size = lr),
+    written out for three steps: m, v raw; u = m / (sqrt(v) + eps) + decay w;
+    coeff = clamp(||w|| / ||u||, min_coeff, max_coeff) (1 if a norm is 0); w -= lr coeff u."""
+    ws, gs = _layers()
+    lr, wd, eps, (b1, b2) = 0.05, 1e-2, 1e-6, (0.9, 0.999)
+    params = [torch.nn.Parameter(w.clone()) for w in ws]
+    opt = LAMB(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, min_coeff=LOW, max_coeff=HIGH,
+               bias_correction=False)
+    want = [w.clone() for w in ws]
+    m = [torch.zeros_like(w) for w in ws]
+    v = [torch.zeros_like(w) for w in ws]
+    for step in range(3):
+        grads = [g * (1 + 0.5 * step) + 0.1 * step for g in gs]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            u = m[i] / (v[i].sqrt() + eps) + wd * want[i]
+            wn, un = want[i].norm(), u.norm()
+            coeff = 1.0 if wn == 0 or un == 0 else min(max(float(wn / un), LOW), HIGH)
+            want[i] = want[i] - lr * coeff * u
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="bias_correction must be True or False"):
+        LAMB(params, bias_correction=1)

@@ -52,12 +52,14 @@ _FUSED_LAMB_KEYS = (
     ("max_grad_norm", 0, "clip with DeepSpeed's top-level gradient_clipping instead (FusedLamb's "
                          "max_grad_norm only acts when the caller passes grad_norms to step, which "
                          "DeepSpeed's engine does not)"),
-    ("bias_correction", None,
+    ("bias_correction", False,
      "FusedLamb's bias_correction = true multiplies its step by sqrt(1 - beta2^t) / (1 - beta1^t) outside "
-     "the trust ratio computed on uncorrected moments, and false drops the correction; lb_dist's LAMB "
-     "corrects the moments inside r_k as the paper's Algorithm 2 (without weight decay the correction "
-     "then cancels in the trust ratio). Neither value is lb_dist's rule: remove the key"),
+     "the trust ratio, which it computes on the uncorrected moments; lb_dist's LAMB corrects the moments "
+     "inside r_k as the paper's Algorithm 2 (without weight decay the correction then cancels in the trust "
+     "ratio). Remove the key for the paper's rule, or give false for FusedLamb's uncorrected one (exact)"),
 )
+#: FusedLamb keys that lb_dist's LAMB takes as arguments at their accepted value (not dropped).
+_FUSED_LAMB_KEPT = ("bias_correction",)
 _LB_OPTIMIZER_KEYS = ("exclude_from_layer_adaptation",)
 _MIX_KEYS = ("enabled", "noise", "std", "granularity", "seed")
 _MOMENT_KEYS = {"micro_batch": ("source", "ema"), "per_sample": ("source", "subset_size", "chunk_size")}
@@ -226,8 +228,10 @@ def _parse_optimizer(section: Mapping) -> OptimizerSpec | None:
             if key not in params:
                 continue
             value = params[key]
-            if accepted is not None and value == accepted and isinstance(value, type(accepted)):
-                params.pop(key)                     # FusedLamb's setting that is lb_dist's behaviour
+            if (value is accepted) if isinstance(accepted, bool) else (
+                    _is_number(value) and not isinstance(value, bool) and value == accepted):
+                if key not in _FUSED_LAMB_KEPT:
+                    params.pop(key)                 # FusedLamb's setting that is lb_dist's behaviour
                 continue
             raise ConfigError(
                 f"optimizer.params.{key} = {json.dumps(value)} is a key of DeepSpeed's FusedLamb that "

@@ -250,7 +250,8 @@ def layerwise_sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor],
 def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                    exp_avg_sqs: Sequence[Tensor], steps: Sequence[int], *, beta1: float,
                    beta2: float, eps: float, weight_decay: float, need_norms: bool,
-                   grads_as_scratch: bool, foreach: bool) -> tuple[list[Tensor], Tensor | None, float]:
+                   grads_as_scratch: bool, foreach: bool,
+                   bias_correction: bool = True) -> tuple[list[Tensor], Tensor | None, float]:
     """Steps (0)-(1) of LAMB: update the Adam moments in place and return the direction ``r``.
 
     With ``t = steps[k]`` (already incremented)::
@@ -260,7 +261,8 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
         m_hat = m/(1-beta1^t),  v_hat = v/(1-beta2^t)
 
     computed as ``c_k * m_k / (sqrt(v_k) + eps*sqrt(1-beta2^t)) + weight_decay*w_k`` with
-    ``c_k = sqrt(1-beta2^t)/(1-beta1^t)`` (the same value, one fewer pass). When every layer has
+    ``c_k = sqrt(1-beta2^t)/(1-beta1^t)`` (the same value, one fewer pass). ``bias_correction=False``:
+    ``m_hat = m``, ``v_hat = v`` (DeepSpeed FusedLamb's ``bias_correction: false``). When every layer has
     the same step count (the usual case) ``c`` is not multiplied in: the returned tensors hold
     ``r_k / c`` (the decay added as ``(weight_decay/c) * w_k``) and the returned factor is ``c``,
     to be applied by :func:`lamb_update`; otherwise they hold ``r_k`` and the factor is 1.
@@ -273,8 +275,8 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     ``need_norms``, else None) the stacked partial squared norms ``cat([||w_k||^2], [||r_k||^2])``
     of the true ``r_k`` (computed while each block is still in the cache).
     """
-    bc1 = [1.0 - beta1 ** s for s in steps]
-    bc2_sqrt = [(1.0 - beta2 ** s) ** 0.5 for s in steps]
+    bc1 = [1.0 - beta1 ** s if bias_correction else 1.0 for s in steps]
+    bc2_sqrt = [(1.0 - beta2 ** s) ** 0.5 if bias_correction else 1.0 for s in steps]
     scale = [b2 / b1 for b1, b2 in zip(bc1, bc2_sqrt)]
     eps_k = [eps * b2 for b2 in bc2_sqrt]
     factor = 1.0
