@@ -22,7 +22,11 @@ is what counts for Hugging Face scripts: ``TrainingArguments`` sets up DeepSpeed
 when the arguments are parsed, before the place where such scripts call :func:`register`.
 
 While registered, ``"type": "LAMB"`` (any case) is lb_dist's LAMB, not DeepSpeed's FusedLamb (whose
-own keys such as ``max_coeff`` are refused by name); :func:`unregister` gives DeepSpeed's back.
+``max_coeff``, ``min_coeff`` and ``bias_correction: false`` lb_dist's LAMB follows exactly; its other
+keys are accepted at lb_dist's behaviour or refused by name); :func:`unregister` gives DeepSpeed's back.
+
+``initialize`` also refuses an engine that would silently drop an lb_dist optimizer over the model
+(Hugging Face's ``Trainer(optimizers=(opt, None))`` under DeepSpeed, see docs/backend-deepspeed.md).
 """
 from __future__ import annotations
 
