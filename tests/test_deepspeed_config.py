@@ -182,7 +182,8 @@ BAD = [
                                      zero_optimization={"stage": 3, "zero_quantized_weights": True}),
      "zero_optimization.zero_quantized_weights = true"),
     ("ZeRO++ quantized frozen weights", cfg(optimizer={"type": "LAMB"}, zero_optimization={
-        "stage": 3, "zero_quantized_nontrainable_weights": True}), "zero_optimization.zero_quantized_nontrainable_weights"),
+        "stage": 3, "zero_quantized_nontrainable_weights": True}),
+     "zero_optimization.zero_quantized_nontrainable_weights"),
     ("ZeRO++ quantized gradients", cfg(optimizer={"type": "LARS", "params": {"lr": 1}},
                                        zero_optimization={"stage": 3, "zero_quantized_gradients": True}),
      "zero_optimization.zero_quantized_gradients = true"),

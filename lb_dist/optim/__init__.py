@@ -13,5 +13,5 @@ from lb_dist.optim.lamb import LAMB
 from lb_dist.optim.lars import CLARS, LARS, LayerwiseSGD
 
 __all__ = ["LARS", "CLARS", "LAMB", "LayerwiseSGD", "LayerwiseOptimizer", "LayerFragments",
-           "param_groups", "logical_shape", "logical_numel", "scale_by_trust_ratio", "adapted_params", "create_optimizer",
-           "OPTIMIZER_NAMES"]
+           "param_groups", "logical_shape", "logical_numel", "scale_by_trust_ratio", "adapted_params",
+           "create_optimizer", "OPTIMIZER_NAMES"]
