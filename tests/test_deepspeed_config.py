@@ -456,12 +456,12 @@ print(result)
     ("0.14.4", "", "REFUSED RuntimeError lb_dist.deepspeed supports DeepSpeed >=0.19.8,<0.20"),
     ("0.20.0", "", "REFUSED RuntimeError lb_dist.deepspeed supports DeepSpeed >=0.19.8,<0.20"),
     ("0.20.0", "1", "REFUSED ValueError deepspeed.initialize requires a model"),
-    ("0.19.9", "", "REFUSED ValueError deepspeed.initialize requires a model"),
 ])
 def test_untested_deepspeed_version_is_refused_naming_the_range(version, env, want):
     """A DeepSpeed outside the tested range (its version string faked in a fresh process) is refused
-    by lb_dist.deepspeed.initialize before anything starts, naming the range; inside the range, or
-    with LB_DIST_DEEPSPEED_UNTESTED=1 (a warning), it goes on (here to the missing-model error)."""
+    by lb_dist.deepspeed.initialize before anything starts, naming the range; with
+    LB_DIST_DEEPSPEED_UNTESTED=1 (a warning) it goes on (here to the missing-model error), as every
+    other DeepSpeed test does with the installed 0.19.8."""
     import subprocess
     import sys
     from pathlib import Path
