@@ -716,6 +716,11 @@ def parse_args(argv=None):
     parser = HfArgumentParser((FinetuneArguments, Seq2SeqTrainingArguments))
     if argv is None:
         argv = sys.argv[1:]
+    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv) or (
+            len(argv) == 1 and argv[0].endswith(".json") and '"deepspeed"' in Path(argv[0]).read_text()):
+        # before Seq2SeqTrainingArguments sets up DeepSpeed's communication: the import keeps DeepSpeed
+        # from JIT-building its CPU comm op (lb_dist.deepspeed.cpu_comm); register() comes later
+        import lb_dist.deepspeed  # noqa: F401
     if len(argv) == 1 and argv[0].endswith(".json"):
         fa, ta = parser.parse_json_file(json_file=argv[0])
         given = set(json.loads(Path(argv[0]).read_text()))

@@ -20,14 +20,59 @@ OPT_PARAMS = {
     "LAMB": {"lr": 0.02, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01},
 }
 MIX = {"noise": "gaussian", "std": 0.5, "seed": 3}
+#: A DeepSpeed FusedLamb-style LAMB ("fused_lamb" cases): raw moments, trust ratio clamped (bounds
+#: tight enough that the clamp acts on this model's layers).
+FUSED_LAMB = {"bias_correction": False, "max_coeff": 0.2, "min_coeff": 0.1}
 
 
-def make_model() -> nn.Module:
+def optimizer_params(case: dict) -> dict:
+    """The optimizer's keyword arguments of a case (as in the JSON config)."""
+    params = dict(OPT_PARAMS[case["opt"]])
+    fused = case.get("fused_lamb")
+    if fused:
+        params.update(FUSED_LAMB if fused is True else fused)
+    return params
+
+
+def make_model(case: dict | None = None) -> nn.Module:
     """Layers of different sizes (91+13, 65+5, 5+5, 15+3 elements), so that a flat ZeRO partition
-    cuts through layers and the bias/norm group is split too."""
+    cuts through layers and the bias/norm group is split too.
+
+    Layout variants of the matrix (``case``): ``"tied"``: a 13x13 weight shared by two Linear
+    modules (as tied embeddings are), each with its own bias; ``"frozen"``: the first Linear's
+    weight and the LayerNorm's weight frozen (``requires_grad=False``) next to trainable ones."""
+    case = case or {}
     torch.manual_seed(SEED)
-    return nn.Sequential(nn.Linear(IN, 13), nn.Tanh(), nn.Linear(13, 5), nn.LayerNorm(5), nn.Tanh(),
-                         nn.Linear(5, OUT))
+    if case.get("tied"):
+        model = nn.Sequential(nn.Linear(IN, 13), nn.Tanh(), nn.Linear(13, 13), nn.Tanh(), nn.Linear(13, 13),
+                              nn.LayerNorm(13), nn.Tanh(), nn.Linear(13, OUT))
+        model[4].weight = model[2].weight
+        return model
+    model = nn.Sequential(nn.Linear(IN, 13), nn.Tanh(), nn.Linear(13, 5), nn.LayerNorm(5), nn.Tanh(),
+                          nn.Linear(5, OUT))
+    if case.get("frozen"):
+        model[0].weight.requires_grad_(False)
+        model[3].weight.requires_grad_(False)
+    return model
+
+
+def groups_of(model: nn.Module, case: dict) -> list[dict]:
+    """The param groups of a case: ``lb_dist.optim.param_groups``; with ``"groups"`` three groups
+    with different hyperparameters (the first Linear's weight: half the rate, no weight decay and,
+    LARS/CLARS, another eta; the other weights: the defaults; biases and normalization: excluded,
+    0.3 x the rate)."""
+    from lb_dist.optim import param_groups
+    kw = OPT_PARAMS[case["opt"]]
+    groups = param_groups(model, kw["weight_decay"])
+    if not case.get("groups"):
+        return groups
+    adapted, excluded = groups
+    first = model[0].weight
+    special = {"params": [first], "weight_decay": 0.0, "lr": 0.5 * kw["lr"]}
+    if case["opt"] != "LAMB":
+        special["eta"] = 0.05
+    return [special, {**adapted, "params": [p for p in adapted["params"] if p is not first]},
+            {**excluded, "lr": 0.3 * kw["lr"]}]
 
 
 def batch(rank: int, step: int, micro: int, size: int = MICRO) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +95,11 @@ def ds_config(case: dict) -> dict:
         "gradient_accumulation_steps": case.get("accumulation", 1),
         "steps_per_print": 10 ** 9,
         # small buckets: several reductions per step; ZeRO-3 sub-groups of ~50 elements per process
-        "zero_optimization": {"stage": case["stage"], "stage3_param_persistence_threshold": 0,
+        "zero_optimization": {"stage": case["stage"],
+                              "stage3_param_persistence_threshold": case.get("persist", 0),
                               "reduce_bucket_size": 100, "allgather_bucket_size": 100,
-                              "sub_group_size": 50},
-        "optimizer": {"type": case["opt"], "params": dict(OPT_PARAMS[case["opt"]])},
+                              "sub_group_size": case.get("sub_group", 50)},
+        "optimizer": {"type": case["opt"], "params": optimizer_params(case)},
     }
     # DeepSpeed 0.19.8's default gradient_clipping is 1.0: state it
     cfg["gradient_clipping"] = case.get("clip") or 0.0
@@ -84,6 +130,10 @@ def cases(world: int) -> list[dict]:
         for opt in ("LARS", "CLARS", "LAMB"):
             for mix in (None, "device"):
                 out.append({"stage": stage, "opt": opt, "mix": mix})
+    # the model built inside deepspeed.zero.Init (Hugging Face's ZeRO-3 order): partitioned
+    # parameters have shape (0,) from the start, their shape is in ds_shape
+    for opt, mix in (("LARS", None), ("CLARS", "device"), ("LAMB", None)):
+        out.append({"stage": 3, "opt": opt, "mix": mix, "zero_init": True})
     naive = [(1, "LARS"), (2, "LAMB"), (3, "LARS")] if world > 2 else \
         [(stage, opt) for stage in (1, 2, 3) for opt in ("LARS", "LAMB")]
     for stage, opt in naive:
@@ -111,6 +161,20 @@ def cases(world: int) -> list[dict]:
                         "ema": 0.5, "resume": 10})
         # an lb_dist LARS built by the caller and passed as optimizer= (the config names none)
         out.append({"stage": 2, "opt": "LARS", "mix": "device", "client": True})
+        # the layout matrix (docs/backend-deepspeed.md): each exact, or refused before the first step
+        out.append({"stage": 3, "opt": "LARS", "mix": None, "persist": 20, "layout": "persistence"})
+        out.append({"stage": 3, "opt": "LAMB", "mix": None, "sub_group": 1, "layout": "sub_group"})
+        for stage, opt in ((2, "LAMB"), (3, "CLARS")):
+            out.append({"stage": stage, "opt": opt, "mix": "device", "frozen": True, "layout": "frozen"})
+        for stage, opt in ((1, "LAMB"), (3, "LARS")):
+            out.append({"stage": stage, "opt": opt, "mix": None, "tied": True, "layout": "tied"})
+        for stage, opt in ((2, "LARS"), (3, "LAMB")):
+            out.append({"stage": stage, "opt": opt, "mix": None, "groups": True, "layout": "groups"})
+        out.append({"stage": 3, "opt": "CLARS", "mix": "device", "zero_init": True, "persist": 20,
+                    "accumulation": 2, "clip": 0.5, "layout": "zero_init"})
+        # a FusedLamb-style config (bias_correction false, max_coeff / min_coeff) at ZeRO-2 and ZeRO-3
+        for stage in (2, 3):
+            out.append({"stage": stage, "opt": "LAMB", "mix": None, "fused_lamb": True})
     for i, case in enumerate(out):
         case.update(world=world, name=f"w{world}c{i:02d}")
     return out

@@ -19,16 +19,17 @@ import torch.nn.functional as F
 
 import _ds_common as C
 from lb_dist.mixing import GradientMix
-from lb_dist.optim import CLARS, LAMB, LARS, param_groups
+from lb_dist.optim import CLARS, LAMB, LARS
 
 
 def _grads(model, x, y, weights=None):
+    params = [p for p in model.parameters() if p.requires_grad]
     out = model(x.double())
     if weights is None:
         loss = F.cross_entropy(out, y)
     else:
         loss = (F.cross_entropy(out, y, reduction="none") * weights).mean()
-    return [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
+    return [g.detach() for g in torch.autograd.grad(loss, params)]
 
 
 def _per_sample_second_moments(model, xs, ys):
@@ -54,13 +55,13 @@ def reference(case: dict) -> dict[str, torch.Tensor]:
 def _reference(case: dict) -> dict[str, torch.Tensor]:
     k_procs, acc, b = case["world"], case.get("accumulation", 1), C.MICRO
     n = k_procs * acc
-    model = C.make_model().double()
-    params = list(model.parameters())
-    kw = dict(C.OPT_PARAMS[case["opt"]])
+    model = C.make_model(case).double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = C.optimizer_params(case)
     if "betas" in kw:
         kw["betas"] = tuple(kw["betas"])
     cls = {"LARS": LARS, "CLARS": CLARS, "LAMB": LAMB}[case["opt"]]
-    opt = cls(param_groups(model, kw["weight_decay"]), **kw)
+    opt = cls(C.groups_of(model, case), **kw)
     mix = None
     if case.get("mix"):
         mix = GradientMix(noise=C.MIX["noise"], std=C.MIX["std"], granularity=case["mix"],

@@ -54,8 +54,15 @@ def final_params(engine) -> dict[str, torch.Tensor]:
 
 
 def build(case: dict):
-    model = C.make_model()
     cfg = C.ds_config(case)
+    if case.get("zero_init"):
+        # Hugging Face's ZeRO-3 order: the model is built inside zero.Init with the whole config
+        # (lb_dist's sections included), so its parameters are partitioned before lb_dist sees them
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = C.make_model(case)
+        assert all(p.shape == (0,) for p in model.parameters()), "zero.Init did not partition the model"
+    else:
+        model = C.make_model(case)
     if case.get("naive"):
         kwargs = dict(C.OPT_PARAMS[case["opt"]])
         if "betas" in kwargs:
@@ -73,7 +80,8 @@ def build(case: dict):
         engine, *_ = lbds.initialize(model=model, optimizer=opt, config=cfg)
         assert engine.basic_optimizer is opt and type(opt).__name__ == f"ZeRO{case['opt']}"
         return engine, lbds.get_runtime(engine)
-    engine, *_ = lbds.initialize(model=model, config=cfg)
+    kwargs = {"model_parameters": C.groups_of(model, case)} if case.get("groups") else {}
+    engine, *_ = lbds.initialize(model=model, config=cfg, **kwargs)
     return engine, lbds.get_runtime(engine)
 
 

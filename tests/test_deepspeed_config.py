@@ -99,8 +99,17 @@ BAD = [
     ("lr missing", cfg(optimizer={"type": "CLARS", "params": {"eta": 0.01}}), "optimizer.params.lr"),
     ("unknown optimizer key", cfg(optimizer={**CLARS_OPT, "moments": {}}), "optimizer.moments"),
     ("bad betas", cfg(optimizer={"type": "LAMB", "params": {"betas": [0.9]}}), "optimizer.params.betas"),
-    ("FusedLamb key", cfg(optimizer={"type": "Lamb", "params": {"lr": 1e-3, "max_coeff": 10}}),
-     "optimizer.params.max_coeff"),
+    ("FusedLamb bias_correction", cfg(optimizer={"type": "Lamb", "params": {"lr": 1e-3, "bias_correction": True}}),
+     "optimizer.params.bias_correction = true is a key of DeepSpeed's FusedLamb"),
+    ("FusedLamb eps_inside_sqrt", cfg(optimizer={"type": "Lamb", "params": {"eps_inside_sqrt": True}}),
+     "optimizer.params.eps_inside_sqrt = true"),
+    ("FusedLamb amsgrad", cfg(optimizer={"type": "Lamb", "params": {"amsgrad": True}}), "optimizer.params.amsgrad"),
+    ("FusedLamb max_grad_norm", cfg(optimizer={"type": "Lamb", "params": {"max_grad_norm": 1.0}}),
+     "optimizer.params.max_grad_norm = 1.0"),
+    ("trust clamp inverted", cfg(optimizer={"type": "Lamb", "params": {"max_coeff": 0.01, "min_coeff": 0.3}}),
+     "min_coeff (0.3) must be <= max_coeff (0.01)"),
+    ("trust clamp negative", cfg(optimizer={"type": "LARS", "params": {"lr": 1, "max_coeff": -1}}),
+     "max_coeff must be >= 0"),
     ("bad exclusion", cfg(optimizer={"type": "LARS", "params": {"lr": 1, "exclude_from_layer_adaptation": "x"}}),
      "exclude_from_layer_adaptation"),
     ("auto left", cfg(optimizer={"type": "LARS", "params": {"lr": "auto"}}), "optimizer.params.lr is \"auto\""),
@@ -158,6 +167,37 @@ BAD = [
                                                    "params": {"total_num_steps": 10, "warmup_num_steps": 2.5}}),
      "scheduler.params.warmup_num_steps must be a non-negative integer"),
     ("scheduler misspelled", cfg(scheduler={"type": "inversesqrt", "params": {}}), "scheduler.type"),
+    # a misspelt lb_dist type used to reach DeepSpeed's generic "does not recognize LR scheduler"
+    ("scheduler typo", cfg(scheduler={"type": "PolynomialWarmupDecy", "params": {"total_num_steps": 10}}),
+     "scheduler.type 'PolynomialWarmupDecy' is neither DeepSpeed's nor torch's schedule; did you mean "
+     "lb_dist's 'PolynomialWarmupDecay'"),
+    ("scheduler typo with lb_dist optimizer", cfg(optimizer=CLARS_OPT, scheduler={"type": "InverseSqr"}),
+     "did you mean lb_dist's 'InverseSqrt'"),
+    ("scheduler unknown", cfg(optimizer=CLARS_OPT, scheduler={"type": "Poly"}),
+     "scheduler.type 'Poly' is none of lb_dist's (PolynomialWarmupDecay, InverseSqrt), DeepSpeed's"),
+    # ZeRO layouts lb_dist does not map (the layout matrix of docs/backend-deepspeed.md)
+    ("ZeRO++ hpZ", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 3, "zero_hpz_partition_size": 2}),
+     "zero_optimization.zero_hpz_partition_size = 2"),
+    ("ZeRO++ quantized weights", cfg(optimizer={"type": "LAMB"},
+                                     zero_optimization={"stage": 3, "zero_quantized_weights": True}),
+     "zero_optimization.zero_quantized_weights = true"),
+    ("ZeRO++ quantized frozen weights", cfg(optimizer={"type": "LAMB"}, zero_optimization={
+        "stage": 3, "zero_quantized_nontrainable_weights": True}),
+     "zero_optimization.zero_quantized_nontrainable_weights"),
+    ("ZeRO++ quantized gradients", cfg(optimizer={"type": "LARS", "params": {"lr": 1}},
+                                       zero_optimization={"stage": 3, "zero_quantized_gradients": True}),
+     "zero_optimization.zero_quantized_gradients = true"),
+    ("MiCS", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 3, "mics_shard_size": 2}),
+     "zero_optimization.mics_shard_size = 2"),
+    ("offload param", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}}),
+     "zero_optimization.offload_param.device"),
+    ("ZeRO stage out of range", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 4}),
+     "zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
+    ("ZeRO stage a string", cfg(optimizer=CLARS_OPT, zero_optimization={"stage": "2"}),
+     "zero_optimization.stage must be 0, 1, 2 or 3, got '2'"),
+    ("ZeRO section not an object", cfg(optimizer=CLARS_OPT, zero_optimization=2),
+     "zero_optimization must be a JSON object"),
+    ("fp16 untested", cfg(optimizer=CLARS_OPT, fp16={"enabled": True}), "fp16.enabled = true with lb_dist's CLARS"),
 ]
 
 
@@ -166,6 +206,42 @@ def test_bad_config_names_the_key(what, config, needle):
     with pytest.raises(ConfigError) as err:
         parse_config(config)
     assert needle in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["WarmupLR", "WarmupDecayLR", "OneCycle", "StepLR", "CosineAnnealingLR"])
+def test_deepspeed_and_torch_schedulers_are_not_mistaken_for_typos(kind):
+    assert parse_config(cfg(scheduler={"type": kind, "params": {}})) is None
+
+
+@pytest.mark.parametrize("key,value", [("zero_hpz_partition_size", 1), ("zero_quantized_weights", False),
+                                       ("zero_quantized_gradients", False), ("mics_shard_size", -1),
+                                       ("stage3_param_persistence_threshold", 100), ("sub_group_size", 1)])
+def test_zero_layout_defaults_and_exact_entries_are_accepted(key, value):
+    """The refused ZeRO keys at their off values, and the exact entries of the layout matrix."""
+    assert parse_config(cfg(optimizer=CLARS_OPT, zero_optimization={"stage": 3, key: value})) is not None
+
+
+def test_fp16_runs_only_when_untested_layouts_are_allowed(monkeypatch):
+    monkeypatch.setenv("LB_DIST_DEEPSPEED_UNTESTED", "1")
+    with pytest.warns(RuntimeWarning, match="fp16.enabled = true"):
+        assert parse_config(cfg(optimizer=CLARS_OPT, fp16={"enabled": True})) is not None
+
+
+def test_bert_style_fused_lamb_config_switches_to_lb_dist_lamb():
+    """DeepSpeed's BERT examples name "Lamb" with max_coeff / min_coeff: lb_dist's LAMB takes them
+    (trust ratio clamped to [min_coeff, max_coeff]); FusedLamb's keys at lb_dist's behaviour are
+    accepted and dropped; LARS/CLARS take the same clamp."""
+    spec = parse_config(cfg(optimizer={"type": "Lamb", "params": {
+        "lr": 1e-3, "weight_decay": 0.01, "bias_correction": False, "max_coeff": 0.3, "min_coeff": 0.01,
+        "eps_inside_sqrt": False, "amsgrad": False, "max_grad_norm": 0.0}}))
+    assert spec.optimizer.cls is LAMB
+    assert spec.optimizer.params == {"lr": 1e-3, "weight_decay": 0.01, "bias_correction": False,
+                                     "max_coeff": 0.3, "min_coeff": 0.01}
+    opt = spec.optimizer.build([{"params": [__import__("torch").zeros(2, 2, requires_grad=True)]}])
+    group = opt.param_groups[0]
+    assert (group["min_coeff"], group["max_coeff"], group["bias_correction"]) == (0.01, 0.3, False)
+    spec = parse_config(cfg(optimizer={"type": "LARS", "params": {"lr": 1.0, "max_coeff": 1.0}}))
+    assert spec.optimizer.params["max_coeff"] == 1.0
 
 
 def test_scheduler_errors_name_config_keys_not_python_arguments():
@@ -268,6 +344,10 @@ CLIENT_REFUSED = [
     ("deprecated cpu_offload", {"zero_optimization": {"stage": 2, "cpu_offload": True}},
      "zero_optimization.cpu_offload"),
     ("bf16 at stage 0", {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "bf16.enabled"),
+    ("ZeRO++ hpZ", {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}},
+     "zero_optimization.zero_hpz_partition_size"),
+    ("ZeRO++ quantized gradients", {"zero_optimization": {"stage": 3, "zero_quantized_gradients": True}},
+     "zero_optimization.zero_quantized_gradients"),
 ]
 
 
@@ -331,3 +411,67 @@ def test_register_is_idempotent_and_reversible():
         lbds.unregister()
         lbds.unregister()
     assert deepspeed.initialize is original and not lbds.is_registered()
+
+
+def test_stray_lb_dist_optimizer_over_the_model_is_refused(monkeypatch):
+    """Hugging Face's Trainer(optimizers=(lamb, None)) under DeepSpeed hands DeepSpeed AdamW instead
+    (tested with the real Trainer in tests/test_deepspeed_hf_zero3.py): an lb_dist optimizer over the
+    model that DeepSpeed does not get is refused before DeepSpeed starts; another model's is not."""
+    import torch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    called = []
+    monkeypatch.setattr(lbds, "_deepspeed_initialize", lambda: fake_deepspeed_initialize(called))
+    model, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    stray = LAMB(model.parameters(), lr=0.1)
+    adamw = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ConfigError, match=r"an lb_dist LAMB over this model's parameters exists, but DeepSpeed is "
+                                          r"being given AdamW.*create_optimizer"):
+        lbds.initialize(model=model, optimizer=adamw, config=cfg())
+    assert not called
+    keep = LARS(other.parameters(), lr=0.1)          # another model's optimizer: no business of this engine
+    lbds.initialize(model=torch.nn.Linear(3, 2), optimizer=torch.optim.SGD(other.parameters(), lr=0.1),
+                    config=cfg(optimizer={"type": "Adam", "params": {}}))
+    assert len(called) == 1 and stray is not None and keep is not None
+
+
+VERSION_PROBE = """
+import sys, warnings
+import deepspeed
+deepspeed.__version__ = sys.argv[1]          # an untested release, as pip would have installed it
+import lb_dist.deepspeed as lbds
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        lbds.initialize(model=None, config={"optimizer": {"type": "LARS", "params": {"lr": 1.0}}})
+        result = "ACCEPTED"
+    except Exception as exc:
+        result = f"REFUSED {type(exc).__name__} {exc}"
+for w in caught:
+    print("WARNING", w.message)
+print(result)
+"""
+
+
+@pytest.mark.parametrize("version,env,want", [
+    ("0.14.4", "", "REFUSED RuntimeError lb_dist.deepspeed supports DeepSpeed >=0.19.8,<0.20"),
+    ("0.20.0", "", "REFUSED RuntimeError lb_dist.deepspeed supports DeepSpeed >=0.19.8,<0.20"),
+    ("0.20.0", "1", "REFUSED ValueError deepspeed.initialize requires a model"),
+])
+def test_untested_deepspeed_version_is_refused_naming_the_range(version, env, want):
+    """A DeepSpeed outside the tested range (its version string faked in a fresh process) is refused
+    by lb_dist.deepspeed.initialize before anything starts, naming the range; with
+    LB_DIST_DEEPSPEED_UNTESTED=1 (a warning) it goes on (here to the missing-model error), as every
+    other DeepSpeed test does with the installed 0.19.8."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    env_vars = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "LB_DIST_DEEPSPEED_UNTESTED": env,
+                "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-c", VERSION_PROBE, version], cwd=str(repo), env=env_vars,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ACCEPTED", "REFUSED"))]
+    warned = any(ln.startswith("WARNING lb_dist.deepspeed supports DeepSpeed >=0.19.8,<0.20") and
+                 "found deepspeed 0.20.0" in ln for ln in proc.stdout.splitlines())
+    assert line and line[-1].startswith(want), proc.stdout[-3000:]
+    assert warned is bool(env)                            # the opt-out warns, naming the range

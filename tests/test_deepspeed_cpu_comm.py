@@ -20,22 +20,22 @@ from _worker_launch import REPO, child_env, free_port  # noqa: E402
 
 from lb_dist.deepspeed import cpu_comm  # noqa: E402
 
-PRELUDE = """
+BASE = """
 import json, os, sys
 import torch
 import deepspeed, deepspeed.comm
-import lb_dist.deepspeed as lbds
 def report(**kw):
     print("RESULT " + json.dumps(kw), flush=True)
 """
+PRELUDE = BASE + "import lb_dist.deepspeed as lbds\n"
 
 
-def _python(code: str, ext_dir: Path, **env_extra: str) -> dict:
+def _python(code: str, ext_dir: Path, prelude: str = PRELUDE, **env_extra: str) -> dict:
     env = child_env()
     env.pop(cpu_comm.ENV_KEEP, None)
     env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ext_dir), RANK="0", LOCAL_RANK="0",
                WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **env_extra)
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + code], cwd=str(REPO), env=env, text=True,
+    proc = subprocess.run([sys.executable, "-c", prelude + code], cwd=str(REPO), env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -54,8 +54,28 @@ def deepspeed_would_build_it(tmp_path_factory):
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler: DeepSpeed itself skips the op here")
     out = _python("report(compatible=deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'])",
-                  tmp_path_factory.mktemp("ext"))
+                  tmp_path_factory.mktemp("ext"), prelude=BASE)
     assert out["compatible"] is True
+
+
+def test_importing_lb_dist_deepspeed_is_enough_in_hugging_faces_order(deepspeed_would_build_it, tmp_path):
+    """A Hugging Face script imports lb_dist.deepspeed at the top, parses its arguments, sets up
+    DeepSpeed's communication (TrainingArguments does it itself in a multi-process job, tested under
+    the launcher in tests/test_deepspeed_hf_zero3.py; a CPU script calls init_distributed for
+    zero.Init) and only then calls register(): the import alone kept DeepSpeed from building the op."""
+    pytest.importorskip("transformers")
+    code = """
+import lb_dist.deepspeed as lbds
+from transformers import TrainingArguments
+args = TrainingArguments(output_dir=os.environ["TORCH_EXTENSIONS_DIR"] + "_out", use_cpu=True, report_to=[],
+                         deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3}})
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+comm_before_register = deepspeed.comm.is_initialized()
+lbds.register()
+report(comm_before_register=comm_before_register, loaded=deepspeed.comm.comm.cdb.shm_comm_op is not None)
+"""
+    assert _python(code, tmp_path / "ext", prelude=BASE) == {"comm_before_register": True, "loaded": False}
+    assert _built(tmp_path / "ext") == []
 
 
 def test_initialize_skips_the_op_before_deepspeed_sets_up_comm(deepspeed_would_build_it, tmp_path):

@@ -8,19 +8,25 @@ Two ways in, the same behaviour:
 * ``lb_dist.deepspeed.register()`` replaces ``deepspeed.initialize`` by :func:`initialize` for code
   that calls DeepSpeed itself (Hugging Face ``Trainer(args=TrainingArguments(deepspeed=...))``,
   Accelerate). Idempotent; :func:`unregister` restores DeepSpeed's function. Importing this
-  module changes nothing.
+  module changes nothing else.
 
 A config that names no lb_dist optimizer (``CLARS``, ``LARS``, ``LAMB``), no ``gradient_mix`` section
 and no lb_dist scheduler (``PolynomialWarmupDecay``, ``InverseSqrt``), with no lb_dist client
 optimizer, goes to DeepSpeed unchanged: the wrapper then calls DeepSpeed's own function with the
 same arguments.
 
-On DeepSpeed's CPU accelerator :func:`initialize` and :func:`register` keep DeepSpeed from
-JIT-compiling its shared-memory all-reduce op, which only its tensor-parallel layers use
-(:mod:`lb_dist.deepspeed.cpu_comm`; ``LB_DIST_DEEPSPEED_SHM_COMM=1`` keeps it).
+On DeepSpeed's CPU accelerator, importing this module (and :func:`initialize`, :func:`register`)
+keeps DeepSpeed from JIT-compiling its shared-memory all-reduce op, which only its tensor-parallel
+layers use (:mod:`lb_dist.deepspeed.cpu_comm`; ``LB_DIST_DEEPSPEED_SHM_COMM=1`` keeps it). The import
+is what counts for Hugging Face scripts: ``TrainingArguments`` sets up DeepSpeed's communication
+when the arguments are parsed, before the place where such scripts call :func:`register`.
 
 While registered, ``"type": "LAMB"`` (any case) is lb_dist's LAMB, not DeepSpeed's FusedLamb (whose
-own keys such as ``max_coeff`` are refused by name); :func:`unregister` gives DeepSpeed's back.
+``max_coeff``, ``min_coeff`` and ``bias_correction: false`` lb_dist's LAMB follows exactly; its other
+keys are accepted at lb_dist's behaviour or refused by name); :func:`unregister` gives DeepSpeed's back.
+
+``initialize`` also refuses an engine that would silently drop an lb_dist optimizer over the model
+(Hugging Face's ``Trainer(optimizers=(opt, None))`` under DeepSpeed, see docs/backend-deepspeed.md).
 """
 from __future__ import annotations
 
@@ -95,6 +101,40 @@ def _world_size_hint() -> int | None:
     return None
 
 
+def _stray_layerwise_optimizer(model, given):
+    """A live lb_dist optimizer over some of ``model``'s parameters that is not ``given`` (the
+    optimizer DeepSpeed is about to get), or None. One scan of the garbage collector's objects."""
+    import gc
+
+    import torch
+    from lb_dist.optim import LayerwiseOptimizer
+    if not isinstance(model, torch.nn.Module):
+        return None
+    ids = {id(p) for p in model.parameters()}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), LayerwiseOptimizer) and obj is not given and any(
+                id(p) in ids for group in obj.param_groups for p in group["params"]):
+            return obj
+    return None
+
+
+def _refuse_discarded_optimizer(model, given) -> None:
+    """Hugging Face's ``Trainer(optimizers=(opt, None))`` under DeepSpeed: transformers' deepspeed_init
+    sets ``trainer.optimizer = None`` and builds AdamW (or DeepSpeed's config optimizer) instead,
+    without a word. An lb_dist optimizer over the model that DeepSpeed does not get is that case
+    (or a leftover of the same mistake): refused, naming the supported routes."""
+    stray = _stray_layerwise_optimizer(model, given)
+    if stray is None:
+        return
+    got = "the config's optimizer" if given is None else type(given).__name__
+    raise ConfigError(
+        f"an lb_dist {type(stray).__name__} over this model's parameters exists, but DeepSpeed is being given "
+        f"{got}: Hugging Face's Trainer discards Trainer(optimizers=(optimizer, scheduler)) under DeepSpeed "
+        f"(transformers' deepspeed_init sets trainer.optimizer = None and builds its own). Name the "
+        f"optimizer in the DeepSpeed config (\"optimizer\": {{\"type\": \"{type(stray).__name__.upper()}\"}}), or "
+        f"override Trainer.create_optimizer to return it (docs/backend-deepspeed.md, \"Hugging Face\")")
+
+
 def _refuse(model, mpu, spec: LbDistConfig) -> None:
     from deepspeed.pipe import PipelineModule
     if isinstance(model, PipelineModule):
@@ -159,9 +199,13 @@ def initialize(*args, **kwargs):
     spec = parse_config(config) if config is not None else None
     if spec is None and client_lb:
         spec = LbDistConfig(raw=load_config(config)) if config is not None else None
+    if not client_lb and (spec is None or spec.optimizer is None):
+        _refuse_discarded_optimizer(a.get("model"), client)
     if spec is None:
         return original(*args, **kwargs)
 
+    from lb_dist.deepspeed.zero import check_deepspeed_version
+    check_deepspeed_version()           # before DeepSpeed starts (lb_dist.deepspeed.zero reads its internals)
     model = a.get("model")
     if model is None:
         raise ValueError("deepspeed.initialize requires a model")
@@ -257,3 +301,14 @@ def _registered_initialize(*args, **kwargs):
 
 
 functools.update_wrapper(_registered_initialize, initialize)
+
+
+def _skip_on_import() -> None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:     # the config parser works without DeepSpeed
+        return
+    skip_shm_comm_op()
+
+
+_skip_on_import()

@@ -43,10 +43,23 @@ SECOND_MOMENT_SOURCES = ("micro_batch", "per_sample")
 #: Values of ``optimizer.params.exclude_from_layer_adaptation``.
 EXCLUDE_CHOICES = ("bias_and_norm", "none")
 
-#: Keys of DeepSpeed's own FusedLamb that lb_dist's LAMB does not have: a config that names
-#: "Lamb" with one of them was written for DeepSpeed's optimizer, and is refused by name.
-_FUSED_LAMB_ONLY = ("bias_correction", "max_grad_norm", "max_coeff", "min_coeff", "eps_inside_sqrt",
-                    "amsgrad")
+#: Keys of DeepSpeed's FusedLamb beyond lb_dist's LAMB arguments (``max_coeff``/``min_coeff`` are
+#: lb_dist's too): accepted at the value that is lb_dist's behaviour (and dropped), otherwise
+#: refused by name with the reason. (key, accepted value, why another value is refused)
+_FUSED_LAMB_KEYS = (
+    ("eps_inside_sqrt", False, "lb_dist's LAMB adds eps outside the square root (FusedLamb's default)"),
+    ("amsgrad", False, "neither lb_dist's LAMB nor DeepSpeed's FusedLamb has an AMSGrad variant"),
+    ("max_grad_norm", 0, "clip with DeepSpeed's top-level gradient_clipping instead (FusedLamb's "
+                         "max_grad_norm only acts when the caller passes grad_norms to step, which "
+                         "DeepSpeed's engine does not)"),
+    ("bias_correction", False,
+     "FusedLamb's bias_correction = true multiplies its step by sqrt(1 - beta2^t) / (1 - beta1^t) outside "
+     "the trust ratio, which it computes on the uncorrected moments; lb_dist's LAMB corrects the moments "
+     "inside r_k as the paper's Algorithm 2 (without weight decay the correction then cancels in the trust "
+     "ratio). Remove the key for the paper's rule, or give false for FusedLamb's uncorrected one (exact)"),
+)
+#: FusedLamb keys that lb_dist's LAMB takes as arguments at their accepted value (not dropped).
+_FUSED_LAMB_KEPT = ("bias_correction",)
 _LB_OPTIMIZER_KEYS = ("exclude_from_layer_adaptation",)
 _MIX_KEYS = ("enabled", "noise", "std", "granularity", "seed")
 _MOMENT_KEYS = {"micro_batch": ("source", "ema"), "per_sample": ("source", "subset_size", "chunk_size")}
@@ -55,6 +68,16 @@ _SCHEDULER_KEYS = {
                               "warmup_power", "decay_power"),
     "InverseSqrt": ("warmup_num_steps",),
 }
+
+
+#: Set to 1 to run what lb_dist has not tested with DeepSpeed anyway (another DeepSpeed release,
+#: fp16): a warning instead of the refusal.
+ENV_UNTESTED = "LB_DIST_DEEPSPEED_UNTESTED"
+
+
+def untested_allowed() -> bool:
+    """True when ``LB_DIST_DEEPSPEED_UNTESTED`` is ``1``/``true``/``yes``."""
+    return os.environ.get(ENV_UNTESTED, "").strip().lower() in ("1", "true", "yes")
 
 
 class ConfigError(ValueError):
@@ -201,13 +224,19 @@ def _parse_optimizer(section: Mapping) -> OptimizerSpec | None:
     params = dict(params)
     _check_auto("optimizer.params", params)
     if canonical == "LAMB":
-        fused = [k for k in _FUSED_LAMB_ONLY if k in params]
-        if fused:
+        for key, accepted, why in _FUSED_LAMB_KEYS:
+            if key not in params:
+                continue
+            value = params[key]
+            if (value is accepted) if isinstance(accepted, bool) else (
+                    _is_number(value) and not isinstance(value, bool) and value == accepted):
+                if key not in _FUSED_LAMB_KEPT:
+                    params.pop(key)                 # FusedLamb's setting that is lb_dist's behaviour
+                continue
             raise ConfigError(
-                f"optimizer.params.{fused[0]} is a key of DeepSpeed's FusedLamb, but while lb_dist is "
-                f"registered optimizer.type {kind!r} selects lb_dist's LAMB (exact layer-wise trust "
-                f"ratios under ZeRO; keys: {', '.join(_constructor_keys(LAMB) + _LB_OPTIMIZER_KEYS)}). "
-                f"Remove the key, or call lb_dist.deepspeed.unregister() to use DeepSpeed's FusedLamb")
+                f"optimizer.params.{key} = {json.dumps(value)} is a key of DeepSpeed's FusedLamb that "
+                f"lb_dist's LAMB (selected by optimizer.type {kind!r} while lb_dist is registered) does "
+                f"not follow: {why}. Or call lb_dist.deepspeed.unregister() to use DeepSpeed's FusedLamb")
     known = _constructor_keys(cls) + _LB_OPTIMIZER_KEYS
     _unknown("optimizer.params", params, known)
     exclude_given = "exclude_from_layer_adaptation" in params
@@ -287,12 +316,37 @@ def _parse_mix(section: Mapping, raw: Mapping) -> MixSpec:
     return spec
 
 
+def _deepspeed_knows_scheduler(kind: str) -> bool | None:
+    """Whether DeepSpeed resolves ``scheduler.type`` itself: its own schedules
+    (``deepspeed.runtime.lr_schedules``), then ``torch.optim.lr_scheduler`` (DeepSpeed's order);
+    None when DeepSpeed is not installed and torch does not have it."""
+    if hasattr(torch.optim.lr_scheduler, kind):
+        return True
+    try:
+        from deepspeed.runtime import lr_schedules
+    except ImportError:
+        return None
+    return hasattr(lr_schedules, kind)
+
+
 def _parse_scheduler(section: Mapping) -> SchedulerSpec | None:
     kind = section.get("type")
     if kind not in SCHEDULER_TYPES:
-        if isinstance(kind, str) and kind.lower() in {k.lower() for k in SCHEDULER_TYPES}:
-            raise ConfigError(f"scheduler.type {kind!r}: did you mean one of "
-                              f"{', '.join(SCHEDULER_TYPES)}? (exact spelling)")
+        if not isinstance(kind, str):
+            return None
+        known = _deepspeed_knows_scheduler(kind)
+        if known:
+            return None
+        import difflib
+        lowered = {k.lower(): k for k in SCHEDULER_TYPES}
+        close = difflib.get_close_matches(kind.lower(), list(lowered), n=1, cutoff=0.75)
+        if close:
+            raise ConfigError(f"scheduler.type {kind!r} is neither DeepSpeed's nor torch's schedule; did you "
+                              f"mean lb_dist's {lowered[close[0]]!r}? (lb_dist's types, exact spelling: "
+                              f"{', '.join(SCHEDULER_TYPES)})")
+        if known is False:       # DeepSpeed would stop at engine creation with a generic assertion
+            raise ConfigError(f"scheduler.type {kind!r} is none of lb_dist's ({', '.join(SCHEDULER_TYPES)}), "
+                              f"DeepSpeed's (deepspeed.runtime.lr_schedules) or torch.optim.lr_scheduler's")
         return None
     _unknown("scheduler", section, ("type", "params"))
     params = section.get("params", {}) or {}
@@ -414,6 +468,12 @@ def check_layerwise_settings(spec: LbDistConfig, name: str) -> None:
     false``, bf16/fp16 at ZeRO stage 0. Each error names the config key."""
     raw = spec.raw
     zero = raw.get("zero_optimization") or {}
+    if not isinstance(zero, Mapping):
+        raise ConfigError(f"zero_optimization must be a JSON object, got {type(zero).__name__}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
+        raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    _check_zero_layout(zero, name)
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none") if isinstance(zero, Mapping) else "none"
         if device not in (None, "none"):
@@ -443,6 +503,16 @@ def check_layerwise_settings(spec: LbDistConfig, name: str) -> None:
             "zero_optimization.compute_grad_norm = false: DeepSpeed steps lb_dist's optimizer once "
             "per param group, and lb_dist needs DeepSpeed's global gradient norm to skip a non-finite "
             "step in all groups alike (and to undo clipping for CLARS); remove the key")
+    fp16 = raw.get("fp16") or {}
+    if spec.zero_stage() > 0 and isinstance(fp16, Mapping) and fp16.get("enabled") is True:
+        message = (f"fp16.enabled = true with lb_dist's {name}: the fp16 path (DeepSpeed's loss scaling, "
+                   f"lb_dist's statistics divided by the loss scale) is not tested, because DeepSpeed runs "
+                   f"no fp16 on the CPU accelerator lb_dist is tested on; use bf16 (tested at ZeRO 1-3) or "
+                   f"fp32, or set {ENV_UNTESTED}=1 to run it untested")
+        if not untested_allowed():
+            raise ConfigError(message)
+        import warnings
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     if spec.zero_stage() == 0:
         for key in ("bf16", "bfloat16", "fp16"):
             section = raw.get(key) or {}
@@ -452,6 +522,35 @@ def check_layerwise_settings(spec: LbDistConfig, name: str) -> None:
                     f"optimizer in its FP16_UnfusedOptimizer, which steps it once with zero "
                     f"gradients while setting up (weight decay would change the weights); use "
                     f"{key} with ZeRO stage 1, 2 or 3, or fp32 at stage 0")
+
+
+#: ZeRO settings whose layout lb_dist's layer-wise reduction does not map (or whose collectives
+#: are not exact), refused by name before DeepSpeed starts: (key, refused when, why).
+_ZERO_REFUSED = (
+    ("zero_hpz_partition_size", lambda v: _is_number(v) and v > 1,
+     "ZeRO++ hierarchical partitioning keeps a secondary copy of the weights partitioned over a "
+     "sub-group of the processes; lb_dist reduces its layer norms over the data-parallel group of the "
+     "primary partition only and is not tested on this layout; use 1 (the default)"),
+    ("zero_quantized_weights", lambda v: v is True,
+     "ZeRO++ quantized weight all-gathers make the forward pass run on int8-rounded weights, so no run "
+     "equals the single-process one; lb_dist's exactness is tested with full-precision collectives "
+     "only; remove the key"),
+    ("zero_quantized_nontrainable_weights", lambda v: v is True,
+     "quantized frozen weights change the forward pass (see zero_quantized_weights); remove the key"),
+    ("zero_quantized_gradients", lambda v: v is True,
+     "ZeRO++ quantized gradient reduce-scatter hands the optimizer rounded gradients, so the layer "
+     "norms are not those of the mean gradient; remove the key"),
+    ("mics_shard_size", lambda v: _is_number(v) and v > 0,
+     "MiCS shards over sub-groups and replicates across them: a layer's norms would have to be "
+     "reduced over the shard group only (DeepSpeed 0.19 has also removed MiCS); remove the key"),
+)
+
+
+def _check_zero_layout(zero: Mapping, name: str) -> None:
+    for key, refused, why in _ZERO_REFUSED:
+        if key in zero and refused(zero[key]):
+            raise ConfigError(f"zero_optimization.{key} = {json.dumps(zero[key])} is not supported with "
+                              f"lb_dist's {name}: {why}")
 
 
 def _check_combinations(spec: LbDistConfig) -> None:

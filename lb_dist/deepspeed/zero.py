@@ -27,12 +27,50 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lb_dist.deepspeed.config import ENV_UNTESTED, untested_allowed
 from lb_dist.distributed import all_reduce_sum_
 from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, mixing_weight_sums
-from lb_dist.optim import CLARS, LayerFragments, LayerwiseOptimizer, LayerwiseSGD
+from lb_dist.optim import CLARS, LayerFragments, LayerwiseOptimizer, LayerwiseSGD, logical_numel
 
 __all__ = ["ShardedTensor", "sharded_tensors", "make_sharded", "ShardedLayerwise", "ShardedCLARS",
-           "MicroBatchStepMoments", "PerSampleSource", "refuse_unsupported"]
+           "MicroBatchStepMoments", "PerSampleSource", "refuse_unsupported", "check_deepspeed_version",
+           "SUPPORTED_DEEPSPEED", "ENV_UNTESTED"]
+
+#: The DeepSpeed releases whose internals this module reads (``param._hp_mapping``,
+#: ``single_partition_of_fp32_groups``, ``fp32_partitioned_groups_flat``, ``ds_tensor``,
+#: ``sub_group_to_group_id``, ``_global_grad_norm``, ...), as a pip specifier; tested: 0.19.8.
+SUPPORTED_DEEPSPEED = ">=0.19.8,<0.20"
+
+
+def check_deepspeed_version(version: str | None = None) -> str:
+    """Refuse a DeepSpeed outside :data:`SUPPORTED_DEEPSPEED` (default: the installed one's
+    ``deepspeed.__version__``), naming the range; returns the version.
+
+    An error, not a warning: this module reads DeepSpeed's private partition bookkeeping, and a
+    release that renames an attribute fails loudly, but one that changes its meaning (the global
+    gradient norm lb_dist's non-finite skip relies on, the padding of a ZeRO-3 piece) would train
+    wrongly without a word. ``LB_DIST_DEEPSPEED_UNTESTED=1`` turns it into a warning (the set-up
+    check that the fragments cover every layer exactly once still runs)."""
+    import warnings
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+    if version is None:
+        import deepspeed
+        version = str(deepspeed.__version__)
+    try:
+        ok = Version(version.split("+")[0]) in SpecifierSet(SUPPORTED_DEEPSPEED)
+    except InvalidVersion:
+        ok = False
+    if ok:
+        return version
+    message = (f"lb_dist.deepspeed supports DeepSpeed {SUPPORTED_DEEPSPEED} (it reads DeepSpeed's ZeRO "
+               f"partition internals, tested with 0.19.8) and found deepspeed {version}: install "
+               f"'deepspeed{SUPPORTED_DEEPSPEED}', or set {ENV_UNTESTED}=1 to try this release anyway")
+    if untested_allowed():
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return version
+    raise RuntimeError(message)
 
 
 @dataclass
@@ -64,6 +102,7 @@ def _kind(engine) -> str:
 def refuse_unsupported(engine) -> str:
     """Raise a clear error for DeepSpeed setups the layer-wise reduction does not cover; return
     the wrapper kind ("plain", "zero12", "bf16", "zero3")."""
+    check_deepspeed_version()
     kind = _kind(engine)
     if kind not in ("plain", "zero12", "bf16", "zero3"):
         raise RuntimeError(
@@ -137,7 +176,7 @@ def sharded_tensors(engine, optimizer: LayerwiseOptimizer) -> list[ShardedTensor
             for j, p in enumerate(lps):
                 size = int(p.ds_tensor.ds_numel)
                 rank = dist.get_rank(group=p.ds_process_group)
-                valid = max(0, min(size, int(p.ds_numel) - rank * size))
+                valid = max(0, min(size, logical_numel(p) - rank * size))
                 if valid:
                     starts.append(offset)
                     numels.append(valid)
@@ -164,7 +203,7 @@ def check_coverage(shards: list[ShardedTensor]) -> None:
                         if s.fragments.layers else torch.zeros(s.fragments.num_layers, dtype=torch.float64)
                         for s in shards])
     all_reduce_sum_(counts, shards[0].process_group)
-    expected = torch.tensor([float(getattr(p, "ds_numel", p.numel())) for s in shards
+    expected = torch.tensor([float(logical_numel(p)) for s in shards
                              for p in s.fragments.layer_keys], dtype=torch.float64)
     if not torch.equal(counts, expected):
         bad = int((counts != expected).nonzero()[0])

@@ -458,10 +458,11 @@ class MicroBatchMoments:
         grads = list(grads)
         if len(grads) != len(self.params):
             raise ValueError(f"{name} holds {len(grads)} tensors, the estimator tracks {len(self.params)} parameters")
+        from lb_dist.optim.groups import logical_shape   # ds_shape of a ZeRO-3 partitioned parameter
         for k, (g, p) in enumerate(zip(grads, self.params)):
-            if not isinstance(g, torch.Tensor) or g.shape != p.shape:
+            if not isinstance(g, torch.Tensor) or g.shape != logical_shape(p):
                 shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-                raise ValueError(f"{name}[{k}] has shape {shape}, expected {tuple(p.shape)}")
+                raise ValueError(f"{name}[{k}] has shape {shape}, expected {tuple(logical_shape(p))}")
         return grads
 
     def _stat_device(self) -> torch.device:

@@ -217,6 +217,8 @@ class LayerwiseOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any]):
         defaults.setdefault("layer_adaptation", True)
         defaults.setdefault("foreach", None)
+        defaults.setdefault("min_coeff", None)      # trust-ratio clamp (scale_by_trust_ratio)
+        defaults.setdefault("max_coeff", None)
         self._validate_values(defaults, None)
         self._warned_nonfinite = False
         self._last_trust: list[tuple[list, Tensor | None, Any]] = []
@@ -246,6 +248,13 @@ class LayerwiseOptimizer(Optimizer):
                              f"got {values['layer_adaptation']!r}")
         if "foreach" in values and values["foreach"] not in (None, True, False):
             raise ValueError(f"foreach{where} must be None, True or False, got {values['foreach']!r}")
+        for key in ("min_coeff", "max_coeff"):
+            if values.get(key) is not None:
+                check_non_negative(key + where, values[key])
+        if values.get("min_coeff") is not None and values.get("max_coeff") is not None \
+                and values["min_coeff"] > values["max_coeff"]:
+            raise ValueError(f"min_coeff{where} ({values['min_coeff']!r}) must be <= max_coeff "
+                             f"({values['max_coeff']!r})")
 
     def _number(self, key: str, value, where: str):
         """A 0-dim real tensor allowed for ``key`` (torch.optim's tensor ``lr``) as its number, for

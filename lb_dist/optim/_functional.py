@@ -36,7 +36,8 @@ CPU_DOT_NUMEL = 1 << 16
 
 
 def scale_by_trust_ratio(param_norm: Tensor, update_norm: Tensor, *, eta: float = 1.0,
-                         weight_decay: float = 0.0) -> Tensor:
+                         weight_decay: float = 0.0, min_coeff: float | None = None,
+                         max_coeff: float | None = None) -> Tensor:
     """Layer-wise trust ratios, elementwise over stacked per-layer norms.
 
     ``trust_k = eta * ||w_k|| / (update_norm_k + weight_decay * ||w_k||)``, and ``trust_k = 1``
@@ -48,11 +49,18 @@ def scale_by_trust_ratio(param_norm: Tensor, update_norm: Tensor, *, eta: float 
     * LAMB (You et al. 2019): ``update_norm = ||r_k||`` with the decay already inside ``r_k``,
       ``eta = 1``, ``weight_decay = 0``.
 
+    ``min_coeff`` / ``max_coeff`` (default None: no bound) clamp the computed ratio to
+    ``[min_coeff, max_coeff]``, DeepSpeed FusedLamb's trust-ratio clipping (``lamb_coeff`` in
+    ``fused_lamb_cuda_kernel.cu``; timm's ``trust_clip`` is ``max_coeff = 1``); the fallback 1
+    where a norm is 0 is not clamped, as in DeepSpeed.
+
     This is optax's ``scale_by_trust_ratio`` as a pure function on the stacked norms, so a sharded
     optimizer can call it on norms it has all-reduced itself.
     """
     denom = update_norm + weight_decay * param_norm if weight_decay else update_norm
     ratio = (eta * param_norm) / denom
+    if min_coeff is not None or max_coeff is not None:
+        ratio = ratio.clamp(min=min_coeff, max=max_coeff)
     usable = (param_norm > 0) & (denom > 0)
     return torch.where(usable, ratio, torch.ones_like(ratio))
 
@@ -279,7 +287,8 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
                    exp_avg_sqs: Sequence[Tensor], steps: Tensor, *, beta1: float,
                    beta2: float, eps: float, weight_decay: float, need_norms: bool,
                    grads_as_scratch: bool, foreach: bool,
-                   ok: Tensor | None = None) -> tuple[list[Tensor], Tensor | None, Tensor]:
+                   ok: Tensor | None = None,
+                   bias_correction: bool = True) -> tuple[list[Tensor], Tensor | None, Tensor]:
     """Steps (0)-(1) of LAMB: update the Adam moments in place and return the direction ``r``.
 
     With ``t = steps[k]`` (a 1-D tensor of the already incremented step counts)::
@@ -292,7 +301,8 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     with ``c_k = sqrt(1-beta2^t)/(1-beta1^t)`` (the same value, one fewer pass): the returned
     tensors hold ``r_k / c_k`` and the returned ``factor`` (1-D, per tensor) is ``c_k``, to be
     applied by :func:`lamb_update`. The bias corrections are tensor arithmetic on ``steps`` (no
-    host value: the same graph every step under ``torch.compile``).
+    host value: the same graph every step under ``torch.compile``); ``bias_correction=False``:
+    ``m_hat = m``, ``v_hat = v`` (DeepSpeed FusedLamb's ``bias_correction: false``), i.e. ``c_k = 1``.
 
     With ``grads_as_scratch`` the directions are written into ``grads`` (which are no longer
     needed once the moments are updated), saving a parameter-sized allocation and its page faults;
@@ -308,8 +318,11 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     n = len(params)
     device = params[0].device if n else None
     steps = steps.to(device=device, dtype=dtype).clamp_min(1)     # 0 only on a skipped first step
-    bc1 = 1.0 - torch.pow(beta1, steps)
-    bc2_sqrt = (1.0 - torch.pow(beta2, steps)).sqrt()
+    if bias_correction:
+        bc1 = 1.0 - torch.pow(beta1, steps)
+        bc2_sqrt = (1.0 - torch.pow(beta2, steps)).sqrt()
+    else:
+        bc1 = bc2_sqrt = torch.ones_like(steps)
     factor = bc2_sqrt / bc1
     eps_k = _scalars(eps * bc2_sqrt)
     decay = _scalars(weight_decay / factor) if weight_decay else None

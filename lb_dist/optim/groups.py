@@ -1,6 +1,9 @@
-"""The standard parameter split for layer-wise optimizers."""
+"""The standard parameter split for layer-wise optimizers, and the logical shape of a parameter."""
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import nn
 
 from lb_dist._validation import check_non_negative
@@ -13,10 +16,36 @@ NORM_MODULES: tuple[type[nn.Module], ...] = tuple(
     ) if t is not None)
 
 
+def logical_shape(p: torch.Tensor) -> torch.Size:
+    """The shape of the layer a parameter stands for, under every engine lb_dist runs on.
+
+    * DeepSpeed ZeRO-3 (a model built under ``deepspeed.zero.Init``, as Hugging Face does when a
+      stage-3 config exists before ``from_pretrained``/``from_config``, or any partitioned
+      parameter outside a forward pass): the parameter's ``.shape`` is ``(0,)``, its real shape is
+      ``ds_shape``;
+    * a DTensor (FSDP2, tensor parallelism): ``.shape`` is already the global shape;
+    * otherwise ``.shape``.
+
+    Whatever classifies or measures layers (bias or weight, ``ndim``, ``numel``) goes through this
+    function (and :func:`logical_numel`), so that a partitioned parameter is never mistaken for an
+    empty or 1-D one.
+    """
+    ds_shape = getattr(p, "ds_shape", None)
+    if ds_shape is not None:
+        return torch.Size(ds_shape)
+    return p.shape
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    """The number of elements of the layer ``p`` stands for (:func:`logical_shape`)."""
+    return math.prod(logical_shape(p))
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Split ``model``'s trainable parameters for LARS / CLARS / LAMB.
 
-    * biases and normalization parameters (every parameter with ``ndim <= 1``, and every
+    * biases and normalization parameters (every parameter whose logical shape,
+      :func:`logical_shape`, has ``ndim <= 1``, and every
       parameter of a normalization module: BatchNorm, SyncBatchNorm, InstanceNorm, LayerNorm,
       GroupNorm, RMSNorm): ``{"params": [...], "weight_decay": 0.0, "layer_adaptation": False}``;
     * all others: ``{"params": [...], "weight_decay": weight_decay}`` (adapted).
@@ -36,7 +65,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (excluded if is_norm or p.ndim <= 1 else adapted).append(p)
+            (excluded if is_norm or len(logical_shape(p)) <= 1 else adapted).append(p)
     if not adapted and not excluded:
         raise ValueError("model has no trainable parameters")
     groups = []

@@ -42,18 +42,29 @@ class LAMB(LayerwiseOptimizer):
             ``weight_decay``, ``foreach`` override the defaults).
         lr: 1e-3. betas: (0.9, 0.999). eps: 1e-6. weight_decay: 0.
         foreach: None = multi-tensor kernels when all of a group's parameters are on one device.
+        min_coeff, max_coeff: clamp ``trust_k`` to ``[min_coeff, max_coeff]``, DeepSpeed FusedLamb's
+            ``min_coeff``/``max_coeff`` (FusedLamb's defaults are 0.01 and 10; here default None:
+            no clamp, the paper's Algorithm 2).
+        bias_correction: True (the paper's ``m_hat``, ``v_hat``); False: the raw moments ``m``, ``v``
+            in ``r_k`` (DeepSpeed FusedLamb's ``bias_correction: false``, the setting of its BERT
+            configs; with ``min_coeff``/``max_coeff`` this is FusedLamb's update exactly).
     """
 
     _non_negative_keys = ("lr", "weight_decay")
     _positive_keys = ("eps",)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, *, foreach: bool | None = None):
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, foreach: bool | None = None,
+                 min_coeff: float | None = None, max_coeff: float | None = None, bias_correction: bool = True):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      foreach=foreach))
+                                      foreach=foreach, min_coeff=min_coeff, max_coeff=max_coeff,
+                                      bias_correction=bias_correction))
 
     def _validate_values(self, values: dict, group_index: int | None) -> None:
         super()._validate_values(values, group_index)
+        if "bias_correction" in values and not isinstance(values["bias_correction"], bool):
+            raise ValueError(f"bias_correction{_where(group_index)} must be True or False, "
+                             f"got {values['bias_correction']!r}")
         if "betas" in values:
             where = _where(group_index)
             betas = values["betas"]
@@ -96,7 +107,8 @@ class LAMB(LayerwiseOptimizer):
                     plan.params, plan.grads, exp_avgs, exp_avg_sqs, step_values, beta1=beta1,
                     beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"] if adapted else 0.0,
                     need_norms=adapted, grads_as_scratch=ok is None and self._grads_usable_as_scratch(plan),
-                    foreach=plan.foreach, ok=ok)
+                    foreach=plan.foreach, ok=ok,
+                    bias_correction=group.get("bias_correction", True))
             else:                                # a process holding no fragment of the group
                 directions, factor = [], torch.zeros(0, dtype=plan.dtype, device=plan.device)
                 sq = torch.zeros(0, dtype=plan.dtype, device=plan.device) if adapted else None
@@ -107,7 +119,9 @@ class LAMB(LayerwiseOptimizer):
         for plan, (directions, factor), sq in zip(plans, work, sqs):
             if plan.group["layer_adaptation"]:
                 count = plan.num_layers
-                trust = F.scale_by_trust_ratio(sq[:count].sqrt(), sq[count:].sqrt())  # (3)
+                trust = F.scale_by_trust_ratio(sq[:count].sqrt(), sq[count:].sqrt(),  # (3)
+                                               min_coeff=plan.group["min_coeff"],
+                                               max_coeff=plan.group["max_coeff"])
                 plan.extra["layer_trust"] = trust
                 plan.trust = plan.to_tensors(trust)
             F.lamb_update(plan.params, directions, plan.trust, lr=plan.group["lr"],  # (4)

@@ -36,9 +36,11 @@ class LayerwiseSGD(LayerwiseOptimizer):
     _non_negative_keys = ("lr", "weight_decay", "eta")
 
     def __init__(self, params: Iterable, lr: float, momentum: float, weight_decay: float,
-                 eta: float, nesterov: bool, *, foreach: bool | None = None):
+                 eta: float, nesterov: bool, *, foreach: bool | None = None,
+                 min_coeff: float | None = None, max_coeff: float | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      eta=eta, nesterov=nesterov, foreach=foreach))
+                                      eta=eta, nesterov=nesterov, foreach=foreach,
+                                      min_coeff=min_coeff, max_coeff=max_coeff))
 
     def _validate_values(self, values: dict, group_index: int | None) -> None:
         super()._validate_values(values, group_index)
@@ -88,7 +90,8 @@ class LayerwiseSGD(LayerwiseOptimizer):
                 w_sq, g_sq = sq[:count], sq[count:]
                 term, bad_estimate = self._grad_term(plan, g_sq)
                 trust = F.scale_by_trust_ratio(                           # (3)
-                    w_sq.sqrt(), term, eta=group["eta"], weight_decay=group["weight_decay"])
+                    w_sq.sqrt(), term, eta=group["eta"], weight_decay=group["weight_decay"],
+                    min_coeff=group["min_coeff"], max_coeff=group["max_coeff"])
                 plan.extra["layer_trust"] = trust
                 plan.trust = plan.to_tensors(trust)
                 if bad_estimate is not None:
@@ -219,14 +222,17 @@ class LARS(LayerwiseSGD):
             ``weight_decay``, ``eta``, ``nesterov``, ``foreach`` override the defaults.
         lr: global learning rate (required).
         momentum: 0.9. weight_decay: 0. eta: trust coefficient, 0.001. nesterov: False.
+        min_coeff, max_coeff: clamp ``trust_k`` (eta included) to ``[min_coeff, max_coeff]``
+            (DeepSpeed FusedLamb's keys; default None: no clamp, the paper's rule).
         foreach: None = multi-tensor kernels when all of a group's parameters are on one device
             (CPU included, unlike torch's default), True/False to force.
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9,
                  weight_decay: float = 0.0, eta: float = 0.001, nesterov: bool = False, *,
-                 foreach: bool | None = None):
-        super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach)
+                 foreach: bool | None = None, min_coeff: float | None = None, max_coeff: float | None = None):
+        super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach,
+                         min_coeff=min_coeff, max_coeff=max_coeff)
 
     def _grad_term(self, plan: _GroupPlan, g_sq: Tensor) -> tuple[Tensor, None]:
         return g_sq.sqrt(), None
@@ -266,12 +272,14 @@ class CLARS(LayerwiseSGD):
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9,
                  weight_decay: float = 0.0, eta: float = 0.01, nesterov: bool = True, *,
-                 moments: Any = None, foreach: bool | None = None):
+                 moments: Any = None, foreach: bool | None = None, min_coeff: float | None = None,
+                 max_coeff: float | None = None):
         if moments is not None and not callable(getattr(moments, "second_moments", None)):
             raise TypeError(f"moments must have a method second_moments() -> Mapping[param, "
                             f"0-dim tensor] (e.g. lb_dist.moments.MicroBatchMoments); got "
                             f"{type(moments).__name__}")
-        super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach)
+        super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach,
+                         min_coeff=min_coeff, max_coeff=max_coeff)
         self.moments = moments
         link = getattr(moments, "link_optimizer_state", None)
         if callable(link):          # a MicroBatchMoments travels in this optimizer's state_dict
