@@ -38,7 +38,7 @@ from lb_dist.train.optimizers import build_optimizer, build_scheduler, peak_lr, 
 from lb_dist.train.sampling import BatchLayout, StepBatchSampler
 from lb_dist.train.workloads import build_workload
 
-__all__ = ["run_training", "MAX_CONSECUTIVE_SKIPS", "TrainingDiverged"]
+__all__ = ["run_training", "MAX_CONSECUTIVE_SKIPS", "TrainingDiverged", "RankFailed"]
 
 #: Abort (with an error, after a checkpoint of the last good state exists) after this many
 #: consecutive optimizer steps with non-finite gradients.
@@ -47,6 +47,37 @@ MAX_CONSECUTIVE_SKIPS = 50
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed in a step every rank agrees on (resume, checkpoint): this rank stops too.
+    ``quiet``: the failing rank prints the error itself (``lb-dist train`` prints it once)."""
+
+    def __init__(self, message: str, quiet: bool = True) -> None:
+        super().__init__(message)
+        self.quiet = quiet
+
+
+def _agree(backend: Backend, fn):
+    """``fn()`` on every rank, then one all-gather of each rank's outcome: an error on any rank ends
+    every rank here (the failing rank re-raises its own error, the others raise :class:`RankFailed`
+    naming it), so that no rank goes on to wait in a collective for a rank that already left.
+    ``fn`` must not end in a collective that a failing rank would skip."""
+    error = None
+    result = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - every error ends the job; its type is kept for the failing rank
+        error = e
+    if backend.world_size > 1:
+        outcome = None if error is None else f"{type(error).__name__}: {str(error) or 'no detail'}"
+        failed = [(r, m) for r, m in enumerate(backend.all_gather_object(outcome)) if m is not None]
+        if failed and error is None:
+            rank, message = failed[0]
+            raise RankFailed(f"rank {rank} failed: {message}")
+    if error is not None:
+        raise error
+    return result
 
 
 class _RankParser:
@@ -224,7 +255,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
                              f"use a new --run-dir or --resume auto")
     resume_state = None
     if latest is not None:
-        resume_state = load_checkpoint(latest, required=("trainer", "config"))
+        resume_state = _agree(backend, lambda: load_checkpoint(latest, required=("trainer", "config")))
         _check_resume_config(args, backend, resume_state["config"], Path(latest))
 
     # ---- data, model, optimizer
@@ -258,17 +289,20 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     # (loss sum, count) of the current epoch, this rank; on the device, read at log steps and checkpoints
     epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)
     if resume_state is not None:
-        engine.restore(resume_state, Path(latest))
+        def restore() -> None:
+            engine.restore(resume_state, Path(latest))
+            scheduler.load_state_dict(resume_state["scheduler"])
+            if mix is not None:
+                mix.load_state_dict(resume_state["mix"])
+            if moments is not None and resume_state.get("moments") is not None:
+                moments.load_state_dict(resume_state["moments"])
+
+        _agree(backend, restore)       # a rank that cannot load its part ends every rank here
         tr = resume_state["trainer"]
         step, elapsed = int(tr["step"]), float(tr["time"])
         skipped_total, consecutive_skips = int(tr["skipped_steps"]), int(tr["consecutive_skips"])
         if backend.is_main:
             epoch_sums = torch.tensor(tr["epoch_sums"], dtype=torch.float64, device=backend.device)
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if mix is not None:
-            mix.load_state_dict(resume_state["mix"])
-        if moments is not None and resume_state.get("moments") is not None:
-            moments.load_state_dict(resume_state["moments"])
         rngs = resume_state.get("rng") or []
         if backend.rank < len(rngs) and len(rngs) == K:
             _set_rng_state(rngs[backend.rank], backend.device)
@@ -296,7 +330,9 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
                  "scheduler": scheduler.state_dict(), "mix": None if mix is None else mix.state_dict(),
                  "moments": None if moments is None else moments.state_dict(), "rng": rngs,
                  "tokenizer_fingerprint": workload.info.get("tokenizer_fingerprint")}
-        engine.save_checkpoint(checkpoint_path(ckpt_dir, at_step), state)
+        # every rank agrees on the save's success before training on (a rank that failed to write
+        # its part ends every rank here, instead of the others waiting for it in the next collective)
+        _agree(backend, lambda: engine.save_checkpoint(checkpoint_path(ckpt_dir, at_step), state))
         if backend.is_main:
             prune_checkpoints(ckpt_dir, args.keep_checkpoints)
 
