@@ -665,3 +665,27 @@ def test_tensorboard_on_without_tensorboard_is_one_line(tmp_path, capsys):
         pass
     code, err = run_main(common(tmp_path / "run", "--optimizer", "sgd", "--lr", "0.1", "--tensorboard", "on"), capsys)
     assert code == 1 and "--tensorboard on: the tensorboard package is not installed" in err, err
+
+
+def test_metrics_history_is_never_deleted_on_resume(tmp_path):
+    """Issue 16: a bad line in metrics.jsonl used to cut the history at that line on resume. Now every
+    record up to the checkpoint's step is kept, and what is taken out (the bad line, the records of
+    the steps the resumed run replays, a torn last line) is set aside in metrics.discarded.jsonl."""
+    from lb_dist.train.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"kind": "step", "step": s, "loss": 1.0 / s} for s in range(1, 7)]
+    lines = [json.dumps(r) for r in records]
+    lines.insert(2, "{not json")
+    path.write_text("\n".join(lines) + '\n{"kind": "step", "st')          # torn by a kill mid-write
+    with pytest.warns(RuntimeWarning, match="line\\(s\\) 3 are not JSON records"):
+        logger = MetricsLogger(tmp_path, enabled=True, resume_step=4, tensorboard="off")
+    logger.write({"kind": "step", "step": 5, "loss": 0.2})
+    logger.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
+    aside = (tmp_path / "metrics.discarded.jsonl").read_text().splitlines()
+    assert "{not json" in aside and '{"kind": "step", "st' in aside
+    assert json.dumps(records[4]) in aside and json.dumps(records[5]) in aside
+    with pytest.warns(RuntimeWarning, match="line 2 is not a JSON record"):
+        (tmp_path / "m2.jsonl").write_text('{"step": 1}\nbad\n{"step": 2}\n')
+        assert [r["step"] for r in read_metrics(tmp_path / "m2.jsonl")] == [1, 2]
