@@ -102,8 +102,9 @@ def _exit_if_launched(code: int) -> None:
 
 
 def _user_errors() -> tuple:
+    from lb_dist.train._process import RunDirLocked
     errors = [BackendUnavailable, BackendConfigError, CheckpointError, FileNotFoundError, TrainingDiverged,
-              RankFailed]
+              RankFailed, RunDirLocked]
     try:
         from lb_dist.data import CifarFormatError, MissingDependencyError, Multi30kFormatError
         errors += [CifarFormatError, MissingDependencyError, Multi30kFormatError]

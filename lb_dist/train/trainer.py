@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 
 from lb_dist.mixing import GradientMix
 from lb_dist.train.backends import Backend, Engine
-from lb_dist.train.checkpoint import (FORMAT, checkpoint_path, latest_checkpoint,
-                                      list_checkpoints, load_checkpoint, prune_checkpoints)
+from lb_dist.train.checkpoint import (FORMAT, CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
+                                      load_checkpoint, prune_checkpoints, verify_checkpoint, write_manifest)
 from lb_dist.train.config import RUN_DEFINING, check_layout, to_dict
 from lb_dist.train.metrics import MetricsLogger
 from lb_dist.train.optimizers import build_optimizer, build_scheduler, peak_lr, warmup_steps
@@ -134,6 +134,11 @@ def _check_resume_config(args, backend, saved: dict, path: Path) -> None:
                                  f"{path} of this run directory; resume with the same flags, or use a new --run-dir")
 
 
+def _seed(value: int) -> int:
+    """A derived seed as torch takes it (64 bits): ``value`` itself for the usual small seeds."""
+    return value % (1 << 63)
+
+
 def _rng_state(device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -173,7 +178,7 @@ class StepRunner:
             total_count = float(backend.all_reduce_sum(local.reshape(1)).item())  # one host sync per step
         ps_stats = None
         if self.per_sample:
-            gen = torch.Generator().manual_seed(args.seed * 7919 + step * 104729 + backend.rank)
+            gen = torch.Generator().manual_seed(_seed(args.seed * 7919 + step * 104729 + backend.rank))
             x, y = micro[0]
             ps_stats = engine.per_sample_second_moments(task.mean_loss_fn(), x, y, subset_size=args.per_sample_subset,
                                                         chunk_size=args.per_sample_chunk, params=self.adapted,
@@ -205,7 +210,7 @@ def build_components(args: argparse.Namespace, backend: Backend, workload, layou
     may replace them by its own, e.g. DeepSpeed's ZeRO-aware optimizer)."""
     torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     model = workload.build_model().to(backend.device)
-    torch.manual_seed(args.seed * 1000003 + 7919 * backend.rank + 1)  # per-rank streams: dropout, augmentation
+    torch.manual_seed(_seed(args.seed * 1000003 + 7919 * backend.rank + 1))  # per-rank streams: dropout, augmentation
     optimizer, moments = build_optimizer(args, model, peak_lr(args), local_batch_size=layout.local_batch_size)
     mix = None
     if args.mix != "none":
@@ -223,7 +228,37 @@ def build_components(args: argparse.Namespace, backend: Backend, workload, layou
 
 def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     """Train with ``args`` (from :func:`lb_dist.train.config.parse_args`) on a started ``backend``.
-    Returns a summary ``{"step", "epochs_done", "stopped", "last_epoch": record | None, "run_dir"}``."""
+    Returns a summary ``{"step", "epochs_done", "stopped", "last_epoch": record | None, "run_dir"}``.
+
+    Rank 0 holds the run directory's lock for the whole run (a second live job on it is refused,
+    naming the holder); under a launcher every rank stops when the launcher is gone
+    (``lb_dist.train._process``)."""
+    from lb_dist.train._process import RunDirLock, RunDirLocked, stop_with_launcher
+
+    if backend.world_size > 1:
+        stop_with_launcher()
+    run_dir = Path(args.run_dir)
+    for d in (run_dir, run_dir / "checkpoints"):
+        if d.exists() and not d.is_dir():
+            _fail(args, backend, f"argument --run-dir: {d} is a file, not a directory; give another --run-dir or "
+                                 f"move the file away")
+    lock, problem = None, None
+    if backend.is_main:
+        try:
+            lock = RunDirLock(run_dir).acquire()
+        except RunDirLocked as e:
+            problem = str(e)
+    problem = backend.broadcast_object(problem)
+    if problem is not None:
+        raise RunDirLocked(problem) if backend.is_main else RankFailed(f"rank 0 failed: {problem}")
+    try:
+        return _run_training(args, backend)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_training(args: argparse.Namespace, backend: Backend) -> dict:
     check_layout(_RankParser(args, backend), args, backend.world_size)
     if backend.name != "deepspeed":
         for flag, dest in (("--zero-stage", "zero_stage"), ("--bf16", "bf16"), ("--deepspeed-config", "deepspeed_config")):
@@ -243,13 +278,20 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     A = args.accumulation_steps
     layout = BatchLayout(args.batch_size, K, backend.rank, A)
 
-    # ---- which checkpoint (rank 0 decides; every rank reads the same file)
-    latest = None
+    # ---- which checkpoint (rank 0 decides and verifies its checksums; every rank reads the same file)
+    latest, problem = None, None
     if backend.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         latest = latest_checkpoint(ckpt_dir)
         latest = None if latest is None else str(latest)
-    latest = backend.broadcast_object(latest)
+        if latest is not None:
+            try:
+                verify_checkpoint(latest)
+            except CheckpointError as e:
+                problem = str(e)
+    latest, problem = backend.broadcast_object((latest, problem))
+    if problem is not None:
+        raise CheckpointError(problem) if backend.is_main else RankFailed(f"rank 0 failed: {problem}")
     if latest is not None and args.resume == "never":
         _fail(args, backend, f"argument --resume: never, but {args.run_dir} already holds checkpoints ({latest}); "
                              f"use a new --run-dir or --resume auto")
@@ -307,7 +349,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         if backend.rank < len(rngs) and len(rngs) == K:
             _set_rng_state(rngs[backend.rank], backend.device)
         else:
-            torch.manual_seed(args.seed * 1000003 + step * 1009 + backend.rank)
+            torch.manual_seed(_seed(args.seed * 1000003 + step * 1009 + backend.rank))
         if backend.is_main:
             print(f"[lb-dist train] resuming from {latest} (step {step})", file=sys.stderr, flush=True)
     elif backend.is_main:
@@ -332,7 +374,13 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
                  "tokenizer_fingerprint": workload.info.get("tokenizer_fingerprint")}
         # every rank agrees on the save's success before training on (a rank that failed to write
         # its part ends every rank here, instead of the others waiting for it in the next collective)
-        _agree(backend, lambda: engine.save_checkpoint(checkpoint_path(ckpt_dir, at_step), state))
+        def write() -> None:
+            path = checkpoint_path(ckpt_dir, at_step)
+            engine.save_checkpoint(path, state)
+            if backend.is_main:
+                write_manifest(path, at_step)       # last: the commit (checksums of every file)
+
+        _agree(backend, write)
         if backend.is_main:
             prune_checkpoints(ckpt_dir, args.keep_checkpoints)
 
