@@ -22,7 +22,8 @@ from lb_dist.data import SyntheticImages, epoch_permutation
 from lb_dist.models import build_model
 from lb_dist.train import main, parse_args, train
 from lb_dist.train import trainer as trainer_module
-from lb_dist.train.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
+from lb_dist.train.checkpoint import (atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                      manifest_path, write_manifest)
 from lb_dist.train.metrics import EPOCH_FIELDS, STEP_FIELDS, read_metrics, topk_correct
 
 torch.set_num_threads(1)
@@ -66,6 +67,12 @@ BAD_FLAGS = [
     (["--lr", "1", "--optimizer", "sgd", "--batch-size", "128"], "--batch-size"),       # > training set
     (["--lr", "1", "--optimizer", "sgd", "--epochs", "0"], "--epochs"),
     (["--lr", "1", "--optimizer", "sgd", "--model-option", "nokey"], "--model-option"),
+    # issue 16: refused by argparse (status 2, the flag named), no traceback
+    (["--lr", "1", "--optimizer", "sgd", "--model-option", "foo=1"], "--model-option"),
+    (["--lr", "1", "--optimizer", "sgd", "--model-option", "last_bn_gamma=x"], "--model-option"),
+    (["--lr", "1", "--optimizer", "sgd", "--num-classes", "1"], "--num-classes"),
+    (["--lr", "1", "--optimizer", "sgd", "--seed", str(2 ** 64)], "--seed"),
+    (["--lr", "1", "--optimizer", "sgd", "--mix", "sample", "--mix-seed", "-1"], "--mix-seed"),
 ]
 
 
@@ -299,6 +306,7 @@ def test_checkpoint_that_does_not_fit_names_the_file(tmp_path, capsys):
              ({k: v for k, v in good.items() if k != "optimizer"}, "lacks optimizer")]
     for state, message in cases:
         atomic_save(state, ckpt)
+        write_manifest(ckpt, good["trainer"]["step"])   # a well-formed checkpoint, of another model
         before = ckpt.read_bytes()
         code, err = run_main(argv, capsys)
         assert code == 1 and f"checkpoint {ckpt} {message}" in err and "Traceback" not in err, err
