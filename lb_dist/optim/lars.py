@@ -38,7 +38,8 @@ class LayerwiseSGD(LayerwiseOptimizer):
     """
 
     _fraction_keys = ("momentum",)
-    _non_negative_keys = ("lr", "weight_decay", "eta")
+    _non_negative_keys = ("lr", "weight_decay")
+    _positive_keys = ("eta",)          # eta = 0 makes every adapted layer's step 0 (issue 16)
 
     def __init__(self, params: Iterable, lr: float, momentum: float, weight_decay: float,
                  eta: float, nesterov: bool, *, foreach: bool | None = None):
@@ -300,15 +301,31 @@ class CLARS(LayerwiseSGD):
             raise TypeError(f"second_moments must be a Mapping[param, 0-dim tensor], got "
                             f"{type(second_moments).__name__}")
         owned = {p for group in self.param_groups for p in group["params"]}
+        checked = []
         for p, value in second_moments.items():
             if p not in owned:
                 continue
             dtype = F.norm_dtype(p.dtype)
-            s = value.detach() if torch.is_tensor(value) else torch.as_tensor(value, dtype=dtype)
+            if torch.is_tensor(value):
+                s = value.detach()
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                s = torch.as_tensor(value, dtype=dtype)
+            else:
+                raise TypeError(f"second_moments: the estimate for a parameter of shape {list(p.shape)} is a "
+                                f"{type(value).__name__}; expected a number or a 0-dim tensor")
             if s.numel() != 1:
                 raise ValueError(f"second_moments: the estimate for a parameter of shape "
                                  f"{list(p.shape)} has shape {list(s.shape)}; expected one number")
-            self.state[p]["second_moment"] = s.reshape(()).to(device=p.device, dtype=dtype, copy=True)
+            checked.append((p, s.reshape(()).to(device=p.device, dtype=dtype, copy=True)))
+        if checked:                                       # one host read for all of them (issue 16)
+            values = torch.stack([s.to(device=checked[0][1].device, dtype=torch.float64) for _, s in checked])
+            bad = ~(torch.isfinite(values) & (values >= 0))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise ValueError(f"second_moments: S_k must be a finite number >= 0 (a mean of squared norms), got "
+                                 f"{float(values[i])!r} for a parameter of shape {list(checked[i][0].shape)}")
+        for p, s in checked:
+            self.state[p]["second_moment"] = s
 
     def _prepare_step(self, plans: list[_GroupPlan]) -> None:
         source = None
