@@ -268,3 +268,32 @@ def test_one_rank_failing_to_resume_ends_the_job_promptly(tmp_path):
     assert len(errors) == 1 and str(damaged) in errors[0] and "truncated" in errors[0], again.stderr[-3000:]
     assert took < 120, took                                  # startup included; the hang was 600 s
 
+
+
+# ------------------------------------------------------------------------- one process: the resume matrix
+SINGLE = {
+    "clars_per_sample": ["--optimizer", "clars", "--clars-moments", "per-sample", "--per-sample-subset", "8",
+                         "--lr", "0.5"],
+    "lars_sample_mix": ["--optimizer", "lars", "--lr", "0.1", "--eta", "0.02", "--mix", "sample",
+                        "--accumulation-steps", "2"],
+    "adamw": ["--optimizer", "adamw", "--lr", "0.003", "--accumulation-steps", "2"],
+}
+
+
+@pytest.mark.parametrize("name", list(SINGLE))
+def test_single_process_resume_matrix_is_exact(tmp_path, name):
+    """Stopped after every step (mid-epoch) and resumed: bit for bit the uninterrupted run (the CLARS
+    micro-batch + EMA + sample-mix case is test_kill_inside_a_checkpoint_write_loses_nothing's)."""
+    def args(run, *extra):
+        return ["--run-dir", str(run), "--model", "resnet20", "--image-size", "8", "--train-size", "96",
+                "--test-size", "32", "--batch-size", "32", "--epochs", "1", "--no-progress", "--layer-stats-every",
+                "1", "--eval-batch-size", "32", "--num-threads", "1", "--weight-decay", "5e-4", *SINGLE[name], *extra]
+    train(args(tmp_path / "a"))
+    calls = []
+    while True:
+        summary = train(args(tmp_path / "b", "--stop-after-steps", "1"))
+        calls.append(summary["step"])
+        if not summary["stopped"]:
+            break
+    assert calls == [1, 2, 3]
+    assert_resume_exact(tmp_path / "a", tmp_path / "b", calls)
