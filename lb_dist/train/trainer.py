@@ -238,6 +238,17 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     if backend.world_size > 1:
         stop_with_launcher()
     run_dir = Path(args.run_dir)
+    check_layout(_RankParser(args, backend), args, backend.world_size)
+    if backend.name != "deepspeed":
+        for flag, dest in (("--zero-stage", "zero_stage"), ("--bf16", "bf16"), ("--deepspeed-config", "deepspeed_config")):
+            if getattr(args, dest, None) is not None:
+                _fail(args, backend, f"argument {flag}: only for --backend deepspeed, and this run's backend is "
+                                     f"{backend.name}")
+    elif getattr(args, "_deepspeed_file", None):
+        from lb_dist.train.deepspeed_flags import check_micro_batch
+        message = check_micro_batch(args, backend.world_size)
+        if message:
+            _fail(args, backend, message)
     for d in (run_dir, run_dir / "checkpoints"):
         if d.exists() and not d.is_dir():
             _fail(args, backend, f"argument --run-dir: {d} is a file, not a directory; give another --run-dir or "
@@ -259,17 +270,6 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
 
 
 def _run_training(args: argparse.Namespace, backend: Backend) -> dict:
-    check_layout(_RankParser(args, backend), args, backend.world_size)
-    if backend.name != "deepspeed":
-        for flag, dest in (("--zero-stage", "zero_stage"), ("--bf16", "bf16"), ("--deepspeed-config", "deepspeed_config")):
-            if getattr(args, dest, None) is not None:
-                _fail(args, backend, f"argument {flag}: only for --backend deepspeed, and this run's backend is "
-                                     f"{backend.name}")
-    elif getattr(args, "_deepspeed_file", None):
-        from lb_dist.train.deepspeed_flags import check_micro_batch
-        message = check_micro_batch(args, backend.world_size)
-        if message:
-            _fail(args, backend, message)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     run_dir = Path(args.run_dir)
