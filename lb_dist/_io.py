@@ -11,7 +11,26 @@ import os
 from pathlib import Path
 from typing import IO, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_text", "fsync_dir", "FAULT_ENV"]
+
+#: Test-only fault injection (tests/test_train_faults.py): when this environment variable is set and
+#: its value occurs in the name of a file being written by :func:`atomic_write`, the process kills
+#: itself (SIGKILL) in the middle of the write, after half of the bytes reached the temporary file,
+#: so that the atomic path is exercised by a real crash. Never set it outside tests.
+FAULT_ENV = "LB_DIST_TEST_KILL_IN_WRITE"
+
+
+def _maybe_die_mid_write(path: Path, f) -> None:
+    target = os.environ.get(FAULT_ENV)
+    if not target or target not in path.name:
+        return
+    import signal
+    f.flush()
+    size = f.tell()
+    f.truncate(size // 2)
+    f.flush()
+    os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -47,6 +66,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], object
     try:
         with open(tmp, "wb") as f:
             write_fn(f)
+            _maybe_die_mid_write(path, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

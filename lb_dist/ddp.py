@@ -97,7 +97,41 @@ class GradientMixHookState:
         self._coef = 0.0
         self._coef_sums = (1.0, 1.0)
         self._lock = threading.Lock()
+        self._synced = False          # a synchronizing backward completed and its gradient is still in .grad
+        self._sentinel = None
+        self._sentinel_handle = None
         self._reset()
+
+    # ------------------------------------------------------------------ one reduction per step
+    def watch(self, param: torch.Tensor) -> None:
+        """Refuse a reduction of already-reduced gradients (:func:`register` calls it with the
+        module's smallest trainable parameter). DDP all-reduces ``.grad`` at every backward outside
+        ``no_sync()``; a backward that starts while ``param.grad`` still holds the previous
+        synchronizing backward's reduced (and mixed) gradient, non-zero, would have that gradient
+        reduced, mixed and counted by the statistics a second time: gradient accumulation without
+        ``no_sync()``. A tensor hook on ``param`` checks this at every backward that reaches it
+        (one small host read) and raises a ``RuntimeError`` naming the pattern and the fix."""
+        if self._sentinel_handle is not None:
+            self._sentinel_handle.remove()
+        self._sentinel = param
+        self._synced = False
+        self._sentinel_handle = param.register_hook(self._check_fresh_gradient)
+
+    def _check_fresh_gradient(self, grad):
+        if self._synced:
+            held = self._sentinel.grad
+            if held is not None and bool(held.detach().ne(0).any()):
+                self._synced = False                  # report once; the caller fixes the loop
+                raise RuntimeError(
+                    "lb_dist.ddp: a backward outside no_sync() while .grad still holds the gradient DDP "
+                    "reduced in the previous synchronizing backward (gradient accumulation without "
+                    "no_sync(), or no zero_grad() after the optimizer step): DDP would all-reduce the "
+                    "already-reduced gradient again, and GradientMix would mix it and the micro-batch "
+                    "statistics count it a second time. Accumulate under `with ddp_model.no_sync():` "
+                    "for all but the last micro-batch of the step, and call optimizer.zero_grad() after "
+                    "optimizer.step()")
+            self._synced = False
+        return None
 
     @property
     def grad_scale(self) -> float:
@@ -176,6 +210,9 @@ def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> t
     coeff = state._coefficient(k, rank)
     factor = 1.0 / k if coeff is None else coeff  # DDP's default multiplies by 1/K (bitwise equal)
 
+    if bucket.is_last():
+        state._synced = True   # after this backward .grad holds reduced gradients (GradientMixHookState.watch)
+
     if state.moments is None:
         buf.mul_(factor)
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
@@ -224,7 +261,12 @@ def register(ddp_model: torch.nn.parallel.DistributedDataParallel, mix: Gradient
              moments: MicroBatchMoments | None = None, process_group=None,
              micro_batch_size: int | None = None) -> GradientMixHookState:
     """Build a :class:`GradientMixHookState` and register :func:`gradient_mix_hook` on ``ddp_model``.
-    Returns the state (its ``last_update`` reports the statistics of the last step)."""
+    Returns the state (its ``last_update`` reports the statistics of the last step).
+
+    Refused here, before any step: ``moments`` tracking parameters of another module or frozen ones
+    (``requires_grad=False``). Refused at the backward that would do it: a synchronizing backward
+    while ``.grad`` still holds the previous one's reduced gradient (gradient accumulation without
+    ``no_sync()``; :meth:`GradientMixHookState.watch`)."""
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, "
                         f"got {type(ddp_model).__name__}")
@@ -234,7 +276,17 @@ def register(ddp_model: torch.nn.parallel.DistributedDataParallel, mix: Gradient
         if foreign:
             raise ValueError(f"moments tracks {foreign} parameter(s) that are not ddp_model's: build "
                              f"MicroBatchMoments from ddp_model.module.parameters()")
+        tracked = {id(p) for p in getattr(moments, "params", ())}
+        frozen = [n for n, p in ddp_model.module.named_parameters() if id(p) in tracked and not p.requires_grad]
+        if frozen:
+            raise ValueError(f"moments tracks {len(frozen)} parameter(s) that do not require grad (frozen: "
+                             f"{', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}): DDP reduces no "
+                             f"gradient for them, so every step would fail. Build MicroBatchMoments from the "
+                             f"trainable ones: [p for p in ddp_model.module.parameters() if p.requires_grad]")
     state = GradientMixHookState(mix=mix, moments=moments, process_group=process_group,
                                  micro_batch_size=micro_batch_size)
+    trainable = [p for p in ddp_model.module.parameters() if p.requires_grad]
+    if trainable:
+        state.watch(min(trainable, key=lambda p: p.numel()))
     ddp_model.register_comm_hook(state, gradient_mix_hook)
     return state

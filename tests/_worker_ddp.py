@@ -146,6 +146,45 @@ def run_scaled(rank: int) -> dict:
     return rec
 
 
+def run_accumulation_without_no_sync(rank: int) -> dict:
+    """Issue 16: two micro-batches per step, both backward passes outside no_sync() (valid plain DDP,
+    which lb_dist's hook would mix and count twice): the second backward is refused. Then the valid
+    loops (zero_grad(set_to_none=False) between steps; no_sync() accumulation) run without an error."""
+    out = {}
+    for name in ("mix", "moments"):
+        model = make_model()
+        ddp = DDP(model, bucket_cap_mb=TINY_BUCKET_MB)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mix = GradientMix(noise="gaussian", std=STD, seed=3)
+        mix.attach(opt)
+        moments = MicroBatchMoments(list(model.parameters())) if name == "moments" else None
+        lb_dist.ddp.register(ddp, mix=mix, moments=moments, micro_batch_size=2 * LOCAL)
+        try:
+            for m in range(2):
+                x, y = data(0, rank, m)
+                (F.cross_entropy(ddp(x), y) / 2).backward()
+            out[name] = None
+        except RuntimeError as e:
+            out[name] = str(e)
+    model = make_model()
+    ddp = DDP(model, bucket_cap_mb=TINY_BUCKET_MB)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mix = GradientMix(noise="gaussian", std=STD, seed=3)
+    mix.attach(opt)
+    lb_dist.ddp.register(ddp, mix=mix, moments=MicroBatchMoments(list(model.parameters())),
+                         micro_batch_size=2 * LOCAL)
+    for t in range(3):
+        opt.zero_grad(set_to_none=t == 0)
+        with ddp.no_sync():
+            x, y = data(t, rank, 0)
+            (F.cross_entropy(ddp(x), y) / 2).backward()
+        x, y = data(t, rank, 1)
+        (F.cross_entropy(ddp(x), y) / 2).backward()
+        opt.step()
+    out["valid_steps"] = mix.step
+    return out
+
+
 def run_errors() -> dict:
     """Argument checks that need a real DDP model."""
     errors = {}
@@ -157,6 +196,17 @@ def run_errors() -> dict:
         "sample_mix": dict(mix=GradientMix(granularity="sample")),
         "no_micro_batch_size": dict(moments=MicroBatchMoments(list(model.parameters()))),
     }.items():
+        try:
+            lb_dist.ddp.register(ddp, **kwargs)
+            errors[name] = None
+        except (ValueError, TypeError) as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    frozen = make_model()
+    frozen[0].weight.requires_grad_(False)
+    for name, kwargs in {
+        "frozen_moments": dict(moments=MicroBatchMoments(list(frozen.parameters())), micro_batch_size=4),
+    }.items():
+        ddp = DDP(frozen)
         try:
             lb_dist.ddp.register(ddp, **kwargs)
             errors[name] = None
@@ -187,6 +237,7 @@ def main() -> None:
         },
         "scaled": run_scaled(rank),
         "errors": run_errors(),
+        "no_sync_missing": run_accumulation_without_no_sync(rank),
     }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()

@@ -161,6 +161,15 @@ def check_registration(rank: int) -> dict:
     out["lb_engine"] = type(engine).__name__
     out["lb_inner"] = type(engine.basic_optimizer).__name__
     out["lb_mix_step"] = lbds.get_runtime(engine).mix.step
+    # issue 16: a second engine.backward in one micro-step (gradient_accumulation_steps = 1) is refused
+    x, y = C.batch(rank, 2, 0)
+    for _ in range(2):
+        engine.backward(F.cross_entropy(engine(x).float(), y))
+    try:
+        engine.step()
+        out["extra_backward"] = None
+    except RuntimeError as e:
+        out["extra_backward"] = str(e)
     plain_model = C.make_model()
     plain_cfg = {"train_micro_batch_size_per_gpu": C.MICRO, "gradient_clipping": 0.0,
                  "zero_optimization": {"stage": 1}, "steps_per_print": 10 ** 9}

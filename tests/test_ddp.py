@@ -221,6 +221,20 @@ def test_register_errors_name_the_argument(runs):
     assert "granularity='sample'" in e["sample_mix"] and "weighted_loss" in e["sample_mix"]
     assert "micro_batch_size" in e["no_micro_batch_size"]
     assert e["not_ddp"].startswith("TypeError") and "ddp_model" in e["not_ddp"]
+    # issue 16: frozen parameters in moments are refused at registration, naming them
+    assert e["frozen_moments"].startswith("ValueError") and "0.weight" in e["frozen_moments"]
+    assert "requires_grad" in e["frozen_moments"]
+
+
+def test_accumulation_without_no_sync_is_refused(runs):
+    """Issue 16: a second synchronizing backward before zero_grad() (gradient accumulation without
+    no_sync()) would re-reduce, re-mix and re-count the reduced gradient: refused at that backward,
+    naming the pattern and the fix; no_sync() accumulation and zero_grad(set_to_none=False) run."""
+    for r in range(K):
+        rec = runs[r]["no_sync_missing"]
+        for name in ("mix", "moments"):
+            assert rec[name] is not None and "no_sync()" in rec[name] and "zero_grad()" in rec[name], rec[name]
+        assert rec["valid_steps"] == 3
 
 
 def test_state_validation():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lb_dist.optim import CLARS, LAMB, LARS, LayerFragments
+from lb_dist.optim.lars import EXACT_MOMENTUM_KEYS
 
 SHAPES = [(13, 7), (5, 13), (3, 5)]
 PAD = 3
@@ -85,9 +86,10 @@ def test_state_dict_holds_canonical_momentum_and_resumes():
         opt_plain.step()
         opt_flat.step()
     sd = opt_flat.state_dict()
-    assert set(sd["state"][0]) == {"momentum_buffer"}             # elementwise only
+    # elementwise only: torch's buffer and the exact pair (B, c per element) for a bit-exact resume
+    assert set(sd["state"][0]) == {"momentum_buffer", *EXACT_MOMENTUM_KEYS}
+    assert all(v.shape == flat.shape for v in sd["state"][0].values())
     buf = sd["state"][0]["momentum_buffer"]
-    assert buf.shape == flat.shape
     for k, p in enumerate(plain):       # torch's buffer = c * B of the plain optimizer
         st = opt_plain.state[p]
         want = (st["momentum_scale"] * st["momentum_buffer"]).reshape(-1)
@@ -103,6 +105,48 @@ def test_state_dict_holds_canonical_momentum_and_resumes():
         opt_flat.step()
         opt2.step()
     torch.testing.assert_close(flat2.detach(), flat.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [LARS, CLARS])
+def test_fragmented_momentum_resumes_bit_exactly_in_float32(cls):
+    """float32 (as DeepSpeed's fp32 partitions): a fresh optimizer loaded from the state_dict takes
+    the same steps bit for bit as the one that kept running (the canonical c*B alone, loaded with
+    scale 1, differs by a rounding from the first step on: issue 16's inexact ZeRO-2 resume)."""
+    kw = dict(lr=0.5, weight_decay=0.01, nesterov=cls is CLARS)
+    plain, flat, starts, _, opt_flat, frags = _setup(cls, **kw)
+    flat = flat.detach().float().requires_grad_()
+    moments = _Fixed({p: torch.tensor(0.3 + i) for i, p in enumerate(plain)})
+    extra = {"moments": moments} if cls is CLARS else {}
+
+    def build(t):
+        opt = cls([t], **kw, **extra)
+        opt.set_layer_fragments(t, frags)
+        return opt
+
+    def grads(t):
+        g = torch.Generator().manual_seed(100 + t)
+        return torch.randn(flat.shape, generator=g)
+
+    opt = build(flat)
+    for t in range(4):
+        flat.grad = grads(t)
+        opt.step()
+    sd = opt.state_dict()
+    flat2 = flat.detach().clone().requires_grad_()
+    opt2 = build(flat2)
+    opt2.load_state_dict(sd)
+    for t in range(4, 8):
+        flat.grad, flat2.grad = grads(t), grads(t)
+        opt.step()
+        opt2.step()
+    assert torch.equal(flat2.detach(), flat.detach())
+    # torch's canonical buffer is still c * B (one rounding)
+    st = opt.state[flat]
+    want = torch.cat([st["momentum_buffer"].view(-1).narrow(0, s, n) * st["momentum_scale"][j]
+                      for j, (s, n) in enumerate(zip(frags.starts, frags.numels))])
+    got = torch.cat([opt.state_dict()["state"][0]["momentum_buffer"].view(-1).narrow(0, s, n)
+                     for s, n in zip(frags.starts, frags.numels)])
+    assert torch.equal(got, want)
 
 
 def test_a_process_without_fragments_still_reduces():

@@ -782,3 +782,17 @@ def test_micro_batch_bad_inputs():
         for _ in range(2):
             (p[0].sum() + p[1].sum()).backward()
         est2.finish_step(mean_grads=[torch.ones(3)])
+
+
+def test_per_sample_inputs_that_do_not_fit_are_named():
+    """Issue 16: inputs of the wrong width or float class targets gave torch's shape/dtype errors,
+    naming nothing of lb_dist's call; now a ValueError names the inputs' and targets' shapes and dtypes."""
+    import torch.nn.functional as F
+
+    from lb_dist.moments import per_sample_second_moments
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"per_sample_second_moments: .*inputs of shape \[6, 5\]"):
+        per_sample_second_moments(model, F.cross_entropy, torch.randn(6, 5), y, subset_size=6)
+    with pytest.raises(ValueError, match=r"targets of shape \[6\] \(torch.float32\).*integers"):
+        per_sample_second_moments(model, F.cross_entropy, x, y.float(), subset_size=6)

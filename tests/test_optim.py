@@ -860,3 +860,22 @@ def test_multithreaded_dot_norm_path_matches_single_tensor(cls, monkeypatch):
         assert all(torch.equal(p, q) for p, q in zip(a, before))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bad_eta_and_second_moments_are_refused_naming_the_argument():
+    """Issue 16: LARS(eta=0) (every adapted step 0) and CLARS.set_second_moments with a negative, NaN,
+    inf or non-numeric S_k were accepted; now refused, naming the argument, and nothing is stored."""
+    w = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="eta"):
+        LARS([w], lr=0.1, eta=0.0)
+    with pytest.raises(ValueError, match="eta"):
+        CLARS([{"params": [w], "eta": 0.0}], lr=0.1)
+    opt = CLARS([w], lr=0.1)
+    for bad, exc, match in ((-1.0, ValueError, "finite number >= 0"), (float("nan"), ValueError, "finite"),
+                            (torch.tensor(float("inf")), ValueError, "finite"), ("x", TypeError, "str"),
+                            (True, TypeError, "bool")):
+        with pytest.raises(exc, match=match):
+            opt.set_second_moments({w: bad})
+        assert "second_moment" not in opt.state[w]
+    opt.set_second_moments({w: 2.0})
+    assert float(opt.state[w]["second_moment"]) == 2.0

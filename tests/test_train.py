@@ -22,7 +22,8 @@ from lb_dist.data import SyntheticImages, epoch_permutation
 from lb_dist.models import build_model
 from lb_dist.train import main, parse_args, train
 from lb_dist.train import trainer as trainer_module
-from lb_dist.train.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
+from lb_dist.train.checkpoint import (atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                      manifest_path, write_manifest)
 from lb_dist.train.metrics import EPOCH_FIELDS, STEP_FIELDS, read_metrics, topk_correct
 
 torch.set_num_threads(1)
@@ -66,6 +67,12 @@ BAD_FLAGS = [
     (["--lr", "1", "--optimizer", "sgd", "--batch-size", "128"], "--batch-size"),       # > training set
     (["--lr", "1", "--optimizer", "sgd", "--epochs", "0"], "--epochs"),
     (["--lr", "1", "--optimizer", "sgd", "--model-option", "nokey"], "--model-option"),
+    # issue 16: refused by argparse (status 2, the flag named), no traceback
+    (["--lr", "1", "--optimizer", "sgd", "--model-option", "foo=1"], "--model-option"),
+    (["--lr", "1", "--optimizer", "sgd", "--model-option", "last_bn_gamma=x"], "--model-option"),
+    (["--lr", "1", "--optimizer", "sgd", "--num-classes", "1"], "--num-classes"),
+    (["--lr", "1", "--optimizer", "sgd", "--seed", str(2 ** 64)], "--seed"),
+    (["--lr", "1", "--optimizer", "sgd", "--mix", "sample", "--mix-seed", "-1"], "--mix-seed"),
 ]
 
 
@@ -299,6 +306,7 @@ def test_checkpoint_that_does_not_fit_names_the_file(tmp_path, capsys):
              ({k: v for k, v in good.items() if k != "optimizer"}, "lacks optimizer")]
     for state, message in cases:
         atomic_save(state, ckpt)
+        write_manifest(ckpt, good["trainer"]["step"])   # a well-formed checkpoint, of another model
         before = ckpt.read_bytes()
         code, err = run_main(argv, capsys)
         assert code == 1 and f"checkpoint {ckpt} {message}" in err and "Traceback" not in err, err
@@ -665,3 +673,27 @@ def test_tensorboard_on_without_tensorboard_is_one_line(tmp_path, capsys):
         pass
     code, err = run_main(common(tmp_path / "run", "--optimizer", "sgd", "--lr", "0.1", "--tensorboard", "on"), capsys)
     assert code == 1 and "--tensorboard on: the tensorboard package is not installed" in err, err
+
+
+def test_metrics_history_is_never_deleted_on_resume(tmp_path):
+    """Issue 16: a bad line in metrics.jsonl used to cut the history at that line on resume. Now every
+    record up to the checkpoint's step is kept, and what is taken out (the bad line, the records of
+    the steps the resumed run replays, a torn last line) is set aside in metrics.discarded.jsonl."""
+    from lb_dist.train.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"kind": "step", "step": s, "loss": 1.0 / s} for s in range(1, 7)]
+    lines = [json.dumps(r) for r in records]
+    lines.insert(2, "{not json")
+    path.write_text("\n".join(lines) + '\n{"kind": "step", "st')          # torn by a kill mid-write
+    with pytest.warns(RuntimeWarning, match="line\\(s\\) 3 are not JSON records"):
+        logger = MetricsLogger(tmp_path, enabled=True, resume_step=4, tensorboard="off")
+    logger.write({"kind": "step", "step": 5, "loss": 0.2})
+    logger.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
+    aside = (tmp_path / "metrics.discarded.jsonl").read_text().splitlines()
+    assert "{not json" in aside and '{"kind": "step", "st' in aside
+    assert json.dumps(records[4]) in aside and json.dumps(records[5]) in aside
+    with pytest.warns(RuntimeWarning, match="line 2 is not a JSON record"):
+        (tmp_path / "m2.jsonl").write_text('{"step": 1}\nbad\n{"step": 2}\n')
+        assert [r["step"] for r in read_metrics(tmp_path / "m2.jsonl")] == [1, 2]

@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from _data import fake_multi30k
-from _train_runs import assert_params_close, final_model
+from _train_runs import assert_params_close, assert_resume_exact, final_model, with_resumed
 from _worker_launch import REPO, child_env, free_port
 from _worker_train_reference import reference_layerwise, reference_sgd
 from lb_dist.train import train
@@ -61,6 +61,9 @@ def torchrun(args: list[str], timeout: float = 240.0) -> subprocess.CompletedPro
     return subprocess.run(cmd, env=child_env(), cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
 
 
+DDP_RESUMED = ("sgd_sample", "clars_per_sample", "transformer")
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """The 2-process trainings, in one torchrun job."""
@@ -82,6 +85,9 @@ def job(tmp_path_factory):
                         "--moments-ema", "0.5", "--epochs", "2", "--warmup-steps", "2", "--stop-after-steps", "2")},
         {"name": "transformer", "argv": translation(d / "transformer", fake_multi30k(d / "m30k"))},
     ]
+    # exact resume (issue 16): sample-wise mixing, per-sample S_k, Adam on the Transformer, each stopped
+    # after every step (mid-epoch) and resumed
+    spec = with_resumed(spec, DDP_RESUMED)
     spec_path = d / "spec.json"
     spec_path.write_text(json.dumps(spec))
     proc = torchrun([str(REPO / "tests" / "_worker_train.py"), str(spec_path)])
@@ -162,6 +168,13 @@ def test_ddp_resume_equals_uninterrupted(job):
     for ra, rb in zip(a, b):
         assert ra.get("loss") == rb.get("loss") and ra.get("train_loss") == rb.get("train_loss")
         assert ra.get("test_top1") == rb.get("test_top1")
+
+
+@pytest.mark.parametrize("name", DDP_RESUMED)
+def test_ddp_resume_matrix_is_exact(job, name):
+    d, out = job
+    run = {"clars_per_sample": "clars_ps"}.get(name, name)
+    assert_resume_exact(d / run, d / f"{run}_resumed", out[f"{name}_resumed"]["steps_per_call"])
 
 
 def test_ddp_transformer_equals_one_process(job, tmp_path):

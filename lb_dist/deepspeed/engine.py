@@ -179,6 +179,14 @@ class LbDistRuntime:
                 "lb_dist: this optimizer step's gradients did not come from engine.backward(loss) "
                 "(device-wise GradientMix and CLARS' micro-batch second moments act there); call "
                 "engine.backward(loss), not loss.backward()")
+        if needs_backward and self._backward_calls != self.accumulation_steps:
+            # issue 16: an extra engine.backward adds a micro-batch gradient DeepSpeed does not average
+            # over (its 1/A is fixed), which the micro-batch statistics would count as one more
+            raise RuntimeError(
+                f"lb_dist: {self._backward_calls} engine.backward calls in this optimizer step, and DeepSpeed's "
+                f"gradient_accumulation_steps is {self.accumulation_steps}: call engine.step() after every "
+                f"engine.backward(loss), one backward per micro-step (device-wise GradientMix and CLARS' "
+                f"micro-batch second moments count them)")
         if mix is not None and mix.granularity == "sample" and self._weighted_calls == 0:
             raise RuntimeError(
                 "lb_dist: gradient_mix.granularity = \"sample\" weights the per-sample losses; build "

@@ -271,6 +271,13 @@ def per_sample_second_moments(
             if grad_sum is not None:
                 for acc, gi in zip(grad_sum, gl):
                     acc += gi.sum(0).to(device=device, dtype=torch.float64)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        # torch's shape/dtype errors name nothing of this call: say which inputs they came from
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"per_sample_second_moments: model(inputs) and loss_fn(outputs, targets) failed on this "
+                         f"rank's batch: inputs of shape {list(inputs.shape)} ({inputs.dtype}), targets of shape "
+                         f"{list(targets.shape)} ({targets.dtype}); check that they fit the model and loss_fn (e.g. "
+                         f"class-index targets are integers): {type(e).__name__}: {detail}") from e
     finally:
         for h in handles:
             h.remove()

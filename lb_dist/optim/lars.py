@@ -9,6 +9,11 @@ from torch import Tensor
 from lb_dist.optim import _functional as F
 from lb_dist.optim._base import LayerwiseOptimizer, _GroupPlan, _where, kernel_view
 
+#: A fragmented tensor's momentum in :meth:`LayerwiseSGD.state_dict` besides torch's canonical
+#: ``momentum_buffer`` (``c * B``): the buffer ``B`` and the scale ``c`` of each element's fragment,
+#: both elementwise over the flat tensor, for a bit-exact resume.
+EXACT_MOMENTUM_KEYS = ("lb_dist_momentum_unscaled", "lb_dist_momentum_scale")
+
 
 class LayerwiseSGD(LayerwiseOptimizer):
     """SGD with momentum applied to ``u_k = trust_k * (g_k + weight_decay * w_k)``.
@@ -33,7 +38,8 @@ class LayerwiseSGD(LayerwiseOptimizer):
     """
 
     _fraction_keys = ("momentum",)
-    _non_negative_keys = ("lr", "weight_decay", "eta")
+    _non_negative_keys = ("lr", "weight_decay")
+    _positive_keys = ("eta",)          # eta = 0 makes every adapted layer's step 0 (issue 16)
 
     def __init__(self, params: Iterable, lr: float, momentum: float, weight_decay: float,
                  eta: float, nesterov: bool, *, foreach: bool | None = None,
@@ -172,7 +178,12 @@ class LayerwiseSGD(LayerwiseOptimizer):
         the momentum is returned in torch's canonical form ``c * B`` (a new tensor-shaped buffer,
         no ``momentum_scale``), so that every state entry is elementwise over the flat tensor and
         engines that slice, pad or merge flat optimizer state (DeepSpeed's ZeRO checkpoints) can.
-        Loading it sets the scales to 1 (the same momentum, up to one rounding)."""
+
+        The exact pair ``(B, c)`` travels next to it, elementwise as well (:data:`EXACT_MOMENTUM_KEYS`:
+        ``B`` and ``c`` repeated over its fragment's elements), so that :meth:`load_state_dict`
+        restores the momentum bit for bit (``c * B`` rounded once would change every later step by a
+        rounding error, which CLARS' S_k estimate under GradientMix amplifies). A state without the
+        pair (older checkpoints) loads ``c * B`` with the scales set to 1."""
         sd = super().state_dict()
         if not self._fragments:
             return sd
@@ -191,12 +202,43 @@ class LayerwiseSGD(LayerwiseOptimizer):
                 continue
             buf = st["momentum_buffer"].clone()
             flat = buf.view(-1)
+            scale = torch.zeros(buf.shape, dtype=st["momentum_scale"].dtype, device=buf.device)
             for j, (start, numel) in enumerate(zip(layout.starts, layout.numels)):
                 flat.narrow(0, start, numel).mul_(st["momentum_scale"][j].to(flat.dtype))
+                scale.view(-1).narrow(0, start, numel).fill_(st["momentum_scale"][j])
             state[pid] = {k: v for k, v in state[pid].items() if k != "momentum_scale"}
             state[pid]["momentum_buffer"] = buf
+            state[pid][EXACT_MOMENTUM_KEYS[0]] = st["momentum_buffer"].clone()
+            state[pid][EXACT_MOMENTUM_KEYS[1]] = scale
         sd["state"] = state
         return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """:meth:`LayerwiseOptimizer.load_state_dict`; a fragmented tensor's exact momentum pair
+        (:meth:`state_dict`) becomes its buffer ``B`` and per-fragment scales ``c`` again."""
+        sd = dict(state_dict)
+        state = dict(sd["state"])
+        exact = {}
+        for pid, st in state.items():
+            if EXACT_MOMENTUM_KEYS[0] in st:
+                exact[pid] = (st[EXACT_MOMENTUM_KEYS[0]], st.get(EXACT_MOMENTUM_KEYS[1]))
+                state[pid] = {k: v for k, v in st.items() if k not in EXACT_MOMENTUM_KEYS}
+        sd["state"] = state
+        super().load_state_dict(sd)
+        if not exact:
+            return
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        id_map = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
+        for pid, (raw, scale) in exact.items():
+            p = id_map.get(pid)
+            layout = self._fragments.get(p) if p is not None else None
+            if layout is None or scale is None or raw.shape != p.shape or scale.shape != p.shape:
+                continue                              # not a fragmented tensor here: c * B stays
+            st = self.state[p]
+            st["momentum_buffer"] = raw.to(device=p.device, dtype=st["momentum_buffer"].dtype)
+            flat = scale.reshape(-1)
+            st["momentum_scale"] = torch.stack([flat[start] for start in layout.starts]).to(p.device) \
+                if layout.starts else torch.zeros(0, dtype=scale.dtype, device=p.device)
 
 
 class LARS(LayerwiseSGD):
@@ -310,16 +352,31 @@ class CLARS(LayerwiseSGD):
             raise TypeError(f"second_moments must be a Mapping[param, 0-dim tensor], got "
                             f"{type(second_moments).__name__}")
         owned = {p for group in self.param_groups for p in group["params"]}
+        checked = []
         for p, value in second_moments.items():
             if p not in owned:
                 continue
             dtype = F.norm_dtype(p.dtype)
-            s = value.detach() if torch.is_tensor(value) else torch.as_tensor(value, dtype=dtype)
+            if torch.is_tensor(value):
+                s = value.detach()
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                s = torch.as_tensor(value, dtype=dtype)
+            else:
+                raise TypeError(f"second_moments: the estimate for a parameter of shape {list(p.shape)} is a "
+                                f"{type(value).__name__}; expected a number or a 0-dim tensor")
             if s.numel() != 1:
                 raise ValueError(f"second_moments: the estimate for a parameter of shape "
                                  f"{list(p.shape)} has shape {list(s.shape)}; expected one number")
-            self.state[p]["second_moment"] = s.reshape(()).to(device=kernel_view(p).device, dtype=dtype,
-                                                              copy=True)
+            checked.append((p, s.reshape(()).to(device=kernel_view(p).device, dtype=dtype, copy=True)))
+        if checked:                                       # one host read for all of them (issue 16)
+            values = torch.stack([s.to(device=checked[0][1].device, dtype=torch.float64) for _, s in checked])
+            bad = ~(torch.isfinite(values) & (values >= 0))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise ValueError(f"second_moments: S_k must be a finite number >= 0 (a mean of squared norms), got "
+                                 f"{float(values[i])!r} for a parameter of shape {list(checked[i][0].shape)}")
+        for p, s in checked:
+            self.state[p]["second_moment"] = s
 
     def _prepare_step(self, plans: list[_GroupPlan]) -> None:
         source = None

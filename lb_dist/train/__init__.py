@@ -21,7 +21,7 @@ from lb_dist.train.backends import (Backend, BackendConfigError, BackendUnavaila
                                     detect_backend, select_backend)
 from lb_dist.train.checkpoint import CheckpointError
 from lb_dist.train.config import build_parser, parse_args
-from lb_dist.train.trainer import TrainingDiverged, run_training
+from lb_dist.train.trainer import RankFailed, TrainingDiverged, run_training
 
 __all__ = ["main", "train", "Backend", "Engine", "SingleProcess", "Torchrun", "DeepSpeedBackend", "HorovodBackend",
            "BackendUnavailable", "BackendConfigError", "select_backend", "detect_backend", "build_parser", "parse_args",
@@ -51,9 +51,12 @@ def train(argv_or_args=None, backend: Backend | None = None) -> dict:
         backend.start()
     try:
         summary = run_training(args, backend)
-    finally:
+    except BaseException:
         if own:
-            backend.close()
+            backend.close(failed=True)    # no barrier: another rank may never reach it
+        raise
+    if own:
+        backend.close()
     summary["closed_process_group"] = own and bool(getattr(backend, "_owns_group", False))
     return summary
 
@@ -67,8 +70,18 @@ def main(argv=None, prog: str = "lb-dist train") -> int:
     try:
         summary = train(args)
     except _USER_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        if not getattr(e, "quiet", False):     # RankFailed: the failing rank printed the error
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        _exit_if_launched(1)
         return 1
+    except Exception:
+        # a traceback: printed by the interpreter; under a launcher leave at once (the other ranks may
+        # wait in a collective for this one: the launcher ends them when this process is gone)
+        if detect_backend(local_rank_flag=args.local_rank) != "single":
+            import traceback
+            traceback.print_exc()
+            _exit_if_launched(1)
+        raise
     if summary.get("stopped"):
         print(f"[lb-dist train] stopped after step {summary['step']} (--stop-after-steps); run the same command to "
               f"continue", file=sys.stderr, flush=True)
@@ -79,8 +92,19 @@ def main(argv=None, prog: str = "lb-dist train") -> int:
     return 0
 
 
+def _exit_if_launched(code: int) -> None:
+    """Under a launcher (several ranks): flush and leave with ``code`` now, without the interpreter's
+    teardown (which may wait on the process group)."""
+    if detect_backend() != "single" or any(k in os.environ for k in ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE")):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _user_errors() -> tuple:
-    errors = [BackendUnavailable, BackendConfigError, CheckpointError, FileNotFoundError, TrainingDiverged]
+    from lb_dist.train._process import RunDirLocked
+    errors = [BackendUnavailable, BackendConfigError, CheckpointError, FileNotFoundError, TrainingDiverged,
+              RankFailed, RunDirLocked]
     try:
         from lb_dist.data import CifarFormatError, MissingDependencyError, Multi30kFormatError
         errors += [CifarFormatError, MissingDependencyError, Multi30kFormatError]

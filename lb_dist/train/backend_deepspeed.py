@@ -235,7 +235,7 @@ class DeepSpeedEngine(Engine):
                 if self.backend.is_main else None
         if self.backend.is_main:
             atomic_save({**state, "model": model_state, "deepspeed": {"tag": tag, **self._describe()}}, path)
-        self.backend.barrier()
+        # no barrier here: the loop agrees on every rank's outcome of the save (lb_dist.train.trainer._agree)
 
     def restore(self, state: dict, path: Path) -> None:
         path = Path(path)
@@ -324,9 +324,9 @@ class DeepSpeedBackend(Torchrun):
             deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)  # DeepSpeed's comm over it
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
-    def close(self) -> None:
-        super().close()
-        if self._mpi and self._owns_group:
+    def close(self, failed: bool = False) -> None:
+        super().close(failed)
+        if self._mpi and self._owns_group and not failed:
             from mpi4py import MPI
             if not MPI.Is_finalized():
                 MPI.Finalize()                        # mpirun reports a rank that exits without it as failed

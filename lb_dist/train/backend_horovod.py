@@ -60,8 +60,8 @@ class HorovodBackend(Backend):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    def close(self) -> None:
-        if self._owns_group:
+    def close(self, failed: bool = False) -> None:
+        if self._owns_group and not failed:
             hvd = _hvd()
             hvd.barrier()
             hvd.shutdown()

@@ -160,11 +160,12 @@ class Engine:
         """Collective. Write ``state`` (the loop's part: step, schedule, mixing, moments, RNG, ...)
         plus the model and optimizer state to ``path`` atomically, so that
         ``lb_dist.train.checkpoint.load_checkpoint(path)`` returns ``state`` with them. Default: rank 0
-        writes one file (replicated data parallelism: every rank holds the same model and optimizer)."""
+        writes one file (replicated data parallelism: every rank holds the same model and optimizer).
+        It ends without a collective after the last write: the loop then agrees on every rank's
+        outcome (one all-gather), so a rank whose write failed never leaves the others waiting."""
         if self.backend.is_main:
             atomic_save({**state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
                         path)
-        self.backend.barrier()
 
     def restore(self, state: dict, path: Path) -> None:
         """Restore model and optimizer from ``state``, what :meth:`save_checkpoint` wrote to ``path``
@@ -221,8 +222,10 @@ class Backend(abc.ABC):
     def start(self) -> None:
         """Join the job (process group); set rank, world_size, local_rank, device."""
 
-    def close(self) -> None:
-        """Leave the job (only what :meth:`start` created)."""
+    def close(self, failed: bool = False) -> None:
+        """Leave the job (only what :meth:`start` created). ``failed``: this rank is leaving on an
+        error; no collective is entered (another rank may never reach it: the launcher ends the
+        others when this process exits with an error)."""
 
     @abc.abstractmethod
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, mix=None, moments=None,
@@ -338,8 +341,8 @@ class Torchrun(Backend):
             self.device = self._resolve_device()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
-    def close(self) -> None:
-        if self._owns_group and dist.is_initialized():
+    def close(self, failed: bool = False) -> None:
+        if self._owns_group and dist.is_initialized() and not failed:
             dist.barrier()
             dist.destroy_process_group()
 

@@ -106,6 +106,23 @@ def parse_model_options(items) -> dict:
     return out
 
 
+def _check_model_options(name: str, options: dict) -> None:
+    """Build the model with ``options`` on the meta device (no memory, no work): an option the model
+    does not take, or a value it refuses, raises here, before the run starts. The Transformers get
+    placeholder vocabulary ids (the tokenizer's come later)."""
+    if not options:
+        return
+    import torch
+
+    from lb_dist.models import build_model
+    kwargs = dict(options)
+    if name.startswith("transformer"):
+        kwargs = {"vocab_size": 8, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "max_positions": 32,
+                  **kwargs}
+    with torch.device("meta"):
+        build_model(name, **kwargs)
+
+
 def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, usage=f"{prog} --run-dir DIR --lr LR [options]   ({prog} --help lists them)",
@@ -268,9 +285,14 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, world_size:
         p.error(f"argument --num-classes: only for --dataset synthetic (the {args.dataset} classes are fixed)")
     if args.image_size is not None and args.dataset in ("cifar10", "cifar100", "multi30k"):
         p.error(f"argument --image-size: not used by --dataset {args.dataset}")
+    if args.num_classes is not None and args.num_classes < 2:
+        p.error(f"argument --num-classes: a classifier needs at least 2 classes, got {args.num_classes}")
+    for flag, seed in (("--seed", args.seed), ("--mix-seed", args.mix_seed)):
+        if seed is not None and not 0 <= seed < 2 ** 63:
+            p.error(f"argument {flag}: must be in [0, 2**63) (a 64-bit seed), got {seed}")
     try:
-        parse_model_options(args.model_option)
-    except ValueError as e:  # pragma: no cover - _model_option already checked the shape
+        _check_model_options(args.model, parse_model_options(args.model_option))
+    except (ValueError, TypeError) as e:
         p.error(f"argument --model-option: {e}")
 
     # learning rate

@@ -9,13 +9,17 @@ has no inf/NaN). Per-layer values are objects keyed by the parameter's name in t
 (``model.named_parameters()``).
 
 On resume the file is cut back to the records whose ``step`` is at most the checkpoint's step (so a
-record is never duplicated by the steps replayed after a crash).
+record is never duplicated by the steps replayed after a crash). Nothing is lost doing so: the file
+is replaced atomically, and every line taken out (records of the replayed steps, and lines that do
+not parse, such as a line torn by a kill mid-write) is appended to ``metrics.discarded.jsonl`` next
+to it, with a warning for unparsable lines that are not a torn last line.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,19 +80,37 @@ def finite_or_none(value):
     return value
 
 
+def _parse_lines(path) -> tuple[list[tuple[str, dict]], list[tuple[int, str]], bool]:
+    """``([(line, record)], [(line number, unparsable line)], last line torn)`` of a metrics file."""
+    good, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    torn = bool(lines and lines[-1].strip())          # no newline after the last line: a torn write
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append((number, raw))
+            continue
+        if not isinstance(record, dict):
+            bad.append((number, raw))
+            continue
+        good.append((raw, record))
+    return good, bad, torn
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (a torn last line, from a crash mid-write, is ignored)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records
+    """The records of a ``metrics.jsonl``. A line that does not parse is skipped (a torn last line,
+    from a crash mid-write, silently; any other with a warning naming the file and line)."""
+    good, bad, torn = _parse_lines(path)
+    last = max((n for n, _ in bad), default=0)
+    for number, _ in bad:
+        if not (torn and number == last):
+            warnings.warn(f"{path}: line {number} is not a JSON record; skipped", RuntimeWarning, stacklevel=2)
+    return [r for _, r in good]
 
 
 class MetricsLogger:
@@ -102,14 +124,13 @@ class MetricsLogger:
         if not enabled:
             return
         if resume_step is None:
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._set_aside(self.path.read_text(encoding="utf-8", errors="replace").splitlines(),
+                                "a new run in this directory (no checkpoint)")
             self._file = open(self.path, "w", encoding="utf-8")
         else:
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if self.path.exists() else []
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                for r in kept:
-                    f.write(json.dumps(r) + "\n")
-            os.replace(tmp, self.path)
+            if self.path.exists():
+                self._cut_back(resume_step)
             self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard != "off":
             try:
@@ -121,6 +142,40 @@ class MetricsLogger:
                                                  "(pip install tensorboard)") from None
             else:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+
+    @property
+    def discarded_path(self) -> Path:
+        return self.path.with_name("metrics.discarded.jsonl")
+
+    def _set_aside(self, lines: list[str], why: str) -> None:
+        """Append ``lines`` to :attr:`discarded_path` (flushed and fsync'ed before the metrics file
+        changes), preceded by a line saying why."""
+        if not lines:
+            return
+        with open(self.discarded_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": "discarded", "from": self.path.name, "why": why, "lines": len(lines)}) + "\n")
+            for line in lines:
+                f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _cut_back(self, resume_step: int) -> None:
+        """Keep the records up to ``resume_step``; set aside the others and unparsable lines."""
+        from lb_dist._io import atomic_write_text
+
+        good, bad, torn = _parse_lines(self.path)
+        kept = [line for line, r in good if not isinstance(r.get("step"), (int, float)) or r["step"] <= resume_step]
+        later = [line for line, r in good if isinstance(r.get("step"), (int, float)) and r["step"] > resume_step]
+        last = max((n for n, _ in bad), default=0)
+        unexpected = [n for n, _ in bad if not (torn and n == last)]
+        if unexpected:
+            warnings.warn(f"{self.path}: line(s) {', '.join(map(str, unexpected))} are not JSON records; moved to "
+                          f"{self.discarded_path}", RuntimeWarning, stacklevel=3)
+        if not later and not bad:
+            return
+        self._set_aside([raw for _, raw in bad], "unparsable lines")
+        self._set_aside(later, f"records after step {resume_step}, replayed by the resumed run")
+        atomic_write_text(self.path, "".join(line.strip() + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -30,15 +30,15 @@ from torch.utils.data import DataLoader
 
 from lb_dist.mixing import GradientMix
 from lb_dist.train.backends import Backend, Engine
-from lb_dist.train.checkpoint import (FORMAT, checkpoint_path, latest_checkpoint,
-                                      list_checkpoints, load_checkpoint, prune_checkpoints)
+from lb_dist.train.checkpoint import (FORMAT, CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
+                                      load_checkpoint, prune_checkpoints, verify_checkpoint, write_manifest)
 from lb_dist.train.config import RUN_DEFINING, check_layout, to_dict
 from lb_dist.train.metrics import MetricsLogger
 from lb_dist.train.optimizers import build_optimizer, build_scheduler, peak_lr, warmup_steps
 from lb_dist.train.sampling import BatchLayout, StepBatchSampler
 from lb_dist.train.workloads import build_workload
 
-__all__ = ["run_training", "MAX_CONSECUTIVE_SKIPS", "TrainingDiverged"]
+__all__ = ["run_training", "MAX_CONSECUTIVE_SKIPS", "TrainingDiverged", "RankFailed"]
 
 #: Abort (with an error, after a checkpoint of the last good state exists) after this many
 #: consecutive optimizer steps with non-finite gradients.
@@ -47,6 +47,37 @@ MAX_CONSECUTIVE_SKIPS = 50
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed in a step every rank agrees on (resume, checkpoint): this rank stops too.
+    ``quiet``: the failing rank prints the error itself (``lb-dist train`` prints it once)."""
+
+    def __init__(self, message: str, quiet: bool = True) -> None:
+        super().__init__(message)
+        self.quiet = quiet
+
+
+def _agree(backend: Backend, fn):
+    """``fn()`` on every rank, then one all-gather of each rank's outcome: an error on any rank ends
+    every rank here (the failing rank re-raises its own error, the others raise :class:`RankFailed`
+    naming it), so that no rank goes on to wait in a collective for a rank that already left.
+    ``fn`` must not end in a collective that a failing rank would skip."""
+    error = None
+    result = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - every error ends the job; its type is kept for the failing rank
+        error = e
+    if backend.world_size > 1:
+        outcome = None if error is None else f"{type(error).__name__}: {str(error) or 'no detail'}"
+        failed = [(r, m) for r, m in enumerate(backend.all_gather_object(outcome)) if m is not None]
+        if failed and error is None:
+            rank, message = failed[0]
+            raise RankFailed(f"rank {rank} failed: {message}")
+    if error is not None:
+        raise error
+    return result
 
 
 class _RankParser:
@@ -103,6 +134,11 @@ def _check_resume_config(args, backend, saved: dict, path: Path) -> None:
                                  f"{path} of this run directory; resume with the same flags, or use a new --run-dir")
 
 
+def _seed(value: int) -> int:
+    """A derived seed as torch takes it (64 bits): ``value`` itself for the usual small seeds."""
+    return value % (1 << 63)
+
+
 def _rng_state(device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -142,7 +178,7 @@ class StepRunner:
             total_count = float(backend.all_reduce_sum(local.reshape(1)).item())  # one host sync per step
         ps_stats = None
         if self.per_sample:
-            gen = torch.Generator().manual_seed(args.seed * 7919 + step * 104729 + backend.rank)
+            gen = torch.Generator().manual_seed(_seed(args.seed * 7919 + step * 104729 + backend.rank))
             x, y = micro[0]
             ps_stats = engine.per_sample_second_moments(task.mean_loss_fn(), x, y, subset_size=args.per_sample_subset,
                                                         chunk_size=args.per_sample_chunk, params=self.adapted,
@@ -174,7 +210,7 @@ def build_components(args: argparse.Namespace, backend: Backend, workload, layou
     may replace them by its own, e.g. DeepSpeed's ZeRO-aware optimizer)."""
     torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     model = workload.build_model().to(backend.device)
-    torch.manual_seed(args.seed * 1000003 + 7919 * backend.rank + 1)  # per-rank streams: dropout, augmentation
+    torch.manual_seed(_seed(args.seed * 1000003 + 7919 * backend.rank + 1))  # per-rank streams: dropout, augmentation
     optimizer, moments = build_optimizer(args, model, peak_lr(args), local_batch_size=layout.local_batch_size)
     mix = None
     if args.mix != "none":
@@ -192,7 +228,16 @@ def build_components(args: argparse.Namespace, backend: Backend, workload, layou
 
 def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     """Train with ``args`` (from :func:`lb_dist.train.config.parse_args`) on a started ``backend``.
-    Returns a summary ``{"step", "epochs_done", "stopped", "last_epoch": record | None, "run_dir"}``."""
+    Returns a summary ``{"step", "epochs_done", "stopped", "last_epoch": record | None, "run_dir"}``.
+
+    Rank 0 holds the run directory's lock for the whole run (a second live job on it is refused,
+    naming the holder); under a launcher every rank stops when the launcher is gone
+    (``lb_dist.train._process``)."""
+    from lb_dist.train._process import RunDirLock, RunDirLocked, stop_with_launcher
+
+    if backend.world_size > 1:
+        stop_with_launcher()
+    run_dir = Path(args.run_dir)
     check_layout(_RankParser(args, backend), args, backend.world_size)
     if backend.name != "deepspeed":
         for flag, dest in (("--zero-stage", "zero_stage"), ("--bf16", "bf16"), ("--deepspeed-config", "deepspeed_config")):
@@ -204,6 +249,27 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         message = check_micro_batch(args, backend.world_size)
         if message:
             _fail(args, backend, message)
+    for d in (run_dir, run_dir / "checkpoints"):
+        if d.exists() and not d.is_dir():
+            _fail(args, backend, f"argument --run-dir: {d} is a file, not a directory; give another --run-dir or "
+                                 f"move the file away")
+    lock, problem = None, None
+    if backend.is_main:
+        try:
+            lock = RunDirLock(run_dir).acquire()
+        except RunDirLocked as e:
+            problem = str(e)
+    problem = backend.broadcast_object(problem)
+    if problem is not None:
+        raise RunDirLocked(problem) if backend.is_main else RankFailed(f"rank 0 failed: {problem}")
+    try:
+        return _run_training(args, backend)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_training(args: argparse.Namespace, backend: Backend) -> dict:
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     run_dir = Path(args.run_dir)
@@ -212,19 +278,26 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     A = args.accumulation_steps
     layout = BatchLayout(args.batch_size, K, backend.rank, A)
 
-    # ---- which checkpoint (rank 0 decides; every rank reads the same file)
-    latest = None
+    # ---- which checkpoint (rank 0 decides and verifies its checksums; every rank reads the same file)
+    latest, problem = None, None
     if backend.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         latest = latest_checkpoint(ckpt_dir)
         latest = None if latest is None else str(latest)
-    latest = backend.broadcast_object(latest)
+        if latest is not None:
+            try:
+                verify_checkpoint(latest)
+            except CheckpointError as e:
+                problem = str(e)
+    latest, problem = backend.broadcast_object((latest, problem))
+    if problem is not None:
+        raise CheckpointError(problem) if backend.is_main else RankFailed(f"rank 0 failed: {problem}")
     if latest is not None and args.resume == "never":
         _fail(args, backend, f"argument --resume: never, but {args.run_dir} already holds checkpoints ({latest}); "
                              f"use a new --run-dir or --resume auto")
     resume_state = None
     if latest is not None:
-        resume_state = load_checkpoint(latest, required=("trainer", "config"))
+        resume_state = _agree(backend, lambda: load_checkpoint(latest, required=("trainer", "config")))
         _check_resume_config(args, backend, resume_state["config"], Path(latest))
 
     # ---- data, model, optimizer
@@ -258,22 +331,25 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     # (loss sum, count) of the current epoch, this rank; on the device, read at log steps and checkpoints
     epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)
     if resume_state is not None:
-        engine.restore(resume_state, Path(latest))
+        def restore() -> None:
+            engine.restore(resume_state, Path(latest))
+            scheduler.load_state_dict(resume_state["scheduler"])
+            if mix is not None:
+                mix.load_state_dict(resume_state["mix"])
+            if moments is not None and resume_state.get("moments") is not None:
+                moments.load_state_dict(resume_state["moments"])
+
+        _agree(backend, restore)       # a rank that cannot load its part ends every rank here
         tr = resume_state["trainer"]
         step, elapsed = int(tr["step"]), float(tr["time"])
         skipped_total, consecutive_skips = int(tr["skipped_steps"]), int(tr["consecutive_skips"])
         if backend.is_main:
             epoch_sums = torch.tensor(tr["epoch_sums"], dtype=torch.float64, device=backend.device)
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if mix is not None:
-            mix.load_state_dict(resume_state["mix"])
-        if moments is not None and resume_state.get("moments") is not None:
-            moments.load_state_dict(resume_state["moments"])
         rngs = resume_state.get("rng") or []
         if backend.rank < len(rngs) and len(rngs) == K:
             _set_rng_state(rngs[backend.rank], backend.device)
         else:
-            torch.manual_seed(args.seed * 1000003 + step * 1009 + backend.rank)
+            torch.manual_seed(_seed(args.seed * 1000003 + step * 1009 + backend.rank))
         if backend.is_main:
             print(f"[lb-dist train] resuming from {latest} (step {step})", file=sys.stderr, flush=True)
     elif backend.is_main:
@@ -296,7 +372,15 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
                  "scheduler": scheduler.state_dict(), "mix": None if mix is None else mix.state_dict(),
                  "moments": None if moments is None else moments.state_dict(), "rng": rngs,
                  "tokenizer_fingerprint": workload.info.get("tokenizer_fingerprint")}
-        engine.save_checkpoint(checkpoint_path(ckpt_dir, at_step), state)
+        # every rank agrees on the save's success before training on (a rank that failed to write
+        # its part ends every rank here, instead of the others waiting for it in the next collective)
+        def write() -> None:
+            path = checkpoint_path(ckpt_dir, at_step)
+            engine.save_checkpoint(path, state)
+            if backend.is_main:
+                write_manifest(path, at_step)       # last: the commit (checksums of every file)
+
+        _agree(backend, write)
         if backend.is_main:
             prune_checkpoints(ckpt_dir, args.keep_checkpoints)
 
