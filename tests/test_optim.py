@@ -415,18 +415,38 @@ def test_nonfinite_gradient_skips_whole_step(cls, bad):
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
-def test_clars_bad_estimate_skips(bad):
+def test_clars_bad_estimate_refused_or_skipped(bad):
+    """A bad S_k handed to set_second_moments is refused naming the argument, storing nothing; a bad
+    estimate from an estimator (the step's own source) skips the step instead."""
     ps = make_params()
     opt = _make(CLARS, ps)
     set_grads(ps, grad_sequence(1)[0])
     opt.step()
+    before = {p: opt.state[p].get("second_moment") for p in ps}
+    before = {p: None if v is None else v.clone() for p, v in before.items()}
+    with pytest.raises(ValueError, match="second_moments"):
+        opt.set_second_moments({ps[1]: bad})
+    for p in ps:
+        now = opt.state[p].get("second_moment")
+        assert (now is None) == (before[p] is None)
+        assert now is None or torch.equal(now, before[p])
+
+    good = {p: torch.tensor(2.0, dtype=DT) for p in ps}
+
+    class Estimator:                       # any object with second_moments() is a CLARS source
+        value = bad
+
+        def second_moments(self):
+            return {**good, ps[1]: torch.tensor(self.value, dtype=DT)}
+
+    est = Estimator()
+    opt.moments = est
     snap = _snapshot(opt, ps)
-    opt.set_second_moments({ps[1]: bad})
     with pytest.warns(RuntimeWarning):
         opt.step()
     assert opt.skipped_steps == 1 and opt.last_step_skipped
-    opt.set_second_moments({ps[1]: 2.0})
-    snap = _snapshot(opt, ps)   # the state now holds the new estimate; params must not have moved
+    _assert_unchanged(opt, ps, snap)
+    est.value = 2.0
     opt.step()
     assert not opt.last_step_skipped
     assert not torch.equal(ps[0].detach(), snap[0][0])
