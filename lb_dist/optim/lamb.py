@@ -162,13 +162,9 @@ class LAMB(LayerwiseOptimizer):
         (1-D tensor), created on first use. A device-side skip (``ok`` False) adds 0."""
         inc = 1 if ok is None else ok.to(torch.float32)
         exp_avgs, exp_avg_sqs, steps = [], [], []
-        if not plan.sharded:
+        if not plan.sharded:                    # created by _init_group: reads only (torch.compile)
             for key in plan.keys:
                 state = self.state[key]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=kernel_view(key).device)
-                    state["exp_avg"] = torch.zeros_like(key, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(key, memory_format=torch.preserve_format)
                 self._increment(state, inc)
                 steps.append(state["step"])
                 exp_avgs.append(kernel_view(state["exp_avg"]))
