@@ -30,7 +30,8 @@ class LAMB(LayerwiseOptimizer):
     ``step()`` overwrites ``p.grad`` with the direction ``r_k`` (up to the bias-correction
     factor; scratch space that spares a parameter-sized allocation per step, as torch's
     SGD(nesterov) foreach path also reuses ``.grad``; gradients whose strides differ from their
-    parameter's are left alone and a temporary is allocated instead). Read or clip gradients
+    parameter's are left alone and a temporary is allocated instead). Under the device-side skip
+    (accelerators, ``torch.compile``) ``.grad`` is never overwritten. Read or clip gradients
     before ``step()``; zero them after it as usual. A skipped step leaves them untouched. ``t`` counts the steps a parameter had a gradient (``state["step"]``), as torch's
     Adam. Deviation from the paper: its scaling function ``phi(||w_k||)`` is the identity here
     (the paper allows any bounded ``phi``; pytorch_optimizer clamps ``||w_k||`` at 10). ``eps``
