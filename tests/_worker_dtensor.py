@@ -89,7 +89,8 @@ def run_case(case: str, name: str, sizes, shard, data_ranks: list[int], my_data:
         if isinstance(p, DTensor):
             placements.add(str(tuple(p.placements)))
             local_sizes.append(p.to_local().numel())
-    moved = max(float((q.detach() - r.detach()).abs().max()) for q, r in zip(ref.parameters(), mlp(0, sizes).parameters()))
+    moved = max(float((q.detach() - r.detach()).abs().max())
+                for q, r in zip(ref.parameters(), mlp(0, sizes).parameters()))
     return {"case": case, "opt": name, "max_err": err, "moved": moved, "allreduces": counts,
             "placements": sorted(placements), "local_sizes": local_sizes,
             "skipped": opt.skipped_steps}

@@ -30,7 +30,8 @@ class LAMB(LayerwiseOptimizer):
     ``step()`` overwrites ``p.grad`` with the direction ``r_k`` (up to the bias-correction
     factor; scratch space that spares a parameter-sized allocation per step, as torch's
     SGD(nesterov) foreach path also reuses ``.grad``; gradients whose strides differ from their
-    parameter's are left alone and a temporary is allocated instead). Read or clip gradients
+    parameter's are left alone and a temporary is allocated instead). Under the device-side skip
+    (accelerators, ``torch.compile``) ``.grad`` is never overwritten. Read or clip gradients
     before ``step()``; zero them after it as usual. A skipped step leaves them untouched. ``t`` counts the steps a parameter had a gradient (``state["step"]``), as torch's
     Adam. Deviation from the paper: its scaling function ``phi(||w_k||)`` is the identity here
     (the paper allows any bounded ``phi``; pytorch_optimizer clamps ``||w_k||`` at 10). ``eps``
@@ -176,13 +177,9 @@ class LAMB(LayerwiseOptimizer):
         (1-D tensor), created on first use. A device-side skip (``ok`` False) adds 0."""
         inc = 1 if ok is None else ok.to(torch.float32)
         exp_avgs, exp_avg_sqs, steps = [], [], []
-        if not plan.sharded:
+        if not plan.sharded:                    # created by _init_group: reads only (torch.compile)
             for key in plan.keys:
                 state = self.state[key]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=kernel_view(key).device)
-                    state["exp_avg"] = torch.zeros_like(key, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(key, memory_format=torch.preserve_format)
                 self._increment(state, inc)
                 steps.append(state["step"])
                 exp_avgs.append(kernel_view(state["exp_avg"]))

@@ -135,14 +135,17 @@ class LayerwiseSGD(LayerwiseOptimizer):
             if p.grad is None:
                 continue
             layout = self._fragments.get(p) if self._fragments else None
+            if layout is not None:
+                continue                         # fragments: created per fragment in _momentum_state
             state = self.state[p]
-            if state.get("momentum_buffer") is not None:
-                continue
-            if layout is None:
-                dtype = F.norm_dtype(p.dtype)
+            dtype = F.norm_dtype(p.dtype)
+            if state.get("momentum_buffer") is None:
                 self._note_fresh(p, ("momentum_buffer", "momentum_scale"))
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["momentum_scale"] = torch.zeros((), dtype=dtype, device=kernel_view(p).device)
+            elif "momentum_scale" not in state:  # a plain (torch SGD) buffer
+                self._note_fresh(p, ("momentum_scale",))
+                state["momentum_scale"] = torch.ones((), dtype=dtype, device=kernel_view(p).device)
 
     def _momentum_state(self, plan: _GroupPlan) -> tuple[list[Tensor], list[Tensor]]:
         """The momentum buffers ``B`` and 0-dim scales ``c`` of the plan's tensors, created on
@@ -150,14 +153,9 @@ class LayerwiseSGD(LayerwiseOptimizer):
         scale per fragment; the plan gets views of them."""
         bufs, scales = [], []
         dtype = plan.dtype
-        if not plan.sharded:
-            for key, p in zip(plan.keys, plan.params):
+        if not plan.sharded:                    # created by _init_group: reads only (torch.compile)
+            for key in plan.keys:
                 state = self.state[key]
-                if state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.zeros_like(key, memory_format=torch.preserve_format)
-                    state["momentum_scale"] = torch.zeros((), dtype=dtype, device=p.device)
-                elif "momentum_scale" not in state:      # a plain (torch SGD) buffer
-                    state["momentum_scale"] = torch.ones((), dtype=dtype, device=p.device)
                 bufs.append(kernel_view(state["momentum_buffer"]))
                 scales.append(state["momentum_scale"])
             return bufs, scales
