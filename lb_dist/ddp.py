@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from lb_dist._validation import check_grad_scale, check_positive_int
 from lb_dist.mixing import GradientMix, check_device_mix
+from lb_dist.moments.activations import TrainingPassMoments
 from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments,
                                        mixing_weight_sums)
 
@@ -81,10 +82,15 @@ class GradientMixHookState:
     def __init__(self, mix: GradientMix | None = None, moments: MicroBatchMoments | None = None,
                  process_group=None, micro_batch_size: int | None = None) -> None:
         check_device_mix("mix", mix, "the all-reduce")
-        check_micro_batch_moments("moments", moments)
+        if isinstance(moments, TrainingPassMoments):
+            if mix is not None and mix.noise != "none":
+                raise ValueError("moments=TrainingPassMoments with a device-wise mix: its per-sample "
+                                 "gradients average to the unmixed gradient; use plain averaging (mix=None)")
+        else:
+            check_micro_batch_moments("moments", moments)
         if micro_batch_size is not None:
             check_positive_int("micro_batch_size", micro_batch_size)
-        elif moments is not None and moments.micro_batch_size is None:
+        elif moments is not None and not isinstance(moments, TrainingPassMoments) and moments.micro_batch_size is None:
             raise ValueError("micro_batch_size is required with moments (samples per rank per step, "
                              "including accumulation), unless the MicroBatchMoments was given one")
         self.mix = mix
@@ -176,6 +182,8 @@ def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> t
     coeff = state._coefficient(k, rank)
     factor = 1.0 / k if coeff is None else coeff  # DDP's default multiplies by 1/K (bitwise equal)
 
+    if isinstance(state.moments, TrainingPassMoments):
+        return _training_pass_bucket(state, bucket, buf, factor, group)
     if state.moments is None:
         buf.mul_(factor)
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
@@ -216,6 +224,25 @@ def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> t
                 if state._saw_last and state._pending == 0:
                     state._reset()
         return plan.head
+
+    return fut.then(_done)
+
+
+def _training_pass_bucket(state: GradientMixHookState, bucket, buf: torch.Tensor, factor: float, group):
+    """The averaging all-reduce of one bucket carrying, appended, the per-sample statistics of the
+    bucket's parameters from a :class:`lb_dist.moments.TrainingPassMoments` (its output-gradient
+    hooks ran before these weight gradients existed): ``[sum_i ||grad_k f_i||^2 | sample count]``."""
+    moments = state.moments
+    found = [(j, moments.param_index[p]) for j, p in enumerate(bucket.parameters()) if p in moments.param_index]
+    slots = torch.tensor([i for _, i in found], dtype=torch.long)
+    stats = moments.bucket_statistics(slots).to(device=buf.device, dtype=buf.dtype)
+    packed = torch.cat([buf * factor, stats])
+    fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
+    n = buf.numel()
+
+    def _done(f) -> torch.Tensor:
+        moments.add_reduced(slots, packed[n:])
+        return packed[:n]
 
     return fut.then(_done)
 
