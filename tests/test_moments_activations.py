@@ -8,6 +8,7 @@ algebra (ghost norm, unfold, index sums) is never used by the references.
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 
@@ -330,3 +331,25 @@ def test_torchrun_ddp_clars_equals_one_process_with_the_exact_loop(tmp_path):
     for r in range(2):
         for got, want in zip(outs[r]["moments"]["final"], model.parameters()):
             torch.testing.assert_close(got, want.detach(), rtol=RTOL, atol=1e-9)
+
+
+# -------------------------------------------------------------------------- lb-dist train
+def test_lb_dist_train_clars_training_pass(tmp_path):
+    """``lb-dist train --clars-moments training-pass`` (one process, 2 accumulation micro-batches):
+    S_k and M_k of every adapted layer logged each step, M_k >= 1 on the whole batch."""
+    from lb_dist.train import train
+    from lb_dist.train.metrics import read_metrics
+    run = tmp_path / "run"
+    torch.set_default_dtype(torch.float32)
+    summary = train(["--run-dir", str(run), "--model", "resnet20", "--image-size", "8", "--train-size", "64",
+                     "--test-size", "16", "--batch-size", "32", "--epochs", "1", "--no-progress",
+                     "--layer-stats-every", "1", "--eval-batch-size", "16", "--optimizer", "clars", "--lr", "0.5",
+                     "--accumulation-steps", "2", "--clars-moments", "training-pass"])
+    assert summary["step"] == 2
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "step"]
+    from lb_dist.models import resnet20
+    adapted = sorted(n for n, p in resnet20().named_parameters() if p.ndim > 1)
+    for r in steps:
+        assert sorted(r["second_moment"]) == adapted == sorted(r["variance_factor"])
+        assert all(v >= 1 - 1e-6 for v in r["variance_factor"].values())
+        assert math.isfinite(r["loss"]) and r["skipped"] is False

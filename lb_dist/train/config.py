@@ -20,7 +20,7 @@ SCHEDULES = ("constant", "poly", "inverse-sqrt")
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagenet", "multi30k")
 BACKENDS = ("auto", "single", "torchrun", "deepspeed", "horovod")
 MIXES = ("none", "device", "sample")
-MOMENT_SOURCES = ("micro-batch", "per-sample")
+MOMENT_SOURCES = ("micro-batch", "per-sample", "training-pass")
 MODEL_DEFAULT = "resnet20"
 
 #: Flags that define what a run computes. A resumed run (same --run-dir) must give the same values
@@ -168,8 +168,9 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
     g.add_argument("--eps", type=_positive_float, default=None, help="adam/adamw (1e-8), lamb (1e-6)")
     g.add_argument("--clars-moments", choices=MOMENT_SOURCES, default="micro-batch",
                    help="where CLARS' S_k comes from: micro-batch (free: the data-parallel ranks' and accumulation "
-                        "micro-batches' gradients; needs >= 2 per step) or per-sample (exact, torch.func, on "
-                        "--per-sample-subset samples; image models)")
+                        "micro-batches' gradients; needs >= 2 per step), per-sample (exact, torch.func, on "
+                        "--per-sample-subset samples; image models) or training-pass (exact, on the whole batch, from "
+                        "the training step's own activations and output gradients; --backend single/torchrun)")
     g.add_argument("--per-sample-subset", type=_positive_int, default=512,
                    help="|J|, the global per-sample subset (CLARS paper section 4.4)")
     g.add_argument("--per-sample-chunk", type=_positive_int, default=64, help="samples per vmap call (memory)")
