@@ -334,9 +334,11 @@ def test_torchrun_ddp_clars_equals_one_process_with_the_exact_loop(tmp_path):
 
 
 # -------------------------------------------------------------------------- lb-dist train
-def test_lb_dist_train_clars_training_pass(tmp_path):
+def test_lb_dist_train_clars_training_pass(tmp_path, capsys):
     """``lb-dist train --clars-moments training-pass`` (one process, 2 accumulation micro-batches):
-    S_k and M_k of every adapted layer logged each step, M_k >= 1 on the whole batch."""
+    S_k, M_k and the noise scale of every adapted layer logged each step, M_k >= 1 on the whole
+    batch, B_simple = tr(Sigma) / ||G||^2 recomputed from the logged S_k and M_k, the epoch's summary
+    line, the ``lb-dist plot`` panel."""
     from lb_dist.train import train
     from lb_dist.train.metrics import read_metrics
     run = tmp_path / "run"
@@ -353,3 +355,15 @@ def test_lb_dist_train_clars_training_pass(tmp_path):
         assert sorted(r["second_moment"]) == adapted == sorted(r["variance_factor"])
         assert all(v >= 1 - 1e-6 for v in r["variance_factor"].values())
         assert math.isfinite(r["loss"]) and r["skipped"] is False
+        s_k, m_k = r["second_moment"], r["variance_factor"]
+        g_sq = {k: s_k[k] / m_k[k] for k in s_k}                     # ||G_k||^2 = S_k / M_k
+        for k in s_k:
+            assert r["noise_scale"][k] == pytest.approx((s_k[k] - g_sq[k]) / g_sq[k], rel=1e-6)
+        assert r["noise_scale_global"] == pytest.approx(sum(s_k[k] - g_sq[k] for k in s_k) / sum(g_sq.values()),
+                                                        rel=1e-6)
+    median = sorted(r["noise_scale_global"] for r in steps)
+    assert f"gradient noise scale B_simple {(median[0] + median[1]) / 2:.4g} (median of 2 logged steps" \
+        in capsys.readouterr().err
+    from lb_dist.plot import plot_runs
+    written = plot_runs([run], tmp_path / "plots")
+    assert {"noise_scale.png", "noise_scale_layers.png"} <= {p.name for p in written}
