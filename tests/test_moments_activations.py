@@ -367,3 +367,22 @@ def test_lb_dist_train_clars_training_pass(tmp_path, capsys):
     from lb_dist.plot import plot_runs
     written = plot_runs([run], tmp_path / "plots")
     assert {"noise_scale.png", "noise_scale_layers.png"} <= {p.name for p in written}
+
+
+def test_float32_resnet_block_with_accumulation():
+    """float32 (the training dtype): a conv/BatchNorm-free block with a strided conv, to 1e-5 of
+    the float64 per-sample loop on the same float32 weights."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 4))
+    ref = copy.deepcopy(model).double()       # before the hooks: a deepcopy would carry them along
+    est = TrainingPassMoments(model, grad_scale=0.5)
+    batches = [(torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))) for _ in range(2)]
+    one_step(model, est, batches, F.cross_entropy)
+    adapted = param_groups(ref, 0.0)[0]["params"]
+    want_s, want_g = loop_second_moments(adapted, [lambda x=x, y=y, i=i: F.cross_entropy(ref(x[i:i + 1].double()),
+                                                                                           y[i:i + 1])
+                                                   for x, y in batches for i in range(6)])
+    close(est.second_moments_tensor(), want_s)
+    close(est.grad_sq_norms_tensor(), want_g)

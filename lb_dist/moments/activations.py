@@ -283,7 +283,8 @@ class TrainingPassMoments:
     :meth:`finish_step` (before clipping or the optimizer step), then ``CLARS(..., moments=self)``
     reads :meth:`second_moments`. Assumed: equal micro-batch sizes within a step; not supported:
     activation checkpointing (its recomputed forward would fire the hooks again), inputs without a
-    batch dimension, forward functions of subclasses of the supported modules.
+    batch dimension, forward functions of subclasses of the supported modules. A ``copy.deepcopy``
+    of the model made after construction carries the hooks along (copy first).
     """
 
     def __init__(self, model: nn.Module, params: Iterable[torch.Tensor] | None = None, *,
