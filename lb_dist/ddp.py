@@ -17,6 +17,9 @@ Each rank's gradient is one micro-batch with weight ``pi_k`` (``1/K`` without mi
 sum_k pi_k`` and ``W2 = sum_k pi_k^2``, known on every rank; the core solves for the unmixed
 big-batch value conditioned on these weights (``lb_dist.moments.weighted_big_batch_sq``, exactly
 ``||M||^2`` without mixing), the same rule as ``lb_dist.horovod`` and ``lb_dist.deepspeed``.
+With a :class:`lb_dist.moments.TrainingPassMoments` as ``moments`` instead, each bucket's all-reduce
+carries that estimator's per-sample sums of the bucket's parameters and the sample count
+(:func:`_training_pass_bucket`), so its exact S_k needs no collective of its own.
 Equations in docs/moments.md; usage (torchrun, gradient accumulation) in docs/backend-ddp.md.
 """
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations at run time
