@@ -82,6 +82,7 @@ LAYERS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_each_layer_type_matches_the_per_sample_loop(name):
     make, shape, feat, kind = LAYERS[name]

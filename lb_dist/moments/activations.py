@@ -185,13 +185,13 @@ def _cat_left(parts):
 
 def _sq_ghost(lefts, rights) -> torch.Tensor:
     """Per-sample ``||sum_c sum_t L_c R_c^T||^2`` by the ghost-norm identity (float64, ``(n,)``)."""
-    r = torch.cat(rights, dim=2)
+    r = rights[0] if len(rights) == 1 else torch.cat(rights, dim=2)
     gr = torch.matmul(r, r.transpose(-1, -2))
     cat = _cat_left(lefts)
     if cat is not None:
         gl = _gram(cat, cat)
     elif not any(isinstance(x, _Index) for x in lefts):
-        left = torch.cat(lefts, dim=2)
+        left = lefts[0] if len(lefts) == 1 else torch.cat(lefts, dim=2)
         gl = torch.matmul(left, left.transpose(-1, -2))
     else:
         gl = torch.cat([torch.cat([_gram(x, y).to(gr.dtype) for y in lefts], -1) for x in lefts], -2)
