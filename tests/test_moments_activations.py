@@ -75,6 +75,7 @@ LAYERS = {
     "conv2d-same-even-kernel": (lambda: nn.Conv2d(2, 3, (2, 3), padding="same"), (5, 2, 5, 4), 3 * 5 * 4, "float"),
     "conv2d-reflect": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", bias=False),
                        (4, 2, 5, 5), 3 * 5 * 5, "float"),
+    "conv2d-wide-input-in-chunks": (lambda: nn.Conv2d(128, 2, 1), (10, 128, 3, 3), 2 * 3 * 3, "float"),  # 8 per call
     "conv1d-groups": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (5, 4, 9), 6 * 5, "float"),
     "conv1d-circular-same": (lambda: nn.Conv1d(3, 2, 4, padding="same", padding_mode="circular"), (4, 3, 7),
                              2 * 7, "float"),
