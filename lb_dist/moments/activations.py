@@ -406,8 +406,8 @@ class TrainingPassMoments:
                 raise ValueError(f"the output of a {type(module).__name__} is a view of a larger tensor: "
                                  f"TrainingPassMoments cannot locate its gradient")
             shape = output.shape
-            base.grad_fn.register_prehook(
-                lambda grads: self._backward(module, roles, ps, a, None if grads[0] is None else grads[0].reshape(shape)))
+            base.grad_fn.register_prehook(lambda grads: self._backward(
+                module, roles, ps, a, None if grads[0] is None else grads[0].reshape(shape)))
         return hook
 
     def _backward(self, module, roles, ps: _Pass, a: torch.Tensor, g: torch.Tensor | None) -> None:

@@ -205,7 +205,8 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         message = check_micro_batch(args, backend.world_size)
         if message:
             _fail(args, backend, message)
-    if args.optimizer == "clars" and args.clars_moments == "training-pass" and backend.name not in ("single", "torchrun"):
+    if args.optimizer == "clars" and args.clars_moments == "training-pass" and \
+            backend.name not in ("single", "torchrun"):
         _fail(args, backend, f"argument --clars-moments: training-pass is implemented for --backend single and "
                              f"torchrun (module hooks + the DDP hook), and this run's backend is {backend.name}; "
                              f"use micro-batch or per-sample")
