@@ -149,6 +149,17 @@ def _sq_conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     return _row_sq(gw.reshape(n, -1))
 
 
+def _factor_shape(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[int, int, int, int, bool]:
+    """``(groups, T, p, q, index)`` of :func:`_blocks`' factors for one sample, without forming them."""
+    n = max(a.shape[0], 1)
+    if isinstance(module, nn.Embedding):
+        return 1, a.numel() // n, module.num_embeddings, module.embedding_dim, True
+    if isinstance(module, nn.Linear):
+        return 1, a.numel() // (n * module.in_features), module.out_features, module.in_features, False
+    w = module.weight
+    return module.groups, g[0, 0].numel(), w.shape[0] // module.groups, w[0].numel(), False
+
+
 def _bias_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """Per-sample bias gradient ``(n, out)``: the output gradient summed over positions."""
     n = g.shape[0]
@@ -450,15 +461,14 @@ class TrainingPassMoments:
         if role == "bias":
             rows = sum(_bias_rows(c.module, c.g) for c in contribs)
             return _row_sq(rows)
-        # shapes per sample, for the cost model and the chunk size
-        one = [_blocks(c.module, c.a[:1], c.g[:1]) for c in contribs]
-        groups = one[0][1].shape[1]
-        if any(r.shape[1] != groups or r.shape[-1] != one[0][1].shape[-1] for _, r in one):
+        # shapes per sample, for the cost model and the chunk size (no unfold: F.unfold of even one
+        # sample costs milliseconds on CPU)
+        shapes = [_factor_shape(c.module, c.a, c.g) for c in contribs]
+        groups, _, p, q, _ = shapes[0]
+        if any((s[0], s[2], s[3]) != (groups, p, q) for s in shapes):
             raise ValueError("a parameter used by several modules with different group layouts")
-        tokens = sum(r.shape[2] for _, r in one)
-        q = one[0][1].shape[-1]
-        index = any(isinstance(x, _Index) for x, _ in one)
-        p = one[0][0].size if isinstance(one[0][0], _Index) else one[0][0].shape[-1]
+        tokens = sum(s[1] for s in shapes)
+        index = any(s[4] for s in shapes)
         if len(contribs) == 1 and index:
             method, per_row = "embedding", tokens * q * 3
         elif len(contribs) == 1 and isinstance(contribs[0].module, (nn.Conv1d, nn.Conv2d)) \
