@@ -170,7 +170,7 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
                    help="where CLARS' S_k comes from: micro-batch (free: the data-parallel ranks' and accumulation "
                         "micro-batches' gradients; needs >= 2 per step), per-sample (exact, torch.func, on "
                         "--per-sample-subset samples; image models) or training-pass (exact, on the whole batch, from "
-                        "the training step's own activations and output gradients; --backend single/torchrun)")
+                        "the training step's own activations and output gradients; --backend single/torchrun/horovod)")
     g.add_argument("--per-sample-subset", type=_positive_int, default=512,
                    help="|J|, the global per-sample subset (CLARS paper section 4.4)")
     g.add_argument("--per-sample-chunk", type=_positive_int, default=64, help="samples per vmap call (memory)")
@@ -347,6 +347,9 @@ def check_layout(p: argparse.ArgumentParser, args: argparse.Namespace, world_siz
     if args.optimizer == "clars" and args.clars_moments == "micro-batch" and world_size * args.accumulation_steps < 2:
         p.error("argument --clars-moments: the micro-batch estimator needs >= 2 micro-batches per step (world size x "
                 "--accumulation-steps); with 1 process give --accumulation-steps >= 2 or --clars-moments per-sample")
+    if args.optimizer == "clars" and args.clars_moments == "training-pass" and args.mix == "device":
+        p.error("argument --clars-moments: training-pass measures the per-sample gradients of the unmixed "
+                "average, and --mix device mixes the ranks' gradients; use --mix sample or another source")
     if args.optimizer == "clars" and args.clars_moments == "per-sample":
         if args.model.startswith("transformer"):
             p.error("argument --clars-moments: per-sample is implemented for the image models; use micro-batch "

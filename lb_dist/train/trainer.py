@@ -206,9 +206,9 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         if message:
             _fail(args, backend, message)
     if args.optimizer == "clars" and args.clars_moments == "training-pass" and \
-            backend.name not in ("single", "torchrun"):
-        _fail(args, backend, f"argument --clars-moments: training-pass is implemented for --backend single and "
-                             f"torchrun (module hooks + the DDP hook), and this run's backend is {backend.name}; "
+            backend.name not in ("single", "torchrun", "horovod"):
+        _fail(args, backend, f"argument --clars-moments: training-pass is implemented for --backend single, "
+                             f"torchrun and horovod (module hooks), and this run's backend is {backend.name}; "
                              f"use micro-batch or per-sample")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
