@@ -388,3 +388,13 @@ def test_float32_resnet_block_with_accumulation():
                                                    for x, y in batches for i in range(6)])
     close(est.second_moments_tensor(), want_s)
     close(est.grad_sq_norms_tensor(), want_g)
+
+
+def test_lb_dist_train_refuses_training_pass_with_device_mixing(tmp_path, capsys):
+    from lb_dist.train.config import parse_args
+    argv = ["--run-dir", str(tmp_path), "--model", "resnet20", "--optimizer", "clars", "--lr", "1",
+            "--clars-moments", "training-pass", "--mix", "device"]
+    with pytest.raises(SystemExit):
+        parse_args(argv, world_size=2)
+    assert "argument --clars-moments: training-pass" in capsys.readouterr().err
+    assert parse_args(argv[:-2], world_size=1).clars_moments == "training-pass"   # 1 process, 1 micro-batch: fine
