@@ -17,6 +17,9 @@ Each rank's gradient is one micro-batch with weight ``pi_k`` (``1/K`` without mi
 sum_k pi_k`` and ``W2 = sum_k pi_k^2``, known on every rank; the core solves for the unmixed
 big-batch value conditioned on these weights (``lb_dist.moments.weighted_big_batch_sq``, exactly
 ``||M||^2`` without mixing), the same rule as ``lb_dist.horovod`` and ``lb_dist.deepspeed``.
+With a :class:`lb_dist.moments.TrainingPassMoments` as ``moments`` instead, each bucket's all-reduce
+carries that estimator's per-sample sums of the bucket's parameters and the sample count
+(:func:`_training_pass_bucket`), so its exact S_k needs no collective of its own.
 Equations in docs/moments.md; usage (torchrun, gradient accumulation) in docs/backend-ddp.md.
 """
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations at run time
@@ -28,6 +31,7 @@ import torch.distributed as dist
 
 from lb_dist._validation import check_grad_scale, check_positive_int
 from lb_dist.mixing import GradientMix, check_device_mix
+from lb_dist.moments.activations import TrainingPassMoments
 from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments,
                                        mixing_weight_sums)
 
@@ -81,10 +85,15 @@ class GradientMixHookState:
     def __init__(self, mix: GradientMix | None = None, moments: MicroBatchMoments | None = None,
                  process_group=None, micro_batch_size: int | None = None) -> None:
         check_device_mix("mix", mix, "the all-reduce")
-        check_micro_batch_moments("moments", moments)
+        if isinstance(moments, TrainingPassMoments):
+            if mix is not None and mix.noise != "none":
+                raise ValueError("moments=TrainingPassMoments with a device-wise mix: its per-sample "
+                                 "gradients average to the unmixed gradient; use plain averaging (mix=None)")
+        else:
+            check_micro_batch_moments("moments", moments)
         if micro_batch_size is not None:
             check_positive_int("micro_batch_size", micro_batch_size)
-        elif moments is not None and moments.micro_batch_size is None:
+        elif moments is not None and not isinstance(moments, TrainingPassMoments) and moments.micro_batch_size is None:
             raise ValueError("micro_batch_size is required with moments (samples per rank per step, "
                              "including accumulation), unless the MicroBatchMoments was given one")
         self.mix = mix
@@ -213,6 +222,8 @@ def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> t
     if bucket.is_last():
         state._synced = True   # after this backward .grad holds reduced gradients (GradientMixHookState.watch)
 
+    if isinstance(state.moments, TrainingPassMoments):
+        return _training_pass_bucket(state, bucket, buf, factor, group)
     if state.moments is None:
         buf.mul_(factor)
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
@@ -253,6 +264,25 @@ def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> t
                 if state._saw_last and state._pending == 0:
                     state._reset()
         return plan.head
+
+    return fut.then(_done)
+
+
+def _training_pass_bucket(state: GradientMixHookState, bucket, buf: torch.Tensor, factor: float, group):
+    """The averaging all-reduce of one bucket carrying, appended, the per-sample statistics of the
+    bucket's parameters from a :class:`lb_dist.moments.TrainingPassMoments` (its output-gradient
+    hooks ran before these weight gradients existed): ``[sum_i ||grad_k f_i||^2 | sample count]``."""
+    moments = state.moments
+    found = [(j, moments.param_index[p]) for j, p in enumerate(bucket.parameters()) if p in moments.param_index]
+    slots = torch.tensor([i for _, i in found], dtype=torch.long)
+    stats = moments.bucket_statistics(slots).to(device=buf.device, dtype=buf.dtype)
+    packed = torch.cat([buf * factor, stats])
+    fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
+    n = buf.numel()
+
+    def _done(f) -> torch.Tensor:
+        moments.add_reduced(slots, packed[n:])
+        return packed[:n]
 
     return fut.then(_done)
 

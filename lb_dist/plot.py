@@ -9,6 +9,10 @@ their ``metrics.jsonl`` (written by ``lb-dist train``; schema in docs/training.m
   (dark) to the output (light), log scale, running median over ``--smooth`` logged steps (default 5):
   the CLARS paper's Fig. 3.
 * ``trust_ratio.png``: the per-layer trust ratios of the layer-wise optimizers, the same way.
+* ``noise_scale.png``: the gradient noise scale ``B_simple = tr(Sigma) / ||G||^2`` (McCandlish et
+  al. 2018) over training, all adapted layers together (the critical-batch-size estimate), one line
+  per run that logged it (CLARS runs), with each run's batch size as a dashed line; and
+  ``noise_scale_layers.png``, per layer as ``variance_factor.png``.
 
 Figures without data (e.g. no CLARS run) are not written. Returns the written paths.
 """
@@ -158,10 +162,36 @@ def plot_runs(run_dirs, out_dir, labels=None, smooth_mk: int = 5) -> list[Path]:
     for name, key, title, ylabel, smooth in (
             ("variance_factor.png", "variance_factor",
              "gradient-variance factor M_k = S_k / ||G_k||^2 per layer (CLARS paper, Fig. 3)", "M_k", smooth_mk),
-            ("trust_ratio.png", "trust_ratio", "per-layer trust ratio (rate / lr)", "trust ratio", 1)):
+            ("trust_ratio.png", "trust_ratio", "per-layer trust ratio (rate / lr)", "trust ratio", 1),
+            ("noise_scale_layers.png", "noise_scale", "gradient noise scale B_simple per layer", "B_simple",
+             smooth_mk)):
         p = _layer_panel(out / name, runs, key, title, ylabel, smooth)
         if p is not None:
             written.append(p)
+    having = [r for r in runs if any(s.get("noise_scale_global") for s in r.steps)]
+    if having:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for run in having:
+            pts = [(s["step"] / run.steps_per_epoch, s["noise_scale_global"]) for s in run.steps
+                   if s.get("noise_scale_global") is not None and s["noise_scale_global"] > 0]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            (line,) = ax.plot(xs, _running_median(list(ys), smooth_mk), lw=1.2, label=f"{run.label} B_simple")
+            batch = run.config.get("batch_size")
+            if batch:
+                ax.axhline(batch, color=line.get_color(), ls="--", lw=0.9, label=f"{run.label} batch {batch}")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("samples")
+        ax.set_title("gradient noise scale B_simple = tr(Sigma) / ||G||^2 (critical batch size)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "noise_scale.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
     return written
 
 

@@ -252,6 +252,7 @@ def hvd_job(tmp_path_factory):
         {"name": "lars", "argv": common(d / "lars", *LARS)},
         {"name": "clars", "argv": common(d / "clars", *CLARS)},
         {"name": "clars_device", "argv": common(d / "clars_device", *CLARS, *MIX)},
+        {"name": "clars_tp", "argv": common(d / "clars_tp", *CLARS, "--clars-moments", "training-pass")},
         {"name": "full", "argv": common(d / "full", *FULL)},
         {"name": "full_resumed", "repeat_until_done": True,
          "argv": common(d / "full_resumed", *FULL, "--stop-after-steps", "2")},
@@ -286,6 +287,22 @@ def test_horovod_layerwise_equals_one_process_reference(hvd_job, name, optimizer
     assert_params_close(got, reference_layerwise(**kw), rtol=1e-4, atol=1e-5)
     if mix == "device":  # S_k with the mixing weights ignored differs: the comparison can fail
         assert max_diff(got, reference_layerwise(**kw, estimator="unweighted")) > 1e-4
+
+
+def test_horovod_clars_training_pass_equals_one_process(hvd_job, tmp_path):
+    """CLARS with ``--clars-moments training-pass`` on 2 Horovod ranks equals one process with 2
+    accumulation micro-batches (the same slots, BatchNorm per slot): the same S_k each step (the
+    per-sample norms' sums reduced in one Horovod allreduce) and the same weights."""
+    from lb_dist.train import train
+    d, _ = hvd_job
+    one = tmp_path / "one"
+    train(common(one, *CLARS, "--clars-moments", "training-pass", "--accumulation-steps", "2", "--backend", "single"))
+    assert_params_close(final_model(d / "clars_tp"), final_model(one), rtol=1e-5, atol=1e-7)
+    got = [r for r in read_metrics(d / "clars_tp" / "metrics.jsonl") if r["kind"] == "step"]
+    want = [r for r in read_metrics(one / "metrics.jsonl") if r["kind"] == "step"]
+    assert len(got) == len(want) == STEPS
+    for g, w in zip(got, want):
+        assert g["second_moment"] == pytest.approx(w["second_moment"], rel=1e-5)
 
 
 def test_horovod_resume_equals_uninterrupted(hvd_job):

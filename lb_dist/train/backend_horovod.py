@@ -74,8 +74,9 @@ class HorovodBackend(Backend):
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # identical by seeding; Horovod's idiom
         engine = HorovodEngine(self, model, optimizer, mix=mix, moments=moments)
         hvd_moments = moments
-        if moments is not None and self.world_size == 1:
-            # one rank: nothing to compare in the allreduce; as in a single process
+        if moments is not None and (self.world_size == 1 or not hasattr(moments, "track_backward")):
+            # one rank: nothing to compare in the allreduce; as in a single process. TrainingPassMoments:
+            # its own hooks, and finish_step reduces its sums in one small Horovod allreduce
             engine._track_accumulation(moments, local_batch_size, accumulation_steps)
             hvd_moments = None
         device_mix = mix if mix is not None and mix.granularity == "device" else None

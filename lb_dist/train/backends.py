@@ -84,7 +84,12 @@ class Engine:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
 
     def _track_accumulation(self, moments, local_batch_size: int, accumulation_steps: int) -> None:
-        """Feed ``moments`` from this process's accumulation micro-batches (``track_backward``)."""
+        """Feed ``moments`` from this process's accumulation micro-batches (``track_backward``); a
+        ``TrainingPassMoments`` measures through its own hooks and only needs ``finish_step``."""
+        if not hasattr(moments, "track_backward"):
+            moments.grad_scale = 1.0 / accumulation_steps
+            self.local_moments = moments
+            return
         moments.micro_batch_size = local_batch_size // accumulation_steps
         self.local_moments = moments.track_backward(grad_scale=1.0 / accumulation_steps)
 
@@ -354,7 +359,10 @@ class Torchrun(Backend):
         ids = [self.device.index] if self.device.type == "cuda" else None
         engine = DDPEngine(self, model, optimizer, DDP(model, device_ids=ids), mix=mix, moments=moments)
         hook_moments = moments
-        if moments is not None and self.world_size == 1:
+        if moments is not None and not hasattr(moments, "track_backward"):
+            # TrainingPassMoments: its sums ride in the hook's all-reduce; finish_step closes the step
+            engine._track_accumulation(moments, local_batch_size, accumulation_steps)
+        elif moments is not None and self.world_size == 1:
             # one rank: nothing to compare in the all-reduce; as in a single process
             engine._track_accumulation(moments, local_batch_size, accumulation_steps)
             hook_moments = None

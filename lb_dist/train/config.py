@@ -20,7 +20,7 @@ SCHEDULES = ("constant", "poly", "inverse-sqrt")
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagenet", "multi30k")
 BACKENDS = ("auto", "single", "torchrun", "deepspeed", "horovod")
 MIXES = ("none", "device", "sample")
-MOMENT_SOURCES = ("micro-batch", "per-sample")
+MOMENT_SOURCES = ("micro-batch", "per-sample", "training-pass")
 MODEL_DEFAULT = "resnet20"
 
 #: Flags that define what a run computes. A resumed run (same --run-dir) must give the same values
@@ -185,8 +185,9 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
     g.add_argument("--eps", type=_positive_float, default=None, help="adam/adamw (1e-8), lamb (1e-6)")
     g.add_argument("--clars-moments", choices=MOMENT_SOURCES, default="micro-batch",
                    help="where CLARS' S_k comes from: micro-batch (free: the data-parallel ranks' and accumulation "
-                        "micro-batches' gradients; needs >= 2 per step) or per-sample (exact, torch.func, on "
-                        "--per-sample-subset samples; image models)")
+                        "micro-batches' gradients; needs >= 2 per step), per-sample (exact, torch.func, on "
+                        "--per-sample-subset samples; image models) or training-pass (exact, on the whole batch, from "
+                        "the training step's own activations and output gradients; --backend single/torchrun/horovod)")
     g.add_argument("--per-sample-subset", type=_positive_int, default=512,
                    help="|J|, the global per-sample subset (CLARS paper section 4.4)")
     g.add_argument("--per-sample-chunk", type=_positive_int, default=64, help="samples per vmap call (memory)")
@@ -368,6 +369,9 @@ def check_layout(p: argparse.ArgumentParser, args: argparse.Namespace, world_siz
     if args.optimizer == "clars" and args.clars_moments == "micro-batch" and world_size * args.accumulation_steps < 2:
         p.error("argument --clars-moments: the micro-batch estimator needs >= 2 micro-batches per step (world size x "
                 "--accumulation-steps); with 1 process give --accumulation-steps >= 2 or --clars-moments per-sample")
+    if args.optimizer == "clars" and args.clars_moments == "training-pass" and args.mix == "device":
+        p.error("argument --clars-moments: training-pass measures the per-sample gradients of the unmixed "
+                "average, and --mix device mixes the ranks' gradients; use --mix sample or another source")
     if args.optimizer == "clars" and args.clars_moments == "per-sample":
         if args.model.startswith("transformer"):
             p.error("argument --clars-moments: per-sample is implemented for the image models; use micro-batch "

@@ -41,6 +41,10 @@ STEP_FIELDS = {
     "variance_factor": "optional (same steps, CLARS): {layer: M_k = S_k / ||G_k||^2} of the estimate used by "
                        "this step (micro-batch or per-sample)",
     "second_moment": "optional (same steps, CLARS): {layer: S_k} used by this step",
+    "noise_scale": "optional (same steps, CLARS): {layer: B_simple = tr(Sigma_k) / ||G_k||^2} (McCandlish et al. "
+                   "2018) from the same statistics",
+    "noise_scale_global": "optional (same steps, CLARS): sum_k tr(Sigma_k) / sum_k ||G_k||^2 over the adapted "
+                          "layers, the critical-batch-size estimate",
 }
 
 #: Fields of a ``"kind": "epoch"`` record.

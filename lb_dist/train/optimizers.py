@@ -7,7 +7,7 @@ import argparse
 import torch
 from torch import nn
 
-from lb_dist.moments import MicroBatchMoments
+from lb_dist.moments import MicroBatchMoments, TrainingPassMoments
 from lb_dist.optim import OPTIMIZER_NAMES, adapted_params, create_optimizer, param_groups
 from lb_dist.schedules import InverseSqrt, PolynomialWarmupDecay, linear_scaling, scaled_warmup_steps
 
@@ -44,7 +44,9 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float, *,
                     local_batch_size: int) -> tuple[torch.optim.Optimizer, MicroBatchMoments | None]:
     """The optimizer of ``--optimizer`` over ``model``'s trainable parameters, and for CLARS with
     ``--clars-moments micro-batch`` the :class:`MicroBatchMoments` it reads ``S_k`` from (over the
-    adapted layers; the backend feeds it)."""
+    adapted layers; the backend feeds it), with ``training-pass`` the :class:`TrainingPassMoments`
+    (hooks on the model; ``grad_scale = 1 / accumulation_steps``: the loop backpropagates each
+    micro-batch's share of the step's mean loss)."""
     name = args.optimizer
     if name not in OPTIMIZER_NAMES:  # pragma: no cover - argparse choices
         raise ValueError(f"unknown optimizer {name!r}")
@@ -53,6 +55,8 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float, *,
     moments = None
     if name == "clars" and args.clars_moments == "micro-batch":
         moments = MicroBatchMoments(adapted_params(groups), micro_batch_size=local_batch_size, ema=args.moments_ema)
+    elif name == "clars" and args.clars_moments == "training-pass":
+        moments = TrainingPassMoments(model, adapted_params(groups), grad_scale=1.0 / args.accumulation_steps)
     opt = create_optimizer(name, groups, lr=lr, momentum=args.momentum, eta=args.eta, betas=betas, eps=args.eps,
                            nesterov=args.momentum > 0 if name == "clars" else None, moments=moments)
     return opt, moments

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -249,6 +250,11 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         message = check_micro_batch(args, backend.world_size)
         if message:
             _fail(args, backend, message)
+    if args.optimizer == "clars" and args.clars_moments == "training-pass" and \
+            backend.name not in ("single", "torchrun", "horovod"):
+        _fail(args, backend, f"argument --clars-moments: training-pass is implemented for --backend single, "
+                             f"torchrun and horovod (module hooks), and this run's backend is {backend.name}; "
+                             f"use micro-batch or per-sample")
     for d in (run_dir, run_dir / "checkpoints"):
         if d.exists() and not d.is_dir():
             _fail(args, backend, f"argument --run-dir: {d} is a file, not a directory; give another --run-dir or "
@@ -330,6 +336,7 @@ def _run_training(args: argparse.Namespace, backend: Backend) -> dict:
     consecutive_skips = 0
     # (loss sum, count) of the current epoch, this rank; on the device, read at log steps and checkpoints
     epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)
+    epoch_noise: list[float] = []          # global gradient noise scales logged this epoch (main rank)
     if resume_state is not None:
         def restore() -> None:
             engine.restore(resume_state, Path(latest))
@@ -426,6 +433,8 @@ def _run_training(args: argparse.Namespace, backend: Backend) -> dict:
                 if args.layer_stats_every and step % args.layer_stats_every == 0 and backend.is_main:
                     record.update(_layer_stats(optimizer, engine.moment_estimators(), out["per_sample"],
                                                runner.adapted, names, runner.layerwise))
+                    if record.get("noise_scale_global") is not None:
+                        epoch_noise.append(record["noise_scale_global"])
                 logger.write(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_used:.3g}", refresh=False)
@@ -467,6 +476,13 @@ def _run_training(args: argparse.Namespace, backend: Backend) -> dict:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.items()
                                 if k.startswith(("train_", "test_")) and isinstance(v, float))
             print(f"[lb-dist train] epoch {epoch + 1}/{args.epochs}: {metrics}", file=sys.stderr, flush=True)
+            if epoch_noise:
+                b_noise = statistics.median(epoch_noise)
+                side = "above" if args.batch_size > b_noise else "below"
+                print(f"[lb-dist train] epoch {epoch + 1}/{args.epochs}: gradient noise scale B_simple "
+                      f"{b_noise:.4g} (median of {len(epoch_noise)} logged steps; McCandlish et al. 2018): the "
+                      f"batch {args.batch_size} is {side} it", file=sys.stderr, flush=True)
+        epoch_noise = []
         save(step)
         if args.stop_after_steps is not None and steps_this_invocation >= args.stop_after_steps and step < total_steps:
             stopped = True
@@ -502,17 +518,33 @@ def _layer_stats(optimizer, estimators, ps_stats, adapted, names, layerwise) -> 
         params = [p for p in adapted if p in trust]
         out["trust_ratio"] = _named(names, params, (trust[p] for p in params))
     estimators = [e for e in estimators if e.num_updates > 0]
+    traces, grads, noise_params = [], [], []   # for the gradient noise scale: tr(Sigma_k), ||G_k||^2
     if estimators:
         out["variance_factor"], out["second_moment"] = {}, {}
         for est in estimators:
             vf = est.variance_factors()
             out["variance_factor"].update(_named(names, est.params, (vf[p] for p in est.params)))
             out["second_moment"].update(zip((names[p] for p in est.params), est.second_moments_tensor().tolist()))
+            if hasattr(est, "trace_sigma_tensor"):
+                traces.append(est.trace_sigma_tensor().cpu())
+                grads.append(est.grad_sq_norms_tensor().cpu())
+                noise_params += list(est.params)
     elif ps_stats is not None:
         vf = getattr(ps_stats, "variance_factors", {})
         out["variance_factor"] = _named(names, vf.keys(), vf.values())
         out["second_moment"] = _named(names, ps_stats.second_moments.keys(), ps_stats.second_moments.values())
-    for key in ("variance_factor", "second_moment", "trust_ratio"):
+        g_sq = getattr(ps_stats, "grad_sq_norms", None)
+        if g_sq:
+            noise_params = list(g_sq)
+            grads.append(torch.stack([g_sq[p].detach().double().cpu() for p in noise_params]))
+            s_k = torch.stack([ps_stats.second_moments[p].detach().double().cpu() for p in noise_params])
+            traces.append((s_k - grads[-1]).clamp_min(0.0))
+    if noise_params:
+        from lb_dist.moments import noise_scales
+        per, overall = noise_scales(torch.cat(traces), torch.cat(grads), noise_params)
+        out["noise_scale"] = _named(names, per.keys(), per.values())
+        out["noise_scale_global"] = overall if math.isfinite(overall) else None
+    for key in ("variance_factor", "second_moment", "trust_ratio", "noise_scale"):
         if key in out:
             out[key] = {k: (v if math.isfinite(v) else None) for k, v in out[key].items()}
     return out
