@@ -172,6 +172,10 @@ def _shard_size(p) -> int:
     return size
 
 
+# torch 2.13 deprecates reduce_scatter_tensor in favour of reduce_scatter_single (same arguments)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class MixReduceScatter(_ReduceScatterBase):
     """FSDP2 custom reduce-scatter (``FSDPModule.set_custom_reduce_scatter``) of one FSDP module:
     records the local per-parameter squared norms (with ``moments``), scales by this process's
@@ -213,7 +217,7 @@ class MixReduceScatter(_ReduceScatterBase):
         elif state.moments is not None:
             state.record(self.slots, torch.zeros(0, dtype=torch.float64))
         input_tensor.mul_(coeff)
-        return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=group,
+        return _reduce_scatter(output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=group,
                                           async_op=async_op)
 
 
