@@ -87,3 +87,33 @@ def test_fsdp_checkpoint_saved_by_two_resumed_by_three(job):
     start = torch.load(d / "part" / "checkpoints" / "step-00000001.pt", weights_only=True)["model"]
     moved = max((full[k] - start[k]).abs().max().item() for k in full)
     assert moved > 1e-3                                   # the resumed steps changed the weights
+
+
+def test_fsdp_two_nodes_rehearsed_on_one_machine(job, tmp_path):
+    """torchrun --nnodes 2 --nproc_per_node 1 with a c10d rendezvous on 127.0.0.1: two launcher
+    processes, each rank LOCAL_RANK 0 of its node. The same CLARS + device-mix training as the
+    one-node job ends with the same weights: nothing assumes a single node (ranks, local ranks,
+    data sharding, checkpoint paths)."""
+    d, _, _ = job
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([{"name": "clars_device", "argv": common(tmp_path / "clars_device", *CLARS_REF,
+                                                                       "--mix", "device", "--mix-std", "0.5")}]))
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "lb_dist_fsdp_rehearsal",
+           str(REPO / "tests" / "_worker_train.py"), str(spec), "--backend", "fsdp"]
+    nodes = [subprocess.Popen(cmd, env=child_env(), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = []
+    try:
+        for p in nodes:
+            outputs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in nodes), "\n".join(o[-3000:] for o in outputs)
+    out = json.loads((tmp_path / "spec.json.out").read_text())
+    assert out["world_size"] == 2 and out["backend"] == "fsdp"
+    assert_params_close(final_model(tmp_path / "clars_device"), final_model(d / "clars_device"), rtol=0, atol=1e-6)
