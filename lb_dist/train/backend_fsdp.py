@@ -117,9 +117,9 @@ class FSDPEngine(Engine):
         path = Path(path)
         info = state.get("fsdp")
         if info is None:
-            raise CheckpointError(f"checkpoint {path} was written by the {state.get('backend', '?')} backend; --backend "
-                                  f"fsdp resumes its own (DCP) checkpoints; resume with --backend "
-                                  f"{state.get('backend', '?')} or use a new --run-dir")
+            other = state.get("backend", "?")
+            raise CheckpointError(f"checkpoint {path} was written by the {other} backend; --backend fsdp resumes its "
+                                  f"own (DCP) checkpoints; resume with --backend {other} or use a new --run-dir")
         where = path.parent / info["dir"]
         if not (where / ".metadata").is_file():
             raise CheckpointError(f"checkpoint {path}: its DCP files {where} are missing; delete {path} to resume "
