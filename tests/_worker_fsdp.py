@@ -65,15 +65,32 @@ def count_allreduces(fn) -> int:
     return sum(1 for e in prof.events() if e.name == "c10d::allreduce_")
 
 
-def shard(model, mesh):
+def shard(model, mesh, mp=None):
+    kw = {} if mp is None else {"mp_policy": mp}
     for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
     return model
 
 
-def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, source: str = "") -> dict:
-    model, ref = shard(mlp(), mesh), mlp()
+def bf16_grads(ref, x, y):
+    """FSDP's MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32) written out: the
+    forward and backward of a bfloat16 copy of the float32 weights on bfloat16 inputs, the gradient
+    cast to float32 (the reduction's dtype)."""
+    import copy
+    low = copy.deepcopy(ref).to(torch.bfloat16)
+    grads = torch.autograd.grad(loss_of(low, x.to(torch.bfloat16), y.to(torch.bfloat16)), list(low.parameters()))
+    return [g.float() for g in grads]
+
+
+def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, source: str = "",
+        bf16: bool = False) -> dict:
+    if bf16:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        model, ref = shard(mlp().float(), mesh, mp), mlp().float()
+    else:
+        model, ref = shard(mlp(), mesh), mlp()
     mix = GradientMix(noise="gaussian", std=0.5, seed=7) if mixing else None
     ref_mix = GradientMix(noise="gaussian", std=0.5, seed=7, world_size=world) if mixing else None
     moments = ref_moments = None
@@ -88,6 +105,8 @@ def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, 
     for step in range(STEPS):
         # ---- FSDP
         x, y = batch(step, rank)
+        if bf16:
+            x, y = x.float(), y.float()
         if accumulate:
             model.set_requires_gradient_sync(False)
             (loss_of(model, x[:2], y[:2]) / 2).backward()
@@ -98,7 +117,10 @@ def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, 
         # ---- reference: sum_k pi_k g_k, written out
         params = list(ref.parameters())
         pi = ref_mix.coefficients(step).tolist() if mixing else [1.0 / world] * world
-        per_rank = [torch.autograd.grad(loss_of(ref, *batch(step, k)), params) for k in range(world)]
+        if bf16:
+            per_rank = [bf16_grads(ref, *batch(step, k)) for k in range(world)]
+        else:
+            per_rank = [torch.autograd.grad(loss_of(ref, *batch(step, k)), params) for k in range(world)]
         for j, p in enumerate(params):
             p.grad = sum(pi[k] * per_rank[k][j] for k in range(world))
         if ref_moments is not None:
@@ -126,7 +148,7 @@ def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, 
         ref_opt.zero_grad()
     err = max(float((p.full_tensor() - q).abs().max()) for p, q in zip(model.parameters(), ref.parameters()))
     moved = max(float((q - r).abs().max()) for q, r in zip(ref.parameters(), mlp().parameters()))
-    row = {"opt": name + (f"-{source}" if source else ""), "mix": mixing, "accumulate": accumulate,
+    row = {"opt": name + (f"-{source}" if source else "") + ("-bf16" if bf16 else ""), "mix": mixing, "accumulate": accumulate,
            "max_err": err, "moved": moved, "allreduces": counts, "skipped": int(opt.skipped_steps)}
     if moments is not None:
         row["sk_err"] = float((moments.second_moments_tensor() - ref_moments.second_moments_tensor()).abs().max())
@@ -202,6 +224,8 @@ def main() -> None:
                  for name, source in (("lars", ""), ("clars", "micro"), ("clars", "sample"), ("lamb", ""))
                  for mixing in (False, True) for accumulate in ((False, True) if mixing else (False,))]
     rows = [run(n, m, a, mesh, world, rank, s) for n, m, a, s in cases]
+    if kind != "hsdp":   # bfloat16 parameters, float32 reduction (MixedPrecisionPolicy)
+        rows.append(run("lars", True, False, mesh, world, rank, bf16=True))
     result = {"rows": rows, "world": world}
     if kind != "hsdp":
         result["unaware"] = unaware(mesh, world, rank)

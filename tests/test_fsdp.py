@@ -1,7 +1,8 @@
 """lb_dist.fsdp in real multi-process FSDP2 jobs (gloo, CPU; tests/_worker_fsdp.py): LARS, CLARS
 (micro-batch S_k through lb_dist.fsdp's statistics, per-sample S_k) and LAMB on a ``fully_shard``-ed
 MLP over 3 processes (uneven 3/3/1 and 1/1/0 shards), each without a mix, with device-wise
-GradientMix, and with GradientMix plus 2-step gradient accumulation; HSDP on a 2x2 mesh. Every case
+GradientMix, and with GradientMix plus 2-step gradient accumulation; LARS with the mix on bfloat16
+parameters with a float32 reduction (MixedPrecisionPolicy); HSDP on a 2x2 mesh. Every case
 is 20 steps against a one-process reference built in the worker from the same global batches
 (``sum_k pi_k g_k`` written out). Two launched jobs cover everything."""
 from __future__ import annotations
@@ -24,7 +25,14 @@ def _results(tmp_path, nproc, kind):
 def _check_rows(rows):
     for r in rows:
         where = f"{r['opt']} mix={r['mix']} accumulate={r['accumulate']}"
-        assert r["max_err"] <= 1e-5, where           # vs the one-process reference after 20 steps
+        # vs the one-process reference after 20 steps. bfloat16 parameters (MixedPrecisionPolicy, float32
+        # reduction; the reference runs the same bfloat16 forward/backward): the float32 sums over the
+        # ranks round in another order, and a master weight that moves by one float32 ulp can round to
+        # another bfloat16 value (one bfloat16 ulp of a weight ~0.5 is 2e-3), so 20 steps end within a
+        # few bfloat16 ulps (measured 1.9e-3); the same run against a reference without the mix is off
+        # by 0.095 (measured), so the bound still catches a mix that is not applied
+        bound = 5e-3 if r["opt"].endswith("-bf16") else 1e-5
+        assert r["max_err"] <= bound, where
         assert 1e-2 < r["moved"] < 100, where        # the reference trained and did not diverge
         assert r["skipped"] == 0, where
         # the optimizer's ONE all-reduce of the layer norms (+ LAMB's non-finite flag) and, with
@@ -46,7 +54,7 @@ def test_fully_shard_three_processes_mix_accumulation_moments(tmp_path):
         rows = res["rows"]
         assert {(r["opt"], r["mix"], r["accumulate"]) for r in rows} == {
             (o, m, a) for o in ("lars", "clars-micro", "clars-sample", "lamb")
-            for m, a in ((False, False), (True, False), (True, True))}
+            for m, a in ((False, False), (True, False), (True, True))} | {("lars-bf16", True, False)}
         _check_rows(rows)
         # a sharding-unaware LARS (per-local-shard norms) on the same run is far off: the exactness
         # above is not an accident of the model
