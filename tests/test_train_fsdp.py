@@ -117,3 +117,17 @@ def test_fsdp_two_nodes_rehearsed_on_one_machine(job, tmp_path):
     out = json.loads((tmp_path / "spec.json.out").read_text())
     assert out["world_size"] == 2 and out["backend"] == "fsdp"
     assert_params_close(final_model(tmp_path / "clars_device"), final_model(d / "clars_device"), rtol=0, atol=1e-6)
+
+
+def test_fsdp_refuses_per_sample_moments_before_anything(tmp_path):
+    """The command line under torchrun: a flag --backend fsdp cannot serve is refused once, naming it,
+    before the run directory exists."""
+    run_dir = tmp_path / "r"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "lb_dist.train", "--backend", "fsdp",
+           *common(run_dir, *CLARS_REF, "--clars-moments", "per-sample", "--per-sample-subset", "8")]
+    proc = subprocess.run(cmd, env=child_env(), cwd=str(REPO), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert text.count("error: argument --clars-moments: per-sample is not available with --backend fsdp") == 1
+    assert not run_dir.exists()

@@ -138,19 +138,25 @@ class FSDPBackend(Torchrun):
 
     name = "fsdp"
 
+    def check_args(self, args) -> str | None:
+        if self.world_size < 2:
+            return ("argument --backend: fsdp needs >= 2 processes (torchrun --nproc_per_node N, N >= 2); one "
+                    "process: --backend single")
+        if args is not None and getattr(args, "optimizer", None) == "clars" and \
+                getattr(args, "clars_moments", None) == "per-sample":
+            return ("argument --clars-moments: per-sample is not available with --backend fsdp (the per-sample "
+                    "pass needs the unsharded model); use micro-batch")
+        return None
+
     def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         import lb_dist.fsdp
 
-        if self.world_size < 2:
-            raise BackendConfigError("--backend fsdp needs >= 2 processes (torchrun --nproc_per_node N, N >= 2); "
-                                     "one process: --backend single")
-        if args is not None and getattr(args, "optimizer", None) == "clars" and \
-                getattr(args, "clars_moments", None) == "per-sample":
-            raise BackendConfigError("argument --clars-moments: per-sample is not available with --backend fsdp "
-                                     "(the per-sample pass needs the unsharded model); use micro-batch")
+        message = self.check_args(args)
+        if message:
+            raise BackendConfigError(message)
         if any(optimizer.state.values()):
             raise BackendConfigError("the optimizer already has state; --backend fsdp re-points a fresh optimizer "
                                      "at the sharded parameters")

@@ -223,6 +223,11 @@ class Backend(abc.ABC):
     def start(self) -> None:
         """Join the job (process group); set rank, world_size, local_rank, device."""
 
+    def check_args(self, args) -> str | None:
+        """After :meth:`start`, before anything is created: the message (naming the flag) of a flag
+        this backend refuses with this world size, or None. Default: None."""
+        return None
+
     def close(self, failed: bool = False) -> None:
         """Leave the job (only what :meth:`start` created). ``failed``: this rank is leaving on an
         error; no collective is entered (another rank may never reach it: the launcher ends the

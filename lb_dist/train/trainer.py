@@ -249,6 +249,9 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         message = check_micro_batch(args, backend.world_size)
         if message:
             _fail(args, backend, message)
+    message = backend.check_args(args)
+    if message:
+        _fail(args, backend, message)
     for d in (run_dir, run_dir / "checkpoints"):
         if d.exists() and not d.is_dir():
             _fail(args, backend, f"argument --run-dir: {d} is a file, not a directory; give another --run-dir or "
