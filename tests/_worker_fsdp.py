@@ -16,7 +16,6 @@ Usage: ``python _worker_fsdp.py <out.json> <mesh>`` with mesh ``fsdp`` (1-D) or 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
@@ -148,7 +147,8 @@ def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, 
         ref_opt.zero_grad()
     err = max(float((p.full_tensor() - q).abs().max()) for p, q in zip(model.parameters(), ref.parameters()))
     moved = max(float((q - r).abs().max()) for q, r in zip(ref.parameters(), mlp().parameters()))
-    row = {"opt": name + (f"-{source}" if source else "") + ("-bf16" if bf16 else ""), "mix": mixing, "accumulate": accumulate,
+    label = name + (f"-{source}" if source else "") + ("-bf16" if bf16 else "")
+    row = {"opt": label, "mix": mixing, "accumulate": accumulate,
            "max_err": err, "moved": moved, "allreduces": counts, "skipped": int(opt.skipped_steps)}
     if moments is not None:
         row["sk_err"] = float((moments.second_moments_tensor() - ref_moments.second_moments_tensor()).abs().max())
