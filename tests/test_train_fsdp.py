@@ -47,6 +47,11 @@ def job(tmp_path_factory):
     spec = [
         {"name": "sgd_device", "argv": common(d / "sgd_device", *SGD, "--mix", "device", "--mix-std", "0.5")},
         {"name": "clars_device", "argv": common(d / "clars_device", *CLARS_REF, "--mix", "device", "--mix-std", "0.5")},
+        # the same run stopped after every step (mid-epoch) and resumed by 2 processes: DCP restores the
+        # sharded momentum, the loop the mix step and CLARS' estimator
+        {"name": "clars_device_resumed", "repeat_until_done": True,
+         "argv": common(d / "clars_device_resumed", *CLARS_REF, "--mix", "device", "--mix-std", "0.5",
+                        "--stop-after-steps", "1")},
         {"name": "full", "argv": lamb_translation(d / "full", data)},
         {"name": "part", "argv": lamb_translation(d / "part", data, "--stop-after-steps", "1")},
     ]
@@ -74,6 +79,12 @@ def test_fsdp_clars_device_mix_micro_batch_moments_equals_reference(job):
     assert_params_close(got, reference_layerwise(**kw), rtol=1e-4, atol=1e-5)
     control = reference_layerwise(**kw, estimator="unweighted")
     assert max((got[k] - control[k]).abs().max().item() for k in control if k.endswith("weight")) > 1e-4
+
+
+def test_fsdp_resume_same_world_is_exact(job):
+    d, runs, _ = job
+    assert runs["clars_device_resumed"]["steps_per_call"] == [1, 2, 3]
+    assert_params_close(final_model(d / "clars_device_resumed"), final_model(d / "clars_device"), rtol=0, atol=0)
 
 
 def test_fsdp_checkpoint_saved_by_two_resumed_by_three(job):
