@@ -21,7 +21,8 @@ process group; benchmarks/bench_workloads.py interleaves them).
 Implemented here: :class:`SingleProcess` (one plain process) and :class:`Torchrun` (torch.distributed,
 DDP and the ``lb_dist.ddp`` communication hook for device-wise GradientMix and CLARS' micro-batch
 statistics); in ``backend_deepspeed.py`` :class:`DeepSpeedBackend` (``lb_dist.deepspeed``, ZeRO
-0-3) and in ``backend_horovod.py`` :class:`HorovodBackend` (``lb_dist.horovod.DistributedOptimizer``).
+0-3), in ``backend_horovod.py`` :class:`HorovodBackend` (``lb_dist.horovod.DistributedOptimizer``) and in
+``backend_fsdp.py`` :class:`FSDPBackend` (FSDP2 ``fully_shard`` with ``lb_dist.fsdp``, DCP checkpoints).
 docs/training.md ("Adding a backend") lists what each method must guarantee.
 """
 from __future__ import annotations
@@ -226,6 +227,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def start(self) -> None:
         """Join the job (process group); set rank, world_size, local_rank, device."""
+
+    def check_args(self, args) -> str | None:
+        """After :meth:`start`, before anything is created: the message (naming the flag) of a flag
+        this backend refuses with this world size, or None. Default: None."""
+        return None
 
     def close(self, failed: bool = False) -> None:
         """Leave the job (only what :meth:`start` created). ``failed``: this rank is leaving on an
@@ -436,4 +442,7 @@ def select_backend(name: str, *, device: str = "auto", dist_backend: str = "auto
     if name == "horovod":
         from lb_dist.train.backend_horovod import HorovodBackend
         return HorovodBackend(device, dist_backend)
+    if name == "fsdp":
+        from lb_dist.train.backend_fsdp import FSDPBackend
+        return FSDPBackend(device, dist_backend)
     raise BackendUnavailable(f"unknown backend {name!r}")

@@ -255,6 +255,9 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         _fail(args, backend, f"argument --clars-moments: training-pass is implemented for --backend single, "
                              f"torchrun and horovod (module hooks), and this run's backend is {backend.name}; "
                              f"use micro-batch or per-sample")
+    message = backend.check_args(args)
+    if message:
+        _fail(args, backend, message)
     for d in (run_dir, run_dir / "checkpoints"):
         if d.exists() and not d.is_dir():
             _fail(args, backend, f"argument --run-dir: {d} is a file, not a directory; give another --run-dir or "

@@ -1,0 +1,187 @@
+"""FSDP2 training-step time with lb_dist's optimizers and GradientMix, 2 processes (gloo, CPU).
+
+Each process runs the same ``fully_shard``-ed model (per block and at the root) and, interleaved
+within every repetition, one training step (forward, backward with FSDP's reduce-scatter, optimizer
+step, zero_grad) per configuration; the median over the repetitions is reported:
+
+* torch SGD(momentum) and lb_dist LARS / CLARS (S_k set) on the same model; torch AdamW and LAMB;
+* LARS with device-wise GradientMix (``lb_dist.fsdp.register``: the SUM reduce-scatter scaled by pi_k);
+* CLARS with micro-batch S_k and GradientMix (``lb_dist.fsdp``'s statistics).
+
+Collectives per step are counted with torch's profiler (``c10d::allreduce_`` and
+``c10d::reduce_scatter_tensor_coalesced_`` / ``_reduce_scatter_base_`` events) over one step.
+Models: a ResNet-20 (CIFAR, batch 32 per process, 32x32) and a small Transformer encoder (d 128,
+4 heads, 2 layers, sequence 32, batch 16 per process).
+
+    python benchmarks/bench_fsdp.py --repeats 20
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+
+def build(kind: str, mesh):
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from lb_dist.models import build_model
+    torch.manual_seed(0)
+    if kind == "resnet20":
+        model = build_model("resnet20", num_classes=10)
+        blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+    else:
+        layer = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
+        model = nn.Sequential(nn.Embedding(1000, 128), nn.TransformerEncoder(layer, 2), nn.Linear(128, 1000))
+        blocks = list(model[1].layers)
+    for b in blocks:
+        fully_shard(b, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def batch(kind: str, rank: int):
+    g = torch.Generator().manual_seed(rank)
+    if kind == "resnet20":
+        return torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    x = torch.randint(0, 1000, (16, 32), generator=g)
+    return x, torch.randint(0, 1000, (16, 32), generator=g)
+
+
+def loss_fn(kind, model, x, y):
+    out = model(x)
+    return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def configs(kind: str, mesh):
+    import lb_dist.fsdp
+    from lb_dist import GradientMix
+    from lb_dist.moments import MicroBatchMoments
+    from lb_dist.optim import CLARS, LAMB, LARS, param_groups
+    out = {}
+    for name in ("torch SGD(momentum)", "lb_dist LARS", "lb_dist CLARS", "torch AdamW", "lb_dist LAMB",
+                 "LARS + GradientMix", "CLARS micro-batch S_k + GradientMix"):
+        model = build(kind, mesh)
+        groups = param_groups(model, weight_decay=5e-4)
+        if name == "torch SGD(momentum)":
+            opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9, foreach=True)
+        elif name == "torch AdamW":
+            opt = torch.optim.AdamW(groups, lr=1e-4, foreach=True)
+        elif name == "lb_dist LAMB":
+            opt = LAMB(groups, lr=1e-4)
+        elif "CLARS" in name:
+            moments = None
+            if "micro" in name:
+                moments = MicroBatchMoments(list(model.parameters()), micro_batch_size=32)
+            opt = CLARS(groups, lr=0.01, moments=moments)
+            if moments is None:
+                opt.set_second_moments({p: 1.0 for p in model.parameters()})
+            else:
+                mix = GradientMix(seed=1)
+                mix.attach(opt)
+                lb_dist.fsdp.register(model, mix=mix, moments=moments, optimizer=opt)
+        else:
+            opt = LARS(groups, lr=0.01)
+            if "Mix" in name:
+                mix = GradientMix(seed=1)
+                mix.attach(opt)
+                lb_dist.fsdp.register(model, mix=mix)
+        out[name] = (model, opt)
+    return out
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for kind in args.models:
+        runs = configs(kind, mesh)
+        x, y = batch(kind, rank)
+
+        def train_step(model, opt):
+            loss_fn(kind, model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+
+        def opt_step(model, opt):
+            loss_fn(kind, model, x, y).backward()
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            t = time.perf_counter() - t0
+            opt.zero_grad()
+            return t
+
+        counts = {}
+        for name, (model, opt) in runs.items():
+            train_step(model, opt)                                  # warm-up, state created
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                train_step(model, opt)
+            events = [e.name for e in prof.events()]
+            counts[name] = (sum(n == "c10d::allreduce_" for n in events),
+                            sum("reduce_scatter" in n and n.startswith("c10d::") for n in events))
+        times = {n: [] for n in runs}
+        otimes = {n: [] for n in runs}
+        for rep in range(args.warmup + args.repeats):
+            for name, (model, opt) in runs.items():
+                dist.barrier()
+                t0 = time.perf_counter()
+                train_step(model, opt)
+                t = time.perf_counter() - t0
+                ot = opt_step(model, opt)
+                if rep >= args.warmup:
+                    times[name].append(t)
+                    otimes[name].append(ot)
+        med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+        omed = {n: statistics.median(v) * 1e3 for n, v in otimes.items()}
+        if rank == 0:
+            numel = sum(p.numel() for p in runs["lb_dist LARS"][0].parameters())
+            print(f"\n{kind} ({numel:,} parameters), fully_shard over {dist.get_world_size()} processes, "
+                  f"median of {args.repeats} steps\n")
+            print("| configuration | train step (ms) | vs baseline | optimizer step (ms) | all-reduces | "
+                  "reduce-scatters |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for n in runs:
+                base = med["torch AdamW"] if ("LAMB" in n or "AdamW" in n) else med["torch SGD(momentum)"]
+                print(f"| {n} | {med[n]:.1f} | {med[n] / base:.3f}x | {omed[n]:.2f} | {counts[n][0]} | "
+                      f"{counts[n][1]} |")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=["resnet20", "transformer"])
+    ap.add_argument("--nproc", type=int, default=2)
+    args = ap.parse_args()
+    if os.environ.get("LB_BENCH_FSDP_WORKER"):
+        worker(args)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(args.nproc):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LB_BENCH_FSDP_WORKER="1")
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"workers failed: {codes}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""FSDP2 backend: device-wise GradientMix and CLARS' micro-batch statistics inside ``fully_shard``.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) reduce-scatters each FSDP module's gradients once per
+synchronizing backward and, by default, averages them (``ReduceOp.AVG`` over the shard group, and
+over the replicate group under HSDP). Its public extension points are used, per FSDP module:
+
+* ``set_gradient_divide_factor(1.0)``: FSDP divides by nothing (its reduce-scatter and HSDP's
+  all-reduce become sums);
+* ``set_custom_reduce_scatter(comm)``: :class:`MixReduceScatter` receives the packed, still
+  unreduced gradient of this process (FSDP's reduce-scatter input, after accumulation and after the
+  ``MixedPrecisionPolicy`` cast to ``reduce_dtype``) and
+
+  - mixes (device-wise GradientMix, paper eq. 3): multiplies it by ``pi_k`` (rank k's coefficient;
+    ``1/K`` without a mix) before a SUM reduce-scatter, so every shard of the reduced gradient is
+    exactly that of ``M = sum_k pi_k g_k`` over the K = world-size data-parallel processes (HSDP:
+    the replicate all-reduce then sums the K/S shard-group partial sums);
+  - with ``moments``, first records this process's per-parameter ``||g_k||^2`` of its local
+    unsharded (unmixed) gradient: the micro-batch statistic of CLARS' estimator (``lb_dist.moments``).
+
+With gradient accumulation (``model.set_requires_gradient_sync(False)`` on all but the last
+micro-step) FSDP2 keeps the unsharded gradient and reduce-scatters the accumulated one at the last
+micro-step: the mix applies once, to the whole accumulated gradient, as in ``lb_dist.ddp``. Each
+process's accumulated gradient is then one micro-batch of ``micro_batch_size`` = local batch x
+accumulation steps samples with weight ``pi_k``.
+
+The statistics need one more number per layer, ``||M_k||^2``, which only exists after the
+reduction; an optimizer step pre-hook (installed by :func:`register`) sums, in ONE all-reduce of
+``2 x layers`` float64 over the world, the local ``||g_k||^2`` and the squared norms of the local
+shards of the reduced gradients, and feeds ``moments.feed_weighted`` (the rule every backend uses,
+docs/moments.md) before CLARS reads ``S_k``. The optimizer's own all-reduce of the layer norms
+(``lb_dist.optim`` on DTensors) is unchanged.
+
+Sample-wise GradientMix is engine-independent: ``mix.weighted_loss(per_sample_losses, indices)``.
+Usage and limits in docs/backend-fsdp.md.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.distributed as dist
+
+from lb_dist._validation import check_grad_scale, check_positive_int
+from lb_dist.mixing import GradientMix, check_device_mix
+from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments, \
+    mixing_weight_sums
+
+__all__ = ["FSDPMixState", "MixReduceScatter", "register"]
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter as _ReduceScatterBase
+except ImportError:  # pragma: no cover - torch without FSDP2
+    FSDPModule = None
+    _ReduceScatterBase = object
+
+
+# ---------------------------------------------------------------------- FSDP2 internals (fenced)
+def _fsdp_layout(module) -> list[list[tuple[torch.Tensor, int, bool]]]:
+    """The one place lb_dist reads FSDP2 private state: for each FSDP parameter group of ``module``
+    (one per ``fully_shard`` call without ``shard_placement_fn`` meshes), its parameters in
+    reduce-scatter order as ``(sharded parameter, numel of one padded rank chunk, offloaded)``.
+    FSDP packs a group's gradients as ``[world, sum_i chunk_i]``: row r holds, parameter after
+    parameter, rank r's dim-0 chunk of each (zero padding at the end)."""
+    try:
+        groups = module._get_fsdp_state()._fsdp_param_groups
+        return [[(fp.sharded_param, int(fp.padded_sharded_param_size.numel()), bool(fp.offload_to_cpu))
+                 for fp in group.fsdp_params] for group in groups]
+    except AttributeError as exc:  # pragma: no cover - a torch whose FSDP2 internals moved
+        raise RuntimeError(f"lb_dist.fsdp cannot read this torch's FSDP2 parameter layout ({exc}); "
+                           f"tested with torch 2.13") from exc
+
+
+class FSDPMixState:
+    """What :func:`register` installs: the mixing coefficient of this process, the statistics of the
+    current step, and their reduction at the optimizer step.
+
+    Attributes: ``mix``, ``moments``, ``micro_batch_size``, ``grad_scale`` (the factor the
+    backward'ed loss carries relative to the mean loss; the statistics are divided by its square)
+    and ``last_update`` (after each step with ``moments``: the record of
+    :meth:`MicroBatchMoments.feed_weighted`, the same keys as ``lb_dist.ddp``)."""
+
+    def __init__(self, mix: GradientMix | None, moments: MicroBatchMoments | None, micro_batch_size: int | None,
+                 world_size: int, rank: int) -> None:
+        self.mix = mix
+        self.moments = moments
+        self.micro_batch_size = micro_batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self._grad_scale = 1.0
+        self.last_update: dict | None = None
+        self._lock = threading.Lock()
+        n = len(moments.params) if moments is not None else 0
+        self._local_sq = torch.zeros(n, dtype=torch.float64)
+        self._filled = torch.zeros(n, dtype=torch.bool)
+        self._weights: tuple[float, float] | None = None
+        self._coef_key = None
+        self._coef = 1.0 / world_size
+        self._coef_sums = mixing_weight_sums(world_size)
+
+    @property
+    def grad_scale(self) -> float:
+        return self._grad_scale
+
+    @grad_scale.setter
+    def grad_scale(self, value) -> None:
+        self._grad_scale = check_grad_scale(value)
+
+    def coefficient(self) -> float:
+        """This process's factor for the current step: ``pi_rank`` of ``mix`` (``1/K`` without one)."""
+        mix = self.mix
+        if mix is None or mix.noise == "none":
+            self._coef_sums = mixing_weight_sums(self.world_size)
+            return 1.0 / self.world_size
+        key = (id(mix), mix.seed, mix.noise, mix.std, mix.step)
+        if self._coef_key != key:
+            k = self.world_size
+            if mix.world_size is not None and mix.world_size != k:
+                raise ValueError(f"mix.world_size={mix.world_size} but the FSDP data-parallel world has {k} ranks")
+            pi = mix._weights(mix.step, k) / k
+            self._coef = float(pi[self.rank])
+            self._coef_sums = mixing_weight_sums(k, pi)
+            self._coef_key = key
+        return self._coef
+
+    def record(self, slots: torch.Tensor, sq: torch.Tensor) -> None:
+        with self._lock:
+            self._local_sq[slots] = sq.to(torch.float64).cpu()
+            self._filled[slots] = True
+            self._weights = self._coef_sums
+
+    # -------------------------------------------------------------- at the optimizer step
+    def finish_step(self) -> None:
+        """Reduce the step's statistics (one all-reduce) and feed ``moments``. Called by the optimizer
+        step pre-hook :func:`register` installs; a step without a synchronizing backward raises."""
+        moments = self.moments
+        if moments is None:
+            return
+        if not bool(self._filled.all()):
+            missing = int((~self._filled).sum())
+            raise RuntimeError(
+                f"lb_dist.fsdp: {missing} of the {len(moments.params)} parameters tracked by moments had no "
+                f"gradient reduced by FSDP since the last optimizer step (no synchronizing backward: "
+                f"set_requires_gradient_sync(True) on the last micro-step; or a parameter that got no "
+                f"gradient: model.set_reduce_scatter_unused_params(True))")
+        partial = torch.zeros(len(moments.params), dtype=torch.float64)
+        replicas = 1
+        for i, p in enumerate(moments.params):
+            g = p.grad
+            local = g.to_local() if hasattr(g, "to_local") else g
+            partial[i] = local.detach().to(torch.float64).square().sum().cpu()
+            if hasattr(p, "device_mesh"):
+                replicas = max(replicas, self.world_size // max(1, _shard_size(p)))
+        packed = torch.cat([self._local_sq, partial])
+        dist.all_reduce(packed)                                    # the one collective of the statistics
+        inv = 1.0 / (self._grad_scale * self._grad_scale)
+        n = len(moments.params)
+        micro_sq_sum = packed[:n] * inv                             # sum_k ||g_k||^2
+        weighted_sq = packed[n:] * (inv / replicas)                 # ||M||^2 (HSDP replicas hold copies)
+        self._filled.zero_()
+        weights, self._weights = self._weights, None
+        self.last_update = moments.feed_weighted(micro_sq_sum, self.world_size, weighted_sq, weights=weights,
+                                                 micro_batch_size=self.micro_batch_size)
+
+
+def _shard_size(p) -> int:
+    from torch.distributed.tensor import Shard
+    size = 1
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            size *= p.device_mesh.size(dim)
+    return size
+
+
+# torch 2.13 deprecates reduce_scatter_tensor in favour of reduce_scatter_single (same arguments)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class MixReduceScatter(_ReduceScatterBase):
+    """FSDP2 custom reduce-scatter (``FSDPModule.set_custom_reduce_scatter``) of one FSDP module:
+    records the local per-parameter squared norms (with ``moments``), scales by this process's
+    coefficient and reduce-scatters with SUM (see the module docstring)."""
+
+    def __init__(self, state: FSDPMixState, layout: list[tuple[torch.Tensor, int, bool]], module_name: str) -> None:
+        self.state = state
+        self.module_name = module_name
+        self.chunks = [c for _, c, _ in layout]
+        self.row = sum(self.chunks)
+        slots, keep = [], []
+        if state.moments is not None:
+            index = state.moments.param_index
+            for j, (p, _, _) in enumerate(layout):
+                if p in index:
+                    keep.append(j)
+                    slots.append(index[p])
+        self.keep = keep
+        self.slots = torch.tensor(slots, dtype=torch.long)
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op, async_op: bool = False):
+        state = self.state
+        coeff = state.coefficient()
+        world = dist.get_world_size(group)
+        if self.keep:
+            if input_tensor.numel() != world * self.row:
+                raise RuntimeError(
+                    f"lb_dist.fsdp: FSDP module {self.module_name!r} reduce-scattered the gradients of only some "
+                    f"of its parameters (one received no gradient this step); CLARS' micro-batch statistics "
+                    f"need all of them: call model.set_reduce_scatter_unused_params(True) or track only "
+                    f"parameters that always receive gradients")
+            rows = input_tensor.view(world, self.row)
+            pieces = rows.split(self.chunks, dim=1)
+            sq = torch.stack([pieces[j].to(torch.float64).square().sum() for j in self.keep])
+            state.record(self.slots, sq)
+        elif state.moments is not None:
+            state.record(self.slots, torch.zeros(0, dtype=torch.float64))
+        input_tensor.mul_(coeff)
+        return _reduce_scatter(output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=group,
+                                          async_op=async_op)
+
+
+def register(model: torch.nn.Module, mix: GradientMix | None = None, moments: MicroBatchMoments | None = None,
+             optimizer: torch.optim.Optimizer | None = None, micro_batch_size: int | None = None) -> FSDPMixState:
+    """Install device-wise GradientMix (``mix``) and CLARS' micro-batch statistics (``moments``) on a
+    ``fully_shard``-ed ``model`` (FSDP2), before the first backward. Returns the :class:`FSDPMixState`.
+
+    Args:
+        model: the root module after ``fully_shard`` (its FSDP submodules are covered too).
+        mix: a device-wise :class:`lb_dist.GradientMix` (``None``: plain averaging, FSDP's own
+            reduction is left untouched when ``moments`` is None too). Its ``step`` is read, never
+            advanced: ``mix.attach(optimizer)``.
+        moments: a :class:`lb_dist.moments.MicroBatchMoments` built on ``model.parameters()`` (the
+            sharded DTensor parameters), typically the ``moments=`` of a CLARS.
+        optimizer: required with ``moments``: the statistics are reduced and fed in its step
+            pre-hook, before CLARS reads ``S_k``.
+        micro_batch_size: samples behind one process's gradient of one step (local batch times
+            accumulation steps); defaults to ``moments.micro_batch_size``.
+
+    Refused here, naming the argument: a model with no FSDP module, FSDP modules whose mesh does not
+    span the world (``model``), a shard group of one process (``model``: FSDP then skips its
+    reduce-scatter; use ``lb_dist.ddp``), CPU offload with ``moments``, ``shard_placement_fn`` meshes
+    (several FSDP parameter groups per module), ``moments`` tracking parameters that are not
+    ``model``'s or frozen ones, ``moments`` without ``optimizer``, a sample-wise ``mix``.
+    """
+    if FSDPModule is None:  # pragma: no cover
+        raise RuntimeError("lb_dist.fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6)")
+    check_device_mix("mix", mix, "FSDP's reduce-scatter")
+    check_micro_batch_moments("moments", moments)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module after fully_shard, got {type(model).__name__}")
+    fsdp_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    if not fsdp_modules:
+        raise ValueError("model has no FSDP module: call torch.distributed.fsdp.fully_shard on it (and its "
+                         "blocks) before lb_dist.fsdp.register")
+    if not dist.is_initialized():
+        raise RuntimeError("lb_dist.fsdp.register needs an initialized default process group")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if moments is not None:
+        if optimizer is None:
+            raise ValueError("optimizer is required with moments: the statistics are reduced and fed to moments "
+                             "in the optimizer's step pre-hook (pass the CLARS built with moments=...)")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if micro_batch_size is not None:
+            check_positive_int("micro_batch_size", micro_batch_size)
+        elif moments.micro_batch_size is None:
+            raise ValueError("micro_batch_size is required with moments (samples per process per step, including "
+                             "accumulation), unless the MicroBatchMoments was given one")
+        if world < 2:
+            raise MomentsUnavailableError(
+                "moments: the FSDP statistics compare the K processes' gradients and the world has one process; "
+                "use MicroBatchMoments.track_backward() with gradient accumulation, or per-sample moments")
+        named = dict(model.named_parameters())
+        own = {id(p) for p in named.values()}
+        foreign = sum(id(p) not in own for p in moments.params)
+        if foreign:
+            raise ValueError(f"moments tracks {foreign} parameter(s) that are not model's: build MicroBatchMoments "
+                             f"from model.parameters() after fully_shard (the sharded DTensor parameters)")
+        frozen = [n for n, p in named.items() if p in moments.param_index and not p.requires_grad]
+        if frozen:
+            raise ValueError(f"moments tracks parameter(s) that do not require grad: {', '.join(frozen[:5])}")
+    layouts = []
+    for name, module in fsdp_modules:
+        groups = _fsdp_layout(module)
+        if len(groups) > 1:
+            raise ValueError(f"model: FSDP module {name or '<root>'!r} has {len(groups)} parameter groups "
+                             f"(shard_placement_fn with per-parameter meshes); lb_dist.fsdp needs one")
+        for p, _, offloaded in (groups[0] if groups else []):
+            mesh = p.device_mesh
+            if mesh.size() != world:
+                raise ValueError(f"model: FSDP module {name or '<root>'!r} has a mesh of {mesh.size()} processes "
+                                 f"but the world has {world}: lb_dist.fsdp mixes over the whole world (a "
+                                 f"tensor-parallel x FSDP mesh is not supported)")
+            if _shard_size(p) < 2:
+                raise ValueError(f"model: FSDP module {name or '<root>'!r} shards over one process (FSDP skips "
+                                 f"its reduce-scatter there); use DDP with lb_dist.ddp")
+            if offloaded and moments is not None:
+                raise ValueError(f"model: FSDP module {name or '<root>'!r} uses CPUOffloadPolicy, which "
+                                 f"lb_dist.fsdp's moments do not support")
+        layouts.append((name, module, groups[0] if groups else []))
+    state = FSDPMixState(mix, moments, micro_batch_size, world, rank)
+    if mix is None and moments is None:
+        return state
+    covered = set()
+    for name, module, layout in layouts:
+        covered.update(id(p) for p, _, _ in layout)
+        module.set_gradient_divide_factor(1.0)
+        module.set_custom_reduce_scatter(MixReduceScatter(state, layout, name or "<root>"))
+    if moments is not None:
+        missing = [p for p in moments.params if id(p) not in covered]
+        if missing:
+            raise ValueError(f"moments tracks {len(missing)} parameter(s) that no FSDP module of model manages "
+                             f"(call fully_shard on the root module too)")
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: state.finish_step())
+    return state

@@ -1,0 +1,177 @@
+"""``--backend fsdp``: FSDP2 (``fully_shard``) under torchrun, with ``lb_dist.fsdp`` for device-wise
+GradientMix and CLARS' micro-batch statistics, and checkpoints in torch's distributed checkpoint
+format (DCP) that reshard: a run saved with K processes resumes with any other number.
+
+The model is ``fully_shard``-ed at its root over a 1-D mesh of all processes (its parameters become
+DTensors; the optimizer and the micro-batch estimator built by the loop on the plain model are
+re-pointed at them, by parameter name, before any step). Evaluation runs on a plain copy loaded with
+the full weights (one all-gather per evaluation; BatchNorm buffers are rank 0's). A checkpoint is
+DCP's files of the sharded model and optimizer state (``get_state_dict``) in
+``checkpoints/fsdp/step-N/``, then the loop's file ``step-N.pt`` with the full model weights, then
+the manifest (the commit, lb_dist.train.checkpoint)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lb_dist.train.backends import BackendConfigError, Engine, Torchrun
+from lb_dist.train.checkpoint import CheckpointError, atomic_save, list_checkpoints
+
+__all__ = ["FSDPBackend", "FSDPEngine"]
+
+CHECKPOINT_SUBDIR = "fsdp"
+
+
+class FSDPEngine(Engine):
+    """A ``fully_shard``-ed model: ``set_requires_gradient_sync`` for accumulation, lb_dist.fsdp's
+    reduce-scatter for mixing and statistics, DCP checkpoints."""
+
+    mix_state = None
+
+    def __init__(self, backend, model, optimizer, plain, *, mix=None, moments=None) -> None:
+        super().__init__(backend, model, optimizer, mix=mix, moments=moments)
+        self.plain = plain                    # an unsharded copy for evaluation
+
+    def accumulate(self, last: bool):
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def optimizer_step(self) -> bool:
+        opt = self.optimizer
+        if hasattr(opt, "last_step_skipped"):
+            return super().optimizer_step()
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                 for p in self._trainable if p.grad is not None]
+        bad = torch.zeros(1, dtype=torch.float64, device=self.backend.device)
+        if grads:
+            bad += (~torch.isfinite(torch.stack([g.double().sum() for g in grads]))).sum()
+        self.backend.all_reduce_sum(bad)      # every rank skips together (shards differ)
+        if bool(bad.item()):
+            if self.mix is not None:
+                self.mix.advance()
+            return True
+        self._step()
+        return False
+
+    def _sync_buffers(self) -> None:
+        for buf in self.model.buffers():
+            dist.broadcast(buf, src=0)
+
+    def _full_state(self, cpu_offload: bool) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        self._sync_buffers()
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        self.plain.load_state_dict(self._full_state(cpu_offload=False))
+        yield self.plain
+
+    def per_sample_second_moments(self, *args, **kwargs):  # pragma: no cover - refused in prepare
+        raise BackendConfigError("--clars-moments per-sample is not available with --backend fsdp")
+
+    def _init_optimizer_state(self) -> None:
+        """Create the optimizer state before DCP loads into it (DCP's own initialization would run a
+        step: a CLARS would ask its estimator, an attached mix would advance)."""
+        opt = self.optimizer
+        if any(opt.state.values()) or not hasattr(opt, "init_state"):
+            return
+        for p in self._trainable:
+            p.grad = torch.zeros_like(p)
+        opt.init_state()
+        for p in self._trainable:
+            p.grad = None
+
+    def save_checkpoint(self, path: Path, state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        path = Path(path)
+        root = path.parent / CHECKPOINT_SUBDIR
+        tag = path.stem
+        if self.backend.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            committed = {p.stem for _, p in list_checkpoints(path.parent)}
+            for entry in root.iterdir():             # left by a crash (or pruned with their file)
+                if entry.is_dir() and (entry.name == tag or entry.name not in committed):
+                    shutil.rmtree(entry, ignore_errors=True)
+        self.backend.barrier()
+        self._sync_buffers()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(root / tag))
+        full = self._full_state(cpu_offload=True)    # rank 0 only
+        if self.backend.is_main:
+            atomic_save({**state, "model": full, "fsdp": {"dir": f"{CHECKPOINT_SUBDIR}/{tag}",
+                                                          "world_size": self.backend.world_size}}, path)
+        # no barrier: the loop agrees on every rank's outcome of the save
+
+    def restore(self, state: dict, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        path = Path(path)
+        info = state.get("fsdp")
+        if info is None:
+            other = state.get("backend", "?")
+            raise CheckpointError(f"checkpoint {path} was written by the {other} backend; --backend fsdp resumes its "
+                                  f"own (DCP) checkpoints; resume with --backend {other} or use a new --run-dir")
+        where = path.parent / info["dir"]
+        if not (where / ".metadata").is_file():
+            raise CheckpointError(f"checkpoint {path}: its DCP files {where} are missing; delete {path} to resume "
+                                  f"from the previous checkpoint")
+        self._init_optimizer_state()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        try:
+            dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(where))
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path} ({where}) does not fit this model/optimizer: {e}") from e
+
+
+class FSDPBackend(Torchrun):
+    """torch.distributed (``env://``) with FSDP2; see the module docstring."""
+
+    name = "fsdp"
+
+    def check_args(self, args) -> str | None:
+        if self.world_size < 2:
+            return ("argument --backend: fsdp needs >= 2 processes (torchrun --nproc_per_node N, N >= 2); one "
+                    "process: --backend single")
+        if args is not None and getattr(args, "optimizer", None) == "clars" and \
+                getattr(args, "clars_moments", None) == "per-sample":
+            return ("argument --clars-moments: per-sample is not available with --backend fsdp (the per-sample "
+                    "pass needs the unsharded model); use micro-batch")
+        return None
+
+    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        import lb_dist.fsdp
+
+        message = self.check_args(args)
+        if message:
+            raise BackendConfigError(message)
+        if any(optimizer.state.values()):
+            raise BackendConfigError("the optimizer already has state; --backend fsdp re-points a fresh optimizer "
+                                     "at the sharded parameters")
+        names = {id(p): n for n, p in model.named_parameters()}
+        plain = copy.deepcopy(model)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        fully_shard(model, mesh=mesh)
+        sharded = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        if moments is not None:
+            moments.params = [sharded[names[id(p)]] for p in moments.params]
+            moments.param_index = {p: i for i, p in enumerate(moments.params)}
+        engine = FSDPEngine(self, model, optimizer, plain, mix=mix, moments=moments)
+        device_mix = mix if mix is not None and mix.granularity == "device" else None
+        engine.mix_state = lb_dist.fsdp.register(model, mix=device_mix, moments=moments, optimizer=optimizer,
+                                                 micro_batch_size=local_batch_size)
+        return engine
