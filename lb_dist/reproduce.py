@@ -118,13 +118,15 @@ EXPERIMENTS: dict[str, dict[str, Scale]] = {
             Config("adam-sample0.5", ("--optimizer", "adam", "--warmup-epochs", "1", "--mix", "sample",
                                       "--mix-std", "0.5"), (1e-2,)),
         )),
-        # the best baseline of `warmup` at CPU scale (Adam with warmup), +- mixing, std swept, at B = 512
-        # and B = 128; the rate is the warmup experiment's selection (no second sweep).
-        "cpu": Scale(common=_CPU_T + ("--epochs", "3", "--optimizer", "adam") + _W, loss_threshold=4.0, configs=tuple(
-            [Config(f"b{b}-none", ("--batch-size", str(b)), (lr,)) for b, lr in ((512, 4e-3), (128, 2e-3))]
+        # the best baseline of `warmup` at CPU scale (Adam with warmup), +- mixing, std swept, at the warmup
+        # experiment's B = 256 and at B = 64; the rate is the warmup experiment's selection at 256 and
+        # 1/sqrt(4) of it at 64 (no second sweep).
+        "cpu": Scale(common=_CPU_T + ("--train-size", "14500", "--epochs", "2", "--optimizer", "adam") + _W,
+                     loss_threshold=4.0, train_threshold=4.5, configs=tuple(
+            [Config(f"b{b}-none", ("--batch-size", str(b)), (lr,)) for b, lr in ((256, 6e-3), (64, 3e-3))]
             + [Config(f"b{b}-{g}{s}", ("--batch-size", str(b), "--mix", g, "--mix-std", str(s)), (lr,),
                       nproc=2 if g == "device" else 1)
-               for b, lr in ((512, 4e-3), (128, 2e-3)) for g in ("sample", "device") for s in (0.25, 0.5, 1.0)])),
+               for b, lr in ((256, 6e-3), (64, 3e-3)) for g in ("sample", "device") for s in (0.25, 0.5, 1.0)])),
         # GradientMix Table 3 (ResNet-50, ImageNet, 32K) and its Transformer-base Multi30k runs
         "paper": Scale(common=(), dataset="imagenet", launcher="deepspeed", gpus=8, configs=tuple(
             [Config(f"resnet50-{o}{'-mix' if mix else ''}",
@@ -276,14 +278,17 @@ def run_experiment(experiment: str, scale_name: str, seeds: int, out: Path, data
                 failed.append(str(d))
 
     seed_list = list(range(seeds))
-    if all(len(c.lrs) == 1 for c in scale.configs):    # nothing to select: every run at once (no idle slot)
+    single_rate = all(len(c.lrs) == 1 for c in scale.configs)
+    if single_rate:                                    # nothing to select: every run at once (no idle slot)
         execute([(c, c.lrs[0], s) for s in seed_list for c in scale.configs])
-    execute([(c, lr, seed_list[0]) for c in scale.configs for lr in c.lrs])            # 1. sweep
+    else:
+        execute([(c, lr, seed_list[0]) for c in scale.configs for lr in c.lrs])        # 1. sweep
     selected = {}
     for c in scale.configs:                                                            # 2. selection
         scores = {lr: _selection_key(run_dir(out, c, lr, seed_list[0])) for lr in c.lrs}
         selected[c.name] = min(c.lrs, key=lambda lr: (scores[lr], c.lrs.index(lr)))
-    execute([(c, selected[c.name], s) for c in scale.configs for s in seed_list[1:]])   # 3. seeds
+    if not single_rate:
+        execute([(c, selected[c.name], s) for c in scale.configs for s in seed_list[1:]])   # 3. seeds
     if dry_run:
         return {}
     results = aggregate(out, scale, selected, seed_list)                               # 4. aggregation
