@@ -240,18 +240,28 @@ def _selection_key(d: Path):
     return math.inf if v is None or not math.isfinite(v) else v
 
 
-def _limit_sweep(scale: Scale, sweep_limit: int | None) -> Scale:
-    if not sweep_limit:
-        return scale
-    return Scale(**{**scale.__dict__, "configs": tuple(Config(c.name, c.flags, c.lrs[:sweep_limit], c.nproc)
-                                                        for c in scale.configs)})
+def _limit_sweep(scale: Scale, sweep_limit: int | None, only=None) -> Scale:
+    """The scale with the first ``sweep_limit`` rates of each sweep, and only the configurations named
+    in ``only`` (``SystemExit`` naming an unknown one)."""
+    configs = scale.configs
+    if only:
+        names = [c.name for c in configs]
+        for name in only:
+            if name not in names:
+                raise SystemExit(f"lb-dist reproduce: error: argument --only: no configuration {name!r} "
+                                 f"(this scale has {', '.join(names)})")
+        configs = tuple(c for c in configs if c.name in only)
+    if sweep_limit:
+        configs = tuple(Config(c.name, c.flags, c.lrs[:sweep_limit], c.nproc) for c in configs)
+    return Scale(**{**scale.__dict__, "configs": configs})
 
 
 def run_experiment(experiment: str, scale_name: str, seeds: int, out: Path, data_root: Path, jobs: int = 1,
-                   threads: int | None = 1, dry_run: bool = False, log=print, sweep_limit: int | None = None) -> dict:
+                   threads: int | None = 1, dry_run: bool = False, log=print, sweep_limit: int | None = None,
+                   only=None) -> dict:
     """Sweep, select, train the seeds (skipping finished runs), aggregate. Returns the results dict.
     ``sweep_limit``: only the first rates of every sweep (a reduced sweep; the others are not run)."""
-    scale = _limit_sweep(check_inputs(experiment, scale_name, data_root), sweep_limit)
+    scale = _limit_sweep(check_inputs(experiment, scale_name, data_root), sweep_limit, only)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
 
@@ -292,7 +302,7 @@ def run_experiment(experiment: str, scale_name: str, seeds: int, out: Path, data
     if dry_run:
         return {}
     results = aggregate(out, scale, selected, seed_list)                               # 4. aggregation
-    results.update(experiment=experiment, scale=scale_name, failed_runs=failed, sweep_limit=sweep_limit)
+    results.update(experiment=experiment, scale=scale_name, failed_runs=failed, sweep_limit=sweep_limit, only=only)
     write_results(out, results)
     plot_results(out, results)
     if failed:
@@ -492,6 +502,7 @@ def build_parser(prog: str = "lb-dist reproduce") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (--num-threads); 0: torch's")
     p.add_argument("--sweep-limit", type=int, default=None,
                    help="run only the first N rates of every configuration's sweep (a reduced sweep, for a budget)")
+    p.add_argument("--only", default=None, help="comma-separated configuration names: run only these")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do")
     p.add_argument("--aggregate-only", action="store_true",
                    help="no training: aggregate the runs present (the selection uses the finished sweep runs)")
@@ -507,19 +518,22 @@ def main(argv=None, prog: str = "lb-dist reproduce") -> int:
         p.error(f"argument --jobs: expected a positive integer, got {args.jobs}")
     data_root = Path(args.data_dir) if args.data_dir else REPO.parent / "shared" / "data"
     out = Path(args.out)
+    only = [x for x in args.only.split(",") if x] if args.only else None
     try:
         if args.aggregate_only:
-            scale = _limit_sweep(check_inputs(args.experiment, args.scale, data_root), args.sweep_limit)
+            scale = _limit_sweep(check_inputs(args.experiment, args.scale, data_root), args.sweep_limit, only)
             seeds = list(range(args.seeds))
             selected = {c.name: min(c.lrs, key=lambda lr: (_selection_key(run_dir(out, c, lr, 0)), c.lrs.index(lr)))
                         for c in scale.configs}
             results = aggregate(out, scale, selected, seeds)
-            results.update(experiment=args.experiment, scale=args.scale, failed_runs=[], sweep_limit=args.sweep_limit)
+            results.update(experiment=args.experiment, scale=args.scale, failed_runs=[], sweep_limit=args.sweep_limit,
+                           only=only)
             write_results(out, results)
             plot_results(out, results)
         else:
             results = run_experiment(args.experiment, args.scale, args.seeds, out, data_root, jobs=args.jobs,
                                      threads=args.threads or None, dry_run=args.dry_run, sweep_limit=args.sweep_limit,
+                                     only=only,
                                      log=lambda m: print(f"[lb-dist reproduce] {m}", file=sys.stderr, flush=True))
     except SystemExit as e:
         if isinstance(e.code, str):

@@ -144,3 +144,11 @@ def test_val_flag_only_for_multi30k(capsys):
         parse_args(["--run-dir", "x", "--lr", "0.1", "--val"])
     assert e.value.code == 2
     assert "argument --val: only for --dataset multi30k" in capsys.readouterr().err
+
+
+def test_unknown_configuration_refused(tmp_path, capsys):
+    fake_multi30k(tmp_path / "multi30k")
+    assert R.main(["warmup", "--scale", "smoke", "--only", "adam-warmup,nope", "--out", str(tmp_path / "o"),
+                   "--data-dir", str(tmp_path)]) == 2
+    assert "argument --only: no configuration 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "runs").exists()
