@@ -85,7 +85,7 @@ EXPERIMENTS: dict[str, dict[str, Scale]] = {
             Config("adam-nowarmup", ("--optimizer", "adam"), (1e-2,)),
             Config("clars-nowarmup", ("--optimizer", "clars", "--accumulation-steps", "2"), (1.0,)),
         )),
-        "cpu": Scale(common=_CPU_WARMUP, loss_threshold=4.0, train_threshold=4.5, configs=(
+        "cpu": Scale(common=_CPU_WARMUP, loss_threshold=5.0, train_threshold=5.5, configs=(
             Config("adam-warmup", ("--optimizer", "adam") + _W, (6e-3, 3e-3)),
             Config("adam-nowarmup", ("--optimizer", "adam"), (6e-3, 3e-3)),
             Config("lamb-warmup", ("--optimizer", "lamb") + _W, (2e-2, 5e-2)),
@@ -122,7 +122,7 @@ EXPERIMENTS: dict[str, dict[str, Scale]] = {
         # experiment's B = 256 and at B = 64; the rate is the warmup experiment's selection at 256 and
         # 1/sqrt(4) of it at 64 (no second sweep).
         "cpu": Scale(common=_CPU_T + ("--train-size", "14500", "--epochs", "2", "--optimizer", "adam") + _W,
-                     loss_threshold=4.0, train_threshold=4.5, configs=tuple(
+                     loss_threshold=5.0, train_threshold=5.5, configs=tuple(
             [Config(f"b{b}-none", ("--batch-size", str(b)), (lr,)) for b, lr in ((256, 6e-3), (64, 3e-3))]
             + [Config(f"b{b}-{g}{s}", ("--batch-size", str(b), "--mix", g, "--mix-std", str(s)), (lr,),
                       nproc=2 if g == "device" else 1)
