@@ -218,13 +218,21 @@ def check_inputs(experiment: str, scale_name: str, data_root: Path) -> Scale:
     return scale
 
 
+_CHILDREN: set = set()   # the lb-dist train processes running now (ended on SIGTERM/SIGINT, see main)
+
+
 def _run(cmd: list[str], d: Path, log) -> int:
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "train.log", "a") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
         t = time.time()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        _CHILDREN.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            _CHILDREN.discard(proc)
     log(f"{'done' if rc == 0 else f'FAILED (exit {rc}, see {d}/train.log)'} in {time.time() - t:.0f} s: {d}")
     return rc
 
@@ -509,7 +517,19 @@ def build_parser(prog: str = "lb-dist reproduce") -> argparse.ArgumentParser:
     return p
 
 
+def _stop_children(signum, frame):
+    """SIGTERM/SIGINT: end the running lb-dist train processes (they resume on the next invocation)."""
+    for proc in list(_CHILDREN):
+        proc.terminate()
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None, prog: str = "lb-dist reproduce") -> int:
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_children)
+        signal.signal(signal.SIGINT, _stop_children)
     p = build_parser(prog)
     args = p.parse_args(argv)
     if args.seeds < 1:
