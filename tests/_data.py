@@ -12,13 +12,13 @@ needs_multi30k = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"real Multi30
 
 
 def fake_multi30k(root, n=64):
-    """Tiny Multi30k-format raw files (train and test_2016_flickr), independent of ../shared: ``n``
-    training pairs and 16 test pairs of 2 to 8 words (lengths vary, so token counts differ between
+    """Tiny Multi30k-format raw files (train, val and test_2016_flickr), independent of ../shared: ``n``
+    training pairs and 16 validation and 16 test pairs of 2 to 8 words (lengths vary, so token counts differ between
     batches and ranks)."""
     root.mkdir(parents=True, exist_ok=True)
     words_en, words_de = ["a", "dog", "runs", "the", "cat", "sleeps", "two", "men", "play"], \
         ["ein", "hund", "rennt", "die", "katze", "schlaeft", "zwei", "maenner", "spielen"]
-    for prefix, count in (("train", n), ("test_2016_flickr", 16)):
+    for prefix, count in (("train", n), ("val", 16), ("test_2016_flickr", 16)):
         lengths = [2 + (3 * i) % 7 for i in range(count)]
         en = [" ".join(words_en[(i + j) % 9] for j in range(k)) for i, k in enumerate(lengths)]
         de = [" ".join(words_de[(2 * i + j) % 9] for j in range(k + i % 2)) for i, k in enumerate(lengths)]

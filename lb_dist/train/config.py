@@ -236,6 +236,9 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
                    help="per-layer trust ratios and M_k in the step record every N steps (0: never)")
     g.add_argument("--bleu-samples", type=_non_negative_int, default=0,
                    help="multi30k: translate only the first N test sentences for BLEU (0: all)")
+    g.add_argument("--val", action=argparse.BooleanOptionalAction, default=False,
+                   help="multi30k: also evaluate the loss on the validation split every epoch (val_loss in the "
+                        "epoch record; what lb-dist reproduce selects learning rates on)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars on rank 0")
     g.add_argument("--tensorboard", choices=("auto", "on", "off"), default="auto",
                    help="also write TensorBoard events to RUN_DIR/tensorboard (auto: when tensorboard is installed)")
@@ -286,6 +289,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, world_size:
         p.error(f"argument --num-classes: only for --dataset synthetic (the {args.dataset} classes are fixed)")
     if args.image_size is not None and args.dataset in ("cifar10", "cifar100", "multi30k"):
         p.error(f"argument --image-size: not used by --dataset {args.dataset}")
+    if args.val and args.dataset != "multi30k":
+        p.error(f"argument --val: only for --dataset multi30k (the {args.dataset} workload has no validation split)")
     if args.num_classes is not None and args.num_classes < 2:
         p.error(f"argument --num-classes: a classifier needs at least 2 classes, got {args.num_classes}")
     for flag, seed in (("--seed", args.seed), ("--mix-seed", args.mix_seed)):

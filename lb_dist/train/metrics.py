@@ -59,6 +59,8 @@ EPOCH_FIELDS = {
     "test_top5": "images: top-5 accuracy on the test split (top-k with k = number of classes if fewer than 5)",
     "test_token_accuracy": "multi30k: teacher-forced next-token accuracy on the test split",
     "test_bleu": "multi30k: sacrebleu corpus BLEU of greedy translations of the test split",
+    "val_loss": "multi30k with --val: token-mean loss on the validation split (teacher forced)",
+    "val_token_accuracy": "multi30k with --val: next-token accuracy on the validation split",
     "eval_time": "seconds of this evaluation",
     "samples_per_s": "training samples per second over the epoch, all processes together",
     "skipped_steps": "optimizer steps skipped so far (non-finite gradients)",

@@ -115,12 +115,12 @@ def _micro_batches(workload, layout: BatchLayout, epoch: int, seed: int, start_s
     yield from loader
 
 
-def _eval_batches(workload, backend: Backend, batch_size: int, workers: int):
-    """This rank's share (indices rank::K) of the test split, all of it, in batches."""
-    n = len(workload.test)
+def _eval_batches(workload, backend: Backend, batch_size: int, workers: int, ds=None):
+    """This rank's share (indices rank::K) of the test split (or of ``ds``), all of it, in batches."""
+    ds = workload.test if ds is None else ds
+    n = len(ds)
     mine = list(range(backend.rank, n, backend.world_size))
     chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    ds = workload.test
     if workers == 0 and hasattr(ds, "get_batch") and workload.collate is None:
         return (ds.get_batch(c) for c in chunks)
     return DataLoader(ds, batch_sampler=chunks, num_workers=workers, collate_fn=workload.collate)
@@ -465,6 +465,10 @@ def _run_training(args: argparse.Namespace, backend: Backend) -> dict:
         with engine.evaluation() as eval_model:
             result = task.evaluate(eval_model, _eval_batches(workload, backend, args.eval_batch_size, args.workers),
                                    backend)
+            if workload.val is not None:
+                val = task.evaluate(eval_model, _eval_batches(workload, backend, args.eval_batch_size, args.workers,
+                                                              workload.val), backend, with_bleu=False)
+                result.update({"val_loss": val["test_loss"], "val_token_accuracy": val["test_token_accuracy"]})
         eval_time = time.perf_counter() - t_eval
         sums = backend.all_reduce_sum(epoch_sums.clone()).cpu()
         epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)

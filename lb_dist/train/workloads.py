@@ -131,10 +131,11 @@ class TranslationTask:
         raise NotImplementedError("per-sample second moments are implemented for the image models")
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches, backend, **_) -> dict:
+    def evaluate(self, model: nn.Module, batches, backend, *, with_bleu: bool = True, **_) -> dict:
         """Token-mean test loss and teacher-forced token accuracy over this rank's shard (all-reduced);
         BLEU of greedy translations of the first ``bleu_samples`` test sentences (all if 0), each rank
-        translating a share, scored on rank 0 with sacrebleu and broadcast."""
+        translating a share, scored on rank 0 with sacrebleu and broadcast (``with_bleu=False``: loss
+        and accuracy only, as for the validation split)."""
         from lb_dist.text import bleu, translate
 
         was_training = model.training
@@ -149,6 +150,9 @@ class TranslationTask:
         sums = backend.all_reduce_sum(sums.to(backend.device)).cpu()
         n = max(sums[2].item(), 1.0)
         result = {"test_loss": sums[0].item() / n, "test_token_accuracy": sums[1].item() / n}
+        if not with_bleu:
+            model.train(was_training)
+            return result
 
         pairs = self.test_pairs if not self.bleu_samples else self.test_pairs[:self.bleu_samples]
         mine = list(range(backend.rank, len(pairs), backend.world_size))
@@ -171,6 +175,7 @@ class Workload:
     task: Any
     build_model: Callable[[], nn.Module]
     collate: Callable | None = None
+    val: Dataset | None = None  # multi30k with --val: the validation split, evaluated every epoch (loss only)
     info: dict = field(default_factory=dict)  # e.g. tokenizer fingerprint, classes
 
 
@@ -243,11 +248,13 @@ def _translation_workload(args, run_dir: Path, backend, resume_state, options) -
     vocab = tokenizer.get_vocab_size()
     train = TranslationDataset(train_pairs, tokenizer, args.max_length)
     test = TranslationDataset(test_pairs, tokenizer, args.max_length)
+    val = TranslationDataset(read_multi30k(args.data_dir, "val"), tokenizer, args.max_length) \
+        if getattr(args, "val", False) else None
     model_options = dict(vocab_size=vocab, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
                          max_positions=max(256, args.max_length + 2))
     model_options.update(options)
     task = TranslationTask(tokenizer, args.label_smoothing, args.bleu_samples, test_pairs, args.max_length)
-    return Workload(train=train, test=test, task=task,
+    return Workload(train=train, test=test, task=task, val=val,
                     build_model=lambda: build_model(args.model, **model_options),
                     collate=lambda batch: collate_translation(batch, pad),
                     info={"tokenizer_fingerprint": fingerprint, "vocab_size": vocab})
