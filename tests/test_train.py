@@ -471,7 +471,8 @@ def test_console_script_dispatches_train_and_plot(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["train", "--run-dir", str(tmp_path), "--optimizer", "sgd"])
     assert e.value.code == 2 and "lb-dist train: error: argument --lr" in capsys.readouterr().err
-    assert cli_main([]) == 2 and "usage: lb-dist {train,plot}" in capsys.readouterr().out
+    out = (cli_main([]), capsys.readouterr().out)
+    assert out[0] == 2 and "usage: lb-dist {train,plot,reproduce}" in out[1], out
 
 
 def test_installed_console_script_runs(tmp_path):
