@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["EXPERIMENTS", "Config", "Scale", "aggregate", "mean_std", "run_metrics", "main"]
@@ -439,6 +438,24 @@ def write_results(out: Path, results: dict) -> None:
     atomic_write_text(out / "results.md", results_markdown(results))
 
 
+def _plot_band(ax, xs, mean, sd, **line) -> None:
+    """A mean curve with a band of one standard deviation in its colour."""
+    drawn, = ax.plot(xs, mean, **line)
+    ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
+                    color=drawn.get_color(), alpha=0.2)
+
+
+def _save_band_figure(plt, fig, ax, results: dict, path: Path, xlabel: str, ylabel: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{results.get('experiment')} ({results.get('scale')}): mean ± std over seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_results(out: Path, results: dict) -> list[Path]:
     """``val_loss.png`` (per epoch) and ``train_loss.png`` (per step, running mean over 5 records):
     mean over seeds, band = mean ± one sample standard deviation."""
@@ -455,17 +472,8 @@ def plot_results(out: Path, results: dict) -> list[Path]:
         sd = [m["std"] or 0.0 for m in ms if m["mean"] is not None]
         if not xs:
             continue
-        line, = ax.plot(xs, mean, marker="o", label=f"{c['name']} (lr {_fmt_lr(c['selected_lr'])})")
-        ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
-                        color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"{results.get('experiment')} ({results.get('scale')}): mean ± std over seeds")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "val_loss.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+        _plot_band(ax, xs, mean, sd, label=f"{c['name']} (lr {_fmt_lr(c['selected_lr'])})", marker="o")
+    paths.append(_save_band_figure(plt, fig, ax, results, out / "val_loss.png", "epoch", "validation loss"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in results["configs"]:
@@ -478,17 +486,9 @@ def plot_results(out: Path, results: dict) -> list[Path]:
         stats = [mean_std(col) for col in zip(*smooth)]
         mean = [m["mean"] for m in stats]
         sd = [m["std"] or 0.0 for m in stats]
-        line, = ax.plot(common, mean, label=c["name"])
-        ax.fill_between(common, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
-                        color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (running mean of 5 records)")
-    ax.set_title(f"{results.get('experiment')} ({results.get('scale')}): mean ± std over seeds")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "train_loss.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+        _plot_band(ax, common, mean, sd, label=c["name"])
+    paths.append(_save_band_figure(plt, fig, ax, results, out / "train_loss.png", "optimizer step",
+                                   "training loss (running mean of 5 records)"))
     return paths
 
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from lb_dist._validation import check_positive, check_positive_int
 from lb_dist.distributed import all_reduce_sum_, is_distributed
-from lb_dist.moments.microbatch import MomentsUnavailableError, variance_factors
+from lb_dist.moments.microbatch import MomentsUnavailableError, PerLayerViews
 
 __all__ = ["TrainingPassMoments", "SUPPORTED_MODULES", "ghost_cost", "materialized_cost"]
 
@@ -263,7 +263,7 @@ class _Pass:
         self.pending: dict[int, list[_Contribution]] = {}
 
 
-class TrainingPassMoments:
+class TrainingPassMoments(PerLayerViews):
     """Exact ``S_k = mean_i ||grad_k f_i||^2`` from the training step's own forward and backward.
 
     Module hooks capture each supported layer's input in the forward and the gradient at its
@@ -624,23 +624,6 @@ class TrainingPassMoments:
         """Per-layer ``tr(Sigma_k) = S_k - ||G_k||^2`` (per-sample covariance, 1/N normalization;
         >= 0 on the whole batch up to round-off, clamped at 0)."""
         return (self.second_moments_tensor() - self.grad_sq_norms_tensor()).clamp_min(0.0)
-
-    def second_moments(self) -> dict[torch.Tensor, torch.Tensor]:
-        """``{param: S_k}`` (0-dim, the parameter's dtype and device): what CLARS reads."""
-        s = self.second_moments_tensor()
-        return {p: s[i].to(device=p.device, dtype=p.dtype) for i, p in enumerate(self.params)}
-
-    def grad_sq_norms(self) -> dict[torch.Tensor, torch.Tensor]:
-        g = self.grad_sq_norms_tensor()
-        return {p: g[i] for i, p in enumerate(self.params)}
-
-    def trace_sigma(self) -> dict[torch.Tensor, torch.Tensor]:
-        t = self.trace_sigma_tensor()
-        return {p: t[i] for i, p in enumerate(self.params)}
-
-    def variance_factors(self) -> dict[torch.Tensor, torch.Tensor]:
-        """The CLARS paper's ``M_k = S_k / ||G_k||^2`` (inf where ``||G_k||^2 = 0``)."""
-        return variance_factors(self.second_moments_tensor(), self.grad_sq_norms_tensor(), self.params)
 
     def noise_scales(self) -> tuple[dict[torch.Tensor, float], float]:
         """Gradient noise scale ``B_simple = tr(Sigma) / ||G||^2`` (McCandlish et al. 2018, eq. 2.8),

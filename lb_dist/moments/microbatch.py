@@ -132,7 +132,30 @@ def weighted_big_batch_sq(small: torch.Tensor, weighted_sq: torch.Tensor, num_mi
     return c * weighted_sq + (1.0 - c * w1_sq) * small
 
 
-class MicroBatchMoments:
+class PerLayerViews:
+    """``{param: value}`` views of an estimator's per-layer tensors, shared by the S_k sources. A
+    subclass has ``params`` and ``second_moments_tensor()``, ``grad_sq_norms_tensor()`` and
+    ``trace_sigma_tensor()`` (1-D, one entry per parameter)."""
+
+    def second_moments(self) -> dict[torch.Tensor, torch.Tensor]:
+        """``{param: S_k}`` as 0-dim tensors on each parameter's device and dtype."""
+        s = self.second_moments_tensor()
+        return {p: s[i].to(device=p.device, dtype=p.dtype) for i, p in enumerate(self.params)}
+
+    def grad_sq_norms(self) -> dict[torch.Tensor, torch.Tensor]:
+        g = self.grad_sq_norms_tensor()
+        return {p: g[i] for i, p in enumerate(self.params)}
+
+    def trace_sigma(self) -> dict[torch.Tensor, torch.Tensor]:
+        t = self.trace_sigma_tensor()
+        return {p: t[i] for i, p in enumerate(self.params)}
+
+    def variance_factors(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The CLARS paper's M_k = S_k / ||G_k||^2 (inf where the estimate of ||G_k||^2 is <= 0)."""
+        return variance_factors(self.second_moments_tensor(), self.grad_sq_norms_tensor(), self.params)
+
+
+class MicroBatchMoments(PerLayerViews):
     """Running per-layer estimate of S_k = ||G_k||^2 + tr(Sigma_k) from micro-batch gradients.
 
     Args:
@@ -496,23 +519,6 @@ class MicroBatchMoments:
         # S_k >= mean_j ||g_j||^2 >= 0 when ``big <= small`` (shown in docs/moments.md); the
         # clamp only guards float round-off.
         return s.clamp_min(0.0)
-
-    def second_moments(self) -> dict[torch.Tensor, torch.Tensor]:
-        """``{param: S_k}`` as 0-dim tensors on each parameter's device and dtype."""
-        s = self.second_moments_tensor()
-        return {p: s[i].to(device=p.device, dtype=p.dtype) for i, p in enumerate(self.params)}
-
-    def grad_sq_norms(self) -> dict[torch.Tensor, torch.Tensor]:
-        g = self.grad_sq_norms_tensor()
-        return {p: g[i] for i, p in enumerate(self.params)}
-
-    def trace_sigma(self) -> dict[torch.Tensor, torch.Tensor]:
-        t = self.trace_sigma_tensor()
-        return {p: t[i] for i, p in enumerate(self.params)}
-
-    def variance_factors(self) -> dict[torch.Tensor, torch.Tensor]:
-        """The CLARS paper's M_k = S_k / ||G_k||^2 (inf where the estimate of ||G_k||^2 is <= 0)."""
-        return variance_factors(self.second_moments_tensor(), self.grad_sq_norms_tensor(), self.params)
 
     # ----------------------------------------------------------- state
     def link_optimizer_state(self, optimizer) -> None:

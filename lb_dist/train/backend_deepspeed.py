@@ -24,7 +24,6 @@ import contextlib
 import copy
 import logging
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch.distributed as dist
 from lb_dist._io import atomic_write_text
 from lb_dist.optim import adapted_params
 from lb_dist.train.backends import BackendConfigError, BackendUnavailable, Engine, Torchrun, grads_finite
-from lb_dist.train.checkpoint import CheckpointError, atomic_save, list_checkpoints
+from lb_dist.train.checkpoint import CheckpointError, atomic_save, clear_engine_checkpoint_dir
 from lb_dist.train.deepspeed_flags import TRANSLATED_KEYS
 
 __all__ = ["DeepSpeedBackend", "DeepSpeedEngine", "deepspeed_config", "CHECKPOINT_SUBDIR"]
@@ -222,11 +221,7 @@ class DeepSpeedEngine(Engine):
         ds_dir = path.parent / CHECKPOINT_SUBDIR
         tag = path.stem
         if self.backend.is_main:
-            ds_dir.mkdir(parents=True, exist_ok=True)
-            committed = {p.stem for _, p in list_checkpoints(path.parent)}
-            for entry in ds_dir.iterdir():            # left by a crash (or pruned with their file)
-                if entry.is_dir() and (entry.name == tag or entry.name not in committed):
-                    shutil.rmtree(entry, ignore_errors=True)
+            clear_engine_checkpoint_dir(ds_dir, path)
         self.backend.barrier()
         self.ds.save_checkpoint(str(ds_dir), tag=tag, client_state={}, save_latest=False)
         self.backend.barrier()

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from lb_dist.train.backends import BackendConfigError, Engine, Torchrun
-from lb_dist.train.checkpoint import CheckpointError, atomic_save, list_checkpoints
+from lb_dist.train.checkpoint import CheckpointError, atomic_save, clear_engine_checkpoint_dir
 
 __all__ = ["FSDPBackend", "FSDPEngine"]
 
@@ -95,11 +94,7 @@ class FSDPEngine(Engine):
         root = path.parent / CHECKPOINT_SUBDIR
         tag = path.stem
         if self.backend.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            committed = {p.stem for _, p in list_checkpoints(path.parent)}
-            for entry in root.iterdir():             # left by a crash (or pruned with their file)
-                if entry.is_dir() and (entry.name == tag or entry.name not in committed):
-                    shutil.rmtree(entry, ignore_errors=True)
+            clear_engine_checkpoint_dir(root, path)
         self.backend.barrier()
         self._sync_buffers()
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)

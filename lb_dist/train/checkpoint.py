@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ import torch
 from lb_dist._io import atomic_write, atomic_write_text
 
 __all__ = ["CheckpointError", "FORMAT", "atomic_save", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "checkpoint_path", "prune_checkpoints", "manifest_path", "write_manifest", "verify_checkpoint"]
+           "checkpoint_path", "prune_checkpoints", "clear_engine_checkpoint_dir", "manifest_path", "write_manifest", "verify_checkpoint"]
 
 FORMAT = "lb_dist.train.checkpoint/1"
 MANIFEST_FORMAT = "lb_dist.train.manifest/1"
@@ -221,7 +222,6 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints (with a backend's ``DIR/<backend>/step-N/`` files)."""
-    import shutil
 
     for _, p in list_checkpoints(directory)[:-keep]:
         for f in (manifest_path(p), p):           # the manifest first: never a manifest without its files
@@ -232,3 +232,17 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
         for sidecar in Path(directory).glob(f"*/{p.stem}"):
             if sidecar.is_dir():
                 shutil.rmtree(sidecar, ignore_errors=True)
+
+
+def clear_engine_checkpoint_dir(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Prepare an engine's own checkpoint directory ``root`` (DeepSpeed's, DCP's) for checkpoint file
+    ``path``: create it and remove the entries a crash left (the tag ``path.stem`` itself, or a tag
+    without a committed checkpoint file next to ``path``). Rank 0 only, before the engine writes.
+    Returns ``root``."""
+    root, path = Path(root), Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    committed = {p.stem for _, p in list_checkpoints(path.parent)}
+    for entry in root.iterdir():             # left by a crash (or pruned with their file)
+        if entry.is_dir() and (entry.name == path.stem or entry.name not in committed):
+            shutil.rmtree(entry, ignore_errors=True)
+    return root
