@@ -27,6 +27,7 @@ bench: setup-bench
 	$(PY) benchmarks/bench_mixing.py
 	$(PY) benchmarks/bench_horovod.py
 	$(PY) benchmarks/bench_deepspeed.py
+	$(PY) benchmarks/bench_fsdp.py
 	$(PY) benchmarks/bench_workloads.py
 
 clean:
