@@ -85,11 +85,11 @@ EXPERIMENTS: dict[str, dict[str, Scale]] = {
             Config("clars-nowarmup", ("--optimizer", "clars", "--accumulation-steps", "2"), (1.0,)),
         )),
         "cpu": Scale(common=_CPU_WARMUP, loss_threshold=5.0, train_threshold=5.5, configs=(
-            Config("adam-warmup", ("--optimizer", "adam") + _W, (6e-3, 3e-3)),
-            Config("adam-nowarmup", ("--optimizer", "adam"), (6e-3, 3e-3)),
-            Config("lamb-warmup", ("--optimizer", "lamb") + _W, (2e-2, 5e-2)),
-            Config("lamb-nowarmup", ("--optimizer", "lamb"), (2e-2, 5e-2)),
-            Config("clars-nowarmup", _CLARS, (1.0, 3.0)),
+            Config("adam-warmup", ("--optimizer", "adam") + _W, (6e-3, 3e-3, 1.2e-2, 2.4e-2)),
+            Config("adam-nowarmup", ("--optimizer", "adam"), (6e-3, 3e-3, 1.2e-2, 2.4e-2)),
+            Config("lamb-warmup", ("--optimizer", "lamb") + _W, (2e-2, 5e-2, 0.1, 0.2)),
+            Config("lamb-nowarmup", ("--optimizer", "lamb"), (2e-2, 5e-2, 0.1, 0.2)),
+            Config("clars-nowarmup", _CLARS, (1.0, 3.0, 10.0, 30.0)),
         )),
         # CLARS paper section 5: CIFAR-10 at B = 8192 for 20 epochs, LARS with 5/10/20 warmup epochs vs
         # CLARS without; the settings are deepspeed_configs/clars_resnet56_cifar10_b8192.json (the LARS
