@@ -76,7 +76,7 @@ class LayerFragments:
 
 
 @dataclass
-class _GroupPlan:
+class GroupPlan:
     """The tensors of one param group that take part in this step (those with a gradient).
 
     ``keys`` are the group's parameters that step (the keys of ``self.state``); ``params`` and
@@ -131,7 +131,9 @@ class _GroupPlan:
         return per_layer.index_select(0, self.layer_index.to(per_layer.device))
 
 
-def _where(group_index: int | None) -> str:
+def group_label(group_index: int | None) -> str:
+    """`` (param group i)`` for error messages about a value from param group ``group_index``;
+    empty for a constructor default (None)."""
     return "" if group_index is None else f" (param group {group_index})"
 
 
@@ -233,7 +235,7 @@ class LayerwiseOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ validation
     def _validate_values(self, values: dict, group_index: int | None) -> None:
-        where = _where(group_index)
+        where = group_label(group_index)
         for key in self._non_negative_keys:
             if key in values:
                 check_non_negative(key + where, self._number(key, values[key], where))
@@ -419,7 +421,7 @@ class LayerwiseOptimizer(Optimizer):
         adapters that reduce per group; :meth:`_reduce_step_sq_norms` calls it once per group)."""
         return sq
 
-    def _reduce_step_sq_norms(self, sqs: list[Tensor | None], plans: list[_GroupPlan]) -> list[Tensor | None]:
+    def _reduce_step_sq_norms(self, sqs: list[Tensor | None], plans: list[GroupPlan]) -> list[Tensor | None]:
         """Reduce the per-layer partial squared norms of all groups of one ``step()`` call.
 
         ``sqs[i]`` is None (nothing to reduce) or the 1-D stacked vector of ``plans[i]``, laid out
@@ -464,7 +466,7 @@ class LayerwiseOptimizer(Optimizer):
         return self._fragments.get(tensor)
 
     # ------------------------------------------------------------------ helpers
-    def _plan_fragments(self, group: dict, group_index: int) -> _GroupPlan | None:
+    def _plan_fragments(self, group: dict, group_index: int) -> GroupPlan | None:
         """The plan of a group whose tensors are declared fragmented (all or none of them)."""
         layouts = [(p, self._fragments.get(p)) for p in group["params"]]
         declared = [lay is not None for _, lay in layouts]
@@ -503,14 +505,14 @@ class LayerwiseOptimizer(Optimizer):
         foreach = group["foreach"]
         if foreach is None or foreach:
             foreach = all(p.device == device for p, _ in layouts)
-        return _GroupPlan(group=group, index=group_index, params=params, grads=grads,
+        return GroupPlan(group=group, index=group_index, params=params, grads=grads,
                           foreach=bool(foreach), keys=[p for p, _ in layouts if p.grad is not None],
                           layer_keys=list(first.layer_keys),
                           layer_index=torch.tensor(index, dtype=torch.long, device=device),
                           num_layers=first.num_layers, owners=owners, slots=slots, fragments=frags,
                           device=device, dtype=F.norm_dtype(*{p.dtype for p, _ in layouts}))
 
-    def _plan_group(self, group: dict, group_index: int) -> _GroupPlan | None:
+    def _plan_group(self, group: dict, group_index: int) -> GroupPlan | None:
         if self._fragments:
             plan = self._plan_fragments(group, group_index)
             if plan is not None:
@@ -551,12 +553,12 @@ class LayerwiseOptimizer(Optimizer):
             raise ValueError(f"foreach=True needs all parameters of param group {group_index} on "
                              f"one device; they are on {sorted({str(p.device) for p in params})}. "
                              f"Use foreach=None or False")
-        return _GroupPlan(group=group, index=group_index, params=params, grads=grads,
+        return GroupPlan(group=group, index=group_index, params=params, grads=grads,
                           foreach=bool(foreach), keys=keys, layer_keys=keys, num_layers=len(params),
                           device=device, dtype=F.norm_dtype(*{p.dtype for p in params}),
                           shard_groups=shard_groups if any_dtensor else None)
 
-    def _plans(self) -> list[_GroupPlan]:
+    def _plans(self) -> list[GroupPlan]:
         plans = []
         for i, group in enumerate(self.param_groups):
             plan = self._plan_group(group, i)
@@ -589,7 +591,7 @@ class LayerwiseOptimizer(Optimizer):
         self._skips.add_(skip.to(torch.int64))
         return ~found.gt(0)
 
-    def _record_trust(self, plans: list[_GroupPlan]) -> None:
+    def _record_trust(self, plans: list[GroupPlan]) -> None:
         """Keep each plan's per-layer trust ratios (``plan.extra["layer_trust"]``, or
         ``plan.trust`` without fragments) keyed by its layer keys; under a device-side skip
         (``self._step_ok``, the step's mask, False) the previous values stay."""
@@ -632,7 +634,7 @@ class LayerwiseOptimizer(Optimizer):
             return closure()
 
 
-def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[_GroupPlan]) -> list[Tensor | None]:
+def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[GroupPlan]) -> list[Tensor | None]:
     """Whole-layer sums of squares from this process's partial sums, for DTensor layers.
 
     ``sqs[i]`` is plan i's stacked per-(quantity, layer) vector (or None); layer k of a plan with

@@ -287,9 +287,11 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
                    exp_avg_sqs: Sequence[Tensor], steps: Tensor, *, beta1: float,
                    beta2: float, eps: float, weight_decay: float, need_norms: bool,
                    grads_as_scratch: bool, foreach: bool,
-                   ok: Tensor | None = None,
-                   bias_correction: bool = True) -> tuple[list[Tensor], Tensor | None, Tensor]:
-    """Steps (0)-(1) of LAMB: update the Adam moments in place and return the direction ``r``.
+                   ok: Tensor | None = None, bias_correction: bool = True,
+                   in_place: bool = True
+                   ) -> tuple[list[Tensor], Tensor | None, Tensor, tuple[list[Tensor], list[Tensor]] | None]:
+    """Steps (0)-(1) of LAMB: update the Adam moments (in place, or into new tensors) and return
+    the direction ``r``.
 
     With ``t = steps[k]`` (a 1-D tensor of the already incremented step counts)::
 
@@ -309,10 +311,14 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     otherwise they are new tensors. ``ok``: the device-side skip (see :func:`masked`): a skipped
     step leaves the moments bit-identical.
 
-    Returns ``(directions, sq, factor)``: ``directions`` the tensors holding ``r / c``; ``sq``
-    (with ``need_norms``, else None) the stacked partial squared norms
+    ``in_place=False`` leaves ``exp_avgs``/``exp_avg_sqs`` untouched and returns the updated
+    moments as new tensors, for a caller that decides whether the step applies only after the
+    norms are reduced (:func:`commit` then stores them); this costs one allocation per moment.
+
+    Returns ``(directions, sq, factor, moments)``: ``directions`` the tensors holding ``r / c``;
+    ``sq`` (with ``need_norms``, else None) the stacked partial squared norms
     ``cat([||w_k||^2], [||r_k||^2])`` of the true ``r_k`` (computed while each block is still in
-    the cache).
+    the cache); ``moments`` None (in place) or the new ``(exp_avgs, exp_avg_sqs)``.
     """
     dtype = _group_norm_dtype(params)
     n = len(params)
@@ -332,11 +338,19 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     w_norms: list[Tensor] = []
     r_norms: list[Tensor] = []
     directions: list[Tensor] = []
+    new_m: list[Tensor] = []
+    new_v: list[Tensor] = []
 
     if not foreach:
         for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-            m.lerp_(g, w1[i].to(m.device))
-            v.mul_(b2.to(v.device)).addcmul_(g, g, value=1.0 - beta2)
+            if in_place:
+                m.lerp_(g, w1[i].to(m.device))
+                v.mul_(b2.to(v.device)).addcmul_(g, g, value=1.0 - beta2)
+            else:
+                m = torch.lerp(m, g, w1[i].to(m.device))
+                v = torch.mul(v, b2.to(v.device)).addcmul_(g, g, value=1.0 - beta2)
+                new_m.append(m)
+                new_v.append(v)
             r = torch.sqrt(v, out=g) if grads_as_scratch else v.sqrt()
             r.add_(eps_k[i].to(r.device)).reciprocal_().mul_(m)
             if decay is not None:
@@ -349,8 +363,14 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
         b2_list = [b2] * n
         for s in block_slices(params):
             P, G, M, V = list(params[s]), list(grads[s]), list(exp_avgs[s]), list(exp_avg_sqs[s])
-            torch._foreach_lerp_(M, G, w1[s])
-            torch._foreach_mul_(V, b2_list[s])
+            if in_place:
+                torch._foreach_lerp_(M, G, w1[s])
+                torch._foreach_mul_(V, b2_list[s])
+            else:
+                M = list(torch._foreach_lerp(M, G, w1[s]))
+                V = list(torch._foreach_mul(V, b2_list[s]))
+                new_m.extend(M)
+                new_v.extend(V)
             torch._foreach_addcmul_(V, G, G, 1.0 - beta2)
             if grads_as_scratch and V[0].device.type == "cpu" and not torch.compiler.is_compiling():
                 # R = sqrt(V) in one pass per tensor (foreach ops have no out= form; copy +
@@ -373,10 +393,28 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
             if need_norms:
                 w_norms.extend(_foreach_sq_norms(P, dtype))
                 r_norms.extend(_foreach_sq_norms(R, dtype))
+    moments = None if in_place else (new_m, new_v)
     if not need_norms or not n:
-        return directions, (torch.zeros(0, dtype=dtype, device=device) if need_norms else None), factor
+        return (directions, (torch.zeros(0, dtype=dtype, device=device) if need_norms else None),
+                factor, moments)
     sq = torch.cat([torch.stack(w_norms), torch.stack(r_norms) * factor.square()])
-    return directions, sq, factor
+    return directions, sq, factor, moments
+
+
+def commit(targets: Sequence[Tensor], values: Sequence[Tensor], ok: Tensor | None, *,
+           foreach: bool) -> None:
+    """``targets[k] <- values[k]`` in place, where the step is applied: ``ok`` (the device-side
+    skip, see :func:`masked`) False keeps ``targets`` bit-identical (``values`` may then hold
+    non-finite numbers, they are never read into the result)."""
+    if not targets:
+        return
+    if ok is not None:
+        values = [torch.where(ok, v, t) for t, v in zip(targets, values)]
+    if foreach:
+        torch._foreach_copy_(list(targets), list(values))
+    else:
+        for t, v in zip(targets, values):
+            t.copy_(v)
 
 
 def lamb_update(params: Sequence[Tensor], directions: Sequence[Tensor], trust: Tensor | None, *,
