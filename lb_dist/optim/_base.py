@@ -644,32 +644,42 @@ def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[GroupPlan]) -> l
     collective per mesh dimension per step, whatever the number of parameters and groups; a
     layer sharded over two mesh dimensions (FSDP x TP) is summed over both in turn. Plans of
     plain tensors are returned unchanged and nothing is communicated for them."""
-    batches: dict[Any, list[tuple[int, Tensor]]] = {}
+    batches: dict[Any, list[tuple[int, Tensor | None]]] = {}
     for i, (sq, plan) in enumerate(zip(sqs, plans)):
         if sq is None or not plan.shard_groups:
             continue
+        first = plan.shard_groups[0]
+        if all(groups == first for groups in plan.shard_groups):     # FSDP: every layer alike
+            for pg in first:
+                batches.setdefault(pg, []).append((i, None))          # the whole vector
+            continue
         count = plan.num_layers
         quantities = sq.numel() // count if count else 0
+        layers: dict[Any, list[int]] = {}
         for k, groups in enumerate(plan.shard_groups):
             for pg in groups:
-                idx = torch.arange(quantities, device=sq.device) * count + k
-                batches.setdefault(pg, []).append((i, idx))
+                layers.setdefault(pg, []).append(k)
+        for pg, ks in layers.items():
+            idx = torch.tensor([q * count + k for q in range(quantities) for k in ks],
+                               dtype=torch.long, device=sq.device)
+            batches.setdefault(pg, []).append((i, idx))
     if not batches:
         return sqs
     import torch.distributed as dist
     out = list(sqs)
     for pg, entries in batches.items():          # insertion order: the same on every process
-        by_plan: dict[int, list[Tensor]] = {}
-        for i, idx in entries:
-            by_plan.setdefault(i, []).append(idx)
-        order = [(i, torch.cat(ix)) for i, ix in by_plan.items()]
-        packed = torch.cat([out[i].index_select(0, ix).to(torch.float64) for i, ix in order])
+        packed = torch.cat([(out[i] if idx is None else out[i].index_select(0, idx)).to(torch.float64)
+                            for i, idx in entries])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=pg)
         offset = 0
-        for i, ix in order:
-            n = ix.numel()
-            updated = out[i].clone()
-            updated.index_copy_(0, ix, packed[offset:offset + n].to(updated.dtype))
-            out[i] = updated
+        for i, idx in entries:
+            n = out[i].numel() if idx is None else idx.numel()
+            part = packed[offset:offset + n].to(out[i].dtype)
+            if idx is None:
+                out[i] = part
+            else:
+                updated = out[i].clone()
+                updated.index_copy_(0, idx, part)
+                out[i] = updated
             offset += n
     return out
