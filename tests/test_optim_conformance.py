@@ -423,7 +423,7 @@ def test_lamb_flag_with_norms_path_equals_the_gate_first_path(host_gate):
 @pytest.mark.parametrize("cls", [LARS, CLARS, LAMB, LAMBFlagWithNorms])
 def test_compiled_step_one_graph_no_recompile(cls):
     """torch.compile(opt.step, fullgraph=True): one graph for every step (first step included:
-    state is created by ``_init_group``, which dynamo runs eagerly), no recompilation when a
+    state is created by ``_init_group``, which dynamo runs eagerly; two param groups), no recompilation when a
     scheduler changes a tensor lr or when a step is skipped; the result and the skip count equal
     eager's. CompileCounter counts the frames dynamo compiles (dynamo alone: the kernels run
     eagerly, so the comparison is exact; docs/benchmarks.md has inductor)."""
@@ -433,7 +433,10 @@ def test_compiled_step_one_graph_no_recompile(cls):
     cfg = {**info.configs[-1], "lr": torch.tensor(info.configs[-1]["lr"])}
     torch._dynamo.reset()
     a, b = make_params(dtype=torch.float32), make_params(dtype=torch.float32)
-    opt, ref = build(info, cfg, a), build(info, {**cfg, "lr": cfg["lr"].clone()}, b)
+    # two param groups, as param_groups() builds them: dynamo's view of the state is taken when it
+    # runs _init_group, so state created for a second group after it was once missing (KeyError)
+    groups = lambda ps: [{"params": [ps[0], ps[2]]}, {"params": [ps[1]], "layer_adaptation": False}]
+    opt, ref = build(info, cfg, a, groups(a)), build(info, {**cfg, "lr": cfg["lr"].clone()}, b, groups(b))
     counter = CompileCounter()
     step = torch.compile(opt.step, backend=counter, fullgraph=True)
     sa = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)

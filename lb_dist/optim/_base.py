@@ -330,18 +330,28 @@ class LayerwiseOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state creation
     def _init_group(self, group: dict) -> None:
-        """Create the state of the group's parameters that have a gradient, appending
-        ``(param, keys)`` to ``self._fresh``. Subclasses implement it; the name matters: torch.compile
-        runs an optimizer's ``_init_group`` eagerly at trace time (as for torch's own optimizers),
-        so the first compiled step and the later ones share one graph."""
+        """Create the state of EVERY group's parameters that have a gradient (:meth:`_init_group_state`
+        per group); ``group`` is the first param group. The name and the argument matter:
+        torch.compile runs an optimizer's ``_init_group(param_group, ...)`` eagerly at trace time
+        (as for torch's own optimizers), so the first compiled step and the later ones share one
+        graph. It is called once per step for all groups because dynamo builds its view of
+        ``self.state`` after the first such call: state created by a second call (a second param
+        group) was missing from the traced step (KeyError, i.e. a graph break, or an error under
+        ``fullgraph=True``)."""
+        for g in self.param_groups:
+            self._init_group_state(g)
+
+    def _init_group_state(self, group: dict) -> None:
+        """Create the state of the group's parameters that have a gradient, noting ``(param,
+        keys)`` with :meth:`_note_fresh`. Subclasses implement it."""
 
     def _init_state(self) -> None:
-        """Run :meth:`_init_group` for every group (at the start of ``step()``, before anything
-        reads the state, which is the order torch.compile needs)."""
+        """Create the state a step reads (at the start of ``step()``, before anything reads the
+        state, which is the order torch.compile needs)."""
         if not torch.compiler.is_compiling():   # (under compile _init_group runs at trace time)
             self._fresh = []
-        for group in self.param_groups:
-            self._init_group(group)
+        if self.param_groups:
+            self._init_group(self.param_groups[0])
 
     @torch.no_grad()
     def init_state(self) -> None:

@@ -78,9 +78,31 @@ def _group_norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 def _foreach_norms(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    if torch.compiler.is_compiling():   # no inductor lowering for _foreach_norm (see _lerp_)
+        return [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
     if all(t.dtype == dtype for t in tensors):
         return list(torch._foreach_norm(tensors, 2))  # no dtype argument: also torch < 2.4
     return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+
+
+def _lerp_(targets: list[Tensor], ends: list[Tensor], weights: list[Tensor]) -> None:
+    """``torch._foreach_lerp_(targets, ends, weights)`` (per-tensor 0-dim weights). Under
+    ``torch.compile`` written as ``t + w * (e - t)`` in foreach ops that inductor lowers: it has no
+    lowering for ``_foreach_lerp`` with tensor weights nor for ``_foreach_norm``, which then ran
+    as eager per-tensor fallbacks inside the compiled graph (single-threaded, and splitting the
+    fusion around them): the main cause of the compiled LARS/LAMB steps being several times
+    slower than compiled SGD/AdamW (docs/benchmarks.md)."""
+    if torch.compiler.is_compiling():
+        torch._foreach_add_(targets, torch._foreach_mul(torch._foreach_sub(ends, targets), weights))
+    else:
+        torch._foreach_lerp_(targets, ends, weights)
+
+
+def _lerp(targets: list[Tensor], ends: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+    """The out-of-place :func:`_lerp_`."""
+    if torch.compiler.is_compiling():
+        return list(torch._foreach_add(targets, torch._foreach_mul(torch._foreach_sub(ends, targets), weights)))
+    return list(torch._foreach_lerp(targets, ends, weights))
 
 
 def _use_dot(t: Tensor, dtype: torch.dtype) -> bool:
@@ -264,8 +286,8 @@ def layerwise_sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor],
             if momentum:
                 B = list(momentum_buffers[s])
                 if w_to_w is not None:
-                    torch._foreach_lerp_(B, P, w_to_w[s])
-                torch._foreach_lerp_(B, G, w_to_g[s])
+                    _lerp_(B, P, w_to_w[s])
+                _lerp_(B, G, w_to_g[s])
             if momentum and not nesterov:
                 torch._foreach_addcmul_(P, B, scaled[s])
                 continue
@@ -364,10 +386,10 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
         for s in block_slices(params):
             P, G, M, V = list(params[s]), list(grads[s]), list(exp_avgs[s]), list(exp_avg_sqs[s])
             if in_place:
-                torch._foreach_lerp_(M, G, w1[s])
+                _lerp_(M, G, w1[s])
                 torch._foreach_mul_(V, b2_list[s])
             else:
-                M = list(torch._foreach_lerp(M, G, w1[s]))
+                M = _lerp(M, G, w1[s])
                 V = list(torch._foreach_mul(V, b2_list[s]))
                 new_m.extend(M)
                 new_v.extend(V)

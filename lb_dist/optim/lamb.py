@@ -196,9 +196,9 @@ class LAMB(LayerwiseOptimizer):
             if "step" in st and not torch.is_tensor(st["step"]):
                 st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
 
-    def _init_group(self, group: dict) -> None:
+    def _init_group_state(self, group: dict) -> None:
         """Create the Adam state of the group's parameters that have a gradient (see
-        ``LayerwiseSGD._init_group``: torch.compile runs this eagerly at trace time)."""
+        ``LayerwiseOptimizer._init_group``: torch.compile runs this eagerly at trace time)."""
         for p in group["params"]:
             if p.grad is None:
                 continue

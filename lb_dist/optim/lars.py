@@ -124,11 +124,11 @@ class LayerwiseSGD(LayerwiseOptimizer):
         self._record_trust(plans)
         return loss
 
-    def _init_group(self, group: dict) -> None:
+    def _init_group_state(self, group: dict) -> None:
         """Create the momentum state of the group's parameters that have a gradient (what
         :meth:`_momentum_state` would create on first use). Called at the start of ``step()``
-        under this name because torch.compile runs an optimizer's ``_init_group`` eagerly at
-        trace time, so the first compiled step and the later ones share one graph."""
+        through ``LayerwiseOptimizer._init_group``, which torch.compile runs eagerly at trace time,
+        so the first compiled step and the later ones share one graph."""
         if not group["momentum"]:
             return
         for p in group["params"]:
