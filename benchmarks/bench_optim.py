@@ -15,8 +15,11 @@ with its tensors in the 32 MiB L3 cache; both happen outside the timing.
 
 ``--compiled``: the same list, ``torch.compile(opt.step)`` (inductor, compile time excluded) for
 LARS / CLARS / LAMB against compiled SGD(momentum) / SGD(nesterov) / AdamW. ``--dtensor N``: N
-processes (gloo) step a ``fully_shard``ed MLP; LARS against torch SGD(momentum) on the same model,
-and the all-reduces per step (torch profiler, ``c10d::allreduce_`` events).
+processes (gloo) step a ``fully_shard``ed MLP; LARS against torch SGD(momentum) and LAMB against
+AdamW on the same model, the all-reduces per step (torch profiler, ``c10d::allreduce_`` events), and
+LARS / SGD on plain tensors of the local shards' sizes (the kernels without DTensor and without
+communication). Median and min: on a loaded machine the median of a step with a collective includes
+waiting for the other process to be scheduled.
 """
 from __future__ import annotations
 
@@ -163,17 +166,33 @@ def _dtensor_worker(args) -> None:
         fully_shard(m, mesh=mesh)
         return m
 
+    def split_groups(params):
+        return [{"params": [p for p in params if p.ndim > 1]},
+                {"params": [p for p in params if p.ndim <= 1], "layer_adaptation": False}]
+
+    makers = {  # name -> (constructor, baseline, plain local tensors instead of the DTensors)
+        "torch SGD(momentum)": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True), None, False),
+        "lb_dist LARS": (lambda ps: LARS(split_groups(ps), lr=0.1, momentum=0.9), "torch SGD(momentum)", False),
+        "torch AdamW": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True), None, False),
+        "lb_dist LAMB": (lambda ps: LAMB(split_groups(ps), lr=1e-3), "torch AdamW", False),
+        "torch SGD(momentum), local shards as plain tensors": (
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True), None, True),
+        "lb_dist LARS, local shards as plain tensors": (
+            lambda ps: LARS(split_groups(ps), lr=0.1, momentum=0.9),
+            "torch SGD(momentum), local shards as plain tensors", True),
+    }
     runs = {}
-    for name in ("torch SGD(momentum)", "lb_dist LARS"):
-        m = model()
-        params = list(m.parameters())
-        opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True) if name.startswith("torch")
-               else LARS([{"params": [p for p in params if p.ndim > 1]},
-                          {"params": [p for p in params if p.ndim <= 1], "layer_adaptation": False}],
-                         lr=0.1, momentum=0.9))
-        for p in params:
-            p.grad = torch.distributed.tensor.zeros(p.shape, device_mesh=mesh, placements=p.placements) + 1e-3
-        runs[name] = opt
+    for name, (make, _, plain) in makers.items():
+        params = list(model().parameters())
+        if plain:        # the same local sizes, no DTensor and no communication: the kernels alone
+            params = [torch.nn.Parameter(p.to_local().detach().clone()) for p in params]
+            for p in params:
+                p.grad = torch.zeros_like(p) + 1e-3
+        else:
+            for p in params:
+                p.grad = torch.distributed.tensor.zeros(p.shape, device_mesh=mesh,
+                                                        placements=p.placements) + 1e-3
+        runs[name] = make(params)
     counts = {}
     for name, opt in runs.items():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -188,15 +207,17 @@ def _dtensor_worker(args) -> None:
             if rep >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    low = {n: min(v) * 1e3 for n, v in times.items()}
     if rank == 0:
         numel = args.layers * (args.width * args.width + args.width)
         print(f"fully_shard MLP ({args.layers} x Linear({args.width}, {args.width}), {numel:,} parameters) "
-              f"over {dist.get_world_size()} processes (gloo, CPU), median of {args.repeats} steps\n")
-        print("| optimizer | step (ms) | all-reduces per step | ratio |")
-        print("|---|---:|---:|---:|")
-        base = med["torch SGD(momentum)"]
-        for n in runs:
-            print(f"| {n} | {med[n]:.2f} | {counts[n]} | {med[n] / base:.2f}x |")
+              f"over {dist.get_world_size()} processes (gloo, CPU, {torch.get_num_threads()} thread(s) each), "
+              f"median and min of {args.repeats} steps, rank 0\n")
+        print("| optimizer | step (ms), median | min | all-reduces per step | baseline | ratio (median) | ratio (min) |")
+        print("|---|---:|---:|---:|---|---:|---:|")
+        for n, (_, base, _) in makers.items():
+            ratios = (f"{med[n] / med[base]:.2f}x | {low[n] / low[base]:.2f}x" if base else "- | -")
+            print(f"| {n} | {med[n]:.2f} | {low[n]:.2f} | {counts[n]} | {base or '-'} | {ratios} |")
     dist.destroy_process_group()
 
 

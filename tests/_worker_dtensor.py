@@ -3,8 +3,10 @@
 on the plain model in one process (each rank replays the whole batch itself), 20 steps each.
 
 Also counts the all-reduces one ``step()`` issues, with torch's profiler (the ``c10d::allreduce_``
-dispatcher op every ``torch.distributed.all_reduce`` goes through; nothing is patched), and checks
-that a ``Partial`` parameter is refused before any state changes.
+dispatcher op every ``torch.distributed.all_reduce`` goes through; nothing is patched), checks
+that a ``Partial`` parameter is refused before any state changes, and that a NaN in one process's
+gradient shard skips the step on every process with weights and state bit-identical (host and
+device-side gate).
 
 Usage: ``python _worker_dtensor.py <out.json>`` under RANK/WORLD_SIZE/MASTER_* (3 or 4 ranks).
 """
@@ -96,6 +98,49 @@ def run_case(case: str, name: str, sizes, shard, data_ranks: list[int], my_data:
             "skipped": opt.skipped_steps}
 
 
+def snapshot(model, opt) -> list:
+    """Local copies of the weights and of every state tensor (0-dim counters included)."""
+    out = [p.to_local().clone() if isinstance(p, DTensor) else p.detach().clone() for p in model.parameters()]
+    for st in opt.state.values():
+        for key in sorted(st):
+            v = st[key]
+            if torch.is_tensor(v):
+                out.append(v.to_local().clone() if isinstance(v, DTensor) else v.clone())
+    return out
+
+
+def skip_case(name: str, mesh, rank: int, host_gate: bool) -> dict:
+    """A NaN in ONE process's local gradient shard: every process skips the step (the flag travels
+    with the reduced norms), weights and state stay bit-identical, and the next step applies."""
+    sizes = (6, 7, 5, 2)
+    model = mlp(0, sizes)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = make_opt(name, model)
+    opt._host_gate = host_gate
+    for step in range(3):
+        loss_of(model, *batch(step, rank, sizes[0])).backward()
+        if step == 2:
+            before = snapshot(model, opt)
+            if rank == 1:
+                with torch.no_grad():
+                    model[0].weight.grad.to_local()[0, 0] = float("nan")
+            count = count_allreduces(opt.step)
+            after = snapshot(model, opt)
+        else:
+            opt.step()
+        opt.zero_grad()
+    unchanged = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+    loss_of(model, *batch(3, rank, sizes[0])).backward()
+    opt.step()
+    moved = any(not torch.equal(a, b) for a, b in zip(after, snapshot(model, opt)))
+    return {"case": "skip", "opt": name, "host_gate": host_gate, "unchanged": unchanged,
+            "skipped": opt.skipped_steps, "last_skipped": opt.last_step_skipped,
+            "allreduces": count, "moved_after": moved}
+
+
 def partial_refused(mesh) -> dict:
     p = nn.Parameter(DTensor.from_local(torch.ones(3, 2, dtype=DT), mesh, [Partial()]))
     p.grad = DTensor.from_local(torch.ones(3, 2, dtype=DT), mesh, [Partial()])
@@ -128,6 +173,9 @@ def main() -> None:
         for name in names:
             results.append(run_case("fsdp3", name, (6, 7, 5, 2), fsdp(mesh), [0, 1, 2], rank))
         results.append({"case": "partial", **partial_refused(mesh)})
+        for name in names:
+            for host_gate in (True, False):
+                results.append(skip_case(name, mesh, rank, host_gate))
     elif world == 4:
         mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         # fully_shard over 2 processes (the shard sub-mesh; the other pair trains the same batches)

@@ -35,11 +35,21 @@ def _clars_prepare(opt, params):
     opt.set_second_moments({p: 0.5 + i for i, p in enumerate(params)})
 
 
+class LAMBFlagWithNorms(LAMB):
+    """LAMB on the path it takes for DTensor parameters (the non-finite flag read from the reduced
+    norms, the moments computed out of place and stored after the gate), here on plain tensors so
+    that every generic test covers that path too."""
+
+    def _flag_with_norms(self, plans):
+        return True
+
+
 INFOS = [
     OptimInfo(LARS, [dict(lr=0.1), dict(lr=0.1, weight_decay=0.01, nesterov=True),
                      dict(lr=0.1, momentum=0.0, weight_decay=0.01)]),
     OptimInfo(CLARS, [dict(lr=0.1), dict(lr=0.1, weight_decay=0.01, nesterov=False)], _clars_prepare),
     OptimInfo(LAMB, [dict(lr=0.01), dict(lr=0.01, weight_decay=0.01, betas=(0.8, 0.99))]),
+    OptimInfo(LAMBFlagWithNorms, [dict(lr=0.01, weight_decay=0.01, betas=(0.8, 0.99))]),
 ]
 CASES = [pytest.param(info, cfg, id=f"{info.cls.__name__}-{i}")
          for info in INFOS for i, cfg in enumerate(info.configs)]
@@ -377,11 +387,43 @@ def test_device_side_skip_equals_host_skip(info, cfg, monkeypatch):
         torch.testing.assert_close(td[q], th[p])
 
 
+@pytest.mark.parametrize("host_gate", [True, False])
+def test_lamb_flag_with_norms_path_equals_the_gate_first_path(host_gate):
+    """LAMB's two orders (flag first, then moments in place; or moments out of place, flag from the
+    reduced norms, the DTensor path) give the same trajectory and skip the same steps: a NaN, and
+    a finite gradient whose square overflows float32 (||g|| > 1.8e19, which would turn v into inf
+    without changing ||r||)."""
+    a, b = make_params(dtype=torch.float32), make_params(dtype=torch.float32)
+    groups = lambda ps: [{"params": [ps[0], ps[2]]}, {"params": [ps[1]], "layer_adaptation": False}]
+    first = LAMB(groups(a), lr=0.01, weight_decay=0.01)
+    later = LAMBFlagWithNorms(groups(b), lr=0.01, weight_decay=0.01)
+    first._host_gate = later._host_gate = host_gate
+    for t in range(6):
+        gs = grads_for(a, 80 + t)
+        if t == 2:
+            gs[1][0] = float("nan")
+        if t == 4:
+            gs[2][0, 0, 0] = 1e20
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            first.step()
+            later.step()
+            assert first.last_step_skipped == later.last_step_skipped == (t in (2, 4)), t
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for p, q in zip(a, b):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(first.state[p][key], later.state[q][key], rtol=1e-6, atol=1e-9)
+    assert float(later.state[b[0]]["step"]) == 4.0          # 6 steps, 2 skipped
+
+
 # ----------------------------------------------------------------------------- torch.compile
-@pytest.mark.parametrize("cls", [LARS, CLARS, LAMB])
+@pytest.mark.parametrize("cls", [LARS, CLARS, LAMB, LAMBFlagWithNorms])
 def test_compiled_step_one_graph_no_recompile(cls):
     """torch.compile(opt.step, fullgraph=True): one graph for every step (first step included:
-    state is created by ``_init_group``, which dynamo runs eagerly), no recompilation when a
+    state is created by ``_init_group``, which dynamo runs eagerly; two param groups), no recompilation when a
     scheduler changes a tensor lr or when a step is skipped; the result and the skip count equal
     eager's. CompileCounter counts the frames dynamo compiles (dynamo alone: the kernels run
     eagerly, so the comparison is exact; docs/benchmarks.md has inductor)."""
@@ -391,7 +433,10 @@ def test_compiled_step_one_graph_no_recompile(cls):
     cfg = {**info.configs[-1], "lr": torch.tensor(info.configs[-1]["lr"])}
     torch._dynamo.reset()
     a, b = make_params(dtype=torch.float32), make_params(dtype=torch.float32)
-    opt, ref = build(info, cfg, a), build(info, {**cfg, "lr": cfg["lr"].clone()}, b)
+    # two param groups, as param_groups() builds them: dynamo's view of the state is taken when it
+    # runs _init_group, so state created for a second group after it was once missing (KeyError)
+    groups = lambda ps: [{"params": [ps[0], ps[2]]}, {"params": [ps[1]], "layer_adaptation": False}]
+    opt, ref = build(info, cfg, a, groups(a)), build(info, {**cfg, "lr": cfg["lr"].clone()}, b, groups(b))
     counter = CompileCounter()
     step = torch.compile(opt.step, backend=counter, fullgraph=True)
     sa = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)

@@ -29,9 +29,9 @@ def _check_training(rows, cases):
         where = f"{r['case']} {r['opt']}"
         assert r["max_err"] <= 1e-5, where            # vs the one-process run, after 20 steps
         assert 1e-3 < r["moved"] < 100, where         # the reference trained, and did not diverge
-        # ONE batched all-reduce of the layer norms per step (one mesh dimension holds shards);
-        # LAMB adds the 0-dim non-finite flag, which must be decided before its moments change
-        assert r["allreduces"] == ([2, 2] if r["opt"] == "lamb" else [1, 1]), where
+        # ONE batched all-reduce per step (one mesh dimension holds shards), the non-finite flag
+        # included (LAMB's too: its moments are stored only once the step is known to apply)
+        assert r["allreduces"] == [1, 1], where
         assert r["skipped"] == 0, where
     assert seen == {(c, o) for c in cases for o in ("lars", "clars", "lamb")}
 
@@ -48,6 +48,14 @@ def test_fully_shard_three_processes_uneven_and_empty_shards(tmp_path):
         partial = [r for r in rows if r["case"] == "partial"][0]
         assert partial["refused"] and "parameter 0 of param group 0" in partial["refused"]
         assert "Partial" in partial["refused"] and partial["state_empty"]
+        # a NaN in rank 1's gradient shard only: every rank skips, nothing changes, one all-reduce
+        skips = [r for r in rows if r["case"] == "skip"]
+        assert {(r["opt"], r["host_gate"]) for r in skips} == {
+            (o, h) for o in ("lars", "clars", "lamb") for h in (True, False)}
+        for r in skips:
+            where = f"rank {rank} {r['opt']} host_gate={r['host_gate']}"
+            assert r["unchanged"] and r["skipped"] == 1 and r["allreduces"] == 1, where
+            assert r["moved_after"] and not r["last_skipped"], where
 
 
 def test_fully_shard_two_processes_hsdp_and_tensor_parallel(tmp_path):

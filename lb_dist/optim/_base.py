@@ -76,7 +76,7 @@ class LayerFragments:
 
 
 @dataclass
-class _GroupPlan:
+class GroupPlan:
     """The tensors of one param group that take part in this step (those with a gradient).
 
     ``keys`` are the group's parameters that step (the keys of ``self.state``); ``params`` and
@@ -131,7 +131,9 @@ class _GroupPlan:
         return per_layer.index_select(0, self.layer_index.to(per_layer.device))
 
 
-def _where(group_index: int | None) -> str:
+def group_label(group_index: int | None) -> str:
+    """`` (param group i)`` for error messages about a value from param group ``group_index``;
+    empty for a constructor default (None)."""
     return "" if group_index is None else f" (param group {group_index})"
 
 
@@ -233,7 +235,7 @@ class LayerwiseOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ validation
     def _validate_values(self, values: dict, group_index: int | None) -> None:
-        where = _where(group_index)
+        where = group_label(group_index)
         for key in self._non_negative_keys:
             if key in values:
                 check_non_negative(key + where, self._number(key, values[key], where))
@@ -328,18 +330,28 @@ class LayerwiseOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state creation
     def _init_group(self, group: dict) -> None:
-        """Create the state of the group's parameters that have a gradient, appending
-        ``(param, keys)`` to ``self._fresh``. Subclasses implement it; the name matters: torch.compile
-        runs an optimizer's ``_init_group`` eagerly at trace time (as for torch's own optimizers),
-        so the first compiled step and the later ones share one graph."""
+        """Create the state of EVERY group's parameters that have a gradient (:meth:`_init_group_state`
+        per group); ``group`` is the first param group. The name and the argument matter:
+        torch.compile runs an optimizer's ``_init_group(param_group, ...)`` eagerly at trace time
+        (as for torch's own optimizers), so the first compiled step and the later ones share one
+        graph. It is called once per step for all groups because dynamo builds its view of
+        ``self.state`` after the first such call: state created by a second call (a second param
+        group) was missing from the traced step (KeyError, i.e. a graph break, or an error under
+        ``fullgraph=True``)."""
+        for g in self.param_groups:
+            self._init_group_state(g)
+
+    def _init_group_state(self, group: dict) -> None:
+        """Create the state of the group's parameters that have a gradient, noting ``(param,
+        keys)`` with :meth:`_note_fresh`. Subclasses implement it."""
 
     def _init_state(self) -> None:
-        """Run :meth:`_init_group` for every group (at the start of ``step()``, before anything
-        reads the state, which is the order torch.compile needs)."""
+        """Create the state a step reads (at the start of ``step()``, before anything reads the
+        state, which is the order torch.compile needs)."""
         if not torch.compiler.is_compiling():   # (under compile _init_group runs at trace time)
             self._fresh = []
-        for group in self.param_groups:
-            self._init_group(group)
+        if self.param_groups:
+            self._init_group(self.param_groups[0])
 
     @torch.no_grad()
     def init_state(self) -> None:
@@ -419,7 +431,7 @@ class LayerwiseOptimizer(Optimizer):
         adapters that reduce per group; :meth:`_reduce_step_sq_norms` calls it once per group)."""
         return sq
 
-    def _reduce_step_sq_norms(self, sqs: list[Tensor | None], plans: list[_GroupPlan]) -> list[Tensor | None]:
+    def _reduce_step_sq_norms(self, sqs: list[Tensor | None], plans: list[GroupPlan]) -> list[Tensor | None]:
         """Reduce the per-layer partial squared norms of all groups of one ``step()`` call.
 
         ``sqs[i]`` is None (nothing to reduce) or the 1-D stacked vector of ``plans[i]``, laid out
@@ -464,7 +476,7 @@ class LayerwiseOptimizer(Optimizer):
         return self._fragments.get(tensor)
 
     # ------------------------------------------------------------------ helpers
-    def _plan_fragments(self, group: dict, group_index: int) -> _GroupPlan | None:
+    def _plan_fragments(self, group: dict, group_index: int) -> GroupPlan | None:
         """The plan of a group whose tensors are declared fragmented (all or none of them)."""
         layouts = [(p, self._fragments.get(p)) for p in group["params"]]
         declared = [lay is not None for _, lay in layouts]
@@ -503,14 +515,14 @@ class LayerwiseOptimizer(Optimizer):
         foreach = group["foreach"]
         if foreach is None or foreach:
             foreach = all(p.device == device for p, _ in layouts)
-        return _GroupPlan(group=group, index=group_index, params=params, grads=grads,
+        return GroupPlan(group=group, index=group_index, params=params, grads=grads,
                           foreach=bool(foreach), keys=[p for p, _ in layouts if p.grad is not None],
                           layer_keys=list(first.layer_keys),
                           layer_index=torch.tensor(index, dtype=torch.long, device=device),
                           num_layers=first.num_layers, owners=owners, slots=slots, fragments=frags,
                           device=device, dtype=F.norm_dtype(*{p.dtype for p, _ in layouts}))
 
-    def _plan_group(self, group: dict, group_index: int) -> _GroupPlan | None:
+    def _plan_group(self, group: dict, group_index: int) -> GroupPlan | None:
         if self._fragments:
             plan = self._plan_fragments(group, group_index)
             if plan is not None:
@@ -551,12 +563,12 @@ class LayerwiseOptimizer(Optimizer):
             raise ValueError(f"foreach=True needs all parameters of param group {group_index} on "
                              f"one device; they are on {sorted({str(p.device) for p in params})}. "
                              f"Use foreach=None or False")
-        return _GroupPlan(group=group, index=group_index, params=params, grads=grads,
+        return GroupPlan(group=group, index=group_index, params=params, grads=grads,
                           foreach=bool(foreach), keys=keys, layer_keys=keys, num_layers=len(params),
                           device=device, dtype=F.norm_dtype(*{p.dtype for p in params}),
                           shard_groups=shard_groups if any_dtensor else None)
 
-    def _plans(self) -> list[_GroupPlan]:
+    def _plans(self) -> list[GroupPlan]:
         plans = []
         for i, group in enumerate(self.param_groups):
             plan = self._plan_group(group, i)
@@ -589,7 +601,7 @@ class LayerwiseOptimizer(Optimizer):
         self._skips.add_(skip.to(torch.int64))
         return ~found.gt(0)
 
-    def _record_trust(self, plans: list[_GroupPlan]) -> None:
+    def _record_trust(self, plans: list[GroupPlan]) -> None:
         """Keep each plan's per-layer trust ratios (``plan.extra["layer_trust"]``, or
         ``plan.trust`` without fragments) keyed by its layer keys; under a device-side skip
         (``self._step_ok``, the step's mask, False) the previous values stay."""
@@ -632,7 +644,7 @@ class LayerwiseOptimizer(Optimizer):
             return closure()
 
 
-def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[_GroupPlan]) -> list[Tensor | None]:
+def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[GroupPlan]) -> list[Tensor | None]:
     """Whole-layer sums of squares from this process's partial sums, for DTensor layers.
 
     ``sqs[i]`` is plan i's stacked per-(quantity, layer) vector (or None); layer k of a plan with
@@ -642,32 +654,42 @@ def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[_GroupPlan]) -> 
     collective per mesh dimension per step, whatever the number of parameters and groups; a
     layer sharded over two mesh dimensions (FSDP x TP) is summed over both in turn. Plans of
     plain tensors are returned unchanged and nothing is communicated for them."""
-    batches: dict[Any, list[tuple[int, Tensor]]] = {}
+    batches: dict[Any, list[tuple[int, Tensor | None]]] = {}
     for i, (sq, plan) in enumerate(zip(sqs, plans)):
         if sq is None or not plan.shard_groups:
             continue
+        first = plan.shard_groups[0]
+        if all(groups == first for groups in plan.shard_groups):     # FSDP: every layer alike
+            for pg in first:
+                batches.setdefault(pg, []).append((i, None))          # the whole vector
+            continue
         count = plan.num_layers
         quantities = sq.numel() // count if count else 0
+        layers: dict[Any, list[int]] = {}
         for k, groups in enumerate(plan.shard_groups):
             for pg in groups:
-                idx = torch.arange(quantities, device=sq.device) * count + k
-                batches.setdefault(pg, []).append((i, idx))
+                layers.setdefault(pg, []).append(k)
+        for pg, ks in layers.items():
+            idx = torch.tensor([q * count + k for q in range(quantities) for k in ks],
+                               dtype=torch.long, device=sq.device)
+            batches.setdefault(pg, []).append((i, idx))
     if not batches:
         return sqs
     import torch.distributed as dist
     out = list(sqs)
     for pg, entries in batches.items():          # insertion order: the same on every process
-        by_plan: dict[int, list[Tensor]] = {}
-        for i, idx in entries:
-            by_plan.setdefault(i, []).append(idx)
-        order = [(i, torch.cat(ix)) for i, ix in by_plan.items()]
-        packed = torch.cat([out[i].index_select(0, ix).to(torch.float64) for i, ix in order])
+        packed = torch.cat([(out[i] if idx is None else out[i].index_select(0, idx)).to(torch.float64)
+                            for i, idx in entries])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=pg)
         offset = 0
-        for i, ix in order:
-            n = ix.numel()
-            updated = out[i].clone()
-            updated.index_copy_(0, ix, packed[offset:offset + n].to(updated.dtype))
-            out[i] = updated
+        for i, idx in entries:
+            n = out[i].numel() if idx is None else idx.numel()
+            part = packed[offset:offset + n].to(out[i].dtype)
+            if idx is None:
+                out[i] = part
+            else:
+                updated = out[i].clone()
+                updated.index_copy_(0, idx, part)
+                out[i] = updated
             offset += n
     return out

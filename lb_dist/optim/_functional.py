@@ -78,9 +78,31 @@ def _group_norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 def _foreach_norms(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    if torch.compiler.is_compiling():   # no inductor lowering for _foreach_norm (see _lerp_)
+        return [torch.linalg.vector_norm(t, 2, dtype=dtype) for t in tensors]
     if all(t.dtype == dtype for t in tensors):
         return list(torch._foreach_norm(tensors, 2))  # no dtype argument: also torch < 2.4
     return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+
+
+def _lerp_(targets: list[Tensor], ends: list[Tensor], weights: list[Tensor]) -> None:
+    """``torch._foreach_lerp_(targets, ends, weights)`` (per-tensor 0-dim weights). Under
+    ``torch.compile`` written as ``t + w * (e - t)`` in foreach ops that inductor lowers: it has no
+    lowering for ``_foreach_lerp`` with tensor weights nor for ``_foreach_norm``, which then ran
+    as eager per-tensor fallbacks inside the compiled graph (single-threaded, and splitting the
+    fusion around them): the main cause of the compiled LARS/LAMB steps being several times
+    slower than compiled SGD/AdamW (docs/benchmarks.md)."""
+    if torch.compiler.is_compiling():
+        torch._foreach_add_(targets, torch._foreach_mul(torch._foreach_sub(ends, targets), weights))
+    else:
+        torch._foreach_lerp_(targets, ends, weights)
+
+
+def _lerp(targets: list[Tensor], ends: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+    """The out-of-place :func:`_lerp_`."""
+    if torch.compiler.is_compiling():
+        return list(torch._foreach_add(targets, torch._foreach_mul(torch._foreach_sub(ends, targets), weights)))
+    return list(torch._foreach_lerp(targets, ends, weights))
 
 
 def _use_dot(t: Tensor, dtype: torch.dtype) -> bool:
@@ -264,8 +286,8 @@ def layerwise_sgd_update(params: Sequence[Tensor], grads: Sequence[Tensor],
             if momentum:
                 B = list(momentum_buffers[s])
                 if w_to_w is not None:
-                    torch._foreach_lerp_(B, P, w_to_w[s])
-                torch._foreach_lerp_(B, G, w_to_g[s])
+                    _lerp_(B, P, w_to_w[s])
+                _lerp_(B, G, w_to_g[s])
             if momentum and not nesterov:
                 torch._foreach_addcmul_(P, B, scaled[s])
                 continue
@@ -287,9 +309,12 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
                    exp_avg_sqs: Sequence[Tensor], steps: Tensor, *, beta1: float,
                    beta2: float, eps: float, weight_decay: float, need_norms: bool,
                    grads_as_scratch: bool, foreach: bool,
-                   ok: Tensor | None = None,
-                   bias_correction: bool = True) -> tuple[list[Tensor], Tensor | None, Tensor]:
-    """Steps (0)-(1) of LAMB: update the Adam moments in place and return the direction ``r``.
+                   ok: Tensor | None = None, bias_correction: bool = True,
+                   in_place: bool = True,
+                   out: tuple[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]] | None = None
+                   ) -> tuple[list[Tensor], Tensor | None, Tensor, tuple[list[Tensor], list[Tensor]] | None]:
+    """Steps (0)-(1) of LAMB: update the Adam moments (in place, or into new tensors) and return
+    the direction ``r``.
 
     With ``t = steps[k]`` (a 1-D tensor of the already incremented step counts)::
 
@@ -309,10 +334,18 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     otherwise they are new tensors. ``ok``: the device-side skip (see :func:`masked`): a skipped
     step leaves the moments bit-identical.
 
-    Returns ``(directions, sq, factor)``: ``directions`` the tensors holding ``r / c``; ``sq``
-    (with ``need_norms``, else None) the stacked partial squared norms
+    ``in_place=False`` leaves ``exp_avgs``/``exp_avg_sqs`` untouched and returns the updated
+    moments as new tensors, for a caller that decides whether the step applies only after the
+    norms are reduced (:func:`commit` then stores them); this costs one allocation per moment
+    and direction, unless ``out`` gives tensors (shaped like ``params``) to write the new moments
+    and the directions into, each in one pass (``torch.lerp``/``mul``/``sqrt`` with ``out=``; on
+    CPU a fresh parameter-sized tensor costs its page faults every step, which made this path 3-7x
+    slower than the in-place one).
+
+    Returns ``(directions, sq, factor, moments)``: ``directions`` the tensors holding ``r / c``;
+    ``sq`` (with ``need_norms``, else None) the stacked partial squared norms
     ``cat([||w_k||^2], [||r_k||^2])`` of the true ``r_k`` (computed while each block is still in
-    the cache).
+    the cache); ``moments`` None (in place) or the new ``(exp_avgs, exp_avg_sqs)``.
     """
     dtype = _group_norm_dtype(params)
     n = len(params)
@@ -332,12 +365,22 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     w_norms: list[Tensor] = []
     r_norms: list[Tensor] = []
     directions: list[Tensor] = []
+    new_m: list[Tensor] = []
+    new_v: list[Tensor] = []
 
     if not foreach:
         for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-            m.lerp_(g, w1[i].to(m.device))
-            v.mul_(b2.to(v.device)).addcmul_(g, g, value=1.0 - beta2)
-            r = torch.sqrt(v, out=g) if grads_as_scratch else v.sqrt()
+            if in_place:
+                m.lerp_(g, w1[i].to(m.device))
+                v.mul_(b2.to(v.device)).addcmul_(g, g, value=1.0 - beta2)
+            else:
+                m = torch.lerp(m, g, w1[i].to(m.device), **({} if out is None else {"out": out[0][i]}))
+                v = torch.mul(v, b2.to(v.device), **({} if out is None else {"out": out[1][i]}))
+                v.addcmul_(g, g, value=1.0 - beta2)
+                new_m.append(m)
+                new_v.append(v)
+            r = (torch.sqrt(v, out=g) if grads_as_scratch else v.sqrt() if out is None
+                 else torch.sqrt(v, out=out[2][i]))
             r.add_(eps_k[i].to(r.device)).reciprocal_().mul_(m)
             if decay is not None:
                 r.addcmul_(p, decay[i].to(r.device))
@@ -349,10 +392,27 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
         b2_list = [b2] * n
         for s in block_slices(params):
             P, G, M, V = list(params[s]), list(grads[s]), list(exp_avgs[s]), list(exp_avg_sqs[s])
-            torch._foreach_lerp_(M, G, w1[s])
-            torch._foreach_mul_(V, b2_list[s])
+            if in_place:
+                _lerp_(M, G, w1[s])
+                torch._foreach_mul_(V, b2_list[s])
+            elif out is not None:              # one pass per tensor into the given buffers
+                M0, V0, M, V = M, V, list(out[0][s]), list(out[1][s])
+                for m0, g, w, m, v0, v in zip(M0, G, w1[s], M, V0, V):
+                    torch.lerp(m0, g, w, out=m)
+                    torch.mul(v0, b2, out=v)
+                new_m.extend(M)
+                new_v.extend(V)
+            else:
+                M = _lerp(M, G, w1[s])
+                V = list(torch._foreach_mul(V, b2_list[s]))
+                new_m.extend(M)
+                new_v.extend(V)
             torch._foreach_addcmul_(V, G, G, 1.0 - beta2)
-            if grads_as_scratch and V[0].device.type == "cpu" and not torch.compiler.is_compiling():
+            if out is not None and not in_place:
+                R = list(out[2][s])
+                for v, r in zip(V, R):
+                    torch.sqrt(v, out=r)
+            elif grads_as_scratch and V[0].device.type == "cpu" and not torch.compiler.is_compiling():
                 # R = sqrt(V) in one pass per tensor (foreach ops have no out= form; copy +
                 # in-place sqrt would be one more pass): the same values, ~4% of a LAMB step
                 R = G
@@ -373,10 +433,28 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
             if need_norms:
                 w_norms.extend(_foreach_sq_norms(P, dtype))
                 r_norms.extend(_foreach_sq_norms(R, dtype))
+    moments = None if in_place else (new_m, new_v)
     if not need_norms or not n:
-        return directions, (torch.zeros(0, dtype=dtype, device=device) if need_norms else None), factor
+        return (directions, (torch.zeros(0, dtype=dtype, device=device) if need_norms else None),
+                factor, moments)
     sq = torch.cat([torch.stack(w_norms), torch.stack(r_norms) * factor.square()])
-    return directions, sq, factor
+    return directions, sq, factor, moments
+
+
+def commit(targets: Sequence[Tensor], values: Sequence[Tensor], ok: Tensor | None, *,
+           foreach: bool) -> None:
+    """``targets[k] <- values[k]`` in place, where the step is applied: ``ok`` (the device-side
+    skip, see :func:`masked`) False keeps ``targets`` bit-identical (``values`` may then hold
+    non-finite numbers, they are never read into the result)."""
+    if not targets:
+        return
+    if ok is not None:
+        values = [torch.where(ok, v, t) for t, v in zip(targets, values)]
+    if foreach:
+        torch._foreach_copy_(list(targets), list(values))
+    else:
+        for t, v in zip(targets, values):
+            t.copy_(v)
 
 
 def lamb_update(params: Sequence[Tensor], directions: Sequence[Tensor], trust: Tensor | None, *,

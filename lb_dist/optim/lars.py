@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from lb_dist.optim import _functional as F
-from lb_dist.optim._base import LayerwiseOptimizer, _GroupPlan, _where, kernel_view
+from lb_dist.optim._base import GroupPlan, LayerwiseOptimizer, group_label, kernel_view
 
 #: A fragmented tensor's momentum in :meth:`LayerwiseSGD.state_dict` besides torch's canonical
 #: ``momentum_buffer`` (``c * B``): the buffer ``B`` and the scale ``c`` of each element's fragment,
@@ -50,7 +50,7 @@ class LayerwiseSGD(LayerwiseOptimizer):
 
     def _validate_values(self, values: dict, group_index: int | None) -> None:
         super()._validate_values(values, group_index)
-        where = _where(group_index)
+        where = group_label(group_index)
         if "nesterov" in values:
             if not isinstance(values["nesterov"], bool):
                 raise ValueError(f"nesterov{where} must be True or False, got {values['nesterov']!r}")
@@ -59,10 +59,10 @@ class LayerwiseSGD(LayerwiseOptimizer):
                                  f"(as torch.optim.SGD); got momentum={values.get('momentum')!r}")
 
     # ---------------------------------------------------------------- the one difference
-    def _prepare_step(self, plans: list[_GroupPlan]) -> None:
+    def _prepare_step(self, plans: list[GroupPlan]) -> None:
         """Called once per step before any computation (CLARS fetches its estimates here)."""
 
-    def _grad_term(self, plan: _GroupPlan, g_sq: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _grad_term(self, plan: GroupPlan, g_sq: Tensor) -> tuple[Tensor, Tensor | None]:
         """The gradient term ``N_k`` of the trust-ratio denominator for the adapted layers of
         ``plan`` (stacked per layer of the plan's layout, 1-D; ``g_sq`` the reduced per-layer
         ``||g_k||^2``), and an optional 0-dim bool flag "estimate unusable"."""
@@ -124,11 +124,11 @@ class LayerwiseSGD(LayerwiseOptimizer):
         self._record_trust(plans)
         return loss
 
-    def _init_group(self, group: dict) -> None:
+    def _init_group_state(self, group: dict) -> None:
         """Create the momentum state of the group's parameters that have a gradient (what
         :meth:`_momentum_state` would create on first use). Called at the start of ``step()``
-        under this name because torch.compile runs an optimizer's ``_init_group`` eagerly at
-        trace time, so the first compiled step and the later ones share one graph."""
+        through ``LayerwiseOptimizer._init_group``, which torch.compile runs eagerly at trace time,
+        so the first compiled step and the later ones share one graph."""
         if not group["momentum"]:
             return
         for p in group["params"]:
@@ -147,7 +147,7 @@ class LayerwiseSGD(LayerwiseOptimizer):
                 self._note_fresh(p, ("momentum_scale",))
                 state["momentum_scale"] = torch.ones((), dtype=dtype, device=kernel_view(p).device)
 
-    def _momentum_state(self, plan: _GroupPlan) -> tuple[list[Tensor], list[Tensor]]:
+    def _momentum_state(self, plan: GroupPlan) -> tuple[list[Tensor], list[Tensor]]:
         """The momentum buffers ``B`` and 0-dim scales ``c`` of the plan's tensors, created on
         first use. A fragmented tensor keeps one tensor-shaped buffer and a 1-D vector of one
         scale per fragment; the plan gets views of them."""
@@ -274,7 +274,7 @@ class LARS(LayerwiseSGD):
         super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach,
                          min_coeff=min_coeff, max_coeff=max_coeff)
 
-    def _grad_term(self, plan: _GroupPlan, g_sq: Tensor) -> tuple[Tensor, None]:
+    def _grad_term(self, plan: GroupPlan, g_sq: Tensor) -> tuple[Tensor, None]:
         return g_sq.sqrt(), None
 
 
@@ -376,7 +376,7 @@ class CLARS(LayerwiseSGD):
         for p, s in checked:
             self.state[p]["second_moment"] = s
 
-    def _prepare_step(self, plans: list[_GroupPlan]) -> None:
+    def _prepare_step(self, plans: list[GroupPlan]) -> None:
         source = None
         if self.moments is not None:
             source = self.moments.second_moments()     # may raise MomentsUnavailableError
@@ -401,7 +401,7 @@ class CLARS(LayerwiseSGD):
             plan.extra["second_moments"] = (torch.stack(values) if values
                                             else torch.zeros(0, dtype=plan.dtype, device=plan.device))
 
-    def _missing(self, p: Tensor, plan: _GroupPlan) -> None:
+    def _missing(self, p: Tensor, plan: GroupPlan) -> None:
         index = plan.index
         via = ("its moments estimator returned no value for it" if self.moments is not None
                else "none was set" if not plan.sharded else
@@ -415,7 +415,7 @@ class CLARS(LayerwiseSGD):
             f"moments=lb_dist.moments.MicroBatchMoments(...)); layers that should not be adapted "
             f"go in a group with layer_adaptation=False (lb_dist.optim.param_groups).")
 
-    def _grad_term(self, plan: _GroupPlan, g_sq: Tensor) -> tuple[Tensor, Tensor]:
+    def _grad_term(self, plan: GroupPlan, g_sq: Tensor) -> tuple[Tensor, Tensor]:
         s = plan.extra.pop("second_moments")
         bad = (~torch.isfinite(s) | (s < 0)).any()
         return s.clamp_min(0).sqrt(), bad
