@@ -389,7 +389,7 @@ class _Overrides:
 
 
 def _refuses_sparse(optimizer) -> bool:
-    from lb_dist.optim._base import LayerwiseOptimizer
+    from lb_dist.optim import LayerwiseOptimizer
     return isinstance(optimizer, LayerwiseOptimizer)
 
 
