@@ -22,24 +22,39 @@ micro-batch estimator once per synchronizing step. What does not depend on the e
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from lb_dist._validation import check_grad_scale
 from lb_dist.moments.microbatch import mixing_weight_sums
 
 __all__ = ["StepState", "MixDraw"]
 
 
-class MixDraw(NamedTuple):
-    """One step's mixing as seen by one rank of K (:meth:`StepState.step_draw`)."""
-    #: whether a mix with noise applies (False: plain averaging)
-    mixed: bool
-    #: ``pi_rank``, the factor of this rank's gradient before a SUM reduction (``1/K`` when plain)
-    coefficient: float
-    #: ``K pi_rank``, the factor before an averaging reduction (``1.0`` when plain)
-    scale: float
-    #: ``(W1, W2) = (sum_k pi_k, sum_k pi_k^2)`` (``(1, 1/K)`` when plain)
-    weight_sums: tuple
+class MixDraw:
+    """One step's mixing as seen by one rank of K (:meth:`StepState.step_draw`).
+
+    Attributes:
+        mixed: whether a mix with noise applies (False: plain averaging).
+        coefficient: ``pi_rank``, the factor of this rank's gradient before a SUM reduction (``1/K``
+            when plain).
+        scale: ``K pi_rank``, the factor before an averaging reduction (``1.0`` when plain).
+        weight_sums: ``(W1, W2) = (sum_k pi_k, sum_k pi_k^2)`` (``(1, 1/K)`` when plain); computed on
+            first use (an adapter that only scales its loss never pays for it).
+    """
+
+    __slots__ = ("mixed", "coefficient", "scale", "_pi", "_num_workers", "_sums")
+
+    def __init__(self, mixed: bool, coefficient: float, scale: float, num_workers: int, pi=None) -> None:
+        self.mixed, self.coefficient, self.scale = mixed, coefficient, scale
+        self._num_workers, self._pi, self._sums = num_workers, pi, None
+
+    @property
+    def weight_sums(self) -> tuple[float, float]:
+        if self._sums is None:
+            self._sums = mixing_weight_sums(self._num_workers, self._pi)
+        return self._sums
+
+    def __repr__(self) -> str:
+        return (f"MixDraw(mixed={self.mixed}, coefficient={self.coefficient}, scale={self.scale}, "
+                f"weight_sums={self.weight_sums})")
 
 
 class StepState:
@@ -95,14 +110,14 @@ class StepState:
         if self._draw_key != key:
             k = num_workers
             if key[0] is None:
-                draw = MixDraw(False, 1.0 / k, 1.0, mixing_weight_sums(k))
+                draw = MixDraw(False, 1.0 / k, 1.0, k)
             else:
                 if mix.world_size is not None and mix.world_size != k:
                     raise ValueError(f"{self.mix_argument}.world_size={mix.world_size} but {self.group_name} has "
                                      f"{k} ranks; use GradientMix(world_size=None) to follow the job's size")
                 scales = mix.weights(k, step=mix.step)       # K pi
                 pi = scales / k
-                draw = MixDraw(True, float(pi[rank]), float(scales[rank]), mixing_weight_sums(k, pi))
+                draw = MixDraw(True, float(pi[rank]), float(scales[rank]), k, pi)
             self._draw, self._draw_key = draw, key
         return self._draw
 
