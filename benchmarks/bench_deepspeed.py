@@ -79,8 +79,10 @@ def worker(args) -> None:
     opt_wall, opt_timed = time_counter()     # wall time inside the inner optimizer's step calls
 
     lbzero.ShardedLayerwise._reduce_step_sq_norms = wall_timed(timed(lbzero.ShardedLayerwise._reduce_step_sq_norms))
-    for meth in ("loss_factor", "_before_boundary", "_after_boundary"):
-        setattr(LbDistRuntime, meth, timed(getattr(LbDistRuntime, meth)))
+    for meth in ("loss_factor", "before_boundary", "after_boundary",
+                 "_before_boundary", "_after_boundary"):   # the last two: names before issue 13
+        if meth in vars(LbDistRuntime):
+            setattr(LbDistRuntime, meth, timed(getattr(LbDistRuntime, meth)))
 
     engines = {}
     for name in VARIANTS:

@@ -19,7 +19,7 @@ big-batch value conditioned on these weights (``lb_dist.moments.weighted_big_bat
 ``||M||^2`` without mixing), the same rule as ``lb_dist.horovod`` and ``lb_dist.deepspeed``.
 With a :class:`lb_dist.moments.TrainingPassMoments` as ``moments`` instead, each bucket's all-reduce
 carries that estimator's per-sample sums of the bucket's parameters and the sample count
-(:func:`_training_pass_bucket`), so its exact S_k needs no collective of its own.
+(``_training_pass_bucket``), so its exact S_k needs no collective of its own.
 Equations in docs/moments.md; usage (torchrun, gradient accumulation) in docs/backend-ddp.md.
 """
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations at run time
@@ -29,11 +29,12 @@ import threading
 import torch
 import torch.distributed as dist
 
-from lb_dist._validation import check_grad_scale, check_positive_int
+from lb_dist._validation import check_positive_int
+from lb_dist._vendor.torch import foreach_norm
 from lb_dist.mixing import GradientMix, check_device_mix
 from lb_dist.moments.activations import TrainingPassMoments
-from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments,
-                                       mixing_weight_sums)
+from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments
+from lb_dist.step_state import StepState
 
 __all__ = ["GradientMixHookState", "gradient_mix_hook", "register"]
 
@@ -57,8 +58,8 @@ class _BucketPlan:
         self.slots = torch.tensor([i for _, i in found], dtype=torch.long)  # position in moments.params
 
 
-class GradientMixHookState:
-    """State of :func:`gradient_mix_hook`.
+class GradientMixHookState(StepState):
+    """State of :func:`gradient_mix_hook` (a :class:`lb_dist.step_state.StepState`).
 
     Args:
         mix: a device-wise :class:`lb_dist.GradientMix` (``None``: plain averaging). The hook reads
@@ -96,19 +97,17 @@ class GradientMixHookState:
         elif moments is not None and not isinstance(moments, TrainingPassMoments) and moments.micro_batch_size is None:
             raise ValueError("micro_batch_size is required with moments (samples per rank per step, "
                              "including accumulation), unless the MicroBatchMoments was given one")
-        self.mix = mix
-        self.moments = moments
+        super().__init__(mix, moments, micro_batch_size)
         self.process_group = process_group
-        self.micro_batch_size = micro_batch_size
-        self._grad_scale = 1.0
-        self.last_update: dict | None = None
-        self._coef_key: tuple | None = None
-        self._coef = 0.0
-        self._coef_sums = (1.0, 1.0)
         self._lock = threading.Lock()
         self._synced = False          # a synchronizing backward completed and its gradient is still in .grad
         self._sentinel = None
         self._sentinel_handle = None
+        n = len(moments.params) if moments is not None else 0
+        self._local_sq = torch.zeros(n, dtype=torch.float64)
+        self._reduced_sq = torch.zeros(n, dtype=torch.float64)
+        self._filled = torch.zeros(n, dtype=torch.bool)
+        self._plans: dict = {}
         self._reset()
 
     # ------------------------------------------------------------------ one reduction per step
@@ -142,15 +141,20 @@ class GradientMixHookState:
             self._synced = False
         return None
 
-    @property
-    def grad_scale(self) -> float:
-        return self._grad_scale
+    # ------------------------------------------------------------------ per bucket (the hook's calls)
+    def start_bucket(self, bucket) -> tuple[int, float, float | None]:
+        """At a bucket's hook: ``(K, factor, coefficient)`` of the step, ``factor`` the bucket's
+        multiplier before the SUM all-reduce (``pi_rank``, or ``1/K``: DDP's default, bitwise) and
+        ``coefficient`` ``pi_rank`` or None for plain averaging. The last bucket marks the backward
+        as synchronizing (:meth:`watch`)."""
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        k = dist.get_world_size(group)
+        draw = self.step_draw(k, dist.get_rank(group))
+        if bucket.is_last():
+            self._synced = True   # after this backward .grad holds reduced gradients (watch)
+        return k, draw.coefficient, (draw.coefficient if draw.mixed else None)
 
-    @grad_scale.setter
-    def grad_scale(self, value) -> None:
-        self._grad_scale = check_grad_scale(value)
-
-    def _plan(self, bucket, buf: torch.Tensor) -> _BucketPlan:
+    def bucket_plan(self, bucket, buf: torch.Tensor) -> _BucketPlan:
         """The bucket's plan, rebuilt (and the old one dropped) when DDP rebuilds its buckets."""
         key = (buf.data_ptr(), buf.numel(), tuple(map(id, bucket.parameters())))
         entry = self._plans.get(bucket.index())
@@ -158,40 +162,38 @@ class GradientMixHookState:
             entry = self._plans[bucket.index()] = (key, _BucketPlan(bucket, buf, self.moments.param_index))
         return entry[1]
 
+    def bucket_submitted(self, k: int, is_last: bool) -> None:
+        """A bucket with statistics left: the step's K and (W1, W2) are fixed at its first bucket."""
+        with self._lock:
+            if self._pending == 0 and not self._saw_last:
+                self._weights = self._draw.weight_sums
+                self._k = k
+            self._pending += 1
+            self._saw_last = self._saw_last or is_last
+
+    def bucket_reduced(self, plan: _BucketPlan, sq_sum: torch.Tensor, red_sq: torch.Tensor) -> None:
+        """A bucket's all-reduce finished: record its ``sum_k ||g_k||^2`` and ``||M||^2``; after the
+        step's last bucket, feed ``moments`` (:meth:`StepState.feed`) and start the next step."""
+        with self._lock:
+            try:
+                self._local_sq[plan.slots] = sq_sum[plan.rows]
+                self._reduced_sq[plan.slots] = red_sq[plan.rows]
+                self._filled[plan.slots] = True
+                self._pending -= 1
+                if self._saw_last and self._pending == 0:
+                    self._finish_step()
+            finally:
+                if self._saw_last and self._pending == 0:
+                    self._reset()
+
     def _reset(self) -> None:
-        if not hasattr(self, "_filled"):
-            n = len(self.moments.params) if self.moments is not None else 0
-            self._local_sq = torch.zeros(n, dtype=torch.float64)
-            self._reduced_sq = torch.zeros(n, dtype=torch.float64)
-            self._filled = torch.zeros(n, dtype=torch.bool)
-            self._plans: dict = {}
-        else:
-            self._local_sq.zero_()
-            self._reduced_sq.zero_()
-            self._filled.zero_()
+        self._local_sq.zero_()
+        self._reduced_sq.zero_()
+        self._filled.zero_()
         self._pending = 0
         self._saw_last = False
         self._weights = (1.0, 1.0)   # (W1, W2) of the step, fixed with K at its first bucket
         self._k = 1
-
-    def _coefficient(self, k: int, rank: int) -> float | None:
-        """pi_rank of the current step, or None for plain averaging."""
-        mix = self.mix
-        if mix is None or mix.noise == "none":
-            return None
-        key = (id(mix), mix.seed, mix.noise, mix.std, mix.step, k, rank)
-        if self._coef_key != key:  # once per step (a step has one bucket per ~25 MB of gradients)
-            if mix.world_size is not None and mix.world_size != k:
-                raise ValueError(f"mix.world_size={mix.world_size} but the process group has {k} ranks")
-            pi = mix._weights(mix.step, k) / k
-            self._coef = float(pi[rank])
-            self._coef_sums = mixing_weight_sums(k, pi)
-            self._coef_key = key
-        return self._coef
-
-    def _weight_sums(self, k: int, coeff: float | None) -> tuple[float, float]:
-        """(W1, W2) of the current step: plain averaging (``coeff`` None) or the cached mix's."""
-        return mixing_weight_sums(k) if coeff is None else self._coef_sums
 
     def _finish_step(self) -> None:
         moments = self.moments
@@ -200,27 +202,17 @@ class GradientMixHookState:
             raise RuntimeError(f"{missing} of the {len(moments.params)} parameters tracked by moments were in "
                                f"no DDP bucket: moments must track the DDP module's own parameters "
                                f"(and only ones that receive gradients)")
-        inv = 1.0 / (self.grad_scale * self.grad_scale)
-        micro_sq_sum = self._local_sq * inv
-        weighted_sq = self._reduced_sq * inv                  # ||M||^2, M = sum_k pi_k g_k
-        # non-finite statistics (an AMP step whose gradients overflowed: GradScaler skips that optimizer
-        # step) and degenerate weights skip the update
-        self.last_update = moments.feed_weighted(micro_sq_sum, self._k, weighted_sq, weights=self._weights,
-                                                 micro_batch_size=self.micro_batch_size)
+        # ||M||^2 with M = sum_k pi_k g_k; non-finite statistics (an AMP step whose gradients overflowed:
+        # GradScaler skips that optimizer step) and degenerate weights skip the update
+        self.feed(self._local_sq, self._k, self._reduced_sq, self._weights)
 
 
 def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: GradientMix scaling + averaging all-reduce (+ moments statistics),
     one asynchronous all-reduce per bucket. See the module docstring."""
     group = state.process_group if state.process_group is not None else dist.group.WORLD
-    k = dist.get_world_size(group)
-    rank = dist.get_rank(group)
     buf = bucket.buffer()
-    coeff = state._coefficient(k, rank)
-    factor = 1.0 / k if coeff is None else coeff  # DDP's default multiplies by 1/K (bitwise equal)
-
-    if bucket.is_last():
-        state._synced = True   # after this backward .grad holds reduced gradients (GradientMixHookState.watch)
+    k, factor, coeff = state.start_bucket(bucket)
 
     if isinstance(state.moments, TrainingPassMoments):
         return _training_pass_bucket(state, bucket, buf, factor, group)
@@ -235,34 +227,19 @@ def gradient_mix_hook(state: GradientMixHookState, bucket: dist.GradBucket) -> t
             "the DDP hook's micro-batch statistics compare the K ranks' gradients and this process group "
             "has a single rank; in one process use MicroBatchMoments.track_backward() with gradient "
             "accumulation, or lb_dist.moments.per_sample_second_moments")
-    plan = state._plan(bucket, buf)
+    plan = state.bucket_plan(bucket, buf)
     grads = bucket.gradients()
     # this rank's unmixed per-parameter ||g_k||^2 (taken before any scaling) after the bucket
-    torch.stack(torch._foreach_norm(grads), out=plan.tail)
+    torch.stack(foreach_norm(grads), out=plan.tail)
     plan.tail.square_()
     torch.mul(buf, factor, out=plan.head)
-    with state._lock:
-        if state._pending == 0 and not state._saw_last:
-            state._weights = state._weight_sums(k, coeff)
-            state._k = k
-        state._pending += 1
-        state._saw_last = state._saw_last or bucket.is_last()
+    state.bucket_submitted(k, bucket.is_last())
     fut = dist.all_reduce(plan.packed, group=group, async_op=True).get_future()
 
     def _done(f) -> torch.Tensor:
         sq_sum = plan.tail.to(torch.float64)                  # sum_k ||g_k||^2
-        red_sq = torch.stack(torch._foreach_norm(plan.reduced_views)).to(torch.float64).square_()  # ||M||^2
-        with state._lock:
-            try:
-                state._local_sq[plan.slots] = sq_sum[plan.rows]
-                state._reduced_sq[plan.slots] = red_sq[plan.rows]
-                state._filled[plan.slots] = True
-                state._pending -= 1
-                if state._saw_last and state._pending == 0:
-                    state._finish_step()
-            finally:
-                if state._saw_last and state._pending == 0:
-                    state._reset()
+        red_sq = torch.stack(foreach_norm(plan.reduced_views)).to(torch.float64).square_()  # ||M||^2
+        state.bucket_reduced(plan, sq_sum, red_sq)
         return plan.head
 
     return fut.then(_done)

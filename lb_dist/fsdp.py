@@ -40,94 +40,46 @@ import threading
 import torch
 import torch.distributed as dist
 
-from lb_dist._validation import check_grad_scale, check_positive_int
+from lb_dist._validation import check_positive_int
+from lb_dist._vendor.torch import FSDPModule, ReduceScatterBase, check_fsdp_version, fsdp_layout
 from lb_dist.mixing import GradientMix, check_device_mix
-from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments, \
-    mixing_weight_sums
+from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments
+from lb_dist.step_state import StepState
 
 __all__ = ["FSDPMixState", "MixReduceScatter", "register"]
 
-try:
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter as _ReduceScatterBase
-except ImportError:  # pragma: no cover - torch without FSDP2
-    FSDPModule = None
-    _ReduceScatterBase = object
-
-
-# ---------------------------------------------------------------------- FSDP2 internals (fenced)
-def _fsdp_layout(module) -> list[list[tuple[torch.Tensor, int, bool]]]:
-    """The one place lb_dist reads FSDP2 private state: for each FSDP parameter group of ``module``
-    (one per ``fully_shard`` call without ``shard_placement_fn`` meshes), its parameters in
-    reduce-scatter order as ``(sharded parameter, numel of one padded rank chunk, offloaded)``.
-    FSDP packs a group's gradients as ``[world, sum_i chunk_i]``: row r holds, parameter after
-    parameter, rank r's dim-0 chunk of each (zero padding at the end)."""
-    try:
-        groups = module._get_fsdp_state()._fsdp_param_groups
-        return [[(fp.sharded_param, int(fp.padded_sharded_param_size.numel()), bool(fp.offload_to_cpu))
-                 for fp in group.fsdp_params] for group in groups]
-    except AttributeError as exc:  # pragma: no cover - a torch whose FSDP2 internals moved
-        raise RuntimeError(f"lb_dist.fsdp cannot read this torch's FSDP2 parameter layout ({exc}); "
-                           f"tested with torch 2.13") from exc
-
-
-class FSDPMixState:
-    """What :func:`register` installs: the mixing coefficient of this process, the statistics of the
-    current step, and their reduction at the optimizer step.
+class FSDPMixState(StepState):
+    """What :func:`register` installs (a :class:`lb_dist.step_state.StepState`): the mixing
+    coefficient of this process, the statistics of the current step, and their reduction at the
+    optimizer step.
 
     Attributes: ``mix``, ``moments``, ``micro_batch_size``, ``grad_scale`` (the factor the
     backward'ed loss carries relative to the mean loss; the statistics are divided by its square)
     and ``last_update`` (after each step with ``moments``: the record of
     :meth:`MicroBatchMoments.feed_weighted`, the same keys as ``lb_dist.ddp``)."""
 
+    group_name = "the FSDP data-parallel world"
+
     def __init__(self, mix: GradientMix | None, moments: MicroBatchMoments | None, micro_batch_size: int | None,
                  world_size: int, rank: int) -> None:
-        self.mix = mix
-        self.moments = moments
-        self.micro_batch_size = micro_batch_size
+        super().__init__(mix, moments, micro_batch_size)
         self.world_size = world_size
         self.rank = rank
-        self._grad_scale = 1.0
-        self.last_update: dict | None = None
         self._lock = threading.Lock()
         n = len(moments.params) if moments is not None else 0
         self._local_sq = torch.zeros(n, dtype=torch.float64)
         self._filled = torch.zeros(n, dtype=torch.bool)
         self._weights: tuple[float, float] | None = None
-        self._coef_key = None
-        self._coef = 1.0 / world_size
-        self._coef_sums = mixing_weight_sums(world_size)
-
-    @property
-    def grad_scale(self) -> float:
-        return self._grad_scale
-
-    @grad_scale.setter
-    def grad_scale(self, value) -> None:
-        self._grad_scale = check_grad_scale(value)
 
     def coefficient(self) -> float:
         """This process's factor for the current step: ``pi_rank`` of ``mix`` (``1/K`` without one)."""
-        mix = self.mix
-        if mix is None or mix.noise == "none":
-            self._coef_sums = mixing_weight_sums(self.world_size)
-            return 1.0 / self.world_size
-        key = (id(mix), mix.seed, mix.noise, mix.std, mix.step)
-        if self._coef_key != key:
-            k = self.world_size
-            if mix.world_size is not None and mix.world_size != k:
-                raise ValueError(f"mix.world_size={mix.world_size} but the FSDP data-parallel world has {k} ranks")
-            pi = mix._weights(mix.step, k) / k
-            self._coef = float(pi[self.rank])
-            self._coef_sums = mixing_weight_sums(k, pi)
-            self._coef_key = key
-        return self._coef
+        return self.step_draw(self.world_size, self.rank).coefficient
 
     def record(self, slots: torch.Tensor, sq: torch.Tensor) -> None:
         with self._lock:
             self._local_sq[slots] = sq.to(torch.float64).cpu()
             self._filled[slots] = True
-            self._weights = self._coef_sums
+            self._weights = self._draw.weight_sums
 
     # -------------------------------------------------------------- at the optimizer step
     def finish_step(self) -> None:
@@ -153,14 +105,11 @@ class FSDPMixState:
                 replicas = max(replicas, self.world_size // max(1, _shard_size(p)))
         packed = torch.cat([self._local_sq, partial])
         dist.all_reduce(packed)                                    # the one collective of the statistics
-        inv = 1.0 / (self._grad_scale * self._grad_scale)
         n = len(moments.params)
-        micro_sq_sum = packed[:n] * inv                             # sum_k ||g_k||^2
-        weighted_sq = packed[n:] * (inv / replicas)                 # ||M||^2 (HSDP replicas hold copies)
         self._filled.zero_()
         weights, self._weights = self._weights, None
-        self.last_update = moments.feed_weighted(micro_sq_sum, self.world_size, weighted_sq, weights=weights,
-                                                 micro_batch_size=self.micro_batch_size)
+        # sum_k ||g_k||^2 and ||M||^2 (HSDP replicas hold copies of a shard)
+        self.feed(packed[:n], self.world_size, packed[n:], weights, weighted_divisor=replicas)
 
 
 def _shard_size(p) -> int:
@@ -176,7 +125,7 @@ def _shard_size(p) -> int:
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-class MixReduceScatter(_ReduceScatterBase):
+class MixReduceScatter(ReduceScatterBase):
     """FSDP2 custom reduce-scatter (``FSDPModule.set_custom_reduce_scatter``) of one FSDP module:
     records the local per-parameter squared norms (with ``moments``), scales by this process's
     coefficient and reduce-scatters with SUM (see the module docstring)."""
@@ -246,6 +195,7 @@ def register(model: torch.nn.Module, mix: GradientMix | None = None, moments: Mi
     """
     if FSDPModule is None:  # pragma: no cover
         raise RuntimeError("lb_dist.fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6)")
+    check_fsdp_version()            # before FSDP2's private layout is read (lb_dist._vendor.torch)
     check_device_mix("mix", mix, "FSDP's reduce-scatter")
     check_micro_batch_moments("moments", moments)
     if not isinstance(model, torch.nn.Module):
@@ -283,7 +233,7 @@ def register(model: torch.nn.Module, mix: GradientMix | None = None, moments: Mi
             raise ValueError(f"moments tracks parameter(s) that do not require grad: {', '.join(frozen[:5])}")
     layouts = []
     for name, module in fsdp_modules:
-        groups = _fsdp_layout(module)
+        groups = fsdp_layout(module)
         if len(groups) > 1:
             raise ValueError(f"model: FSDP module {name or '<root>'!r} has {len(groups)} parameter groups "
                              f"(shard_placement_fn with per-parameter meshes); lb_dist.fsdp needs one")

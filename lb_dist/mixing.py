@@ -26,7 +26,7 @@ from typing import Mapping
 
 import torch
 
-from lb_dist import _optimizer_state
+from lb_dist._optimizer_state import link as link_optimizer_state, unlink as unlink_optimizer_state
 from lb_dist._validation import check_choice, check_non_negative, check_positive_int
 from lb_dist.distributed import get_rank, get_world_size
 
@@ -134,6 +134,20 @@ class GradientMix:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = xi
         return xi
+
+    def weights(self, n: int, step: int | None = None) -> torch.Tensor:
+        """The n relative coefficients ``n * pi_i = 1 + std * xi_i`` of ``step`` (default :attr:`step`),
+        float64 on the CPU, identical on every rank (exactly 1 for noise ``"none"``), whatever the
+        granularity: ``n = K`` gives the device-wise factors ``K pi_k`` of :meth:`scale` for every
+        rank at once (what an adapter needs for a step: the factor of its rank and ``W1``, ``W2``),
+        ``n = B`` the sample-wise loss weights of :meth:`sample_weights`."""
+        check_positive_int("n", n)
+        return self._weights(self._resolve_step(step), n)
+
+    @property
+    def attached(self) -> bool:
+        """Whether :meth:`attach` linked this mix to an optimizer (that advances it)."""
+        return self._attached is not None
 
     def _weights(self, step: int, n: int) -> torch.Tensor:
         """``n * pi = 1 + std * xi`` (exactly 1 for noise ``"none"``)."""
@@ -281,7 +295,7 @@ class GradientMix:
             self.advance()
 
         handle = optimizer.register_step_post_hook(_post_step)
-        _optimizer_state.link(optimizer, "gradient_mix", self)
+        link_optimizer_state(optimizer, "gradient_mix", self)
         self._attached = handle
         self._attached_to = weakref.ref(optimizer)
         return handle
@@ -292,7 +306,7 @@ class GradientMix:
             self._attached.remove()
             optimizer = self._attached_to()
             if optimizer is not None:
-                _optimizer_state.unlink(optimizer, "gradient_mix", self)
+                unlink_optimizer_state(optimizer, "gradient_mix", self)
             self._attached = None
             self._attached_to = None
 

@@ -204,8 +204,8 @@ def initialize(*args, **kwargs):
     if spec is None:
         return original(*args, **kwargs)
 
-    from lb_dist.deepspeed.zero import check_deepspeed_version
-    check_deepspeed_version()           # before DeepSpeed starts (lb_dist.deepspeed.zero reads its internals)
+    from lb_dist._vendor.deepspeed import check_deepspeed_version
+    check_deepspeed_version()           # before DeepSpeed starts (lb_dist._vendor.deepspeed reads its internals)
     model = a.get("model")
     if model is None:
         raise ValueError("deepspeed.initialize requires a model")
@@ -226,9 +226,9 @@ def initialize(*args, **kwargs):
         groups = _param_groups(model, a.get("model_parameters"), spec.optimizer)
         moments = None
         if spec.optimizer.second_moments is not None:
-            from lb_dist.deepspeed.zero import PerSampleSource, _MicroSourcePlaceholder
+            from lb_dist.deepspeed.sources import MicroSourcePlaceholder, PerSampleSource
             moments = (PerSampleSource() if spec.optimizer.second_moments.source == "per_sample"
-                       else _MicroSourcePlaceholder())
+                       else MicroSourcePlaceholder())
         lb_optimizer = spec.optimizer.build(groups, moments=moments)
         a["optimizer"] = lb_optimizer
     elif client_lb:

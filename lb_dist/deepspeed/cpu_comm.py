@@ -51,7 +51,6 @@ def skip_shm_comm_op() -> bool:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         return False
-    import deepspeed.ops
-    table = deepspeed.ops.__compatible_ops__    # DeepSpeed probes it on first access and keeps this dict
-    table[OP_NAME] = False
+    from lb_dist._vendor.deepspeed import mark_op_incompatible
+    mark_op_incompatible(OP_NAME)
     return True

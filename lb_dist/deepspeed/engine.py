@@ -29,13 +29,16 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from lb_dist._vendor.deepspeed import data_parallel_group, global_grad_norm, switch_class
+from lb_dist._vendor.torch import module_hooks_suspended
 from lb_dist.deepspeed.config import LbDistConfig, check_world
-from lb_dist.deepspeed.zero import (
-    MicroBatchStepMoments, PerSampleSource, make_sharded,
-    check_coverage, sharded_tensors)
+from lb_dist.deepspeed.layout import check_coverage, sharded_tensors
+from lb_dist.deepspeed.sources import MicroBatchStepMoments, PerSampleSource
+from lb_dist.deepspeed.zero import make_sharded
 from lb_dist.mixing import GradientMix
 from lb_dist.moments.per_sample import per_sample_second_moments
 from lb_dist.optim import CLARS, LayerwiseOptimizer
+from lb_dist.step_state import StepState
 
 __all__ = ["LbDistRuntime", "attach", "get_runtime", "full_module", "CLIENT_STATE_KEY"]
 
@@ -43,16 +46,10 @@ __all__ = ["LbDistRuntime", "attach", "get_runtime", "full_module", "CLIENT_STAT
 CLIENT_STATE_KEY = "lb_dist"
 
 
-def _dp_group(engine):
-    group = getattr(engine, "seq_data_parallel_group", None)
-    if group is None:
-        from deepspeed.utils import groups
-        group = groups._get_data_parallel_group()
-    return group
-
-
-class LbDistRuntime:
-    """lb_dist's state on a DeepSpeed engine (``engine.lb_dist``).
+class LbDistRuntime(StepState):
+    """lb_dist's state on a DeepSpeed engine (``engine.lb_dist``), a :class:`lb_dist.step_state.StepState`
+    (the mix's factor of this process, :meth:`loss_factor`, is its ``step_draw``; the statistics record
+    :attr:`last_update` is the micro-batch estimator's).
 
     Attributes:
         config: the parsed :class:`~lb_dist.deepspeed.config.LbDistConfig`.
@@ -63,11 +60,14 @@ class LbDistRuntime:
         world_size, rank: of the data-parallel group. accumulation_steps, micro_batch_size: DeepSpeed's.
     """
 
+    group_name = "DeepSpeed's data-parallel group"
+
     def __init__(self, engine, config: LbDistConfig, optimizer: LayerwiseOptimizer | None) -> None:
+        super().__init__()
         self.engine = engine
         self.config = config
         self.optimizer = optimizer
-        self.process_group = _dp_group(engine)
+        self.process_group = data_parallel_group(engine)
         self.world_size = dist.get_world_size(self.process_group)
         self.rank = dist.get_rank(self.process_group)
         self.accumulation_steps = int(engine.gradient_accumulation_steps())
@@ -82,11 +82,19 @@ class LbDistRuntime:
         self._layer_keys: list = []
         self._backward_calls = 0
         self._weighted_calls = 0
-        self._clip_norm = None
+        #: the global gradient norm DeepSpeed's stage-0 fp32 clipping returned this step (else None)
+        self.clip_norm = None
         self.steps = 0
 
+    @property
+    def last_update(self) -> dict | None:
+        """The micro-batch estimator's record of the last param group stepped (None without one)."""
+        return self.step_moments.last_update if self.step_moments is not None else None
+
     # ------------------------------------------------------------------ set-up
-    def _setup_second_moments(self, layer_sets: list[list[torch.Tensor]]) -> None:
+    def setup_second_moments(self, layer_sets: list[list[torch.Tensor]]) -> None:
+        """CLARS' source of S_k from the config (``optimizer.second_moments``) over ``layer_sets`` (the
+        adapted param groups' or ZeRO-3 sub-groups' layers); :func:`attach` calls it."""
         opt_spec = self.config.optimizer
         spec = opt_spec.second_moments if opt_spec is not None else None
         if spec is None:
@@ -108,7 +116,7 @@ class LbDistRuntime:
         """``K pi_k`` of this process for the current step (device-wise GradientMix), else 1."""
         if self.mix is None or self.mix.granularity != "device":
             return 1.0
-        return self.mix.scale(self.rank)
+        return self.step_draw(self.world_size, self.rank).scale
 
     def loss_scale(self) -> float:
         """DeepSpeed's loss scale (fp16; 1 for fp32 and bf16)."""
@@ -130,9 +138,9 @@ class LbDistRuntime:
         if clip <= 0.0:
             return 1.0
         if engine.optimizer is engine.basic_optimizer:
-            norm = self._clip_norm
+            norm = self.clip_norm
         else:
-            norm = getattr(engine.optimizer, "_global_grad_norm", None)
+            norm = global_grad_norm(engine.optimizer)
         if norm is None:
             raise RuntimeError("lb_dist needs DeepSpeed's global gradient norm of the step to undo "
                                "gradient clipping for CLARS' S_k, and DeepSpeed computed none "
@@ -150,13 +158,15 @@ class LbDistRuntime:
         engine = self.engine
         if engine.optimizer is engine.basic_optimizer:
             return None
-        norm = getattr(engine.optimizer, "_global_grad_norm", None)
+        norm = global_grad_norm(engine.optimizer)
         if norm is None:
             return None
         value = float(norm)
         return math.isfinite(value) and value >= 0
 
-    def _backward(self, base: Callable, loss, args: tuple, kwargs: dict):
+    def backward(self, base: Callable, loss, args: tuple, kwargs: dict):
+        """The engine's ``backward(loss, *args, **kwargs)`` around DeepSpeed's (``base``): the loss
+        multiplied by :meth:`loss_factor`, the estimator's grad scale set, the call counted."""
         scale_wrt_gas = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)
         factor = self.loss_factor()
         if self.step_moments is not None:
@@ -171,7 +181,9 @@ class LbDistRuntime:
         base(loss * factor, *args, **kwargs)
         return loss / self.accumulation_steps if scale_wrt_gas else loss
 
-    def _before_boundary(self) -> None:
+    def before_boundary(self) -> None:
+        """At an accumulation boundary, before DeepSpeed's step: refuse a step whose backward passes
+        lb_dist did not see, and give the estimator the step's coefficients."""
         mix = self.mix
         needs_backward = (mix is not None and mix.granularity == "device") or self.step_moments is not None
         if needs_backward and self._backward_calls == 0:
@@ -196,7 +208,8 @@ class LbDistRuntime:
             coefficients = mix.coefficients() if mix is not None and mix.granularity == "device" else None
             self.step_moments.coefficients = coefficients
 
-    def _after_boundary(self) -> None:
+    def after_boundary(self) -> None:
+        """After DeepSpeed's step at an accumulation boundary: advance the mix, start a new step."""
         if self.step_moments is not None:
             self.step_moments.discard_pending()    # a step DeepSpeed skipped never consumed them
         if self.mix is not None:
@@ -328,37 +341,6 @@ class LbDistRuntime:
         self.steps = int(state.get("steps", 0))
 
 
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
-               "_backward_hooks")
-
-
-class _module_hooks_suspended:
-    """Every module hook of ``model`` (DeepSpeed's ZeRO-3 fetch/release hooks) set aside for the
-    duration of the block; hooks registered inside the block are dropped with it."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.saved: list = []
-
-    def __enter__(self):
-        from collections import OrderedDict
-        for module in self.model.modules():
-            for name in _HOOK_DICTS:
-                if name in module.__dict__:
-                    self.saved.append((module, name, module.__dict__[name]))
-                    module.__dict__[name] = OrderedDict()
-            if "_is_full_backward_hook" in module.__dict__:
-                self.saved.append((module, "_is_full_backward_hook", module.__dict__["_is_full_backward_hook"]))
-                module.__dict__["_is_full_backward_hook"] = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for module, name, value in self.saved:
-            module.__dict__[name] = value
-        self.saved = []
-
-
 @contextlib.contextmanager
 def full_module(model: torch.nn.Module):
     """ZeRO-3: every parameter of ``model`` gathered (DeepSpeed's ``GatheredParameters``, a
@@ -366,7 +348,7 @@ def full_module(model: torch.nn.Module):
     that ``model`` runs as a plain module (any number of times, under ``torch.func`` too). Hooks
     registered inside the block are dropped with it."""
     import deepspeed
-    with deepspeed.zero.GatheredParameters(list(model.parameters())), _module_hooks_suspended(model):
+    with deepspeed.zero.GatheredParameters(list(model.parameters())), module_hooks_suspended(model):
         yield model
 
 
@@ -378,23 +360,23 @@ class _LbDistEngine:
     lb_dist: LbDistRuntime
 
     def backward(self, loss, *args, **kwargs):
-        return self.lb_dist._backward(super().backward, loss, args, kwargs)
+        return self.lb_dist.backward(super().backward, loss, args, kwargs)
 
     def step(self, *args, **kwargs):
         runtime = self.lb_dist
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
-            runtime._before_boundary()
+            runtime.before_boundary()
         try:
             return super().step(*args, **kwargs)
         finally:
             if boundary:
-                runtime._after_boundary()
+                runtime.after_boundary()
 
     def clip_fp32_gradients(self):
         # DeepSpeed's own (stage 0, fp32), keeping the global norm it returns for CLARS
         from deepspeed.runtime.utils import clip_grad_norm_
-        self.lb_dist._clip_norm = clip_grad_norm_(parameters=self.module.parameters(),
+        self.lb_dist.clip_norm = clip_grad_norm_(parameters=self.module.parameters(),
                                                   max_norm=self.gradient_clipping(), mpu=self.mpu)
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, *args, **kwargs):
@@ -451,9 +433,9 @@ def attach(engine, config: LbDistConfig, optimizer: LayerwiseOptimizer | None) -
             layer_sets = [[p for p in g["params"] if p.requires_grad] for g in optimizer.param_groups
                           if g.get("layer_adaptation", True)]
         if isinstance(optimizer, CLARS):
-            runtime._setup_second_moments(layer_sets)
+            runtime.setup_second_moments(layer_sets)
         make_sharded(optimizer, shards, process_group, runtime)
-    engine.__class__ = _engine_class(type(engine))
+    switch_class(engine, _engine_class(type(engine)))
     engine.lb_dist = runtime
     return runtime
 

@@ -17,10 +17,11 @@ import copy
 
 import torch
 from horovod.common.elastic import ObjectState
-from horovod.torch.elastic.state import StateHandler, TorchState, _get_handler
+from horovod.torch.elastic.state import StateHandler, TorchState
 from horovod.torch.functions import broadcast_object
 from horovod.torch.mpi_ops import global_process_set, rank
 
+from lb_dist._vendor.horovod import check_horovod_version, state_handler
 from lb_dist.mixing import GradientMix
 from lb_dist.moments.microbatch import MicroBatchMoments
 
@@ -122,6 +123,7 @@ class ElasticState(TorchState):
     """
 
     def __init__(self, model=None, optimizer=None, **kwargs):
+        check_horovod_version()
         kwargs.update(dict(model=model, optimizer=optimizer))
         handlers, plain = {}, {}
         for name, value in kwargs.items():
@@ -130,7 +132,7 @@ class ElasticState(TorchState):
             elif isinstance(value, (GradientMix, MicroBatchMoments)):
                 handlers[name] = _StateDictHandler(value, name)
             else:
-                handler = _get_handler(value)
+                handler = state_handler(value)
                 if handler is not None:
                     handlers[name] = handler
                 else:

@@ -7,8 +7,10 @@ asynchronous allreduce (``_allreduce_grad_async``, or ``_grouped_allreduce_grad_
 gradients back, ``step()`` synchronizes and then runs the user's update. Tensor fusion, compression,
 ``gradient_predivide_factor`` and sparse handling all live in those two methods and in Horovod's C++.
 
-:func:`DistributedOptimizer` builds the same kind of class from the same methods and overrides three
-of them, each calling Horovod's original:
+:func:`DistributedOptimizer` builds the same kind of class from the same methods
+(``lb_dist._vendor.horovod.optimizer_class``, the one module that reads Horovod's internals, behind a
+check of the installed Horovod against the tested range, ``LB_DIST_HOROVOD_UNTESTED=1`` to override)
+and overrides three of them, each calling Horovod's original:
 
 * ``_allreduce_grad_async(p)`` / ``_grouped_allreduce_grad_async(ps)``: before Horovod compresses
   and submits the gradient, record ``||g_k||^2`` of this rank's local (unmixed) gradient of every
@@ -40,22 +42,22 @@ import torch
 
 try:
     import horovod.torch as hvd
-    from horovod.torch.optimizer import _DistributedOptimizer
 except ImportError as exc:  # pragma: no cover - exercised only without Horovod
     raise ImportError("lb_dist.horovod needs Horovod with PyTorch support (horovod 0.28.1 built against "
                       "this torch): run `scripts/setup.sh dev,horovod` (it builds and caches a patched "
                       "wheel, see scripts/install_horovod.sh)") from exc
 
-from lb_dist import _optimizer_state
-from lb_dist._validation import check_grad_scale, check_positive_int
+from lb_dist._optimizer_state import KEY as LB_DIST_KEY, load_section
+from lb_dist._validation import check_positive_int
+from lb_dist._vendor.horovod import (check_horovod_version, horovod_method, is_horovod_optimizer, optimizer_class,
+                                     parameter_names, pending_handles, requires_update, submit, synchronized)
+from lb_dist._vendor.torch import foreach_norm, sparse_nnz
 from lb_dist.mixing import GradientMix, check_device_mix
-from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments,
-                                       mixing_weight_sums)
+from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments
+from lb_dist.step_state import StepState
 
 __all__ = ["DistributedOptimizer", "GradientMixState"]
 
-# Horovod's own methods, called explicitly from the overrides (plain functions in the class dict).
-_HVD = dict(_DistributedOptimizer.__dict__)
 # Prefix of the statistics tensor's Horovod name; each optimizer appends the Horovod name of its first
 # tracked parameter (``_stats_name``), so that two optimizers fed by one backward (e.g. an encoder's
 # and a decoder's) submit differently named tensors: Horovod refuses a second tensor whose name is
@@ -91,11 +93,11 @@ def _sq_norm(g: torch.Tensor) -> torch.Tensor:
 
 
 def _sq_norms(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor ||g||^2 (float64, 1-D): one ``torch._foreach_norm`` over the dense float32/64 ones."""
+    """Per-tensor ||g||^2 (float64, 1-D): one ``foreach_norm`` over the dense float32/64 ones."""
     out = [None] * len(grads)
     dense = [i for i, g in enumerate(grads) if not g.is_sparse and g.dtype in (torch.float32, torch.float64)]
     if dense:
-        for i, n in zip(dense, torch._foreach_norm([grads[i] for i in dense])):
+        for i, n in zip(dense, foreach_norm([grads[i] for i in dense])):
             out[i] = n.double().square()
     for i, g in enumerate(grads):
         if out[i] is None:
@@ -103,8 +105,9 @@ def _sq_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(out)
 
 
-class GradientMixState:
-    """What :func:`DistributedOptimizer` adds to Horovod's optimizer (``optimizer.lb_dist_state``).
+class GradientMixState(StepState):
+    """What :func:`DistributedOptimizer` adds to Horovod's optimizer (``optimizer.lb_dist_state``), a
+    :class:`lb_dist.step_state.StepState`.
 
     Attributes:
         mix: the device-wise :class:`lb_dist.GradientMix` or None (read, never advanced, here).
@@ -126,63 +129,32 @@ class GradientMixState:
             weights"``).
     """
 
+    mix_argument = "gradient_mix"
+    group_name = "Horovod's process set"
+
     def __init__(self, mix: GradientMix | None, moments: MicroBatchMoments | None,
                  micro_batch_size: int | None) -> None:
-        self.mix = mix
-        self.moments = moments
-        self.micro_batch_size = micro_batch_size
-        self.grad_scale = 1.0
+        super().__init__(mix, moments, micro_batch_size)
         self.stats_name = _STATS_NAME
-        self.last_update: dict | None = None
-        self._coef_key: tuple | None = None
-        self._scale: float | None = None
-        self._coef_sums = (1.0, 1.0)
         self._warned_single_rank = False
         self.reset()
 
     @property
-    def grad_scale(self) -> float:
-        return self._grad_scale
-
-    @grad_scale.setter
-    def grad_scale(self, value) -> None:
-        # 0 would divide by zero in finish_step; NaN / inf would make every step "non-finite" and
-        # silently skip it
-        self._grad_scale = check_grad_scale(value)
-
-    @property
     def collects(self) -> bool:
         return self.moments is not None
-
-    def mixing(self) -> bool:
-        return self.mix is not None and self.mix.noise != "none"
 
     def reset(self) -> None:
         """Drop a half-collected step (Horovod's load_state_dict / elastic restore call this)."""
         n = len(self.moments.params) if self.moments is not None else 0
         self._local_norm: list[torch.Tensor | None] = [None] * n
         self._num_norms = 0
-        self._stats_handle = None
+        #: the handle of this step's statistics allreduce, once submitted (None before)
+        self.stats_handle = None
         self._step_k: int | None = None      # K, (W1, W2) and K*pi_rank, fixed at the step's first submission
         self._step_weights = (1.0, 1.0)
         self._step_scale: float | None = None
 
     # --------------------------------------------------------------- per step
-    def _scale_for(self, k: int, rank: int) -> float | None:
-        """``K * pi_rank`` of the mix's current step, or None (no scaling: plain averaging)."""
-        mix = self.mix
-        if mix is None or mix.noise == "none":
-            return None
-        key = (mix.seed, mix.noise, mix.std, mix.step, k, rank)
-        if self._coef_key != key:  # once per step
-            if mix.world_size is not None and mix.world_size != k:
-                raise ValueError(f"gradient_mix.world_size={mix.world_size} but Horovod's process set has {k} "
-                                 f"ranks; use GradientMix(world_size=None) to follow the job's size")
-            scales = mix._weights(mix.step, k)          # K * pi
-            self._scale = float(scales[rank])
-            self._coef_sums = mixing_weight_sums(k, scales / k)
-            self._coef_key = key
-        return self._scale
 
     def before_reduce(self, opt, params) -> None:
         """Called for the parameters whose gradients are about to be submitted by Horovod."""
@@ -196,8 +168,9 @@ class GradientMixState:
         if self._step_k is None:
             ps = opt.process_set
             k = ps.size()
-            self._step_scale = self._scale_for(k, ps.rank()) if mixing else None
-            self._step_weights = self._coef_sums if mixing else mixing_weight_sums(k)
+            draw = self.step_draw(k, ps.rank())
+            self._step_scale = draw.scale if mixing else None
+            self._step_weights = draw.weight_sums
             self._step_k = k
         if self.moments is not None:
             index = self.moments.param_index
@@ -207,10 +180,10 @@ class GradientMixState:
                     if self._local_norm[slot] is None:
                         self._num_norms += 1
                     self._local_norm[slot] = _norm(p.grad)  # squared in float64 once per step
-            if self._num_norms == len(self._local_norm) and self._stats_handle is None:
+            if self._num_norms == len(self._local_norm) and self.stats_handle is None:
                 # the last tracked gradient of the step: its statistics leave with the last gradients
                 # (same negotiation cycle) instead of after them
-                self._stats_handle = self.launch_stats(opt)
+                self.stats_handle = self.launch_stats(opt)
         if mixing:
             scale = self._step_scale
             for p in params:
@@ -243,9 +216,6 @@ class GradientMixState:
         reduced = _sq_norms([p.grad for p in moments.params]).to(sq_sum.device)  # ||reduced||^2
         if opt.op == hvd.Sum:  # the Sum allreduce returns K * M
             reduced = reduced / float(k * k)
-        inv = 1.0 / (self.grad_scale * self.grad_scale)
-        micro_sq_sum = sq_sum * inv
-        weighted_sq = reduced * inv                                      # ||M||^2, M = sum_k pi_k g_k
         if k == 1:
             # only reachable in an elastic job that shrank to one worker (refused at construction otherwise)
             if not self._warned_single_rank:
@@ -254,13 +224,14 @@ class GradientMixState:
                               RuntimeWarning, stacklevel=3)
                 self._warned_single_rank = True
             b = self.micro_batch_size if self.micro_batch_size is not None else moments.micro_batch_size
-            self.last_update = {"micro_sq_sum": micro_sq_sum, "num_micro_batches": k, "micro_batch_size": b,
-                                "weighted_mean_sq": weighted_sq, "weights": (w1, w2), "mean_sq": None,
+            inv = 1.0 / (self.grad_scale * self.grad_scale)
+            self.last_update = {"micro_sq_sum": sq_sum * inv, "num_micro_batches": k, "micro_batch_size": b,
+                                "weighted_mean_sq": reduced * inv, "weights": (w1, w2), "mean_sq": None,
                                 "skipped": True, "reason": "single rank"}
             return
-        # non-finite statistics (an AMP step whose gradients overflowed) and degenerate weights skip the update
-        self.last_update = moments.feed_weighted(micro_sq_sum, k, weighted_sq, weights=(w1, w2),
-                                                 micro_batch_size=self.micro_batch_size)
+        # ||M||^2 with M = sum_k pi_k g_k; non-finite statistics (an AMP step whose gradients overflowed)
+        # and degenerate weights skip the update
+        self.feed(sq_sum, k, reduced, (w1, w2))
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -281,12 +252,17 @@ class GradientMixState:
         self.reset()
 
 
+def _before_submit(optimizer, params) -> None:
+    """Horovod is about to compress and submit the gradients of ``params`` (see the module docstring)."""
+    optimizer.lb_dist_state.before_reduce(optimizer, params)
+
+
 class _Overrides:
     """Methods merged over Horovod's ``_DistributedOptimizer`` methods in the run-time class."""
 
     def __init__(self, params, named_parameters, compression, backward_passes_per_step, op,
                  gradient_predivide_factor, groups, sparse_as_dense, process_set, lb_dist_state):
-        _HVD["__init__"](self, params, named_parameters, compression, backward_passes_per_step, op,
+        horovod_method("__init__")(self, params, named_parameters, compression, backward_passes_per_step, op,
                          gradient_predivide_factor, groups, sparse_as_dense, process_set)
         self.lb_dist_state = lb_dist_state
         self._lb_dist_in_step = False
@@ -300,14 +276,6 @@ class _Overrides:
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-
-    def _allreduce_grad_async(self, p):
-        self.lb_dist_state.before_reduce(self, (p,))
-        return _HVD["_allreduce_grad_async"](self, p)
-
-    def _grouped_allreduce_grad_async(self, ps):
-        self.lb_dist_state.before_reduce(self, ps)
-        return _HVD["_grouped_allreduce_grad_async"](self, ps)
 
     def synchronize(self):
         _adopt_broadcast_section(self)
@@ -323,12 +291,13 @@ class _Overrides:
     def _lb_dist_synchronize(self):
         st = self.lb_dist_state
         if not self.process_set.included() or not (st.collects or st.mixing()):
-            return _HVD["synchronize"](self)
-        if self._synchronized and not self._handles:
+            return horovod_method("synchronize")(self)
+        handles = pending_handles(self)
+        if synchronized(self) and not handles:
             # A second synchronize() before step(): Horovod would reduce the reduced gradients again,
             # which would mix them twice. They are already final.
             return None
-        if not self._requires_update and not self._handles and st.mixing():
+        if not requires_update(self) and not handles and st.mixing():
             # One non-elastic rank: Horovod registered no gradient hooks and reduces nothing. The mix
             # still applies its coefficient pi_0 (K = 1: 1 + std xi_0) to the rank's gradient, as under
             # DDP, DeepSpeed and an elastic job that shrank to one rank, so one configuration trains
@@ -339,18 +308,18 @@ class _Overrides:
         # fewer than backward_passes_per_step times), submitted here so that every local norm is
         # known before the statistics' allreduce starts.
         completed = set()
-        for x in self._handles.keys():
+        for x in handles.keys():
             completed.update(x) if isinstance(x, tuple) else completed.add(x)
-        for p in self._requires_update - completed:
-            self._handles[p] = self._allreduce_grad_async(p)
-        for p, (handle, _ctx) in list(self._handles.items()):
+        for p in requires_update(self) - completed:
+            handles[p] = submit(self, p)
+        for p, (handle, _ctx) in list(handles.items()):
             if handle is None:
-                self._handles[p] = self._allreduce_grad_async(p)
+                handles[p] = submit(self, p)
         stats = None
         if st.collects:
-            stats = st._stats_handle if st._stats_handle is not None else st.launch_stats(self)
+            stats = st.stats_handle if st.stats_handle is not None else st.launch_stats(self)
         try:
-            _HVD["synchronize"](self)
+            horovod_method("synchronize")(self)
         except BaseException:
             st.reset()
             raise
@@ -364,7 +333,7 @@ class _Overrides:
         _adopt_broadcast_section(self)
         self._lb_dist_in_step = True     # tells the class step (_init_step_shim) that this is a real step
         try:
-            return _HVD["step"](self, closure)
+            return horovod_method("step")(self, closure)
         finally:
             self._lb_dist_in_step = False
 
@@ -388,7 +357,7 @@ class _Overrides:
             if st.moments is None:
                 raise ValueError("micro_batch_size is only used with moments")
             check_positive_int("micro_batch_size", micro_batch_size)
-        _HVD["set_backward_passes_per_step"](self, passes)
+        horovod_method("set_backward_passes_per_step")(self, passes)
         if micro_batch_size is not None:
             st.micro_batch_size = micro_batch_size
 
@@ -398,9 +367,9 @@ class _Overrides:
         broadcasts param-group options, so the mix step and the estimator reach every rank with it."""
         _adopt_broadcast_section(self)
         sd = super(self.__class__, self).state_dict()
-        section = sd.get(_optimizer_state.KEY)
+        section = sd.get(LB_DIST_KEY)
         if section is not None and sd["param_groups"]:
-            sd["param_groups"][0] = {**sd["param_groups"][0], _optimizer_state.KEY: section}
+            sd["param_groups"][0] = {**sd["param_groups"][0], LB_DIST_KEY: section}
             if not sd["state"] and self._lb_dist_initialized and self.param_groups[0]["params"]:
                 # a stateless optimizer after Horovod's initializing step: one empty entry, so that
                 # hvd.broadcast_optimizer_state does not stop before broadcasting the options
@@ -409,10 +378,10 @@ class _Overrides:
 
     def load_state_dict(self, state_dict, *args, **kwargs):
         self.lb_dist_state.reset()
-        return _HVD["load_state_dict"](self, _without_group_section(state_dict), *args, **kwargs)
+        return horovod_method("load_state_dict")(self, _without_group_section(state_dict), *args, **kwargs)
 
     def zero_grad(self, set_to_none: bool = True):
-        if self._handles:
+        if pending_handles(self):
             raise AssertionError("optimizer.zero_grad() was called after loss.backward() "
                                  "but before optimizer.step() or optimizer.synchronize(). "
                                  "This is prohibited as it can cause a race condition.")
@@ -420,14 +389,14 @@ class _Overrides:
 
 
 def _refuses_sparse(optimizer) -> bool:
-    from lb_dist.optim._base import LayerwiseOptimizer
+    from lb_dist.optim import LayerwiseOptimizer
     return isinstance(optimizer, LayerwiseOptimizer)
 
 
 def _without_group_section(state_dict):
     """``state_dict`` with the "lb_dist" param-group option (see ``state_dict``) taken out of its groups
     (kept, or moved to, the top-level ``"lb_dist"`` key that the optimizer's load hooks read)."""
-    key = _optimizer_state.KEY
+    key = LB_DIST_KEY
     groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
     if not groups or not any(isinstance(g, dict) and key in g for g in groups):
         return state_dict
@@ -442,8 +411,8 @@ def _adopt_broadcast_section(optimizer) -> None:
     """After ``hvd.broadcast_optimizer_state`` every rank's first param group holds root's "lb_dist"
     option (the mix's and the estimator's state): load it into the linked objects and take it out."""
     groups = optimizer.param_groups
-    if groups and _optimizer_state.KEY in groups[0]:
-        _optimizer_state.load_section(optimizer, groups[0].pop(_optimizer_state.KEY), "hvd.broadcast_optimizer_state")
+    if groups and LB_DIST_KEY in groups[0]:
+        load_section(optimizer, groups[0].pop(LB_DIST_KEY), "hvd.broadcast_optimizer_state")
         optimizer.lb_dist_state.reset()
 
 
@@ -454,7 +423,7 @@ def _zero_grads(optimizer) -> bool:
         for p in group["params"]:
             if not p.requires_grad:
                 continue
-            if p.grad is None or (p.grad.is_sparse and p.grad._nnz() and bool(p.grad.coalesce().values().any())) \
+            if p.grad is None or (p.grad.is_sparse and sparse_nnz(p.grad) and bool(p.grad.coalesce().values().any())) \
                     or (not p.grad.is_sparse and bool(p.grad.any())):
                 return False
             seen = True
@@ -511,10 +480,6 @@ def _passes_above_one(passes) -> bool:
         return passes > 1
     except TypeError:   # Horovod's own check reports a wrong type
         return False
-
-
-def _is_horovod_optimizer(optimizer) -> bool:
-    return hasattr(optimizer, "_allreduce_grad_async") or hasattr(optimizer, "_starting_models")
 
 
 def _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batch_size,
@@ -612,7 +577,8 @@ def DistributedOptimizer(optimizer, named_parameters=None,
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if _is_horovod_optimizer(optimizer):
+    check_horovod_version()         # before Horovod's internals are read (lb_dist._vendor.horovod)
+    if is_horovod_optimizer(optimizer):
         raise ValueError("optimizer is already a Horovod DistributedOptimizer (hvd.DistributedOptimizer or "
                          "lb_dist.horovod.DistributedOptimizer); wrap the plain optimizer once")
     _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batch_size, backward_passes_per_step)
@@ -648,19 +614,14 @@ def DistributedOptimizer(optimizer, named_parameters=None,
 
     shim = type(user_cls.__name__, (user_cls,), {"__init__": adopt, "step": _init_step_shim(user_cls),
                                                  "__module__": __name__, "__qualname__": user_cls.__qualname__})
-    body = {k: v for k, v in _HVD.items() if k not in ("__dict__", "__weakref__")}
-    body.update({k: v for k, v in _Overrides.__dict__.items() if k not in ("__dict__", "__weakref__", "__doc__")})
-    # Horovod's broadcast_optimizer_state recognizes its optimizers by this module name and then steps
-    # the wrapped class directly (no allreduce) to initialize an empty state.
-    body["__module__"] = _DistributedOptimizer.__module__
-    body["__doc__"] = user_cls.__doc__
-    cls = type(user_cls.__name__, (shim,), body)
+    overrides = {k: v for k, v in _Overrides.__dict__.items() if k not in ("__dict__", "__weakref__", "__doc__")}
+    cls = optimizer_class(user_cls.__name__, user_cls.__name__, user_cls.__doc__, shim, overrides, _before_submit)
     state = GradientMixState(gradient_mix, moments, micro_batch_size)
     result = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
                  gradient_predivide_factor, groups, sparse_as_dense, process_set, state)
     if moments is not None:
-        state.stats_name = _stats_name(result._parameter_names, moments)
-    if gradient_mix is not None and gradient_mix._attached is None:
+        state.stats_name = _stats_name(parameter_names(result), moments)
+    if gradient_mix is not None and not gradient_mix.attached:
         gradient_mix.attach(result)
     if moments is not None:
         moments.link_optimizer_state(result)

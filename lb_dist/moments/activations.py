@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lb_dist._validation import check_positive, check_positive_int
+from lb_dist._vendor.torch import conv_padding, view_base
 from lb_dist.distributed import all_reduce_sum_, is_distributed
 from lb_dist.moments.microbatch import MomentsUnavailableError, PerLayerViews
 
@@ -83,7 +84,7 @@ def _forward_overridden(module: nn.Module) -> bool:
 def _conv_padded(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """The input as the convolution sees it after padding (so that unfold needs no padding)."""
     if module.padding_mode != "zeros":
-        return F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        return F.pad(a, conv_padding(module), mode=module.padding_mode)
     nd = a.dim() - 2
     pads: list[int] = []
     for i in reversed(range(nd)):            # F.pad takes the last dimension first
@@ -412,7 +413,8 @@ class TrainingPassMoments(PerLayerViews):
             # the gradient with respect to the output as computed, even if a later in-place op
             # (ReLU(inplace=True)) rebases the tensor onto another node; a Linear over a sequence
             # returns a view of its 2-d matmul result, whose node is the one that survives then
-            base = output._base if output._base is not None else output
+            base = view_base(output)
+            base = base if base is not None else output
             if base.numel() != output.numel() or base.grad_fn is None:
                 raise ValueError(f"the output of a {type(module).__name__} is a view of a larger tensor: "
                                  f"TrainingPassMoments cannot locate its gradient")

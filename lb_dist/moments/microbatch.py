@@ -20,7 +20,9 @@ When the step's gradient is not the plain mean but a weighted combination ``M = 
 
     E[small] = ||G_k||^2 + tr(Sigma_k)/b      E[||M_k||^2] = W1^2 ||G_k||^2 + W2 tr(Sigma_k)/b
 
-``MicroBatchMoments`` holds the per-layer running estimate. Its input is three numbers per layer
+``MicroBatchMoments`` holds the per-layer running estimate (this module; the equations as functions
+are in :mod:`lb_dist.moments.equations`, its own collection by tensor hooks in
+:mod:`lb_dist.moments.collection`; the names are importable from here too). Its input is three numbers per layer
 per step (``update``, or ``update_weighted`` for a weighted combination); collecting them is the job
 of the backend: tensor hooks during gradient accumulation (``track_backward`` + ``finish_step``),
 the DDP communication hook (``lb_dist.ddp``), Horovod's optimizer (``lb_dist.horovod``), DeepSpeed's
@@ -29,107 +31,20 @@ gradients, or ``update``).
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import torch
 
-from lb_dist import _optimizer_state
-from lb_dist._validation import check_finite_number, check_fraction, check_positive, check_positive_int
+from lb_dist._optimizer_state import link as link_state
+from lb_dist._validation import check_finite_number, check_fraction, check_positive_int
+from lb_dist.moments.collection import BackwardCollection
+from lb_dist.moments.equations import (DEGENERATE_WEIGHTS_RTOL, MomentsUnavailableError, degenerate_weights,
+                                       mixing_weight_sums, two_batch_estimate, variance_factors,
+                                       weighted_big_batch_sq)
 
-
-class MomentsUnavailableError(RuntimeError):
-    """Raised when an estimator is asked for S_k before it has what it needs to estimate it."""
-
-
-def two_batch_estimate(small: torch.Tensor, big: torch.Tensor, b_small: float, b_big: float):
-    """Unbiased (||G||^2, tr(Sigma)) from the mean squared norm ``small`` of gradients over
-    ``b_small`` samples and the squared norm ``big`` of the gradient over ``b_big > b_small`` samples.
-
-    Works elementwise on tensors (one entry per layer). McCandlish et al. 2018, appendix A.
-    """
-    if not b_big > b_small:
-        raise MomentsUnavailableError(
-            f"the two-batch estimator needs a big batch larger than the small one "
-            f"(got b_small={b_small}, b_big={b_big}); with a single micro-batch per step "
-            f"there is nothing to compare: use gradient accumulation, more than one data-parallel "
-            f"rank, or lb_dist.moments.per_sample_second_moments")
-    grad_sq = (b_big * big - b_small * small) / (b_big - b_small)
-    trace_sigma = (small - big) / (1.0 / b_small - 1.0 / b_big)
-    return grad_sq, trace_sigma
-
-
-#: Relative tolerance of :func:`degenerate_weights`: ``W2 - W1^2`` is 0 up to float64 round-off.
-DEGENERATE_WEIGHTS_RTOL = 1e-12
-
-
-def mixing_weight_sums(num_workers: int, coefficients=None, accumulation_steps: int = 1) -> tuple[float, float]:
-    """``(W1, W2) = (sum w, sum w^2)`` of the micro-batch weights of device-wise GradientMix.
-
-    K = ``num_workers`` workers each contribute the mean of A = ``accumulation_steps`` micro-batch
-    gradients, and the reduced gradient is ``M = sum_k pi_k (1/A) sum_j g_{k,j}``: the weight of
-    micro-batch (k, j) is ``w_{kj} = pi_k / A``, so ``W1 = sum_k pi_k`` and ``W2 = sum_k pi_k^2 / A``.
-    ``coefficients`` are the K values pi_k (any sequence or tensor); None means plain averaging,
-    ``pi_k = 1/K``, for which exactly ``(1.0, 1/(K A))`` is returned (so that
-    :func:`weighted_big_batch_sq` gives back ``||M||^2`` bit for bit).
-    """
-    check_positive_int("num_workers", num_workers)
-    check_positive_int("accumulation_steps", accumulation_steps)
-    if coefficients is None:
-        return 1.0, 1.0 / (num_workers * accumulation_steps)
-    pi = torch.as_tensor(coefficients, dtype=torch.float64).reshape(-1).cpu()
-    if pi.numel() != num_workers:
-        raise ValueError(f"coefficients has {pi.numel()} entries but num_workers is {num_workers}")
-    if not bool(torch.isfinite(pi).all()):
-        raise ValueError(f"coefficients are not finite: {pi.tolist()}")
-    return float(pi.sum()), float((pi * pi).sum()) / accumulation_steps
-
-
-def degenerate_weights(weight_sum: float, weight_sq_sum: float) -> bool:
-    """True when ``W2 = W1^2`` (to float64 round-off): e.g. a single non-zero weight, or none.
-
-    Then ``E[||M||^2] = W1^2 E[small]`` whatever ``tr(Sigma)`` is: the weighted gradient carries
-    the same information as one micro-batch and there is nothing to compare, so the step gives no
-    estimate (:meth:`MicroBatchMoments.update_weighted` skips it)."""
-    w1_sq = float(weight_sum) ** 2
-    w2 = float(weight_sq_sum)
-    return abs(w2 - w1_sq) <= DEGENERATE_WEIGHTS_RTOL * (abs(w2) + w1_sq)
-
-
-def weighted_big_batch_sq(small: torch.Tensor, weighted_sq: torch.Tensor, num_micro_batches: int,
-                          weight_sum: float, weight_sq_sum: float) -> torch.Tensor:
-    """The unmixed big-batch squared norm ``||G||^2 + tr(Sigma)/(n b)`` from a weighted combination.
-
-    The step has n micro-batch gradients e_j (each the mean over b samples, i.i.d. with mean G and
-    covariance Sigma/b), ``small = (1/n) sum_j ||e_j||^2`` and the weighted combination
-    ``M = sum_j w_j e_j`` with ``weighted_sq = ||M||^2``. Conditioned on the weights, over the data::
-
-        E[small]   = ||G||^2 + tr(Sigma)/b
-        E[||M||^2] = W1^2 ||G||^2 + W2 tr(Sigma)/b        W1 = sum_j w_j, W2 = sum_j w_j^2
-
-    so ``tr(Sigma)/b ~ u = (||M||^2 - W1^2 small) / (W2 - W1^2)`` and ``||G||^2 ~ small - u`` (both
-    unbiased, for any fixed weights). The returned value is the big-batch value the two-batch
-    estimator expects, ``big = small - u (1 - 1/n)``, computed as
-    ``c ||M||^2 + (1 - c W1^2) small`` with ``c = (1 - 1/n) / (W1^2 - W2)``; with
-    ``two_batch_estimate(small, big, b, n b)`` it gives back ``small - u`` and ``b u``. Without
-    mixing (``w_j = 1/n``: ``W1 = 1``, ``W2 = 1/n``) ``c = 1`` and ``big = ||M||^2`` exactly.
-
-    Elementwise on tensors (one entry per layer); float64. Unlike a squared norm, ``big`` can fall
-    outside ``[0, small]`` at a single step (noise); :meth:`MicroBatchMoments.update` projects it.
-    Raises :class:`MomentsUnavailableError` for degenerate weights (:func:`degenerate_weights`).
-    """
-    if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, int) or num_micro_batches < 2:
-        raise ValueError(f"num_micro_batches must be an integer >= 2, got {num_micro_batches!r}")
-    w1, w2 = float(weight_sum), float(weight_sq_sum)
-    if degenerate_weights(w1, w2):
-        raise MomentsUnavailableError(
-            f"degenerate weights (weight_sum={w1!r}, weight_sq_sum={w2!r}: W2 = W1^2, e.g. a single "
-            f"non-zero weight): the weighted gradient carries no information beyond one micro-batch")
-    n = num_micro_batches
-    w1_sq = w1 * w1
-    c = (1.0 - 1.0 / n) / (w1_sq - w2)
-    small = torch.as_tensor(small, dtype=torch.float64)
-    weighted_sq = torch.as_tensor(weighted_sq, dtype=torch.float64)
-    return c * weighted_sq + (1.0 - c * w1_sq) * small
+__all__ = ["MicroBatchMoments", "PerLayerViews", "check_micro_batch_moments", "MomentsUnavailableError",
+           "two_batch_estimate", "DEGENERATE_WEIGHTS_RTOL", "mixing_weight_sums", "degenerate_weights",
+           "weighted_big_batch_sq", "variance_factors"]
 
 
 class PerLayerViews:
@@ -155,7 +70,7 @@ class PerLayerViews:
         return variance_factors(self.second_moments_tensor(), self.grad_sq_norms_tensor(), self.params)
 
 
-class MicroBatchMoments(PerLayerViews):
+class MicroBatchMoments(PerLayerViews, BackwardCollection):
     """Running per-layer estimate of S_k = ||G_k||^2 + tr(Sigma_k) from micro-batch gradients.
 
     Args:
@@ -351,158 +266,6 @@ class MicroBatchMoments(PerLayerViews):
                 "first (update(), update_weighted(), track_backward() + finish_step(), or a backend "
                 f"adapter such as the lb_dist.ddp hook){skipped}")
 
-    # ------------------------------------------------------------ collection
-    def track_backward(self, grad_scale: float = 1.0) -> "MicroBatchMoments":
-        """Collect the micro-batch statistics during single-process gradient accumulation.
-
-        Registers a hook on every tracked parameter (``Tensor.register_hook``), which sees the
-        gradient of the *current* backward before it is accumulated into ``.grad``, i.e.
-        ``grad_scale * g_{j,k}`` for micro-batch j. The hook adds ``||incoming / grad_scale||^2`` to a
-        per-layer pending sum; each backward pass that reaches a tracked parameter counts as one
-        micro-batch (counted once per backward through an autograd end-of-backward callback, not
-        once per parameter). Call :meth:`finish_step` once per optimizer step, after the last
-        backward and before the optimizer (or gradient clipping) changes ``.grad``.
-
-        Args:
-            grad_scale: the factor the backward'ed loss carries relative to the micro-batch MEAN
-                loss, e.g. ``1 / accumulation_steps`` for ``(loss / accumulation_steps).backward()``,
-                1.0 for ``loss.backward()``. Can be changed between steps through ``self.grad_scale``.
-
-        Micro-batches are assumed to hold ``micro_batch_size`` samples each. Not supported:
-        reentrant activation checkpointing (``use_reentrant=True``, whose nested backward passes
-        would be counted as extra micro-batches) and ``torch.autograd.grad`` calls on the tracked
-        parameters between steps (they fire the hooks too). Returns ``self``.
-        """
-        check_positive("grad_scale", grad_scale)
-        if self._hooks:
-            raise RuntimeError("track_backward() is already active: call remove_hooks() first")
-        for i, p in enumerate(self.params):
-            if not p.requires_grad:
-                raise ValueError(f"params[{i}] does not require grad: track_backward() can only hook "
-                                 f"parameters that receive gradients")
-        self.grad_scale = float(grad_scale)
-        self._reset_pending()
-        self._hooks = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
-        return self
-
-    def _make_hook(self, index: int):
-        def hook(grad: torch.Tensor):
-            if not self._in_backward:
-                self._in_backward = True
-                self._pending_n += 1
-                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-            sq = torch.linalg.vector_norm(grad, dtype=dtype).square().double() / (self.grad_scale ** 2)
-            prev = self._pending_sq[index]
-            self._pending_sq[index] = sq if prev is None else prev + sq
-            return None
-        return hook
-
-    def _end_of_backward(self) -> None:
-        self._in_backward = False
-
-    def _reset_pending(self) -> None:
-        self._pending_sq = [None] * len(self.params)
-        self._pending_n = 0
-        self._in_backward = False
-
-    @property
-    def num_tracked_micro_batches(self) -> int:
-        """Backward passes seen by :meth:`track_backward` since the last :meth:`finish_step`."""
-        return self._pending_n
-
-    def remove_hooks(self) -> None:
-        """Undo :meth:`track_backward` (and drop any pending, unfinished step)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        self._reset_pending()
-
-    def pop_pending(self) -> tuple[torch.Tensor, int]:
-        """Take the statistics :meth:`track_backward` collected since the last step and reset
-        them: per tracked parameter ``sum_j ||g_{j,k}||^2`` (float64, ``params`` order, 0 for a
-        parameter no backward reached) and the number of backward passes n. For backends that
-        obtain ``||G_{B,k}||^2`` themselves (a sharded optimizer) and then call :meth:`update`."""
-        n = self._pending_n
-        pending = self._pending_sq
-        self._reset_pending()
-        dev = self._stat_device()
-        micro_sq_sum = torch.stack([torch.zeros((), dtype=torch.float64, device=dev) if t is None
-                                    else t.to(dev) for t in pending])
-        return micro_sq_sum, n
-
-    def finish_step(self, mean_grads: Sequence[torch.Tensor] | None = None,
-                    micro_batch_size: int | None = None) -> None:
-        """Close the step collected by :meth:`track_backward`: feed :meth:`update` and reset.
-
-        ``||G_{B,k}||^2`` comes from ``mean_grads`` (the step's mean gradient over all n*b samples,
-        one tensor per tracked parameter) if given, otherwise from the accumulated ``.grad``:
-        after n backward passes of ``grad_scale * (micro-batch mean loss)`` starting from zeroed
-        gradients, ``p.grad = grad_scale * sum_j g_{j,k} = grad_scale * n * G_{B,k}``, so
-        ``G_{B,k} = p.grad / (n * grad_scale)`` (a parameter whose ``.grad`` is None counts as 0).
-        ``.grad`` must therefore hold exactly this step's accumulation (zero it before the first
-        micro-batch) and must not yet be clipped, scaled or decayed.
-
-        The pending statistics are reset even if the update fails (e.g. a single micro-batch:
-        :class:`MomentsUnavailableError`).
-        """
-        scale = self.grad_scale
-        micro_sq_sum, n = self.pop_pending()
-        if n == 0:
-            raise MomentsUnavailableError(
-                "finish_step() found no tracked backward pass: call track_backward() before the "
-                "micro-batches' backward passes (or use update() / observe())")
-        dev = micro_sq_sum.device
-        if mean_grads is None:
-            mean_sq = self._sq_norms([p.grad for p in self.params], dev) / float(n * scale) ** 2
-        else:
-            mean_sq = self._sq_norms(self._check_grads("mean_grads", mean_grads), dev)
-        self.update(micro_sq_sum, n, mean_sq, micro_batch_size)
-
-    def observe(self, micro_batch_grads: Sequence[Sequence[torch.Tensor]],
-                micro_batch_size: int | None = None) -> None:
-        """Feed one step given its micro-batch gradients explicitly.
-
-        Args:
-            micro_batch_grads: n lists, one per micro-batch, each holding the micro-batch's MEAN
-                gradient g_j for every tracked parameter (in ``params`` order).
-            micro_batch_size: b (defaults to the constructor's).
-        """
-        if isinstance(micro_batch_grads, torch.Tensor) or len(micro_batch_grads) == 0:
-            raise ValueError("micro_batch_grads must be a non-empty list of per-micro-batch gradient lists")
-        dev = self._stat_device()
-        grads = [self._check_grads(f"micro_batch_grads[{j}]", g) for j, g in enumerate(micro_batch_grads)]
-        micro_sq_sum = sum(self._sq_norms(g, dev) for g in grads)
-        n = len(grads)
-        mean = [torch.stack([g[k] for g in grads]).sum(0) / n for k in range(len(self.params))]
-        self.update(micro_sq_sum, n, self._sq_norms(mean, dev), micro_batch_size)
-
-    def _check_grads(self, name: str, grads) -> list[torch.Tensor]:
-        grads = list(grads)
-        if len(grads) != len(self.params):
-            raise ValueError(f"{name} holds {len(grads)} tensors, the estimator tracks {len(self.params)} parameters")
-        from lb_dist.optim.groups import logical_shape   # ds_shape of a ZeRO-3 partitioned parameter
-        for k, (g, p) in enumerate(zip(grads, self.params)):
-            if not isinstance(g, torch.Tensor) or g.shape != logical_shape(p):
-                shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-                raise ValueError(f"{name}[{k}] has shape {shape}, expected {tuple(logical_shape(p))}")
-        return grads
-
-    def _stat_device(self) -> torch.device:
-        return self._grad_sq.device if self._grad_sq is not None else self.params[0].device
-
-    @staticmethod
-    def _sq_norms(tensors: Sequence[torch.Tensor | None], device) -> torch.Tensor:
-        """Per-tensor squared L2 norms (float64, on ``device``) via one ``torch._foreach_norm``."""
-        present = [i for i, t in enumerate(tensors) if t is not None]
-        out = torch.zeros(len(tensors), dtype=torch.float64, device=device)
-        if present:
-            ts = [tensors[i].detach() for i in present]
-            ts = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts]
-            norms = torch._foreach_norm(ts)
-            out[present] = torch.stack([t.to(device=device, dtype=torch.float64) for t in norms]).square()
-        return out
-
     # --------------------------------------------------------------- results
     def grad_sq_norms_tensor(self) -> torch.Tensor:
         self._require()
@@ -525,7 +288,7 @@ class MicroBatchMoments(PerLayerViews):
         """Carry this estimator's :meth:`state_dict` in ``optimizer.state_dict()["lb_dist"]["moments"]``
         and restore it in ``optimizer.load_state_dict`` (``lb_dist.optim.CLARS(moments=...)`` and
         ``lb_dist.horovod.DistributedOptimizer(moments=...)`` call this)."""
-        _optimizer_state.link(optimizer, "moments", self)
+        link_state(optimizer, "moments", self)
 
     def state_dict(self) -> dict:
         return {
@@ -552,16 +315,6 @@ class MicroBatchMoments(PerLayerViews):
         self._trace = None if state["trace"] is None else state["trace"].clone().double()
         small = state.get("small")
         self._small = None if small is None else small.clone().double()
-
-
-def variance_factors(second_moments: torch.Tensor, grad_sq_norms: torch.Tensor,
-                     params: Sequence[torch.Tensor] | None = None):
-    """M_k = S_k / ||G_k||^2, inf where ||G_k||^2 <= 0. Returns a tensor, or ``{param: M_k}``."""
-    m = torch.where(grad_sq_norms > 0, second_moments / grad_sq_norms.clamp_min(torch.finfo(grad_sq_norms.dtype).tiny),
-                    torch.full_like(second_moments, float("inf")))
-    if params is None:
-        return m
-    return {p: m[i] for i, p in enumerate(params)}
 
 
 def check_micro_batch_moments(name: str, moments) -> None:

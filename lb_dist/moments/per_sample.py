@@ -23,6 +23,7 @@ with an independent mask per sample (``vmap(randomness="different")``).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -30,11 +31,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from lb_dist._validation import check_positive_int
-from lb_dist.distributed import all_reduce_sum_, get_rank, get_world_size, is_distributed
-from lb_dist.moments.microbatch import variance_factors as _variance_factors
+from lb_dist._vendor.torch import BatchNormBase, foreach_norm
+from lb_dist.distributed import all_reduce_sum_, get_rank, get_world_size
+from lb_dist.moments.equations import variance_factors
 
 __all__ = ["PerSampleMoments", "per_sample_second_moments", "local_subset_size"]
 
@@ -121,7 +122,7 @@ def _batch_stats_pre_hook(store: tuple[torch.Tensor, torch.Tensor], name: str):
     mean_buf, var_buf = store
     calls = [0]
 
-    def hook(module: _BatchNorm, args):
+    def hook(module: BatchNormBase, args):
         calls[0] += 1
         if calls[0] > 1:
             raise ValueError(f"BatchNorm {name!r} is called more than once per forward; per-sample "
@@ -193,6 +194,30 @@ def per_sample_second_moments(
     DDP training with plain BatchNorm normalizes by); SyncBatchNorm statistics are those of the
     global subset (one extra small all-reduce per SyncBatchNorm layer).
     """
+    _check_arguments(loss_fn, inputs, targets, subset_size, chunk_size)
+    model = _unwrap(model)
+    names, plist = _select_params(model, params)
+    world, rank = get_world_size(group), get_rank(group)
+    if subset_size < world:
+        raise ValueError(f"subset_size ({subset_size}) must be at least the number of ranks ({world})")
+    n_local = local_subset_size(subset_size, inputs.shape[0], world, rank)
+    xs, ys = _draw_subset(inputs, targets, n_local, generator)
+    try:
+        with _batch_statistics_of(model, xs, plist[0]) as bn_stats:
+            sq_sum, grad_sum = _per_sample_sums(model, loss_fn, names, plist, bn_stats, xs, ys, chunk_size,
+                                                with_grad_sum=return_stats)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        # torch's shape/dtype errors name nothing of this call: say which inputs they came from
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"per_sample_second_moments: model(inputs) and loss_fn(outputs, targets) failed on this "
+                         f"rank's batch: inputs of shape {list(inputs.shape)} ({inputs.dtype}), targets of shape "
+                         f"{list(targets.shape)} ({targets.dtype}); check that they fit the model and loss_fn (e.g. "
+                         f"class-index targets are integers): {type(e).__name__}: {detail}") from e
+    return _reduce(sq_sum, grad_sum, n_local, plist, group)
+
+
+def _check_arguments(loss_fn, inputs, targets, subset_size, chunk_size) -> None:
+    """Refuse bad arguments of :func:`per_sample_second_moments`, naming them, before any work."""
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1:
@@ -207,38 +232,32 @@ def per_sample_second_moments(
     check_positive_int("subset_size", subset_size)
     check_positive_int("chunk_size", chunk_size)
 
-    model = _unwrap(model)
-    names, plist = _select_params(model, params)
-    world, rank = get_world_size(group), get_rank(group)
-    if subset_size < world:
-        raise ValueError(f"subset_size ({subset_size}) must be at least the number of ranks ({world})")
 
+def _draw_subset(inputs: torch.Tensor, targets: torch.Tensor, n_local: int, generator):
+    """This rank's random subset J_rank of ``n_local`` samples (the whole batch, undrawn, if it is small)."""
     local_batch = inputs.shape[0]
-    n_local = local_subset_size(subset_size, local_batch, world, rank)
-    if n_local < local_batch:
-        gen_device = generator.device if generator is not None else "cpu"
-        idx = torch.randperm(local_batch, generator=generator, device=gen_device)[:n_local]
-        xs = inputs[idx.to(inputs.device)]
-        ys = targets[idx.to(targets.device)]
-    else:
-        xs, ys = inputs, targets
+    if n_local >= local_batch:
+        return inputs, targets
+    gen_device = generator.device if generator is not None else "cpu"
+    idx = torch.randperm(local_batch, generator=generator, device=gen_device)[:n_local]
+    return inputs[idx.to(inputs.device)], targets[idx.to(targets.device)]
 
-    device = plist[0].device
-    selected = dict(zip(names, plist))
-    sel_ids = {id(p) for p in plist}
-    others = {n: p.detach() for n, p in model.named_parameters() if id(p) not in sel_ids}
 
-    # Training-mode BatchNorms: record the subset's batch statistics (pass 1), then run them in
-    # eval mode with those statistics (pass 2).
-    # An eval-mode BatchNorm without running buffers (track_running_stats=False) also normalizes by
-    # the batch statistics, so it is handled the same way.
-    bns = [(n, m, m.training) for n, m in model.named_modules() if isinstance(m, _BatchNorm)
+@contextlib.contextmanager
+def _batch_statistics_of(model: nn.Module, xs: torch.Tensor, fallback: torch.Tensor):
+    """Training-mode BatchNorms normalize by the batch's statistics: record those of the subset ``xs``
+    (one forward without gradients) and yield them as ``{buffer name: tensor}`` running statistics
+    for BatchNorms switched to eval mode for the block (modes restored after it). An eval-mode
+    BatchNorm without running buffers (track_running_stats=False) also normalizes by the batch
+    statistics, so it is handled the same way. ``fallback``: a parameter giving device and dtype for a
+    BatchNorm without affine weight."""
+    bns = [(n, m, m.training) for n, m in model.named_modules() if isinstance(m, BatchNormBase)
            and (m.training or (m.running_mean is None and m.running_var is None))]
     bn_stats: dict[str, torch.Tensor] = {}
     handles = []
     try:
         for n, m, _ in bns:
-            ref = m.weight if m.weight is not None else plist[0]
+            ref = m.weight if m.weight is not None else fallback
             mean_buf = torch.zeros(m.num_features, device=ref.device, dtype=ref.dtype)
             var_buf = torch.ones(m.num_features, device=ref.device, dtype=ref.dtype)
             prefix = f"{n}." if n else ""
@@ -252,39 +271,44 @@ def per_sample_second_moments(
         for h in handles:
             h.remove()
         handles = []
-
-        def sample_loss(p_sel, x, y):
-            out = functional_call(model, (p_sel, others, bn_stats), (x.unsqueeze(0),))
-            return loss_fn(out, y.unsqueeze(0))
-
-        per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
-
-        sq_sum = torch.zeros(len(plist), dtype=torch.float64, device=device)
-        grad_sum = [torch.zeros(p.shape, dtype=torch.float64, device=device) for p in plist] if return_stats else None
-        detached = {n: p.detach() for n, p in selected.items()}
-        for start in range(0, n_local, chunk_size):
-            g = per_sample_grads(detached, xs[start:start + chunk_size], ys[start:start + chunk_size])
-            gl = [g[n] for n in names]
-            # the norm of the stacked [chunk, *shape] tensor is sqrt(sum_i ||g_i||^2)
-            norms = torch._foreach_norm(gl)
-            sq_sum += torch.stack([t.to(device=device, dtype=torch.float64) for t in norms]).square()
-            if grad_sum is not None:
-                for acc, gi in zip(grad_sum, gl):
-                    acc += gi.sum(0).to(device=device, dtype=torch.float64)
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        # torch's shape/dtype errors name nothing of this call: say which inputs they came from
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"per_sample_second_moments: model(inputs) and loss_fn(outputs, targets) failed on this "
-                         f"rank's batch: inputs of shape {list(inputs.shape)} ({inputs.dtype}), targets of shape "
-                         f"{list(targets.shape)} ({targets.dtype}); check that they fit the model and loss_fn (e.g. "
-                         f"class-index targets are integers): {type(e).__name__}: {detail}") from e
+        yield bn_stats
     finally:
         for h in handles:
             h.remove()
         for _, m, mode in bns:
             m.train(mode)
 
-    # one reduction: [per-layer sq sums | count | flattened per-layer grad sums]
+
+def _per_sample_sums(model, loss_fn, names, plist, bn_stats, xs, ys, chunk_size: int, with_grad_sum: bool):
+    """``sum_{i in J_rank} ||grad_k f_i||^2`` per layer (float64) and, ``with_grad_sum``, the per-layer
+    sums of the per-sample gradients, ``chunk_size`` samples per ``vmap`` call."""
+    device = plist[0].device
+    sel_ids = {id(p) for p in plist}
+    others = {n: p.detach() for n, p in model.named_parameters() if id(p) not in sel_ids}
+
+    def sample_loss(p_sel, x, y):
+        out = functional_call(model, (p_sel, others, bn_stats), (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0))
+
+    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
+    sq_sum = torch.zeros(len(plist), dtype=torch.float64, device=device)
+    grad_sum = [torch.zeros(p.shape, dtype=torch.float64, device=device) for p in plist] if with_grad_sum else None
+    detached = {n: p.detach() for n, p in zip(names, plist)}
+    for start in range(0, xs.shape[0], chunk_size):
+        g = per_sample_grads(detached, xs[start:start + chunk_size], ys[start:start + chunk_size])
+        gl = [g[n] for n in names]
+        # the norm of the stacked [chunk, *shape] tensor is sqrt(sum_i ||g_i||^2)
+        norms = foreach_norm(gl)
+        sq_sum += torch.stack([t.to(device=device, dtype=torch.float64) for t in norms]).square()
+        if grad_sum is not None:
+            for acc, gi in zip(grad_sum, gl):
+                acc += gi.sum(0).to(device=device, dtype=torch.float64)
+    return sq_sum, grad_sum
+
+
+def _reduce(sq_sum: torch.Tensor, grad_sum, n_local: int, plist, group):
+    """One all-reduce of ``[per-layer sq sums | count | flattened per-layer grad sums]``, then the
+    global means: ``{param: S_k}``, or a :class:`PerSampleMoments` when ``grad_sum`` is given."""
     parts = [sq_sum, sq_sum.new_tensor([float(n_local)])]
     if grad_sum is not None:
         parts += [g.reshape(-1) for g in grad_sum]
@@ -294,13 +318,13 @@ def per_sample_second_moments(
     count = packed[n_layers]
     s = packed[:n_layers] / count
     moments = {p: s[i].to(device=p.device, dtype=p.dtype) for i, p in enumerate(plist)}
-    if not return_stats:
+    if grad_sum is None:
         return moments
 
     flat = packed[n_layers + 1:]
     offsets = torch.tensor([0] + [p.numel() for p in plist], device=flat.device).cumsum(0).tolist()
     g_sq = torch.stack([(flat[offsets[i]:offsets[i + 1]] / count).square().sum() for i in range(n_layers)])
-    m = _variance_factors(s, g_sq)
+    m = variance_factors(s, g_sq)
     return PerSampleMoments(
         second_moments=moments,
         grad_sq_norms={p: g_sq[i] for i, p in enumerate(plist)},
