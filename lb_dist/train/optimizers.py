@@ -1,5 +1,10 @@
-"""Optimizer, learning rate and schedule from the flags (no update rule is written here: the core's
-LARS/CLARS/LAMB, torch's SGD/Adam/AdamW, and ``lb_dist.schedules``)."""
+"""Optimizer, GradientMix, learning rate and schedule from the flags (no update rule is written here:
+the core's LARS/CLARS/LAMB, torch's SGD/Adam/AdamW, ``lb_dist.mixing`` and ``lb_dist.schedules``).
+
+The lb_dist optimizer and the mix are typed the way a DeepSpeed JSON config is parsed
+(:func:`optimizer_spec`, :func:`mix_spec`: ``lb_dist.deepspeed.config.OptimizerSpec`` / ``MixSpec``),
+so that every front door (flags, ``--deepspeed-config``, a DeepSpeed config handed to
+``lb_dist.deepspeed.initialize``) ends in the same objects and the same ``build``."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +16,7 @@ from lb_dist.moments import MicroBatchMoments, TrainingPassMoments
 from lb_dist.optim import OPTIMIZER_NAMES, adapted_params, create_optimizer, param_groups
 from lb_dist.schedules import InverseSqrt, PolynomialWarmupDecay, linear_scaling, scaled_warmup_steps
 
-__all__ = ["peak_lr", "warmup_steps", "build_optimizer", "build_scheduler"]
+__all__ = ["peak_lr", "warmup_steps", "build_optimizer", "build_scheduler", "optimizer_spec", "mix_spec"]
 
 
 def peak_lr(args: argparse.Namespace) -> float:
@@ -60,6 +65,51 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float, *,
     opt = create_optimizer(name, groups, lr=lr, momentum=args.momentum, eta=args.eta, betas=betas, eps=args.eps,
                            nesterov=args.momentum > 0 if name == "clars" else None, moments=moments)
     return opt, moments
+
+
+def optimizer_spec(args: argparse.Namespace):
+    """The flags' lb_dist optimizer (CLARS, LARS, LAMB) as a typed
+    :class:`lb_dist.deepspeed.config.OptimizerSpec` (what the DeepSpeed backend hands to
+    ``lb_dist.deepspeed.initialize``), or None for torch's SGD/Adam/AdamW. The same constructor
+    arguments as :func:`build_optimizer`'s; an unset ``--eta``/``--eps``/``--betas`` is left to the
+    optimizer class's default (one place for each default)."""
+    from lb_dist.deepspeed.config import OPTIMIZER_TYPES, OptimizerSpec, SecondMomentsSpec
+
+    name = args.optimizer
+    if name.upper() not in OPTIMIZER_TYPES:
+        return None
+    params = {"lr": peak_lr(args), "weight_decay": args.weight_decay}
+    if name in ("clars", "lars"):
+        params["momentum"] = args.momentum
+        if args.eta is not None:
+            params["eta"] = args.eta
+        if name == "clars":
+            params["nesterov"] = args.momentum > 0
+    else:
+        if args.betas is not None:
+            params["betas"] = tuple(args.betas)
+        if args.eps is not None:
+            params["eps"] = args.eps
+    moments = None
+    if name == "clars":
+        moments = (SecondMomentsSpec(source="micro_batch", ema=args.moments_ema) if args.clars_moments == "micro-batch"
+                   else SecondMomentsSpec(source="per_sample", subset_size=args.per_sample_subset,
+                                          chunk_size=args.per_sample_chunk))
+    return OptimizerSpec.of(name, params, second_moments=moments)
+
+
+def mix_spec(args: argparse.Namespace):
+    """The flags' GradientMix as a typed :class:`lb_dist.deepspeed.config.MixSpec` (``--mix-std``
+    unset: ``lb_dist.mixing.DEFAULT_STD``, the spec's default; ``--mix-seed`` unset: ``--seed``), or
+    None for ``--mix none``. ``mix_spec(args).build()`` is the run's :class:`lb_dist.GradientMix`."""
+    from lb_dist.deepspeed.config import MixSpec
+
+    if args.mix == "none":
+        return None
+    spec = MixSpec(noise=args.mix_noise, granularity=args.mix, seed=args.seed if args.mix_seed is None else args.mix_seed)
+    if args.mix_std is not None:
+        spec.std = float(args.mix_std)
+    return spec
 
 
 def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, total_steps: int,
