@@ -25,7 +25,7 @@ from typing import Mapping
 
 import torch
 
-from lb_dist._validation import _is_number, check_fraction, check_positive_int
+from lb_dist._validation import check_fraction, check_positive_int, is_number
 from lb_dist.mixing import DEFAULT_STD, GradientMix
 from lb_dist.moments.per_sample import DEFAULT_CHUNK_SIZE, DEFAULT_SUBSET_SIZE
 from lb_dist.optim import CLARS, LAMB, LARS
@@ -274,7 +274,7 @@ def _parse_optimizer(section: Mapping) -> OptimizerSpec | None:
                 continue
             value = params[key]
             if (value is accepted) if isinstance(accepted, bool) else (
-                    _is_number(value) and not isinstance(value, bool) and value == accepted):
+                    is_number(value) and not isinstance(value, bool) and value == accepted):
                 if key not in _FUSED_LAMB_KEPT:
                     params.pop(key)                 # FusedLamb's setting that is lb_dist's behaviour
                 continue
@@ -354,7 +354,7 @@ def _parse_mix(section: Mapping, raw: Mapping) -> MixSpec:
         raise ConfigError(f"gradient_mix: {exc}") from None
     spec.std = float(spec.std)
     if spec.enabled and spec.granularity == "sample" and not any(
-            _is_number(raw.get(k)) for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
+            is_number(raw.get(k)) for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
         raise ConfigError("gradient_mix.granularity = \"sample\" weights every sample of the global batch, "
                           "which needs the batch size: give train_micro_batch_size_per_gpu (or "
                           "train_batch_size) as a number")
@@ -477,11 +477,11 @@ def accumulation_steps(raw: Mapping, world_size: int) -> int | None:
     (None when the batch keys are not numbers)."""
     gas, tbs, micro = (raw.get(k) for k in ("gradient_accumulation_steps", "train_batch_size",
                                             "train_micro_batch_size_per_gpu"))
-    if _is_number(gas):
+    if is_number(gas):
         return int(gas)
-    if _is_number(tbs) and _is_number(micro):
+    if is_number(tbs) and is_number(micro):
         return max(1, int(tbs) // max(1, int(micro) * world_size))
-    if _is_number(tbs) or _is_number(micro):
+    if is_number(tbs) or is_number(micro):
         return 1
     return None
 
@@ -579,7 +579,7 @@ def check_layerwise_settings(spec: LbDistConfig, name: str) -> None:
 #: ZeRO settings whose layout lb_dist's layer-wise reduction does not map (or whose collectives
 #: are not exact), refused by name before DeepSpeed starts: (key, refused when, why).
 _ZERO_REFUSED = (
-    ("zero_hpz_partition_size", lambda v: _is_number(v) and v > 1,
+    ("zero_hpz_partition_size", lambda v: is_number(v) and v > 1,
      "ZeRO++ hierarchical partitioning keeps a secondary copy of the weights partitioned over a "
      "sub-group of the processes; lb_dist reduces its layer norms over the data-parallel group of the "
      "primary partition only and is not tested on this layout; use 1 (the default)"),
@@ -592,7 +592,7 @@ _ZERO_REFUSED = (
     ("zero_quantized_gradients", lambda v: v is True,
      "ZeRO++ quantized gradient reduce-scatter hands the optimizer rounded gradients, so the layer "
      "norms are not those of the mean gradient; remove the key"),
-    ("mics_shard_size", lambda v: _is_number(v) and v > 0,
+    ("mics_shard_size", lambda v: is_number(v) and v > 0,
      "MiCS shards over sub-groups and replicates across them: a layer's norms would have to be "
      "reduced over the shard group only (DeepSpeed 0.19 has also removed MiCS); remove the key"),
 )
