@@ -118,6 +118,8 @@ def test_flag_errors_name_the_flag(tmp_path, capsys, argv, match):
     (lambda c: c["optimizer"]["params"].update(eta=-1), "optimizer.params"),
     (lambda c: c["gradient_mix"].update(std=-0.5), "gradient_mix"),
     (lambda c: c["optimizer"]["second_moments"].update(subset_size=0), "optimizer.second_moments.subset_size"),
+    (lambda c: c.update(scheduler={"type": "InverseSqrt", "params": {"warmup_num_steps": -1}}),
+     "scheduler.params.warmup_num_steps"),
 ])
 def test_json_errors_name_the_key_at_both_json_doors(tmp_path, capsys, change, match):
     cfg = json.loads(json.dumps(JSON))

@@ -269,6 +269,7 @@ class DeepSpeedBackend(Torchrun):
     name = "deepspeed"
     training_pass_moments = False
     deepspeed_settings = True
+    builds_layerwise_optimizer = True
 
     @classmethod
     def from_flags(cls, *, device: str = "auto", dist_backend: str = "auto", local_rank_flag: int | None = None):
@@ -330,14 +331,23 @@ class DeepSpeedBackend(Torchrun):
             if not MPI.Is_finalized():
                 MPI.Finalize()                        # mpirun reports a rank that exits without it as failed
 
-    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None):
+    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None,
+                param_groups=None):
+        """``optimizer``: torch's SGD/Adam/AdamW (a client optimizer), or None with ``param_groups`` when
+        the flags name lb_dist's CLARS/LARS/LAMB, which ``lb_dist.deepspeed.initialize`` builds (ZeRO-exact)
+        from the run's typed spec (:attr:`builds_layerwise_optimizer`); a given lb_dist optimizer is used
+        for its param groups only."""
         if args is None:
             raise ValueError("the deepspeed backend builds its config from the run's flags: prepare(..., args=...)")
         import lb_dist.deepspeed as lbds
 
         spec = lb_dist_config(args, self.world_size, mix)
+        if param_groups is None:
+            if optimizer is None:
+                raise ValueError("prepare(): give the optimizer or its param_groups")
+            param_groups = optimizer.param_groups
         groups = [{"params": list(g["params"]), "weight_decay": g.get("weight_decay", 0.0),
-                   "layer_adaptation": g.get("layer_adaptation", True)} for g in optimizer.param_groups]
+                   "layer_adaptation": g.get("layer_adaptation", True)} for g in param_groups]
         adapted = adapted_params(groups)
         if mix is not None:
             mix.detach()          # DeepSpeed steps the inner optimizer once per group: advanced by the engine instead

@@ -207,6 +207,9 @@ class Backend(abc.ABC):
     training_pass_moments: bool = False
     #: The DeepSpeed settings (``--zero-stage``, ``--bf16``, ``--deepspeed-config``).
     deepspeed_settings: bool = False
+    #: ``prepare`` builds lb_dist's layer-wise optimizer (CLARS/LARS/LAMB) itself from the run's typed
+    #: spec: the loop then passes ``optimizer=None, param_groups=...`` instead of building one (DeepSpeed).
+    builds_layerwise_optimizer: bool = False
 
     def __init__(self, device: str = "auto", dist_backend: str = "auto") -> None:
         self.requested_device = device

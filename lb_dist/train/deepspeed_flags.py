@@ -1,10 +1,12 @@
 """``--deepspeed-config FILE``: a DeepSpeed JSON config as the defaults of ``lb-dist train``'s flags.
 
 ``lb-dist train`` owns the batch layout, the optimizer, the schedule and GradientMix (the same flags
-for every backend); with ``--backend deepspeed`` it builds the DeepSpeed config from them
-(``lb_dist.train.backend_deepspeed.deepspeed_config``). A user's config (e.g. one of
-``deepspeed_configs/``) is read here, at parse time, and its settings of those things become the
-values of the corresponding flags that were **not** given on the command line (a flag given
+for every backend); with ``--backend deepspeed`` it builds the typed DeepSpeed config from them
+(``lb_dist.train.backend_deepspeed.lb_dist_config``). A user's config (e.g. one of
+``deepspeed_configs/``) is read here, at parse time, validated once by
+``lb_dist.deepspeed.config.parse_config`` (lb_dist's keys; the values of its typed sections are taken
+as they are), and its settings of those things become the values of the corresponding flags that
+were **not** given on the command line (a flag given
 explicitly wins; every override is reported on rank 0 when the run starts). Its other keys
 (``zero_optimization`` but its ``stage``, ``gradient_clipping``, ``fp16``, communication settings,
 ...) are handed to DeepSpeed as they are.
@@ -210,45 +212,33 @@ def _mix(t: _Translation, section: Mapping, spec) -> None:
         t.set("mix_seed", int(spec.seed), "gradient_mix.seed")
 
 
-def _scheduler(t: _Translation, section: Mapping | None) -> None:
+def _scheduler(t: _Translation, section: Mapping | None, typed=None) -> None:
+    """``typed``: the section parse_config parsed and validated (a ``SchedulerSpec`` for lb_dist's
+    PolynomialWarmupDecay / InverseSqrt; None for DeepSpeed's or torch's schedules): taken as it is."""
     if section is None:
         t.set("schedule", "constant", "(no scheduler section)")
         return
-    kind = section.get("type")
-    params = section.get("params", {}) or {}
-    if not isinstance(params, Mapping):
-        t.error(f"scheduler.params must be a JSON object, got {type(params).__name__}")
-    if kind == "PolynomialWarmupDecay":
+    if typed is None:
+        t.error(f"scheduler.type {section.get('type')!r}: lb-dist train runs lb_dist's schedules "
+                f"(PolynomialWarmupDecay, InverseSqrt, or none = constant); use one of them, or remove the section "
+                f"and give --schedule")
+    params = typed.params
+    if typed.type == "PolynomialWarmupDecay":
         t.set("schedule", "poly", "scheduler.type")
         keys = {"warmup_num_steps": "warmup_steps", "init_factor": "lr_init_factor",
                 "final_factor": "lr_final_factor", "warmup_power": "warmup_power", "decay_power": "decay_power"}
-        allowed = set(keys) | {"total_num_steps"}
-    elif kind == "InverseSqrt":
+    else:
         t.set("schedule", "inverse-sqrt", "scheduler.type")
         keys = {"warmup_num_steps": "warmup_steps"}
-        allowed = set(keys)
-    else:
-        t.error(f"scheduler.type {kind!r}: lb-dist train runs lb_dist's schedules (PolynomialWarmupDecay, "
-                f"InverseSqrt, or none = constant); use one of them, or remove the section and give --schedule")
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        t.error(f"scheduler.params.{unknown[0]}: unknown key for {kind}; known keys: {', '.join(sorted(allowed))}")
     for key, dest in keys.items():
         if key not in params:
             continue
         if key == "warmup_num_steps":
-            value = _number(t, f"scheduler.params.{key}", params[key], integer=True)
-            if value < 0:
-                t.error(f"scheduler.params.{key} must be >= 0, got {value}")
-            t.set(dest, value, f"scheduler.params.{key}", blocked_by=("warmup_epochs",))
+            t.set(dest, int(params[key]), f"scheduler.params.{key}", blocked_by=("warmup_epochs",))
         else:
-            value = _number(t, f"scheduler.params.{key}", params[key])
-            if value < 0 or (key.endswith("power") and value <= 0):
-                t.error(f"scheduler.params.{key} must be {'> 0' if key.endswith('power') else '>= 0'}, got {value}")
-            t.set(dest, value, f"scheduler.params.{key}")
+            t.set(dest, float(params[key]), f"scheduler.params.{key}")
     if "total_num_steps" in params:
-        t.total_num_steps = _number(t, "scheduler.params.total_num_steps", params["total_num_steps"],
-                                             integer=True, positive=True)
+        t.total_num_steps = int(params["total_num_steps"])
 
 
 def apply_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -297,7 +287,7 @@ def apply_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Names
         _mix(t, raw["gradient_mix"], spec.gradient_mix)
     if "scheduler" in raw and not isinstance(raw["scheduler"], Mapping):
         t.error("scheduler must be a JSON object")
-    _scheduler(t, raw.get("scheduler"))
+    _scheduler(t, raw.get("scheduler"), spec.scheduler if spec is not None else None)
     return DeepSpeedFile(path=path, raw=raw, notes=t.notes, total_num_steps=t.total_num_steps)
 
 

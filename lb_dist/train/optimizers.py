@@ -16,7 +16,8 @@ from lb_dist.moments import MicroBatchMoments, TrainingPassMoments
 from lb_dist.optim import OPTIMIZER_NAMES, adapted_params, create_optimizer, param_groups
 from lb_dist.schedules import InverseSqrt, PolynomialWarmupDecay, linear_scaling, scaled_warmup_steps
 
-__all__ = ["peak_lr", "warmup_steps", "build_optimizer", "build_scheduler", "optimizer_spec", "mix_spec"]
+__all__ = ["peak_lr", "warmup_steps", "build_optimizer", "build_scheduler", "optimizer_spec", "mix_spec",
+           "optimizer_groups"]
 
 
 def peak_lr(args: argparse.Namespace) -> float:
@@ -38,7 +39,9 @@ def warmup_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
     return 0
 
 
-def _groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
+def optimizer_groups(args: argparse.Namespace, model: nn.Module) -> list[dict]:
+    """``model``'s trainable parameters in the optimizer's param groups: ``lb_dist.optim.param_groups``
+    (biases and normalization parameters neither decayed nor adapted) with ``--wd-exclusion``, else one group."""
     if args.wd_exclusion:
         return param_groups(model, weight_decay=args.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -55,7 +58,7 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float, *,
     name = args.optimizer
     if name not in OPTIMIZER_NAMES:  # pragma: no cover - argparse choices
         raise ValueError(f"unknown optimizer {name!r}")
-    groups = _groups(args, model)
+    groups = optimizer_groups(args, model)
     betas = tuple(args.betas) if args.betas is not None else (0.9, 0.999)
     moments = None
     if name == "clars" and args.clars_moments == "micro-batch":

@@ -34,7 +34,8 @@ from lb_dist.train.checkpoint import (FORMAT, CheckpointError, checkpoint_path, 
                                       load_checkpoint, prune_checkpoints, verify_checkpoint, write_manifest)
 from lb_dist.train.config import RUN_DEFINING, check_layout, to_dict
 from lb_dist.train.metrics import MetricsLogger
-from lb_dist.train.optimizers import build_optimizer, build_scheduler, mix_spec, peak_lr, warmup_steps
+from lb_dist.train.optimizers import (build_optimizer, build_scheduler, mix_spec, optimizer_groups, optimizer_spec, peak_lr,
+                                     warmup_steps)
 from lb_dist.train.sampling import BatchLayout, StepBatchSampler
 from lb_dist.train.workloads import build_workload
 
@@ -212,14 +213,21 @@ def build_components(args: argparse.Namespace, backend: Backend, workload, layou
     torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     model = workload.build_model().to(backend.device)
     torch.manual_seed(_seed(args.seed * 1000003 + 7919 * backend.rank + 1))  # per-rank streams: dropout, augmentation
-    optimizer, moments = build_optimizer(args, model, peak_lr(args), local_batch_size=layout.local_batch_size)
+    extra = {}
+    if backend.builds_layerwise_optimizer and optimizer_spec(args) is not None:
+        # the backend builds lb_dist's optimizer from the typed spec (DeepSpeed): none is built here
+        optimizer, moments = None, None
+        extra["param_groups"] = optimizer_groups(args, model)
+    else:
+        optimizer, moments = build_optimizer(args, model, peak_lr(args), local_batch_size=layout.local_batch_size)
     spec = mix_spec(args)
     mix = None
     if spec is not None:
         mix = spec.build()
-        mix.attach(optimizer)
+        if optimizer is not None:
+            mix.attach(optimizer)
     engine = backend.prepare(model, optimizer, mix=mix, moments=moments, local_batch_size=layout.local_batch_size,
-                             accumulation_steps=layout.accumulation_steps, args=args)
+                             accumulation_steps=layout.accumulation_steps, args=args, **extra)
     scheduler = build_scheduler(args, engine.optimizer, total_steps, warmup)
     runner = StepRunner(args, backend, engine, layout, workload.task)
     return {"model": engine.model, "optimizer": engine.optimizer, "moments": engine.moments, "scheduler": scheduler,
