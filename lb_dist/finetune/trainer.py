@@ -214,10 +214,10 @@ class TiedWeightsLoading:
         """The Trainer's, without the keys a checkpoint never holds: weights tied to a saved one
         (shared embeddings, output projection) and sinusoidal position tables (computed)."""
         derived = derived_keys(self.accelerator.unwrap_model(self.model), load_result.missing_keys)
-        if derived and hasattr(load_result, "_replace"):       # a namedtuple (transformers' load result)
+        if derived and hasattr(load_result, "unexpected_keys"):   # torch's IncompatibleKeys (a namedtuple)
             self.accelerator.unwrap_model(self.model).tie_weights()
-            load_result = load_result._replace(
-                missing_keys=[k for k in load_result.missing_keys if k not in derived])
+            load_result = type(load_result)(missing_keys=[k for k in load_result.missing_keys if k not in derived],
+                                            unexpected_keys=load_result.unexpected_keys)
         return super()._issue_warnings_after_load(load_result)
 
 
