@@ -42,7 +42,7 @@ Trainer backpropagates). The loss is the same token-mean loss over the global ba
 from __future__ import annotations
 
 from lb_dist.finetune.cli import main, parse_args
-from lb_dist.finetune.run import FinetuneArguments, prepare_deepspeed, run
+from lb_dist.finetune.runner import FinetuneArguments, prepare_deepspeed, run
 from lb_dist.finetune.trainer import OPTIMIZERS, LbDistSeq2SeqTrainer, make_optimizer
 from lb_dist.text import token_sum_losses
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lb_dist.distributed import get_rank
-from lb_dist.finetune.run import FinetuneArguments, run
+from lb_dist.finetune.runner import FinetuneArguments, run
 
 __all__ = ["parse_args", "main", "exit_after_distributed_job"]
 
