@@ -169,3 +169,34 @@ def test_backend_registry_and_capabilities():
         warnings.simplefilter("always")
         assert backends.select_backend is select_backend
     assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+
+
+def test_schedule_is_the_same_from_flags_and_from_the_config_file(tmp_path):
+    """--deepspeed-config's scheduler section and the same flags give one SchedulerSpec (the run's length
+    replaces total_num_steps) and the same rate at every step."""
+    from lb_dist.train.optimizers import schedule_spec
+    total, warmup = 12, 3
+    section = {"type": "PolynomialWarmupDecay",
+               "params": {"total_num_steps": total, "warmup_num_steps": warmup, "init_factor": 0.1,
+                          "final_factor": 0.05, "warmup_power": 2.0, "decay_power": 1.5}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 32, **{k: v for k, v in JSON.items() if k != "train_batch_size"},
+                                "scheduler": section}))
+    from_file = parse_args(["--run-dir", str(tmp_path / "a"), "--backend", "deepspeed", "--deepspeed-config", str(path)])
+    flags = parse_args(["--run-dir", str(tmp_path / "b"), "--backend", "deepspeed", *FLAGS[:-2], "--schedule", "poly",
+                        "--warmup-steps", "3", "--lr-init-factor", "0.1", "--lr-final-factor", "0.05",
+                        "--warmup-power", "2", "--decay-power", "1.5"])
+    specs = [schedule_spec(a, total, warmup) for a in (from_file, flags)] + [parse_config(
+        {"optimizer": JSON["optimizer"], "scheduler": section}).scheduler]
+    assert specs[0].to_dict() == specs[1].to_dict() == specs[2].to_dict() == section
+    rates = []
+    for spec in specs:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
+        sched, seq = spec.build(opt), []
+        for _ in range(total):
+            seq.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        rates.append(seq)
+    assert rates[0] == rates[1] == rates[2]
+    assert rates[0][0] == pytest.approx(LR * 0.1) and max(rates[0]) == pytest.approx(LR)   # eq. 15's ends

@@ -14,10 +14,10 @@ from torch import nn
 
 from lb_dist.moments import MicroBatchMoments, TrainingPassMoments
 from lb_dist.optim import OPTIMIZER_NAMES, adapted_params, create_optimizer, param_groups
-from lb_dist.schedules import InverseSqrt, PolynomialWarmupDecay, linear_scaling, scaled_warmup_steps
+from lb_dist.schedules import linear_scaling, scaled_warmup_steps
 
 __all__ = ["peak_lr", "warmup_steps", "build_optimizer", "build_scheduler", "optimizer_spec", "mix_spec",
-           "optimizer_groups"]
+           "optimizer_groups", "schedule_spec"]
 
 
 def peak_lr(args: argparse.Namespace) -> float:
@@ -120,10 +120,21 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, 
     """The per-optimizer-step schedule. ``poly``: GradientMix eq. 15 (init/final factors, powers);
     ``constant``: eq. 15's linear warmup, then the peak; ``inverse-sqrt``: linear warmup, then
     ``peak * sqrt(warmup / (t + 1))``."""
+    return schedule_spec(args, total_steps, warmup).build(optimizer)
+
+
+def schedule_spec(args: argparse.Namespace, total_steps: int, warmup: int):
+    """The flags' schedule over ``total_steps`` optimizer steps with ``warmup`` of them (the run's
+    length, known once the data is) as a typed :class:`lb_dist.deepspeed.config.SchedulerSpec`, the
+    type a DeepSpeed config's ``scheduler`` section parses to; ``constant`` is eq. 15 with final factor 1."""
+    from lb_dist.deepspeed.config import SchedulerSpec
+
+    if args.schedule == "inverse-sqrt":
+        return SchedulerSpec("InverseSqrt", {"warmup_num_steps": warmup})
+    params = {"total_num_steps": total_steps, "warmup_num_steps": warmup}
     if args.schedule == "poly":
-        return PolynomialWarmupDecay(optimizer, total_steps, warmup, init_factor=args.lr_init_factor,
-                                     final_factor=args.lr_final_factor, warmup_power=args.warmup_power,
-                                     decay_power=args.decay_power)
-    if args.schedule == "constant":
-        return PolynomialWarmupDecay(optimizer, total_steps, warmup, final_factor=1.0)
-    return InverseSqrt(optimizer, warmup)
+        params.update(init_factor=args.lr_init_factor, final_factor=args.lr_final_factor,
+                      warmup_power=args.warmup_power, decay_power=args.decay_power)
+    else:
+        params["final_factor"] = 1.0
+    return SchedulerSpec("PolynomialWarmupDecay", params)
