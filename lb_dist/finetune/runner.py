@@ -79,7 +79,7 @@ def prepare_deepspeed(fa: FinetuneArguments, ta) -> dict:
     Returns the config (a dict)."""
     try:
         import lb_dist.deepspeed as lbds
-        from lb_dist.deepspeed.config import load_config
+        from lb_dist.deepspeed.config import MixSpec, SecondMomentsSpec, load_config
     except ImportError as e:
         raise RuntimeError(f"--deepspeed needs deepspeed and lb_dist.deepspeed ({e})") from e
     given = fa.given_flags    # the flags on the command line (None: unknown, e.g. called from Python)
@@ -95,14 +95,17 @@ def prepare_deepspeed(fa: FinetuneArguments, ta) -> dict:
         raise ValueError(f"--optim {getattr(optim, 'value', optim)}: {source} has an optimizer section, which "
                          f"decides the optimizer; remove --optim")
     _adopt_gradient_clipping(config, ta, given, source)
+    # two refusals read before Hugging Face fills the config's "auto" values (the whole config is parsed
+    # and validated once, by lb_dist.deepspeed.initialize's parse_config); the defaults are the specs'
     mix = config.get("gradient_mix") or {}
-    if isinstance(mix, dict) and mix.get("enabled", True) and mix.get("granularity", "device") == "sample":
+    if isinstance(mix, dict) and mix.get("enabled", MixSpec.enabled) and \
+            mix.get("granularity", MixSpec.granularity) == "sample":
         raise ValueError(f"{source}: gradient_mix.granularity \"sample\" needs a training loop that calls "
                          f"lb_dist.deepspeed.get_runtime(engine).weighted_loss; lb_dist.finetune supports the "
                          f"device-wise mix under DeepSpeed (--mix sample without --deepspeed)")
     opt = config.get("optimizer") or {}
     if isinstance(opt, dict) and str(opt.get("type", "")).upper() == "CLARS":
-        source_kind = (opt.get("second_moments") or {}).get("source", "micro_batch")
+        source_kind = (opt.get("second_moments") or {}).get("source", SecondMomentsSpec.source)
         if source_kind == "per_sample":
             raise ValueError(f"{source}: optimizer.second_moments.source \"per_sample\" is not available in "
                              f"lb_dist.finetune (per-sample gradients of the seq2seq model); use \"micro_batch\"")
