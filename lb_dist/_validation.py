@@ -6,12 +6,13 @@ import numbers
 from typing import Iterable, Mapping
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or float that is not a bool (a JSON number)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_finite_number(name: str, value) -> float:
-    if not _is_number(value) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return value
 

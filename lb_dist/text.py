@@ -163,7 +163,7 @@ def translate(model, tokenizer, sources: Sequence[str], *, batch_size: int = 64,
     """Translate ``sources`` with ``model.generate`` (greedy by default), in batches, and decode.
     ``max_length`` bounds the generated target (tokens, including the decoder start token). The
     model's train/eval mode is restored afterwards."""
-    from lb_dist.data.multi30k import _encode, _truncate, collate_translation
+    from lb_dist.data.multi30k import collate_translation, encode, truncate
 
     check_positive_int("batch_size", batch_size)
     check_positive_int("max_length", max_length)
@@ -179,7 +179,7 @@ def translate(model, tokenizer, sources: Sequence[str], *, batch_size: int = 64,
     out: list[str] = []
     try:
         for start in range(0, len(sources), batch_size):
-            ids = [_truncate(x, limit) for x in _encode(tokenizer, sources[start:start + batch_size])]
+            ids = [truncate(x, limit) for x in encode(tokenizer, sources[start:start + batch_size])]
             batch = collate_translation([{"input_ids": x, "labels": x} for x in ids], pad_id=pad)
             gen = model.generate(input_ids=batch["input_ids"].to(device),
                                  attention_mask=batch["attention_mask"].to(device),

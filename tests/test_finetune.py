@@ -379,16 +379,16 @@ def test_deepspeed_refuses_what_the_config_decides_or_cannot_feed(tmp_path, flag
     """Checked before any process group or engine exists (the arguments' dataclass and a config file)."""
     from types import SimpleNamespace
 
-    from lb_dist.finetune import FinetuneArguments, _prepare_deepspeed
+    from lb_dist.finetune import FinetuneArguments, prepare_deepspeed
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
     given = flags.pop("_given", None)
     fa = FinetuneArguments(data_dir=str(MULTI30K), **flags)
     if given is not None:
-        fa._given = given
+        fa.given_flags = given
     with pytest.raises(ValueError, match=match):
-        _prepare_deepspeed(fa, SimpleNamespace(deepspeed=str(path), gradient_accumulation_steps=2, max_grad_norm=1.0,
+        prepare_deepspeed(fa, SimpleNamespace(deepspeed=str(path), gradient_accumulation_steps=2, max_grad_norm=1.0,
                                                optim="adamw_torch"))
 
 
@@ -397,15 +397,15 @@ def test_deepspeed_gradient_clipping_number_sets_max_grad_norm(tmp_path):
     transformers' recorded mismatch is dropped (the launcher test below runs it for real)."""
     from types import SimpleNamespace
 
-    from lb_dist.finetune import FinetuneArguments, _prepare_deepspeed
+    from lb_dist.finetune import FinetuneArguments, prepare_deepspeed
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"gradient_clipping": 0.0}))
     fa = FinetuneArguments(data_dir=str(MULTI30K))
-    fa._given = {"data_dir", "deepspeed"}
+    fa.given_flags = {"data_dir", "deepspeed"}
     hf = SimpleNamespace(mismatches=["- ds gradient_clipping=0.0 vs hf max_grad_norm=1.0"])
     ta = SimpleNamespace(deepspeed=str(path), gradient_accumulation_steps=1, max_grad_norm=1.0, hf_deepspeed_config=hf)
-    _prepare_deepspeed(fa, ta)
+    prepare_deepspeed(fa, ta)
     assert ta.max_grad_norm == 0.0 and hf.mismatches == []
 
 

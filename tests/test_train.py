@@ -540,11 +540,11 @@ def test_deepspeed_configs_become_flags(tmp_path, name):
                        *model])
     for key, want in DS_CONFIG_FLAGS[name].items():
         assert getattr(args, key) == want, (key, getattr(args, key), want)
-    assert args._deepspeed_notes == []
+    assert args.deepspeed_file.notes == []
     args = parse_args(["--run-dir", str(tmp_path / "r"), "--backend", "deepspeed", "--deepspeed-config", str(path),
                        *model, "--batch-size", "64", "--lr", "0.5", "--zero-stage", "0", "--no-bf16"])
     assert (args.batch_size, args.lr, args.zero_stage, args.bf16) == (64, 0.5, 0, False)
-    assert any("overridden by --batch-size 64" in n for n in args._deepspeed_notes)
+    assert any("overridden by --batch-size 64" in n for n in args.deepspeed_file.notes)
 
 
 @pytest.mark.parametrize("config,match", [

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from lb_dist._io import atomic_write
 from lb_dist._validation import check_positive_int
 
-__all__ = ["read_multi30k", "download_multi30k", "TranslationDataset", "collate_translation",
+__all__ = ["read_multi30k", "download_multi30k", "TranslationDataset", "collate_translation", "encode", "truncate",
            "MULTI30K_URL", "MULTI30K_SPLITS", "MULTI30K_SIZES", "Multi30kFormatError"]
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
@@ -131,7 +131,7 @@ def download_multi30k(root, *, splits: Sequence[str] = ("train", "val", "test"),
     return out
 
 
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids with the tokenizer's special tokens (an HF ``tokenizers.Tokenizer`` from
     :func:`lb_dist.text.train_tokenizer`, or a ``transformers`` tokenizer)."""
     if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
@@ -142,8 +142,9 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
                     f"{type(tokenizer).__name__}")
 
 
-def _truncate(ids: list[int], max_length: int) -> list[int]:
-    # keep the last token (the end-of-sentence marker the tokenizer appended)
+def truncate(ids: list[int], max_length: int) -> list[int]:
+    """``ids`` cut to ``max_length`` tokens, keeping the last one (the end-of-sentence marker the
+    tokenizer appended)."""
     return ids if len(ids) <= max_length else ids[:max_length - 1] + ids[-1:]
 
 
@@ -170,13 +171,13 @@ class TranslationDataset(Dataset):
         self.pairs, self.max_length = pairs, max_length
         src = [s for s, _ in pairs]
         tgt = [t for _, t in pairs]
-        src_ids = _encode(tokenizer, src)
+        src_ids = encode(tokenizer, src)
         if hasattr(tokenizer, "encode_batch"):
-            tgt_ids = _encode(tokenizer, tgt)
+            tgt_ids = encode(tokenizer, tgt)
         else:
             tgt_ids = list(tokenizer(text_target=tgt, add_special_tokens=True)["input_ids"])
-        self.input_ids = [_truncate(ids, max_length) for ids in src_ids]
-        self.labels = [_truncate(ids, max_length) for ids in tgt_ids]
+        self.input_ids = [truncate(ids, max_length) for ids in src_ids]
+        self.labels = [truncate(ids, max_length) for ids in tgt_ids]
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -25,8 +25,9 @@ from typing import Mapping
 
 import torch
 
-from lb_dist._validation import _is_number, check_fraction, check_positive_int
-from lb_dist.mixing import GradientMix
+from lb_dist._validation import check_fraction, check_positive_int, is_number
+from lb_dist.mixing import DEFAULT_STD, GradientMix
+from lb_dist.moments.per_sample import DEFAULT_CHUNK_SIZE, DEFAULT_SUBSET_SIZE
 from lb_dist.optim import CLARS, LAMB, LARS
 from lb_dist.schedules import InverseSqrt, PolynomialWarmupDecay
 
@@ -89,8 +90,12 @@ class SecondMomentsSpec:
     """``optimizer.second_moments`` of a CLARS config."""
     source: str = "micro_batch"
     ema: float = 0.0
-    subset_size: int = 512
-    chunk_size: int = 64
+    subset_size: int = DEFAULT_SUBSET_SIZE
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def to_dict(self) -> dict:
+        """The ``second_moments`` section (the keys of its source)."""
+        return {key: getattr(self, key) for key in _MOMENT_KEYS[self.source]}
 
 
 @dataclass
@@ -102,6 +107,27 @@ class OptimizerSpec:
     exclude: str = "bias_and_norm"
     exclude_given: bool = False
     second_moments: SecondMomentsSpec | None = None
+
+    @classmethod
+    def of(cls, type: str, params: dict, *, second_moments: SecondMomentsSpec | None = None) -> "OptimizerSpec":
+        """The spec of lb_dist optimizer ``type`` (CLARS, LARS, LAMB) with constructor arguments
+        ``params``, built in code (not parsed from JSON; e.g. from ``lb-dist train``'s flags)."""
+        canonical = type.upper()
+        if canonical not in OPTIMIZER_TYPES:
+            raise ConfigError(f"optimizer.type {type!r} is not one of lb_dist's ({', '.join(OPTIMIZER_TYPES)})")
+        if second_moments is None and canonical == "CLARS":
+            second_moments = SecondMomentsSpec()
+        return cls(type=canonical, cls=OPTIMIZER_TYPES[canonical], params=dict(params), second_moments=second_moments)
+
+    def to_dict(self) -> dict:
+        """The ``optimizer`` section (as JSON)."""
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params.items()}
+        if self.exclude_given:
+            params["exclude_from_layer_adaptation"] = self.exclude
+        section = {"type": self.type, "params": params}
+        if self.second_moments is not None:
+            section["second_moments"] = self.second_moments.to_dict()
+        return section
 
     def build(self, params, moments=None):
         """The optimizer over ``params`` (parameters or param groups)."""
@@ -116,9 +142,14 @@ class MixSpec:
     """The ``gradient_mix`` section."""
     enabled: bool = True
     noise: str = "gaussian"
-    std: float = 0.25
+    std: float = DEFAULT_STD
     granularity: str = "device"
     seed: int = 0
+
+    def to_dict(self) -> dict:
+        """The ``gradient_mix`` section."""
+        return {"enabled": self.enabled, "noise": self.noise, "std": self.std, "granularity": self.granularity,
+                "seed": self.seed}
 
     def build(self, world_size: int | None = None) -> GradientMix:
         """The :class:`lb_dist.GradientMix` of this section (over ``world_size`` processes)."""
@@ -131,6 +162,10 @@ class SchedulerSpec:
     """``scheduler`` naming an lb_dist schedule."""
     type: str
     params: dict
+
+    def to_dict(self) -> dict:
+        """The ``scheduler`` section."""
+        return {"type": self.type, "params": dict(self.params)}
 
     def build(self, optimizer):
         p = self.params
@@ -159,6 +194,16 @@ class LbDistConfig:
     def zero_stage(self) -> int:
         zero = self.raw.get("zero_optimization") or {}
         return int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
+
+    def to_dict(self) -> dict:
+        """The whole config as JSON: :attr:`raw` with the lb_dist sections written from the typed specs
+        (what a run records, e.g. ``RUN_DIR/deepspeed_config.json`` of ``lb-dist train``)."""
+        cfg = copy.deepcopy(self.raw)
+        for key, spec in (("optimizer", self.optimizer), ("gradient_mix", self.gradient_mix),
+                          ("scheduler", self.scheduler)):
+            if spec is not None:
+                cfg[key] = spec.to_dict()
+        return cfg
 
     def deepspeed_config(self) -> dict:
         """A copy of the config for DeepSpeed: without ``gradient_mix``, and without the
@@ -229,7 +274,7 @@ def _parse_optimizer(section: Mapping) -> OptimizerSpec | None:
                 continue
             value = params[key]
             if (value is accepted) if isinstance(accepted, bool) else (
-                    _is_number(value) and not isinstance(value, bool) and value == accepted):
+                    is_number(value) and not isinstance(value, bool) and value == accepted):
                 if key not in _FUSED_LAMB_KEPT:
                     params.pop(key)                 # FusedLamb's setting that is lb_dist's behaviour
                 continue
@@ -309,7 +354,7 @@ def _parse_mix(section: Mapping, raw: Mapping) -> MixSpec:
         raise ConfigError(f"gradient_mix: {exc}") from None
     spec.std = float(spec.std)
     if spec.enabled and spec.granularity == "sample" and not any(
-            _is_number(raw.get(k)) for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
+            is_number(raw.get(k)) for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
         raise ConfigError("gradient_mix.granularity = \"sample\" weights every sample of the global batch, "
                           "which needs the batch size: give train_micro_batch_size_per_gpu (or "
                           "train_batch_size) as a number")
@@ -398,13 +443,20 @@ def load_config(config) -> dict:
 
 
 def parse_config(config) -> LbDistConfig | None:
-    """Parse and validate the lb_dist parts of a DeepSpeed config (dict or JSON path).
+    """Parse and validate the lb_dist parts of a DeepSpeed config (dict or JSON path, or an
+    :class:`LbDistConfig` built in code, whose sections are typed already: only the checks of their
+    combination with DeepSpeed's keys run).
 
     Returns None when the config uses no lb_dist optimizer, ``gradient_mix`` section or lb_dist
     scheduler (DeepSpeed then runs exactly as without lb_dist). Raises :class:`ConfigError`,
     naming the key, for an unknown lb_dist key or value or an impossible combination that can be
     seen from the config alone (checks that need the process group run when the engine exists).
     """
+    if isinstance(config, LbDistConfig):
+        if config.optimizer is None and config.gradient_mix is None and config.scheduler is None:
+            return None
+        _check_combinations(config)
+        return config
     raw = load_config(config)
     spec = LbDistConfig(raw=raw)
     if "optimizer" in raw:
@@ -425,11 +477,11 @@ def accumulation_steps(raw: Mapping, world_size: int) -> int | None:
     (None when the batch keys are not numbers)."""
     gas, tbs, micro = (raw.get(k) for k in ("gradient_accumulation_steps", "train_batch_size",
                                             "train_micro_batch_size_per_gpu"))
-    if _is_number(gas):
+    if is_number(gas):
         return int(gas)
-    if _is_number(tbs) and _is_number(micro):
+    if is_number(tbs) and is_number(micro):
         return max(1, int(tbs) // max(1, int(micro) * world_size))
-    if _is_number(tbs) or _is_number(micro):
+    if is_number(tbs) or is_number(micro):
         return 1
     return None
 
@@ -527,7 +579,7 @@ def check_layerwise_settings(spec: LbDistConfig, name: str) -> None:
 #: ZeRO settings whose layout lb_dist's layer-wise reduction does not map (or whose collectives
 #: are not exact), refused by name before DeepSpeed starts: (key, refused when, why).
 _ZERO_REFUSED = (
-    ("zero_hpz_partition_size", lambda v: _is_number(v) and v > 1,
+    ("zero_hpz_partition_size", lambda v: is_number(v) and v > 1,
      "ZeRO++ hierarchical partitioning keeps a secondary copy of the weights partitioned over a "
      "sub-group of the processes; lb_dist reduces its layer norms over the data-parallel group of the "
      "primary partition only and is not tested on this layout; use 1 (the default)"),
@@ -540,7 +592,7 @@ _ZERO_REFUSED = (
     ("zero_quantized_gradients", lambda v: v is True,
      "ZeRO++ quantized gradient reduce-scatter hands the optimizer rounded gradients, so the layer "
      "norms are not those of the mean gradient; remove the key"),
-    ("mics_shard_size", lambda v: _is_number(v) and v > 0,
+    ("mics_shard_size", lambda v: is_number(v) and v > 0,
      "MiCS shards over sub-groups and replicates across them: a layer's norms would have to be "
      "reduced over the shard group only (DeepSpeed 0.19 has also removed MiCS); remove the key"),
 )

@@ -37,7 +37,7 @@ from lb_dist._vendor.torch import BatchNormBase, foreach_norm
 from lb_dist.distributed import all_reduce_sum_, get_rank, get_world_size
 from lb_dist.moments.equations import variance_factors
 
-__all__ = ["PerSampleMoments", "per_sample_second_moments", "local_subset_size"]
+__all__ = ["PerSampleMoments", "per_sample_second_moments", "local_subset_size", "DEFAULT_SUBSET_SIZE", "DEFAULT_CHUNK_SIZE"]
 
 
 @dataclass
@@ -57,6 +57,12 @@ class PerSampleMoments:
     grad_sq_norms: dict[torch.Tensor, torch.Tensor]
     variance_factors: dict[torch.Tensor, torch.Tensor]
     num_samples: int
+
+
+#: |J|, the global subset of CLARS' per-sample second moments (paper section 4.4: 512).
+DEFAULT_SUBSET_SIZE = 512
+#: Samples per ``vmap`` call of the per-sample pass (memory, not the result).
+DEFAULT_CHUNK_SIZE = 64
 
 
 def local_subset_size(subset_size: int, local_batch: int, world_size: int, rank: int) -> int:
@@ -156,8 +162,8 @@ def per_sample_second_moments(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    subset_size: int = 512,
-    chunk_size: int = 64,
+    subset_size: int = DEFAULT_SUBSET_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     params: Iterable[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     group: "dist.ProcessGroup | None" = None,

@@ -6,7 +6,8 @@ Public API:
 * :func:`train` ``(argv_or_args, backend=None) -> dict``: the same from Python (the demo runs several
   trainings in one process group through it; a given ``backend`` must be started and is not closed);
 * :class:`Backend` (process level) and :class:`Engine` (one prepared model + optimizer),
-  :func:`select_backend`, :func:`detect_backend`: the backend interface, implemented for ``single``,
+  :func:`select_backend`, :func:`detect_backend`, :func:`register_backend` (``lb_dist.train.registry``): the
+  backend interface, implemented for ``single``,
   ``torchrun``, ``deepspeed`` (:class:`DeepSpeedBackend`, ``lb_dist.deepspeed``) and ``horovod``
   (:class:`HorovodBackend`, ``lb_dist.horovod``); docs/training.md, "Adding a backend";
 * :func:`build_parser`, :func:`parse_args`: the flags.
@@ -17,25 +18,23 @@ import argparse
 import os
 import sys
 
-from lb_dist.train.backends import (Backend, BackendConfigError, BackendUnavailable, Engine, SingleProcess, Torchrun,
-                                    detect_backend, select_backend)
+from lb_dist.train.backends import Backend, BackendConfigError, BackendUnavailable, Engine, SingleProcess, Torchrun
 from lb_dist.train.checkpoint import CheckpointError
 from lb_dist.train.config import build_parser, parse_args
+from lb_dist.train.registry import detect_backend, register_backend, select_backend
 from lb_dist.train.trainer import RankFailed, TrainingDiverged, run_training
 
 __all__ = ["main", "train", "Backend", "Engine", "SingleProcess", "Torchrun", "DeepSpeedBackend", "HorovodBackend",
-           "BackendUnavailable", "BackendConfigError", "select_backend", "detect_backend", "build_parser", "parse_args",
+           "BackendUnavailable", "BackendConfigError", "select_backend", "detect_backend", "register_backend", "build_parser", "parse_args",
            "CheckpointError", "TrainingDiverged"]
 
 
 def __getattr__(name):
     # the DeepSpeed and Horovod backends import their packages only when asked for
-    if name == "DeepSpeedBackend":
-        from lb_dist.train.backend_deepspeed import DeepSpeedBackend
-        return DeepSpeedBackend
-    if name == "HorovodBackend":
-        from lb_dist.train.backend_horovod import HorovodBackend
-        return HorovodBackend
+    lazy = {"DeepSpeedBackend": "deepspeed", "HorovodBackend": "horovod"}
+    if name in lazy:
+        from lb_dist.train.registry import backend_class
+        return backend_class(lazy[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -57,7 +56,7 @@ def train(argv_or_args=None, backend: Backend | None = None) -> dict:
         raise
     if own:
         backend.close()
-    summary["closed_process_group"] = own and bool(getattr(backend, "_owns_group", False))
+    summary["closed_process_group"] = own and backend.owns_process_group
     return summary
 
 

@@ -36,9 +36,8 @@ from lb_dist._io import atomic_write_text
 from lb_dist.optim import adapted_params
 from lb_dist.train.backends import BackendConfigError, BackendUnavailable, Engine, Torchrun, grads_finite
 from lb_dist.train.checkpoint import CheckpointError, atomic_save, clear_engine_checkpoint_dir
-from lb_dist.train.deepspeed_flags import TRANSLATED_KEYS
 
-__all__ = ["DeepSpeedBackend", "DeepSpeedEngine", "deepspeed_config", "CHECKPOINT_SUBDIR"]
+__all__ = ["DeepSpeedBackend", "DeepSpeedEngine", "lb_dist_config", "deepspeed_config", "CHECKPOINT_SUBDIR"]
 
 #: DeepSpeed's files of checkpoint ``checkpoints/step-N.pt`` are in ``checkpoints/deepspeed/step-N/``.
 CHECKPOINT_SUBDIR = "deepspeed"
@@ -50,56 +49,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_config(args, world_size: int, optimizer, mix=None) -> dict:
-    """The DeepSpeed config of a run: the ``--deepspeed-config`` file's keys that are not flags, plus
-    the flags' batch layout, ZeRO stage, bf16, ``gradient_clipping`` 0 unless the file sets it
-    (DeepSpeed 0.19.8's default is 1.0; ``lb-dist train`` does not clip), the lb_dist optimizer
-    section (CLARS/LARS/LAMB, with the hyperparameters of ``optimizer``, the loop's built optimizer;
-    ``lr`` is the peak, the loop's schedule drives it) and the ``gradient_mix`` section of ``mix``
-    (the loop's GradientMix) when it mixes device-wise (sample-wise mixing is the loop's weighted
-    loss)."""
-    from lb_dist.deepspeed.config import OPTIMIZER_TYPES
-    from lb_dist.train.optimizers import peak_lr
+def lb_dist_config(args, world_size: int, mix=None):
+    """The run's DeepSpeed configuration, typed (:class:`lb_dist.deepspeed.config.LbDistConfig`, handed
+    to ``lb_dist.deepspeed.initialize`` as it is: no JSON in between): DeepSpeed's keys are the
+    ``--deepspeed-config`` file's that are not flags (``DeepSpeedFile.passthrough``) plus the flags'
+    batch layout, ZeRO stage, bf16, and ``gradient_clipping`` 0 unless the file sets it (DeepSpeed
+    0.19.8's default is 1.0; ``lb-dist train`` does not clip). The lb_dist sections come from the flags:
+    the optimizer for CLARS/LARS/LAMB (:func:`lb_dist.train.optimizers.optimizer_spec`; ``lr`` is the
+    peak, the loop's schedule drives it) and ``gradient_mix`` from ``mix`` (the loop's GradientMix) when
+    it mixes device-wise (:func:`lb_dist.train.optimizers.mix_spec`; sample-wise mixing is the loop's
+    weighted loss). ``mix`` is not read (kept for old callers)."""
+    from lb_dist.deepspeed.config import LbDistConfig
+    from lb_dist.train.optimizers import mix_spec, optimizer_spec
 
-    file = copy.deepcopy(getattr(args, "_deepspeed_file", None) or {})
-    cfg = {k: v for k, v in file.items() if k not in TRANSLATED_KEYS and k != "bfloat16"}
+    ds_file = getattr(args, "deepspeed_file", None)
+    raw = copy.deepcopy(ds_file.passthrough()) if ds_file is not None else {}
     B, A = args.batch_size, args.accumulation_steps
-    cfg.update(train_batch_size=B, gradient_accumulation_steps=A, train_micro_batch_size_per_gpu=B // (world_size * A))
-    cfg.setdefault("gradient_clipping", 0.0)
-    cfg.setdefault("steps_per_print", 2 ** 31 - 1)   # the loop logs; keep DeepSpeed's progress lines out
-    zero = dict(cfg.get("zero_optimization") or {})
+    raw.update(train_batch_size=B, gradient_accumulation_steps=A, train_micro_batch_size_per_gpu=B // (world_size * A))
+    raw.setdefault("gradient_clipping", 0.0)
+    raw.setdefault("steps_per_print", 2 ** 31 - 1)   # the loop logs; keep DeepSpeed's progress lines out
+    zero = dict(raw.get("zero_optimization") or {})
     zero["stage"] = int(args.zero_stage or 0)
-    cfg["zero_optimization"] = zero
-    bf16 = dict(file.get("bf16") or file.get("bfloat16") or {})
+    raw["zero_optimization"] = zero
+    bf16 = dict((ds_file.raw.get("bf16") or ds_file.raw.get("bfloat16") or {}) if ds_file is not None else {})
     if args.bf16 is not None:
         bf16["enabled"] = bool(args.bf16)
     if bf16:
-        cfg["bf16"] = bf16
+        raw["bf16"] = bf16
         if bf16.get("enabled"):
             # DeepSpeed 0.19.8 casts the parameters only; BatchNorm then meets fp32 running statistics
             # ("expected scalar type BFloat16 but found Float"): the buffers go to bf16 as well
-            cfg["data_types"] = {"buffer_dtype": "bf16", **(cfg.get("data_types") or {})}
-    name = args.optimizer
-    if name.upper() in OPTIMIZER_TYPES:
-        defaults = optimizer.defaults
-        params = {"lr": peak_lr(args), "weight_decay": args.weight_decay}
-        if name in ("clars", "lars"):
-            params.update(momentum=defaults["momentum"], eta=defaults["eta"])
-            if name == "clars":
-                params["nesterov"] = defaults["nesterov"]
-        else:
-            params.update(betas=list(defaults["betas"]), eps=defaults["eps"])
-        section = {"type": name.upper(), "params": params}
-        if name == "clars":
-            section["second_moments"] = (
-                {"source": "micro_batch", "ema": args.moments_ema} if args.clars_moments == "micro-batch" else
-                {"source": "per_sample", "subset_size": args.per_sample_subset, "chunk_size": args.per_sample_chunk})
-        cfg["optimizer"] = section
-    elif zero["stage"] > 0:
-        cfg["zero_allow_untested_optimizer"] = True      # torch's SGD is elementwise: ZeRO-safe
-    if mix is not None and mix.granularity == "device":
-        cfg["gradient_mix"] = {"noise": mix.noise, "std": mix.std, "granularity": "device", "seed": mix.seed}
-    return cfg
+            raw["data_types"] = {"buffer_dtype": "bf16", **(raw.get("data_types") or {})}
+    spec = LbDistConfig(raw=raw, optimizer=optimizer_spec(args))
+    if spec.optimizer is None and zero["stage"] > 0:
+        raw["zero_allow_untested_optimizer"] = True      # torch's SGD/Adam are elementwise: ZeRO-safe
+    if args.mix == "device":
+        spec.gradient_mix = mix_spec(args)
+    return spec
+
+
+def deepspeed_config(args, world_size: int, optimizer=None, mix=None) -> dict:
+    """The DeepSpeed config of a run as JSON (:func:`lb_dist_config`'s ``to_dict()``: what
+    ``RUN_DIR/deepspeed_config.json`` records). ``optimizer`` is not read (kept for old callers)."""
+    return lb_dist_config(args, world_size, mix).to_dict()
 
 
 def _cast_floating_inputs(dtype):
@@ -275,6 +267,13 @@ class DeepSpeedBackend(Torchrun):
     process as a group of one. The collectives are torch.distributed's (as for torchrun)."""
 
     name = "deepspeed"
+    training_pass_moments = False
+    deepspeed_settings = True
+    builds_layerwise_optimizer = True
+
+    @classmethod
+    def from_flags(cls, *, device: str = "auto", dist_backend: str = "auto", local_rank_flag: int | None = None):
+        return cls(device, dist_backend, local_rank_flag=local_rank_flag)
 
     def __init__(self, device: str = "auto", dist_backend: str = "auto", local_rank_flag: int | None = None) -> None:
         super().__init__(device, dist_backend)
@@ -319,6 +318,12 @@ class DeepSpeedBackend(Torchrun):
             deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)  # DeepSpeed's comm over it
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
+    def check_args(self, args) -> str | None:
+        message = super().check_args(args)
+        if message or args is None or getattr(args, "deepspeed_file", None) is None:
+            return message
+        return args.deepspeed_file.check_micro_batch(args.batch_size, args.accumulation_steps, self.world_size)
+
     def close(self, failed: bool = False) -> None:
         super().close(failed)
         if self._mpi and self._owns_group and not failed:
@@ -326,29 +331,40 @@ class DeepSpeedBackend(Torchrun):
             if not MPI.Is_finalized():
                 MPI.Finalize()                        # mpirun reports a rank that exits without it as failed
 
-    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None):
+    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None,
+                param_groups=None):
+        """``optimizer``: torch's SGD/Adam/AdamW (a client optimizer), or None with ``param_groups`` when
+        the flags name lb_dist's CLARS/LARS/LAMB, which ``lb_dist.deepspeed.initialize`` builds (ZeRO-exact)
+        from the run's typed spec (:attr:`builds_layerwise_optimizer`); a given lb_dist optimizer is used
+        for its param groups only."""
         if args is None:
             raise ValueError("the deepspeed backend builds its config from the run's flags: prepare(..., args=...)")
         import lb_dist.deepspeed as lbds
 
-        cfg = deepspeed_config(args, self.world_size, optimizer, mix)
+        spec = lb_dist_config(args, self.world_size, mix)
+        if param_groups is None:
+            if optimizer is None:
+                raise ValueError("prepare(): give the optimizer or its param_groups")
+            param_groups = optimizer.param_groups
         groups = [{"params": list(g["params"]), "weight_decay": g.get("weight_decay", 0.0),
-                   "layer_adaptation": g.get("layer_adaptation", True)} for g in optimizer.param_groups]
+                   "layer_adaptation": g.get("layer_adaptation", True)} for g in param_groups]
         adapted = adapted_params(groups)
         if mix is not None:
             mix.detach()          # DeepSpeed steps the inner optimizer once per group: advanced by the engine instead
         try:
-            if "optimizer" in cfg:                    # lb_dist's CLARS/LARS/LAMB, built by the adapter (ZeRO-exact)
-                ds, *_ = lbds.initialize(model=model, model_parameters=groups, config=cfg)
+            if spec.optimizer is not None:           # lb_dist's CLARS/LARS/LAMB, built by the adapter (ZeRO-exact)
+                ds, *_ = lbds.initialize(model=model, model_parameters=groups, config=spec)
             else:                                     # torch's SGD/Adam/AdamW, as a client optimizer
                 for g in optimizer.param_groups:
                     g.pop("layer_adaptation", None)
-                ds, *_ = lbds.initialize(model=model, optimizer=optimizer, config=cfg)
+                config = spec if spec.gradient_mix is not None else spec.deepspeed_config()
+                ds, *_ = lbds.initialize(model=model, optimizer=optimizer, config=config)
         except lbds.ConfigError as e:
             raise BackendConfigError(f"the DeepSpeed config built from the flags{' and ' + args.deepspeed_config if args.deepspeed_config else ''} "
                              f"is refused by lb_dist.deepspeed: {e}") from e
         runtime = getattr(ds, "lb_dist", None)
         engine_mix = runtime.mix if runtime is not None and runtime.mix is not None else mix
+        cfg = spec.to_dict()
         engine = DeepSpeedEngine(self, ds, runtime, mix=engine_mix, adapted=adapted, config=cfg,
                                  advance_mix=engine_mix is mix)
         if self.is_main and getattr(args, "run_dir", None):
@@ -356,7 +372,7 @@ class DeepSpeedBackend(Torchrun):
             target = Path(args.run_dir) / "deepspeed_config.json"
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(target, json.dumps(cfg, indent=2) + "\n")
-        print_notes = getattr(args, "_deepspeed_notes", None)
+        print_notes = args.deepspeed_file.notes if getattr(args, "deepspeed_file", None) is not None else None
         if print_notes and self.is_main:
             for note in print_notes:
                 print(f"[lb-dist train] --deepspeed-config {args.deepspeed_config}: {note}", file=sys.stderr, flush=True)

@@ -133,7 +133,12 @@ class FSDPBackend(Torchrun):
 
     name = "fsdp"
 
+    training_pass_moments = False
+
     def check_args(self, args) -> str | None:
+        message = super().check_args(args)
+        if message:
+            return message
         if self.world_size < 2:
             return ("argument --backend: fsdp needs >= 2 processes (torchrun --nproc_per_node N, N >= 2); one "
                     "process: --backend single")

@@ -49,6 +49,7 @@ class HorovodBackend(Backend):
     """Horovod's job (``hvd.init()``): rank, size and local rank from horovodrun / mpirun."""
 
     name = "horovod"
+    training_pass_moments = True
 
     def start(self) -> None:
         hvd = _hvd()
@@ -77,7 +78,7 @@ class HorovodBackend(Backend):
         if moments is not None and (self.world_size == 1 or not hasattr(moments, "track_backward")):
             # one rank: nothing to compare in the allreduce; as in a single process. TrainingPassMoments:
             # its own hooks, and finish_step reduces its sums in one small Horovod allreduce
-            engine._track_accumulation(moments, local_batch_size, accumulation_steps)
+            engine.track_accumulation(moments, local_batch_size, accumulation_steps)
             hvd_moments = None
         device_mix = mix if mix is not None and mix.granularity == "device" else None
         engine.optimizer = lbh.DistributedOptimizer(

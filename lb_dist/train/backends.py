@@ -23,7 +23,8 @@ DDP and the ``lb_dist.ddp`` communication hook for device-wise GradientMix and C
 statistics); in ``backend_deepspeed.py`` :class:`DeepSpeedBackend` (``lb_dist.deepspeed``, ZeRO
 0-3), in ``backend_horovod.py`` :class:`HorovodBackend` (``lb_dist.horovod.DistributedOptimizer``) and in
 ``backend_fsdp.py`` :class:`FSDPBackend` (FSDP2 ``fully_shard`` with ``lb_dist.fsdp``, DCP checkpoints).
-docs/training.md ("Adding a backend") lists what each method must guarantee.
+docs/training.md ("Adding a backend") lists what each method must guarantee. The backends are
+registered by name in :mod:`lb_dist.train.registry` (``select_backend``, ``detect_backend``).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from lb_dist.optim import adapted_params
 from lb_dist.train.checkpoint import CheckpointError, atomic_save
 
 __all__ = ["Backend", "Engine", "SingleProcess", "Torchrun", "LocalEngine", "DDPEngine", "BackendUnavailable",
-           "BackendConfigError", "select_backend", "detect_backend", "grads_finite"]
+           "BackendConfigError", "grads_finite"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -84,7 +85,7 @@ class Engine:
         self.local_moments = None                            # MicroBatchMoments fed by track_backward
         self._trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def _track_accumulation(self, moments, local_batch_size: int, accumulation_steps: int) -> None:
+    def track_accumulation(self, moments, local_batch_size: int, accumulation_steps: int) -> None:
         """Feed ``moments`` from this process's accumulation micro-batches (``track_backward``); a
         ``TrainingPassMoments`` measures through its own hooks and only needs ``finish_step``."""
         if not hasattr(moments, "track_backward"):
@@ -201,6 +202,14 @@ class Backend(abc.ABC):
     ``local_rank``, ``device``."""
 
     name: str = "?"
+    #: Capabilities the run's flags are checked against (:meth:`check_args`); the loop never tests ``name``.
+    #: CLARS' ``--clars-moments training-pass`` (module hooks on the plain model, reduced by the backend).
+    training_pass_moments: bool = False
+    #: The DeepSpeed settings (``--zero-stage``, ``--bf16``, ``--deepspeed-config``).
+    deepspeed_settings: bool = False
+    #: ``prepare`` builds lb_dist's layer-wise optimizer (CLARS/LARS/LAMB) itself from the run's typed
+    #: spec: the loop then passes ``optimizer=None, param_groups=...`` instead of building one (DeepSpeed).
+    builds_layerwise_optimizer: bool = False
 
     def __init__(self, device: str = "auto", dist_backend: str = "auto") -> None:
         self.requested_device = device
@@ -209,10 +218,22 @@ class Backend(abc.ABC):
         self.world_size = 1
         self.local_rank = 0
         self.device = torch.device("cpu")
+        self._owns_group = False
+
+    @classmethod
+    def from_flags(cls, *, device: str = "auto", dist_backend: str = "auto", local_rank_flag: int | None = None):
+        """The unstarted backend for the flags ``--device``, ``--dist-backend`` and the launcher's
+        ``--local_rank`` (:func:`lb_dist.train.registry.select_backend`)."""
+        return cls(device, dist_backend)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def owns_process_group(self) -> bool:
+        """True when :meth:`start` created the process group (and :meth:`close` destroys it)."""
+        return self._owns_group
 
     def _resolve_device(self) -> torch.device:
         want = self.requested_device
@@ -230,7 +251,20 @@ class Backend(abc.ABC):
 
     def check_args(self, args) -> str | None:
         """After :meth:`start`, before anything is created: the message (naming the flag) of a flag
-        this backend refuses with this world size, or None. Default: None."""
+        this backend refuses with this world size, or None. Here: the flags the backend's capabilities
+        (:attr:`deepspeed_settings`, :attr:`training_pass_moments`) do not cover; a subclass adds its
+        own checks after ``super().check_args(args)``."""
+        if args is None:
+            return None
+        if not self.deepspeed_settings:
+            for flag, dest in (("--zero-stage", "zero_stage"), ("--bf16", "bf16"),
+                               ("--deepspeed-config", "deepspeed_config")):
+                if getattr(args, dest, None) is not None:
+                    return f"argument {flag}: only for --backend deepspeed, and this run's backend is {self.name}"
+        if not self.training_pass_moments and getattr(args, "optimizer", None) == "clars" and \
+                getattr(args, "clars_moments", None) == "training-pass":
+            return (f"argument --clars-moments: training-pass is implemented for --backend single, torchrun and "
+                    f"horovod (module hooks), and this run's backend is {self.name}; use micro-batch or per-sample")
         return None
 
     def close(self, failed: bool = False) -> None:
@@ -276,6 +310,7 @@ class SingleProcess(Backend):
     accumulation (``MicroBatchMoments.track_backward``; ``accumulation_steps`` >= 2)."""
 
     name = "single"
+    training_pass_moments = True
 
     def start(self) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -289,7 +324,7 @@ class SingleProcess(Backend):
             raise ValueError("device-wise GradientMix needs >= 2 data-parallel processes")
         engine = LocalEngine(self, model, optimizer, mix=mix, moments=moments)
         if moments is not None:
-            engine._track_accumulation(moments, local_batch_size, accumulation_steps)
+            engine.track_accumulation(moments, local_batch_size, accumulation_steps)
         return engine
 
     def all_reduce_sum(self, tensor):
@@ -330,6 +365,7 @@ class Torchrun(Backend):
     initialized (several trainings in one job), it is used and left open."""
 
     name = "torchrun"
+    training_pass_moments = True
 
     def start(self) -> None:
         self._owns_group = False
@@ -367,10 +403,10 @@ class Torchrun(Backend):
         hook_moments = moments
         if moments is not None and not hasattr(moments, "track_backward"):
             # TrainingPassMoments: its sums ride in the hook's all-reduce; finish_step closes the step
-            engine._track_accumulation(moments, local_batch_size, accumulation_steps)
+            engine.track_accumulation(moments, local_batch_size, accumulation_steps)
         elif moments is not None and self.world_size == 1:
             # one rank: nothing to compare in the all-reduce; as in a single process
-            engine._track_accumulation(moments, local_batch_size, accumulation_steps)
+            engine.track_accumulation(moments, local_batch_size, accumulation_steps)
             hook_moments = None
         device_mix = mix if mix is not None and mix.granularity == "device" else None
         if device_mix is not None or hook_moments is not None:
@@ -397,52 +433,13 @@ class Torchrun(Backend):
         dist.barrier()
 
 
-def detect_backend(environ=None, local_rank_flag: int | None = None) -> str:
-    """The backend ``--backend auto`` picks from the launcher's environment:
+def __getattr__(name):
+    # select_backend / detect_backend moved to lb_dist.train.registry (public: lb_dist.train.select_backend)
+    if name in ("select_backend", "detect_backend"):
+        import warnings
 
-    * ``horovod``: ``HOROVOD_RANK`` (horovodrun with Gloo);
-    * ``torchrun``: ``TORCHELASTIC_RUN_ID`` (torchrun / torch.distributed.run);
-    * ``deepspeed``: the ``--local_rank`` argument the deepspeed launcher passes, or its environment
-      (``CROSS_RANK`` and ``LOCAL_SIZE`` next to ``RANK``/``WORLD_SIZE``);
-    * ``torchrun``: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (any env:// launcher);
-    * ``horovod``: an MPI launch (``horovodrun --mpi``, ``mpirun``: ``OMPI_COMM_WORLD_SIZE`` or
-      ``PMI_SIZE``) with more than one process (DeepSpeed under mpirun: give ``--backend deepspeed``);
-    * else ``single``."""
-    env = os.environ if environ is None else environ
-    if "HOROVOD_RANK" in env:
-        return "horovod"
-    if "TORCHELASTIC_RUN_ID" in env:
-        return "torchrun"
-    if local_rank_flag is not None:  # the deepspeed launcher passes --local_rank
-        return "deepspeed"
-    launched = all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-    if launched and "CROSS_RANK" in env and "LOCAL_SIZE" in env:  # deepspeed launcher with --no_local_rank
-        return "deepspeed"
-    if launched:
-        return "torchrun"
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        value = env.get(var, "")
-        if value.isdigit() and int(value) > 1:
-            return "horovod"
-    return "single"
-
-
-def select_backend(name: str, *, device: str = "auto", dist_backend: str = "auto",
-                   local_rank_flag: int | None = None) -> Backend:
-    """An unstarted backend for ``--backend name`` (``auto``: :func:`detect_backend`)."""
-    if name == "auto":
-        name = detect_backend(local_rank_flag=local_rank_flag)
-    if name == "single":
-        return SingleProcess(device, dist_backend)
-    if name == "torchrun":
-        return Torchrun(device, dist_backend)
-    if name == "deepspeed":
-        from lb_dist.train.backend_deepspeed import DeepSpeedBackend
-        return DeepSpeedBackend(device, dist_backend, local_rank_flag=local_rank_flag)
-    if name == "horovod":
-        from lb_dist.train.backend_horovod import HorovodBackend
-        return HorovodBackend(device, dist_backend)
-    if name == "fsdp":
-        from lb_dist.train.backend_fsdp import FSDPBackend
-        return FSDPBackend(device, dist_backend)
-    raise BackendUnavailable(f"unknown backend {name!r}")
+        from lb_dist.train import registry
+        warnings.warn(f"lb_dist.train.backends.{name} moved to lb_dist.train.registry (also lb_dist.train.{name})",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

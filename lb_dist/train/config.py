@@ -11,14 +11,18 @@ import argparse
 import math
 import os
 
+from lb_dist.mixing import DEFAULT_STD
+from lb_dist.moments.per_sample import DEFAULT_CHUNK_SIZE, DEFAULT_SUBSET_SIZE
+from lb_dist.train.registry import BACKEND_NAMES
+
 __all__ = ["build_parser", "parse_args", "check_args", "RUN_DEFINING", "OPTIMIZERS", "SCHEDULES",
-           "DATASETS", "BACKENDS", "MODEL_DEFAULT", "parse_model_options"]
+           "DATASETS", "BACKENDS", "MODEL_DEFAULT", "parse_model_options", "ATTACHMENTS", "to_dict"]
 
 OPTIMIZERS = ("sgd", "nesterov", "lars", "clars", "adam", "adamw", "lamb")
 LAYERWISE = ("lars", "clars", "lamb")
 SCHEDULES = ("constant", "poly", "inverse-sqrt")
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagenet", "multi30k")
-BACKENDS = ("auto", "single", "torchrun", "deepspeed", "horovod", "fsdp")
+BACKENDS = BACKEND_NAMES
 MIXES = ("none", "device", "sample")
 MOMENT_SOURCES = ("micro-batch", "per-sample", "training-pass")
 MODEL_DEFAULT = "resnet20"
@@ -157,7 +161,7 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=1)
-    g.add_argument("--batch-size", type=_positive_int, default=512,
+    g.add_argument("--batch-size", type=_positive_int, default=DEFAULT_SUBSET_SIZE,
                    help="GLOBAL batch size B per optimizer step = world size x --accumulation-steps x micro-batch")
     g.add_argument("--accumulation-steps", type=_positive_int, default=1,
                    help="micro-batches accumulated per optimizer step on every rank")
@@ -190,7 +194,7 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
                         "the training step's own activations and output gradients; --backend single/torchrun/horovod)")
     g.add_argument("--per-sample-subset", type=_positive_int, default=512,
                    help="|J|, the global per-sample subset (CLARS paper section 4.4)")
-    g.add_argument("--per-sample-chunk", type=_positive_int, default=64, help="samples per vmap call (memory)")
+    g.add_argument("--per-sample-chunk", type=_positive_int, default=DEFAULT_CHUNK_SIZE, help="samples per vmap call (memory)")
     g.add_argument("--moments-ema", type=_non_negative_float, default=0.0,
                    help="micro-batch estimator smoothing across steps, in [0, 1)")
 
@@ -215,7 +219,7 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
                         "randomly weighted per-sample losses (eq. 4)")
     g.add_argument("--mix-noise", choices=("gaussian", "rademacher"), default="gaussian")
     g.add_argument("--mix-std", type=_non_negative_float, default=None,
-                   help="relative std of a coefficient (default lb_dist.mixing.DEFAULT_STD = 0.25)")
+                   help=f"relative std of a coefficient (default lb_dist.mixing.DEFAULT_STD = {DEFAULT_STD})")
     g.add_argument("--mix-seed", type=int, default=None, help="default: --seed")
 
     g = p.add_argument_group("run directory, checkpoints, logging")
@@ -395,12 +399,21 @@ def parse_args(argv=None, world_size: int | None = None, prog: str = "lb-dist tr
         if args.backend not in ("auto", "deepspeed"):
             p.error(f"argument --deepspeed-config: only for --backend deepspeed, not {args.backend}")
         from lb_dist.train.deepspeed_flags import apply_deepspeed_config
-        apply_deepspeed_config(p, args, explicit_flags(argv, prog))
+        args.deepspeed_file = apply_deepspeed_config(p, args, explicit_flags(argv, prog))
+    else:
+        args.deepspeed_file = None
     check_args(p, args, world_size)
-    args._parser = p  # for later errors that need the environment (dropped before saving)
+    args.parser = p  # for later errors that need the environment (an attachment: not saved)
     return args
+
+
+#: Objects :func:`parse_args` attaches to the namespace next to the flags (not flags: never saved):
+#: ``parser`` (argparse-style errors found later, e.g. against the world size) and ``deepspeed_file``
+#: (a :class:`lb_dist.train.deepspeed_flags.DeepSpeedFile`, or None).
+ATTACHMENTS = ("parser", "deepspeed_file")
 
 
 def to_dict(args: argparse.Namespace) -> dict:
     """The flags as a JSON-able dict (what config.json and the checkpoints hold)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if not k.startswith("_")}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+            if not k.startswith("_") and k not in ATTACHMENTS}

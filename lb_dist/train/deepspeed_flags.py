@@ -1,10 +1,12 @@
 """``--deepspeed-config FILE``: a DeepSpeed JSON config as the defaults of ``lb-dist train``'s flags.
 
 ``lb-dist train`` owns the batch layout, the optimizer, the schedule and GradientMix (the same flags
-for every backend); with ``--backend deepspeed`` it builds the DeepSpeed config from them
-(``lb_dist.train.backend_deepspeed.deepspeed_config``). A user's config (e.g. one of
-``deepspeed_configs/``) is read here, at parse time, and its settings of those things become the
-values of the corresponding flags that were **not** given on the command line (a flag given
+for every backend); with ``--backend deepspeed`` it builds the typed DeepSpeed config from them
+(``lb_dist.train.backend_deepspeed.lb_dist_config``). A user's config (e.g. one of
+``deepspeed_configs/``) is read here, at parse time, validated once by
+``lb_dist.deepspeed.config.parse_config`` (lb_dist's keys; the values of its typed sections are taken
+as they are), and its settings of those things become the values of the corresponding flags that
+were **not** given on the command line (a flag given
 explicitly wins; every override is reported on rank 0 when the run starts). Its other keys
 (``zero_optimization`` but its ``stage``, ``gradient_clipping``, ``fp16``, communication settings,
 ...) are handed to DeepSpeed as they are.
@@ -34,9 +36,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["apply_deepspeed_config", "TRANSLATED_KEYS", "check_micro_batch"]
+__all__ = ["apply_deepspeed_config", "DeepSpeedFile", "TRANSLATED_KEYS", "check_micro_batch"]
 
 #: Top-level keys of the file that become flags (the backend rebuilds them from the flags).
 TRANSLATED_KEYS = ("train_batch_size", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu",
@@ -54,6 +57,32 @@ _ALLOWED_PARAMS = {
 }
 
 
+@dataclass
+class DeepSpeedFile:
+    """What ``--deepspeed-config FILE`` leaves after its settings became flags (``args.deepspeed_file``,
+    attached by :func:`lb_dist.train.config.parse_args`; never saved with the flags)."""
+    path: str
+    raw: dict                                   #: the file's content
+    notes: list[str] = field(default_factory=list)   #: the file's settings a command-line flag overrode
+    total_num_steps: int | None = None          #: ``scheduler.params.total_num_steps`` (the run's length wins)
+
+    def passthrough(self) -> dict:
+        """The file's keys that are not flags (DeepSpeed's own), for the config the backend builds."""
+        return {k: v for k, v in self.raw.items() if k not in TRANSLATED_KEYS and k != "bfloat16"}
+
+    def check_micro_batch(self, batch_size: int, accumulation_steps: int, world_size: int) -> str | None:
+        """The file's ``train_micro_batch_size_per_gpu`` against the run's layout; an error message or None."""
+        micro = self.raw.get("train_micro_batch_size_per_gpu")
+        if micro is None:
+            return None
+        want = batch_size // (world_size * accumulation_steps)
+        if micro != want:
+            return (f"argument --deepspeed-config: {self.path}: train_micro_batch_size_per_gpu = {micro} does "
+                    f"not fit --batch-size {batch_size} / ({world_size} processes x --accumulation-steps "
+                    f"{accumulation_steps}) = {want}; remove the key (lb-dist train derives it) or change the flags")
+        return None
+
+
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
@@ -62,6 +91,7 @@ class _Translation:
     def __init__(self, parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str], path: str):
         self.parser, self.args, self.given, self.path = parser, args, given, path
         self.notes: list[str] = []
+        self.total_num_steps: int | None = None
 
     def error(self, message: str):
         self.parser.error(f"argument --deepspeed-config: {self.path}: {message}")
@@ -91,7 +121,10 @@ def _number(t: _Translation, key: str, value, *, integer: bool = False, positive
     return int(value) if integer else float(value)
 
 
-def _optimizer(t: _Translation, section: Mapping) -> None:
+def _optimizer(t: _Translation, section: Mapping, typed=None) -> None:
+    """``typed``: the section parsed by ``lb_dist.deepspeed.config.parse_config`` (an ``OptimizerSpec``)
+    for lb_dist's CLARS/LARS/LAMB, whose values are validated there (the optimizer's own checks, naming
+    the key): taken as they are. torch's SGD/Adam/AdamW (not lb_dist's) are checked here."""
     kind = section.get("type")
     if not isinstance(kind, str):
         t.error(f"optimizer.type must be a string, got {kind!r}")
@@ -138,7 +171,9 @@ def _optimizer(t: _Translation, section: Mapping) -> None:
         if key not in params:
             continue
         value = params[key]
-        if key == "betas":
+        if typed is not None:                       # validated by parse_config (the optimizer's own checks)
+            value = list(typed.params[key]) if key == "betas" else float(typed.params[key])
+        elif key == "betas":
             if not isinstance(value, (list, tuple)) or len(value) != 2:
                 t.error(f"optimizer.params.betas must be a pair [beta1, beta2], got {value!r}")
             value = [_number(t, "optimizer.params.betas", v) for v in value]
@@ -156,80 +191,61 @@ def _optimizer(t: _Translation, section: Mapping) -> None:
         t.set("wd_exclusion", value == "bias_and_norm", "optimizer.params.exclude_from_layer_adaptation")
     moments = section.get("second_moments")   # keys and values checked by parse_config (CLARS only)
     if moments is not None:
-        if not isinstance(moments, Mapping):
-            t.error("optimizer.second_moments must be a JSON object")
-        source = moments.get("source", "micro_batch")
-        t.set("clars_moments", source.replace("_", "-"), "optimizer.second_moments.source")
+        spec = typed.second_moments               # parse_config's SecondMomentsSpec
+        t.set("clars_moments", spec.source.replace("_", "-"), "optimizer.second_moments.source")
         for key, dest in (("ema", "moments_ema"), ("subset_size", "per_sample_subset"),
                           ("chunk_size", "per_sample_chunk")):
             if key in moments:
-                value = moments[key]
-                value = _number(t, f"optimizer.second_moments.{key}", value) if key == "ema" else \
-                    _number(t, f"optimizer.second_moments.{key}", value, integer=True, positive=True)
-                t.set(dest, value, f"optimizer.second_moments.{key}")
+                t.set(dest, getattr(spec, key), f"optimizer.second_moments.{key}")
 
 
-def _mix(t: _Translation, section: Mapping) -> None:
-    # the keys and values were checked by parse_config (apply_deepspeed_config calls it first)
-    if section.get("enabled", True) is False or section.get("noise", "gaussian") == "none":
-        t.set("mix", "none", "gradient_mix.enabled" if section.get("enabled", True) is False else "gradient_mix.noise")
+def _mix(t: _Translation, section: Mapping, spec) -> None:
+    """``spec``: the section as parse_config parsed and validated it (a ``MixSpec``): taken as it is."""
+    if not spec.enabled or spec.noise == "none":
+        t.set("mix", "none", "gradient_mix.enabled" if not spec.enabled else "gradient_mix.noise")
         return
-    granularity = section.get("granularity", "device")
-    noise = section.get("noise", "gaussian")
-    t.set("mix", granularity, "gradient_mix.granularity")
-    t.set("mix_noise", noise, "gradient_mix.noise")
+    t.set("mix", spec.granularity, "gradient_mix.granularity")
+    t.set("mix_noise", spec.noise, "gradient_mix.noise")
     if "std" in section:
-        std = _number(t, "gradient_mix.std", section["std"])
-        t.set("mix_std", std, "gradient_mix.std")
+        t.set("mix_std", spec.std, "gradient_mix.std")
     if "seed" in section:
-        t.set("mix_seed", _number(t, "gradient_mix.seed", section["seed"], integer=True), "gradient_mix.seed")
+        t.set("mix_seed", int(spec.seed), "gradient_mix.seed")
 
 
-def _scheduler(t: _Translation, section: Mapping | None) -> None:
+def _scheduler(t: _Translation, section: Mapping | None, typed=None) -> None:
+    """``typed``: the section parse_config parsed and validated (a ``SchedulerSpec`` for lb_dist's
+    PolynomialWarmupDecay / InverseSqrt; None for DeepSpeed's or torch's schedules): taken as it is."""
     if section is None:
         t.set("schedule", "constant", "(no scheduler section)")
         return
-    kind = section.get("type")
-    params = section.get("params", {}) or {}
-    if not isinstance(params, Mapping):
-        t.error(f"scheduler.params must be a JSON object, got {type(params).__name__}")
-    if kind == "PolynomialWarmupDecay":
+    if typed is None:
+        t.error(f"scheduler.type {section.get('type')!r}: lb-dist train runs lb_dist's schedules "
+                f"(PolynomialWarmupDecay, InverseSqrt, or none = constant); use one of them, or remove the section "
+                f"and give --schedule")
+    params = typed.params
+    if typed.type == "PolynomialWarmupDecay":
         t.set("schedule", "poly", "scheduler.type")
         keys = {"warmup_num_steps": "warmup_steps", "init_factor": "lr_init_factor",
                 "final_factor": "lr_final_factor", "warmup_power": "warmup_power", "decay_power": "decay_power"}
-        allowed = set(keys) | {"total_num_steps"}
-    elif kind == "InverseSqrt":
+    else:
         t.set("schedule", "inverse-sqrt", "scheduler.type")
         keys = {"warmup_num_steps": "warmup_steps"}
-        allowed = set(keys)
-    else:
-        t.error(f"scheduler.type {kind!r}: lb-dist train runs lb_dist's schedules (PolynomialWarmupDecay, "
-                f"InverseSqrt, or none = constant); use one of them, or remove the section and give --schedule")
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        t.error(f"scheduler.params.{unknown[0]}: unknown key for {kind}; known keys: {', '.join(sorted(allowed))}")
     for key, dest in keys.items():
         if key not in params:
             continue
         if key == "warmup_num_steps":
-            value = _number(t, f"scheduler.params.{key}", params[key], integer=True)
-            if value < 0:
-                t.error(f"scheduler.params.{key} must be >= 0, got {value}")
-            t.set(dest, value, f"scheduler.params.{key}", blocked_by=("warmup_epochs",))
+            t.set(dest, int(params[key]), f"scheduler.params.{key}", blocked_by=("warmup_epochs",))
         else:
-            value = _number(t, f"scheduler.params.{key}", params[key])
-            if value < 0 or (key.endswith("power") and value <= 0):
-                t.error(f"scheduler.params.{key} must be {'> 0' if key.endswith('power') else '>= 0'}, got {value}")
-            t.set(dest, value, f"scheduler.params.{key}")
+            t.set(dest, float(params[key]), f"scheduler.params.{key}")
     if "total_num_steps" in params:
-        t.args._ds_total_num_steps = _number(t, "scheduler.params.total_num_steps", params["total_num_steps"],
-                                             integer=True, positive=True)
+        t.total_num_steps = int(params["total_num_steps"])
 
 
-def apply_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]) -> None:
+def apply_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           given: set[str]) -> DeepSpeedFile:
     """Fill the flags not in ``given`` from ``args.deepspeed_config`` (see the module docstring);
-    ``parser.error`` naming the file and the key on a setting that cannot be expressed. Stores the
-    file's content in ``args._deepspeed_file`` and the overrides in ``args._deepspeed_notes``."""
+    ``parser.error`` naming the file and the key on a setting that cannot be expressed. Returns the
+    file's content, the overrides and its ``total_num_steps`` as a :class:`DeepSpeedFile`."""
     from lb_dist.deepspeed.config import ConfigError, load_config, parse_config
 
     path = args.deepspeed_config
@@ -241,7 +257,7 @@ def apply_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Names
     if not isinstance(raw, dict):
         t.error(f"the config must be a JSON object, got {type(raw).__name__}")
     try:
-        parse_config(raw)  # lb_dist's own validation of its keys (errors name the key)
+        spec = parse_config(raw)  # lb_dist's one validation of its keys (errors name the key)
     except ConfigError as e:
         t.error(str(e))
     for key in ("train_batch_size", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu"):
@@ -266,25 +282,16 @@ def apply_deepspeed_config(parser: argparse.ArgumentParser, args: argparse.Names
     if "optimizer" in raw:
         if not isinstance(raw["optimizer"], Mapping):
             t.error("optimizer must be a JSON object")
-        _optimizer(t, raw["optimizer"])
+        _optimizer(t, raw["optimizer"], spec.optimizer if spec is not None else None)
     if "gradient_mix" in raw:
-        _mix(t, raw["gradient_mix"])
+        _mix(t, raw["gradient_mix"], spec.gradient_mix)
     if "scheduler" in raw and not isinstance(raw["scheduler"], Mapping):
         t.error("scheduler must be a JSON object")
-    _scheduler(t, raw.get("scheduler"))
-    args._deepspeed_file = raw
-    args._deepspeed_notes = t.notes
+    _scheduler(t, raw.get("scheduler"), spec.scheduler if spec is not None else None)
+    return DeepSpeedFile(path=path, raw=raw, notes=t.notes, total_num_steps=t.total_num_steps)
 
 
 def check_micro_batch(args: argparse.Namespace, world_size: int) -> str | None:
-    """The file's ``train_micro_batch_size_per_gpu`` against the run's layout; an error message or None."""
-    raw = getattr(args, "_deepspeed_file", None) or {}
-    micro = raw.get("train_micro_batch_size_per_gpu")
-    if micro is None:
-        return None
-    want = args.batch_size // (world_size * args.accumulation_steps)
-    if micro != want:
-        return (f"argument --deepspeed-config: {args.deepspeed_config}: train_micro_batch_size_per_gpu = {micro} does "
-                f"not fit --batch-size {args.batch_size} / ({world_size} processes x --accumulation-steps "
-                f"{args.accumulation_steps}) = {want}; remove the key (lb-dist train derives it) or change the flags")
-    return None
+    """``args.deepspeed_file.check_micro_batch`` for the run's flags (None without a file)."""
+    file = getattr(args, "deepspeed_file", None)
+    return None if file is None else file.check_micro_batch(args.batch_size, args.accumulation_steps, world_size)

@@ -29,17 +29,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lb_dist.mixing import GradientMix
 from lb_dist.train.backends import Backend, Engine
 from lb_dist.train.checkpoint import (FORMAT, CheckpointError, checkpoint_path, latest_checkpoint, list_checkpoints,
                                       load_checkpoint, prune_checkpoints, verify_checkpoint, write_manifest)
 from lb_dist.train.config import RUN_DEFINING, check_layout, to_dict
 from lb_dist.train.metrics import MetricsLogger
-from lb_dist.train.optimizers import build_optimizer, build_scheduler, peak_lr, warmup_steps
+from lb_dist.train.optimizers import (build_optimizer, build_scheduler, mix_spec, optimizer_groups, optimizer_spec, peak_lr,
+                                     warmup_steps)
 from lb_dist.train.sampling import BatchLayout, StepBatchSampler
 from lb_dist.train.workloads import build_workload
 
-__all__ = ["run_training", "MAX_CONSECUTIVE_SKIPS", "TrainingDiverged", "RankFailed"]
+__all__ = ["run_training", "Trainer", "StepRunner", "build_components", "MAX_CONSECUTIVE_SKIPS", "TrainingDiverged",
+           "RankFailed"]
 
 #: Abort (with an error, after a checkpoint of the last good state exists) after this many
 #: consecutive optimizer steps with non-finite gradients.
@@ -86,7 +87,7 @@ class _RankParser:
     ``ValueError`` when the namespace did not come from :func:`lb_dist.train.config.parse_args`."""
 
     def __init__(self, args, backend) -> None:
-        self.parser = getattr(args, "_parser", None)
+        self.parser = getattr(args, "parser", None)
         self.is_main = backend.is_main
 
     def error(self, message: str):
@@ -212,15 +213,21 @@ def build_components(args: argparse.Namespace, backend: Backend, workload, layou
     torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     model = workload.build_model().to(backend.device)
     torch.manual_seed(_seed(args.seed * 1000003 + 7919 * backend.rank + 1))  # per-rank streams: dropout, augmentation
-    optimizer, moments = build_optimizer(args, model, peak_lr(args), local_batch_size=layout.local_batch_size)
+    extra = {}
+    if backend.builds_layerwise_optimizer and optimizer_spec(args) is not None:
+        # the backend builds lb_dist's optimizer from the typed spec (DeepSpeed): none is built here
+        optimizer, moments = None, None
+        extra["param_groups"] = optimizer_groups(args, model)
+    else:
+        optimizer, moments = build_optimizer(args, model, peak_lr(args), local_batch_size=layout.local_batch_size)
+    spec = mix_spec(args)
     mix = None
-    if args.mix != "none":
-        from lb_dist.mixing import DEFAULT_STD
-        mix = GradientMix(noise=args.mix_noise, std=DEFAULT_STD if args.mix_std is None else args.mix_std,
-                          granularity=args.mix, seed=args.seed if args.mix_seed is None else args.mix_seed)
-        mix.attach(optimizer)
+    if spec is not None:
+        mix = spec.build()
+        if optimizer is not None:
+            mix.attach(optimizer)
     engine = backend.prepare(model, optimizer, mix=mix, moments=moments, local_batch_size=layout.local_batch_size,
-                             accumulation_steps=layout.accumulation_steps, args=args)
+                             accumulation_steps=layout.accumulation_steps, args=args, **extra)
     scheduler = build_scheduler(args, engine.optimizer, total_steps, warmup)
     runner = StepRunner(args, backend, engine, layout, workload.task)
     return {"model": engine.model, "optimizer": engine.optimizer, "moments": engine.moments, "scheduler": scheduler,
@@ -240,22 +247,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
         stop_with_launcher()
     run_dir = Path(args.run_dir)
     check_layout(_RankParser(args, backend), args, backend.world_size)
-    if backend.name != "deepspeed":
-        for flag, dest in (("--zero-stage", "zero_stage"), ("--bf16", "bf16"), ("--deepspeed-config", "deepspeed_config")):
-            if getattr(args, dest, None) is not None:
-                _fail(args, backend, f"argument {flag}: only for --backend deepspeed, and this run's backend is "
-                                     f"{backend.name}")
-    elif getattr(args, "_deepspeed_file", None):
-        from lb_dist.train.deepspeed_flags import check_micro_batch
-        message = check_micro_batch(args, backend.world_size)
-        if message:
-            _fail(args, backend, message)
-    if args.optimizer == "clars" and args.clars_moments == "training-pass" and \
-            backend.name not in ("single", "torchrun", "horovod"):
-        _fail(args, backend, f"argument --clars-moments: training-pass is implemented for --backend single, "
-                             f"torchrun and horovod (module hooks), and this run's backend is {backend.name}; "
-                             f"use micro-batch or per-sample")
-    message = backend.check_args(args)
+    message = backend.check_args(args)     # what the backend's capabilities do not cover
     if message:
         _fail(args, backend, message)
     for d in (run_dir, run_dir / "checkpoints"):
@@ -272,233 +264,310 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     if problem is not None:
         raise RunDirLocked(problem) if backend.is_main else RankFailed(f"rank 0 failed: {problem}")
     try:
-        return _run_training(args, backend)
+        return Trainer(args, backend).run()
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_training(args: argparse.Namespace, backend: Backend) -> dict:
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
-    run_dir = Path(args.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    K = backend.world_size
-    A = args.accumulation_steps
-    layout = BatchLayout(args.batch_size, K, backend.rank, A)
+class Trainer:
+    """One run of ``lb-dist train`` on a started backend, in named steps (each a method):
 
-    # ---- which checkpoint (rank 0 decides and verifies its checksums; every rank reads the same file)
-    latest, problem = None, None
-    if backend.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        latest = latest_checkpoint(ckpt_dir)
-        latest = None if latest is None else str(latest)
+    * :meth:`find_checkpoint`: rank 0 picks the run directory's latest checkpoint and verifies it;
+    * :meth:`build`: data, model, optimizer, GradientMix, the backend's engine, the schedule;
+    * :meth:`resume` (or :meth:`write_config` on a fresh run directory);
+    * per epoch :meth:`train_epoch` (optimizer steps: :class:`StepRunner`, :meth:`log_step`,
+      mid-epoch checkpoints), then :meth:`evaluate`, :meth:`log_epoch` and :meth:`checkpoint`;
+    * :meth:`finish`: the summary.
+
+    :meth:`run` does them in this order (``run_training`` holds the run directory's lock around it)."""
+
+    def __init__(self, args: argparse.Namespace, backend: Backend) -> None:
+        self.args, self.backend = args, backend
+        self.run_dir = Path(args.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.layout = BatchLayout(args.batch_size, backend.world_size, backend.rank, args.accumulation_steps)
+        # progress (restored by resume, saved by checkpoint)
+        self.step = 0
+        self.elapsed = 0.0
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        # (loss sum, count) of the current epoch, this rank; on the device, read at log steps and checkpoints
+        self.epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)
+        self.epoch_noise: list[float] = []     # global gradient noise scales logged this epoch (main rank)
+        self.steps_this_invocation = 0
+        self.stopped = False
+        self.last_epoch_record = None
+        self.latest: str | None = None
+        self.resume_state: dict | None = None
+
+    # ------------------------------------------------------------------------------- the run
+    def run(self) -> dict:
+        if self.args.num_threads is not None:
+            torch.set_num_threads(self.args.num_threads)
+        self.find_checkpoint()
+        self.build()
+        if self.resume_state is not None:
+            self.resume()
+        else:
+            self.write_config()
+        self.logger = MetricsLogger(self.run_dir, enabled=self.backend.is_main,
+                                    resume_step=self.step if self.resume_state is not None else None,
+                                    tensorboard=self.args.tensorboard)
+        self.model.train()
+        while self.step < self.total_steps:
+            epoch = self.step // self.steps_per_epoch
+            epoch_start = (self.elapsed, self.step)
+            if self.train_epoch(epoch):
+                self.stopped = True
+                break
+            result, eval_time = self.evaluate()
+            self.log_epoch(epoch, result, eval_time, *epoch_start)
+            self.checkpoint(self.step)
+            if self.stop_requested() and self.step < self.total_steps:
+                self.stopped = True
+                break
+        return self.finish()
+
+    def stop_requested(self) -> bool:
+        """``--stop-after-steps N`` reached in this invocation."""
+        n = self.args.stop_after_steps
+        return n is not None and self.steps_this_invocation >= n
+
+    # ------------------------------------------------------------------------------- setup
+    def find_checkpoint(self) -> None:
+        """Which checkpoint: rank 0 decides and verifies its checksums; every rank reads the same file."""
+        args, backend = self.args, self.backend
+        latest, problem = None, None
+        if backend.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            latest = latest_checkpoint(self.ckpt_dir)
+            latest = None if latest is None else str(latest)
+            if latest is not None:
+                try:
+                    verify_checkpoint(latest)
+                except CheckpointError as e:
+                    problem = str(e)
+        latest, problem = backend.broadcast_object((latest, problem))
+        if problem is not None:
+            raise CheckpointError(problem) if backend.is_main else RankFailed(f"rank 0 failed: {problem}")
+        if latest is not None and args.resume == "never":
+            _fail(args, backend, f"argument --resume: never, but {args.run_dir} already holds checkpoints ({latest}); "
+                                 f"use a new --run-dir or --resume auto")
+        self.latest = latest
         if latest is not None:
-            try:
-                verify_checkpoint(latest)
-            except CheckpointError as e:
-                problem = str(e)
-    latest, problem = backend.broadcast_object((latest, problem))
-    if problem is not None:
-        raise CheckpointError(problem) if backend.is_main else RankFailed(f"rank 0 failed: {problem}")
-    if latest is not None and args.resume == "never":
-        _fail(args, backend, f"argument --resume: never, but {args.run_dir} already holds checkpoints ({latest}); "
-                             f"use a new --run-dir or --resume auto")
-    resume_state = None
-    if latest is not None:
-        resume_state = _agree(backend, lambda: load_checkpoint(latest, required=("trainer", "config")))
-        _check_resume_config(args, backend, resume_state["config"], Path(latest))
+            self.resume_state = _agree(backend, lambda: load_checkpoint(latest, required=("trainer", "config")))
+            _check_resume_config(args, backend, self.resume_state["config"], Path(latest))
 
-    # ---- data, model, optimizer
-    workload = build_workload(args, run_dir, backend, resume_state)
-    steps_per_epoch = layout.steps_per_epoch(len(workload.train))
-    if steps_per_epoch == 0:
-        _fail(args, backend, f"argument --batch-size: {args.batch_size} is larger than the training set "
-                             f"({len(workload.train)} samples)")
-    total_steps = steps_per_epoch * args.epochs
-    warmup = warmup_steps(args, steps_per_epoch)
-    if args.schedule != "inverse-sqrt" and warmup >= total_steps:
-        _fail(args, backend, f"argument --warmup-{'steps' if args.warmup_steps is not None else 'epochs'}: the warmup "
-                             f"({warmup} steps) must be shorter than the run ({total_steps} steps = {args.epochs} "
-                             f"epochs x {steps_per_epoch})")
-    ds_total = getattr(args, "_ds_total_num_steps", None)
-    if ds_total is not None and ds_total != total_steps and backend.is_main:
-        print(f"[lb-dist train] --deepspeed-config {args.deepspeed_config}: scheduler.params.total_num_steps = {ds_total}; "
-              f"the schedule spans this run's {total_steps} steps (--epochs {args.epochs} x {steps_per_epoch} steps "
-              f"per epoch)", file=sys.stderr, flush=True)
-    parts = build_components(args, backend, workload, layout, total_steps, warmup)
-    model, optimizer, moments = parts["model"], parts["optimizer"], parts["moments"]
-    scheduler, mix, runner, engine = parts["scheduler"], parts["mix"], parts["runner"], parts["engine"]
-    names = {p: n for n, p in model.named_parameters()}
-    task = workload.task
+    def build(self) -> None:
+        """Data, then the schedule's length, then model, optimizer, mix and engine (:func:`build_components`)."""
+        args, backend = self.args, self.backend
+        self.workload = workload = build_workload(args, self.run_dir, backend, self.resume_state)
+        self.steps_per_epoch = steps_per_epoch = self.layout.steps_per_epoch(len(workload.train))
+        if steps_per_epoch == 0:
+            _fail(args, backend, f"argument --batch-size: {args.batch_size} is larger than the training set "
+                                 f"({len(workload.train)} samples)")
+        self.total_steps = total_steps = steps_per_epoch * args.epochs
+        warmup = warmup_steps(args, steps_per_epoch)
+        if args.schedule != "inverse-sqrt" and warmup >= total_steps:
+            _fail(args, backend, f"argument --warmup-{'steps' if args.warmup_steps is not None else 'epochs'}: the "
+                                 f"warmup ({warmup} steps) must be shorter than the run ({total_steps} steps = "
+                                 f"{args.epochs} epochs x {steps_per_epoch})")
+        ds_file = getattr(args, "deepspeed_file", None)
+        ds_total = ds_file.total_num_steps if ds_file is not None else None
+        if ds_total is not None and ds_total != total_steps and backend.is_main:
+            print(f"[lb-dist train] --deepspeed-config {args.deepspeed_config}: scheduler.params.total_num_steps = "
+                  f"{ds_total}; the schedule spans this run's {total_steps} steps (--epochs {args.epochs} x "
+                  f"{steps_per_epoch} steps per epoch)", file=sys.stderr, flush=True)
+        parts = build_components(args, backend, workload, self.layout, total_steps, warmup)
+        self.model, self.optimizer, self.moments = parts["model"], parts["optimizer"], parts["moments"]
+        self.scheduler, self.mix, self.runner, self.engine = (parts["scheduler"], parts["mix"], parts["runner"],
+                                                              parts["engine"])
+        self.names = {p: n for n, p in self.model.named_parameters()}
 
-    # ---- resume
-    step = 0
-    elapsed = 0.0
-    skipped_total = 0
-    consecutive_skips = 0
-    # (loss sum, count) of the current epoch, this rank; on the device, read at log steps and checkpoints
-    epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)
-    epoch_noise: list[float] = []          # global gradient noise scales logged this epoch (main rank)
-    if resume_state is not None:
+    def resume(self) -> None:
+        """Engine, schedule, mix and moments from the checkpoint (every rank agrees on the outcome),
+        then the loop's counters and random state."""
+        args, backend, state = self.args, self.backend, self.resume_state
+
         def restore() -> None:
-            engine.restore(resume_state, Path(latest))
-            scheduler.load_state_dict(resume_state["scheduler"])
-            if mix is not None:
-                mix.load_state_dict(resume_state["mix"])
-            if moments is not None and resume_state.get("moments") is not None:
-                moments.load_state_dict(resume_state["moments"])
+            self.engine.restore(state, Path(self.latest))
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.mix is not None:
+                self.mix.load_state_dict(state["mix"])
+            if self.moments is not None and state.get("moments") is not None:
+                self.moments.load_state_dict(state["moments"])
 
         _agree(backend, restore)       # a rank that cannot load its part ends every rank here
-        tr = resume_state["trainer"]
-        step, elapsed = int(tr["step"]), float(tr["time"])
-        skipped_total, consecutive_skips = int(tr["skipped_steps"]), int(tr["consecutive_skips"])
+        tr = state["trainer"]
+        self.step, self.elapsed = int(tr["step"]), float(tr["time"])
+        self.skipped_total, self.consecutive_skips = int(tr["skipped_steps"]), int(tr["consecutive_skips"])
         if backend.is_main:
-            epoch_sums = torch.tensor(tr["epoch_sums"], dtype=torch.float64, device=backend.device)
-        rngs = resume_state.get("rng") or []
-        if backend.rank < len(rngs) and len(rngs) == K:
+            self.epoch_sums = torch.tensor(tr["epoch_sums"], dtype=torch.float64, device=backend.device)
+        rngs = state.get("rng") or []
+        if backend.rank < len(rngs) and len(rngs) == backend.world_size:
             _set_rng_state(rngs[backend.rank], backend.device)
         else:
-            torch.manual_seed(_seed(args.seed * 1000003 + step * 1009 + backend.rank))
+            torch.manual_seed(_seed(args.seed * 1000003 + self.step * 1009 + backend.rank))
         if backend.is_main:
-            print(f"[lb-dist train] resuming from {latest} (step {step})", file=sys.stderr, flush=True)
-    elif backend.is_main:
-        (run_dir / "config.json").write_text(json.dumps({**to_dict(args), "backend_used": backend.name,
-                                                         "world_size": K, "steps_per_epoch": steps_per_epoch},
-                                                        indent=2))
-    logger = MetricsLogger(run_dir, enabled=backend.is_main, resume_step=step if resume_state is not None else None,
-                           tensorboard=args.tensorboard)
+            print(f"[lb-dist train] resuming from {self.latest} (step {self.step})", file=sys.stderr, flush=True)
 
-    def save(at_step: int) -> None:
-        nonlocal epoch_sums
-        global_sums = backend.all_reduce_sum(epoch_sums.clone()).cpu()
-        epoch_sums = (global_sums.to(backend.device) if backend.is_main
-                      else torch.zeros(2, dtype=torch.float64, device=backend.device))
+    def write_config(self) -> None:
+        """A fresh run: ``RUN_DIR/config.json`` (rank 0)."""
+        if self.backend.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(
+                {**to_dict(self.args), "backend_used": self.backend.name, "world_size": self.backend.world_size,
+                 "steps_per_epoch": self.steps_per_epoch}, indent=2))
+
+    # ------------------------------------------------------------------------------- training
+    def train_epoch(self, epoch: int) -> bool:
+        """The optimizer steps of ``epoch`` from the current step on; True when the run stops inside it
+        (``--stop-after-steps``, after a checkpoint)."""
+        args, backend = self.args, self.backend
+        in_epoch = self.step - epoch * self.steps_per_epoch
+        bar = self._progress_bar(epoch, in_epoch)
+        source = _micro_batches(self.workload, self.layout, epoch, args.seed, in_epoch, args.workers, backend.device)
+        task = self.workload.task
+        try:
+            for s in range(in_epoch, self.steps_per_epoch):
+                t0 = time.perf_counter()
+                micro = [task.to(next(source), backend.device) for _ in range(args.accumulation_steps)]
+                out = self.runner.run(micro, self.step)
+                self.scheduler.step()
+                self.step += 1
+                self.steps_this_invocation += 1
+                skipped = out["skipped"]
+                self.skipped_total += skipped
+                self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+                self.epoch_sums += out["sums"]
+                self.elapsed += time.perf_counter() - t0
+                last_of_epoch = s == self.steps_per_epoch - 1
+                if self.step % args.log_every == 0 or last_of_epoch:
+                    self.log_step(epoch, out, bar)
+                if bar is not None:
+                    bar.update(1)
+                if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    raise TrainingDiverged(
+                        f"{self.consecutive_skips} consecutive optimizer steps had non-finite gradients (step "
+                        f"{self.step}); the weights are those of the last finite step. Lower --lr or check the "
+                        f"data; the last checkpoint in {self.ckpt_dir} predates the divergence")
+                stop_now = self.stop_requested()
+                if not last_of_epoch and (stop_now or (args.checkpoint_every_steps
+                                                      and self.step % args.checkpoint_every_steps == 0)):
+                    self.checkpoint(self.step)
+                if stop_now and not last_of_epoch:
+                    return True
+        finally:
+            if bar is not None:
+                bar.close()
+        return False
+
+    def _progress_bar(self, epoch: int, in_epoch: int):
+        if not (self.backend.is_main and self.args.progress):
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is in the workloads extra
+            return None
+        return tqdm(total=self.steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{self.args.epochs}",
+                    dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+    def log_step(self, epoch: int, out: dict, bar=None) -> None:
+        """The step record (global loss; mixing noise; per-layer statistics every ``--layer-stats-every``)."""
+        args, backend = self.args, self.backend
+        reduced = backend.all_reduce_sum(out["sums"].clone()).cpu()
+        loss_value = reduced[0].item() / max(reduced[1].item(), 1.0)
+        lr_used = out["lr"]
+        record = {"kind": "step", "step": self.step, "epoch": epoch, "time": round(self.elapsed, 4), "lr": lr_used,
+                  "loss": loss_value, "skipped": out["skipped"]}
+        if args.mix == "device":
+            record["mix_noise_amount"] = self.mix.noise_amount(step=out["mix_step"])
+        if args.layer_stats_every and self.step % args.layer_stats_every == 0 and backend.is_main:
+            record.update(_layer_stats(self.optimizer, self.engine.moment_estimators(), out["per_sample"],
+                                       self.runner.adapted, self.names, self.runner.layerwise))
+            if record.get("noise_scale_global") is not None:
+                self.epoch_noise.append(record["noise_scale_global"])
+        self.logger.write(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_used:.3g}", refresh=False)
+
+    # ------------------------------------------------------------------------------- end of epoch
+    def evaluate(self) -> tuple[dict, float]:
+        """The test split (and multi30k's validation split with ``--val``) on every rank's share;
+        returns the metrics and the seconds it took."""
+        args, backend, workload = self.args, self.backend, self.workload
+        t_eval = time.perf_counter()
+        with self.engine.evaluation() as eval_model:
+            result = workload.task.evaluate(
+                eval_model, _eval_batches(workload, backend, args.eval_batch_size, args.workers), backend)
+            if workload.val is not None:
+                val = workload.task.evaluate(
+                    eval_model, _eval_batches(workload, backend, args.eval_batch_size, args.workers, workload.val),
+                    backend, with_bleu=False)
+                result.update({"val_loss": val["test_loss"], "val_token_accuracy": val["test_token_accuracy"]})
+        return result, time.perf_counter() - t_eval
+
+    def log_epoch(self, epoch: int, result: dict, eval_time: float, start_time: float, start_step: int) -> None:
+        """The epoch record (training loss over the epoch, the evaluation, throughput) and rank 0's summary line."""
+        args, backend = self.args, self.backend
+        sums = backend.all_reduce_sum(self.epoch_sums.clone()).cpu()
+        self.epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)
+        train_time = self.elapsed - start_time
+        record = {"kind": "epoch", "step": self.step, "epoch": epoch, "time": round(self.elapsed, 4),
+                  "train_loss": sums[0].item() / max(sums[1].item(), 1.0), **result, "eval_time": round(eval_time, 4),
+                  "samples_per_s": (self.step - start_step) * args.batch_size / train_time if train_time > 0 else None,
+                  "skipped_steps": self.skipped_total}
+        self.logger.write(record)
+        self.last_epoch_record = record
+        if backend.is_main:
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                if k.startswith(("train_", "test_")) and isinstance(v, float))
+            print(f"[lb-dist train] epoch {epoch + 1}/{args.epochs}: {metrics}", file=sys.stderr, flush=True)
+            if self.epoch_noise:
+                b_noise = statistics.median(self.epoch_noise)
+                side = "above" if args.batch_size > b_noise else "below"
+                print(f"[lb-dist train] epoch {epoch + 1}/{args.epochs}: gradient noise scale B_simple "
+                      f"{b_noise:.4g} (median of {len(self.epoch_noise)} logged steps; McCandlish et al. 2018): the "
+                      f"batch {args.batch_size} is {side} it", file=sys.stderr, flush=True)
+        self.epoch_noise = []
+
+    def checkpoint(self, at_step: int) -> None:
+        """Checkpoint ``at_step`` (collective): the loop's state, then the engine's files, then rank 0's
+        manifest (the commit); every rank agrees on the outcome; old checkpoints pruned."""
+        args, backend = self.args, self.backend
+        global_sums = backend.all_reduce_sum(self.epoch_sums.clone()).cpu()
+        self.epoch_sums = (global_sums.to(backend.device) if backend.is_main
+                           else torch.zeros(2, dtype=torch.float64, device=backend.device))
         rngs = backend.all_gather_object(_rng_state(backend.device))
+        mix, moments = self.mix, self.moments
         state = {"format": FORMAT,
-                 "trainer": {"step": at_step, "time": elapsed, "skipped_steps": skipped_total,
-                             "consecutive_skips": consecutive_skips, "epoch_sums": global_sums.tolist()},
-                 "config": to_dict(args), "world_size": K, "backend": backend.name,
-                 "scheduler": scheduler.state_dict(), "mix": None if mix is None else mix.state_dict(),
+                 "trainer": {"step": at_step, "time": self.elapsed, "skipped_steps": self.skipped_total,
+                             "consecutive_skips": self.consecutive_skips, "epoch_sums": global_sums.tolist()},
+                 "config": to_dict(args), "world_size": backend.world_size, "backend": backend.name,
+                 "scheduler": self.scheduler.state_dict(), "mix": None if mix is None else mix.state_dict(),
                  "moments": None if moments is None else moments.state_dict(), "rng": rngs,
-                 "tokenizer_fingerprint": workload.info.get("tokenizer_fingerprint")}
+                 "tokenizer_fingerprint": self.workload.info.get("tokenizer_fingerprint")}
+
         # every rank agrees on the save's success before training on (a rank that failed to write
         # its part ends every rank here, instead of the others waiting for it in the next collective)
         def write() -> None:
-            path = checkpoint_path(ckpt_dir, at_step)
-            engine.save_checkpoint(path, state)
+            path = checkpoint_path(self.ckpt_dir, at_step)
+            self.engine.save_checkpoint(path, state)
             if backend.is_main:
                 write_manifest(path, at_step)       # last: the commit (checksums of every file)
 
         _agree(backend, write)
         if backend.is_main:
-            prune_checkpoints(ckpt_dir, args.keep_checkpoints)
+            prune_checkpoints(self.ckpt_dir, args.keep_checkpoints)
 
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the workloads extra
-        tqdm = None
-
-    stopped = False
-    last_epoch_record = None
-    steps_this_invocation = 0
-    model.train()
-    while step < total_steps:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        bar = None
-        if tqdm is not None and backend.is_main and args.progress:
-            bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-        epoch_start_time = elapsed
-        epoch_start_step = step
-        source = _micro_batches(workload, layout, epoch, args.seed, in_epoch, args.workers, backend.device)
-        for s in range(in_epoch, steps_per_epoch):
-            t0 = time.perf_counter()
-            micro = [task.to(next(source), backend.device) for _ in range(A)]
-            out = runner.run(micro, step)
-            step_sums, skipped, lr_used, mix_step = out["sums"], out["skipped"], out["lr"], out["mix_step"]
-            scheduler.step()
-            step += 1
-            steps_this_invocation += 1
-            skipped_total += skipped
-            consecutive_skips = consecutive_skips + 1 if skipped else 0
-            epoch_sums += step_sums
-            elapsed += time.perf_counter() - t0
-
-            # ---- step record
-            if step % args.log_every == 0 or s == steps_per_epoch - 1:
-                reduced = backend.all_reduce_sum(step_sums.clone()).cpu()
-                loss_value = reduced[0].item() / max(reduced[1].item(), 1.0)
-                record = {"kind": "step", "step": step, "epoch": epoch, "time": round(elapsed, 4), "lr": lr_used,
-                          "loss": loss_value, "skipped": skipped}
-                if args.mix == "device":
-                    record["mix_noise_amount"] = mix.noise_amount(step=mix_step)
-                if args.layer_stats_every and step % args.layer_stats_every == 0 and backend.is_main:
-                    record.update(_layer_stats(optimizer, engine.moment_estimators(), out["per_sample"],
-                                               runner.adapted, names, runner.layerwise))
-                    if record.get("noise_scale_global") is not None:
-                        epoch_noise.append(record["noise_scale_global"])
-                logger.write(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_used:.3g}", refresh=False)
-            if bar is not None:
-                bar.update(1)
-            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise TrainingDiverged(f"{consecutive_skips} consecutive optimizer steps had non-finite gradients "
-                                       f"(step {step}); the weights are those of the last finite step. Lower --lr "
-                                       f"or check the data; the last checkpoint in {ckpt_dir} predates the divergence")
-            last_of_epoch = s == steps_per_epoch - 1
-            stop_now = args.stop_after_steps is not None and steps_this_invocation >= args.stop_after_steps
-            if not last_of_epoch and (stop_now or (args.checkpoint_every_steps
-                                                  and step % args.checkpoint_every_steps == 0)):
-                save(step)
-            if stop_now and not last_of_epoch:
-                stopped = True
-                break
-        if bar is not None:
-            bar.close()
-        if stopped:
-            break
-
-        # ---- end of epoch: evaluation, record, checkpoint
-        t_eval = time.perf_counter()
-        with engine.evaluation() as eval_model:
-            result = task.evaluate(eval_model, _eval_batches(workload, backend, args.eval_batch_size, args.workers),
-                                   backend)
-            if workload.val is not None:
-                val = task.evaluate(eval_model, _eval_batches(workload, backend, args.eval_batch_size, args.workers,
-                                                              workload.val), backend, with_bleu=False)
-                result.update({"val_loss": val["test_loss"], "val_token_accuracy": val["test_token_accuracy"]})
-        eval_time = time.perf_counter() - t_eval
-        sums = backend.all_reduce_sum(epoch_sums.clone()).cpu()
-        epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)
-        train_time = elapsed - epoch_start_time
-        record = {"kind": "epoch", "step": step, "epoch": epoch, "time": round(elapsed, 4),
-                  "train_loss": sums[0].item() / max(sums[1].item(), 1.0), **result, "eval_time": round(eval_time, 4),
-                  "samples_per_s": (step - epoch_start_step) * args.batch_size / train_time if train_time > 0 else None,
-                  "skipped_steps": skipped_total}
-        logger.write(record)
-        last_epoch_record = record
-        if backend.is_main:
-            metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                if k.startswith(("train_", "test_")) and isinstance(v, float))
-            print(f"[lb-dist train] epoch {epoch + 1}/{args.epochs}: {metrics}", file=sys.stderr, flush=True)
-            if epoch_noise:
-                b_noise = statistics.median(epoch_noise)
-                side = "above" if args.batch_size > b_noise else "below"
-                print(f"[lb-dist train] epoch {epoch + 1}/{args.epochs}: gradient noise scale B_simple "
-                      f"{b_noise:.4g} (median of {len(epoch_noise)} logged steps; McCandlish et al. 2018): the "
-                      f"batch {args.batch_size} is {side} it", file=sys.stderr, flush=True)
-        epoch_noise = []
-        save(step)
-        if args.stop_after_steps is not None and steps_this_invocation >= args.stop_after_steps and step < total_steps:
-            stopped = True
-            break
-    logger.close()
-    engine.close()
-    return {"step": step, "epochs_done": step // steps_per_epoch, "stopped": stopped,
-            "last_epoch": last_epoch_record, "run_dir": str(run_dir), "steps_per_epoch": steps_per_epoch,
-            "checkpoints": [str(p) for _, p in list_checkpoints(ckpt_dir)] if backend.is_main else []}
+    def finish(self) -> dict:
+        """Close the logger and the engine; the run's summary."""
+        self.logger.close()
+        self.engine.close()
+        return {"step": self.step, "epochs_done": self.step // self.steps_per_epoch, "stopped": self.stopped,
+                "last_epoch": self.last_epoch_record, "run_dir": str(self.run_dir),
+                "steps_per_epoch": self.steps_per_epoch,
+                "checkpoints": [str(p) for _, p in list_checkpoints(self.ckpt_dir)] if self.backend.is_main else []}
 
 
 def _floats(values) -> list[float]:

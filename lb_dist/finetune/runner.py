@@ -1,70 +1,27 @@
-"""Fine-tune (or train from a config) a Hugging Face seq2seq model on Multi30k with ``Seq2SeqTrainer``,
-lb_dist's optimizers and GradientMix: ``python -m lb_dist.finetune --help``.
-
-Two ways to get the model:
-
-* ``--model_name_or_path NAME_OR_DIR``: a pretrained ``AutoModelForSeq2SeqLM`` and its tokenizer
-  (from the Hub when online, or a local directory);
-* otherwise a Transformer built offline from a config (``--model_size small|base``, lb_dist.models)
-  with a BPE tokenizer trained on the training split (lb_dist.text), saved in ``OUTPUT_DIR``.
-
-What lb_dist adds to ``Seq2SeqTrainer`` (:class:`LbDistSeq2SeqTrainer`):
-
-* the optimizer (``--optimizer adamw|lamb|lars|clars``), built by :func:`make_optimizer` from
-  ``lb_dist.optim.param_groups`` (biases and LayerNorm parameters neither decayed nor adapted) and
-  handed to the Trainer as ``optimizers=(optimizer, None)``; the Trainer builds the schedule
-  (``--lr_scheduler_type``, e.g. ``inverse_sqrt`` with ``--warmup_steps``);
-* CLARS' per-layer second moments ``S_k`` from :class:`lb_dist.moments.MicroBatchMoments`: in one
-  process from the gradient-accumulation micro-batches (``--gradient_accumulation_steps >= 2``),
-  under torchrun from the DDP communication hook ``lb_dist.ddp`` (one micro-batch per rank and step);
-* GradientMix: ``--mix sample`` (paper eq. 4) as a randomly weighted loss in ``compute_loss``;
-  ``--mix device`` (eq. 3) in the DDP all-reduce (``lb_dist.ddp``; needs >= 2 processes).
-
-The loss. For every training step the Trainer collects the micro-batches of the accumulation; over
-the whole global batch (all micro-batches, all ranks) let N be the number of target tokens and B the
-number of sentences. Sentence b with token losses ``ce_bt`` contributes ``w_b * sum_t ce_bt / N``,
-where ``w_b = 1 + std * xi_b`` are the GradientMix sample weights (1 without sample-wise mixing).
-Without mixing this is exactly the Trainer's own token-mean loss over the global batch; with mixing
-the gradient is ``sum_b pi_b grad l_b`` with ``pi_b = w_b / B`` and the per-sentence loss
-``l_b = (B/N) sum_t ce_bt`` (a sentence's share of the token-mean loss), i.e. eq. 4 with sentences as
-samples. Label smoothing (``--label_smoothing_factor``) applies per token.
-
-``--deepspeed ds.json``: the Trainer builds a DeepSpeed engine through Accelerate, and
-:func:`lb_dist.deepspeed.register` (called here first) makes that ``lb_dist.deepspeed.initialize``: the
-config names the optimizer (``"type": "CLARS" | "LARS" | "LAMB"``, ZeRO-exact at every stage;
-``"auto"`` values filled from the Trainer's arguments) and the device-wise ``gradient_mix`` section
-(applied in ``engine.backward``); docs/config-deepspeed.md. lb_dist.finetune's own ``--optimizer``,
-``--mix*``, ``--momentum``, ``--eta``, ``--moments_ema`` are then refused (the config decides), as are
-what the Trainer loop cannot feed (CLARS' ``per_sample`` source, sample-wise ``gradient_mix``). CLARS'
-micro-batch source works with gradient accumulation (the estimator follows the scale of the loss the
-Trainer backpropagates). The loss is the same token-mean loss over the global batch.
-"""
+"""The run of ``python -m lb_dist.finetune`` as a library: :class:`FinetuneArguments` (lb_dist's
+arguments next to ``Seq2SeqTrainingArguments``), :func:`run` (checks, data, model and tokenizer,
+:class:`~lb_dist.finetune.trainer.LbDistSeq2SeqTrainer`, training, evaluation, the record in
+OUTPUT_DIR), :func:`prepare_deepspeed` (the checks of a ``--deepspeed`` run). The command line is
+:mod:`lb_dist.finetune.cli`; the package docstring says what the run computes."""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lb_dist import GradientMix
 from lb_dist._io import atomic_write_text
 from lb_dist.data.multi30k import TranslationDataset, collate_translation, read_multi30k
-from lb_dist.distributed import all_reduce_sum_, get_rank, get_world_size
+from lb_dist.finetune.trainer import OPTIMIZERS, LbDistSeq2SeqTrainer, make_optimizer
 from lb_dist.mixing import DEFAULT_STD
-from lb_dist.moments import MicroBatchMoments
-from lb_dist.optim import adapted_params, create_optimizer, param_groups
-from lb_dist.text import token_sum_losses
 
-__all__ = ["FinetuneArguments", "LbDistSeq2SeqTrainer", "make_optimizer", "token_sum_losses", "main", "OPTIMIZERS"]
+__all__ = ["FinetuneArguments", "run", "prepare_deepspeed", "deepspeed_summary", "MIX_CHOICES", "TOKENIZER_FILE",
+           "RECORD_FILE", "PREDICTIONS_FILE"]
 
-OPTIMIZERS = ("adamw", "lamb", "lars", "clars")
 MIX_CHOICES = ("none", "sample", "device")
 #: The tokenizer of a config-built model, in OUTPUT_DIR (not tokenizer.json: the Trainer writes its own copy there).
 TOKENIZER_FILE = "lb_dist_tokenizer.json"
@@ -107,238 +64,9 @@ class FinetuneArguments:
     mix_noise: str = field(default="gaussian", metadata={"help": "gaussian | rademacher."})
     mix_std: float = field(default=DEFAULT_STD, metadata={"help": "Relative std of a mixing coefficient."})
     mix_seed: int = field(default=0, metadata={"help": "Seed of the mixing coefficients (GradientMix)."})
-
-
-def make_optimizer(model: torch.nn.Module, name: str, *, lr: float, weight_decay: float = 0.0,
-                   momentum: float = 0.9, eta: float | None = None, betas=(0.9, 0.999), eps: float = 1e-6,
-                   moments_ema: float = 0.0):
-    """``(optimizer, moments)``: ``name`` in ``OPTIMIZERS`` over ``lb_dist.optim.param_groups(model,
-    weight_decay)``; ``moments`` is the :class:`MicroBatchMoments` CLARS reads ``S_k`` from (over
-    the adapted parameters), None for the others."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}; got {name!r}")
-    groups = param_groups(model, weight_decay)
-    moments = MicroBatchMoments(adapted_params(groups), ema=moments_ema) if name == "clars" else None
-    return create_optimizer(name, groups, lr=lr, momentum=momentum, eta=eta, betas=betas, eps=eps,
-                            moments=moments), moments
-
-
-@dataclass
-class _StepInfo:
-    """The global batch of the current optimizer step (see the module docstring)."""
-
-    global_samples: int          # B
-    global_tokens: float         # N
-    sample_offset: int           # global index of this rank's first sample
-    micro_sizes: list[int]       # this rank's micro-batch sizes
-    micro_tokens: list[int]
-    next_micro: int = 0
-
-
-def _import_trainer():
-    from transformers import Seq2SeqTrainer, TrainerCallback
-
-    return Seq2SeqTrainer, TrainerCallback
-
-
-def _trainer_class():
-    Seq2SeqTrainer, TrainerCallback = _import_trainer()
-
-    class _Hooks(TrainerCallback):
-        def __init__(self, trainer):
-            self.trainer = trainer
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.trainer._attach(state)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.trainer._detach()
-
-    class _LbDistSeq2SeqTrainer(Seq2SeqTrainer):
-        __doc__ = LbDistSeq2SeqTrainer.__doc__
-
-        def __init__(self, *args, mix: GradientMix | None = None, moments: MicroBatchMoments | None = None,
-                     **kwargs):
-            super().__init__(*args, **kwargs)
-            if moments is None:  # a CLARS handed in through optimizers=(...) brings its estimator
-                candidate = getattr(self.optimizer, "moments", None)
-                moments = candidate if isinstance(candidate, MicroBatchMoments) else None
-            if mix is not None and not isinstance(mix, GradientMix):
-                raise TypeError(f"mix must be an lb_dist.GradientMix, got {type(mix).__name__}")
-            if self.is_deepspeed_enabled and (mix is not None or moments is not None):
-                raise ValueError("under DeepSpeed the config's gradient_mix section and optimizer (lb_dist.deepspeed) "
-                                 "mix and estimate S_k; pass neither mix= nor moments= (nor a CLARS optimizer)")
-            self.mix, self.moments = mix, moments
-            world = self.args.world_size
-            if mix is not None and mix.granularity == "device" and world < 2:
-                raise ValueError("device-wise GradientMix (--mix device) mixes the gradients of >= 2 data-parallel "
-                                 "processes; this run has 1 (launch with torchrun, or use --mix sample)")
-            if moments is not None and world < 2 and self.args.gradient_accumulation_steps < 2:
-                raise ValueError("CLARS in a single process estimates S_k from the gradient-accumulation "
-                                 "micro-batches: set --gradient_accumulation_steps >= 2 (or run >= 2 processes)")
-            self._step_info: _StepInfo | None = None
-            self._ddp_state = None
-            self._tracking = False
-            self.loss_is_scaled_for_ga = True  # compute_loss divides by the global token count N
-            self.add_callback(_Hooks(self))
-
-        # ------------------------------------------------------------ wiring
-        def _attach(self, state) -> None:
-            if self.mix is not None:
-                self.mix.step = state.global_step  # one advance per optimizer step: resumable
-                self.mix.detach()
-                self.mix.attach(getattr(self.optimizer, "optimizer", self.optimizer))  # inside accelerate's wrapper
-            device_mix = self.mix if (self.mix is not None and self.mix.granularity == "device") else None
-            if self.args.world_size > 1:
-                from torch.nn.parallel import DistributedDataParallel
-
-                import lb_dist.ddp
-
-                if device_mix is not None or self.moments is not None:
-                    ddp = self.model_wrapped
-                    if not isinstance(ddp, DistributedDataParallel):
-                        raise RuntimeError(f"lb_dist needs the model wrapped in DistributedDataParallel to mix or "
-                                           f"collect statistics in the all-reduce, got {type(ddp).__name__}")
-                    if self._ddp_state is None:
-                        b = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-                        self._ddp_state = lb_dist.ddp.register(ddp, mix=device_mix, moments=self.moments,
-                                                               micro_batch_size=b)
-            elif self.moments is not None and not self._tracking:
-                self.moments.track_backward()
-                self._tracking = True
-
-        def _detach(self) -> None:
-            if self._tracking:
-                self.moments.remove_hooks()
-                self._tracking = False
-            if self.mix is not None:
-                self.mix.detach()
-
-        def _issue_warnings_after_load(self, load_result):
-            """The Trainer's, without the keys a checkpoint never holds: weights tied to a saved one
-            (shared embeddings, output projection) and sinusoidal position tables (computed)."""
-            derived = _derived_keys(self.accelerator.unwrap_model(self.model), load_result.missing_keys)
-            if derived and hasattr(load_result, "_replace"):
-                self.accelerator.unwrap_model(self.model).tie_weights()
-                load_result = load_result._replace(
-                    missing_keys=[k for k in load_result.missing_keys if k not in derived])
-            return super()._issue_warnings_after_load(load_result)
-
-        # ------------------------------------------------------------- steps
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
-            batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            sizes = [int(b["labels"].shape[0]) for b in batch_samples]
-            tokens = [int(b["labels"].ne(-100).sum()) for b in batch_samples]
-            world, rank = get_world_size(), get_rank()
-            stats = torch.zeros(world, 2, dtype=torch.float64, device=self.args.device)
-            stats[rank, 0], stats[rank, 1] = sum(sizes), sum(tokens)
-            all_reduce_sum_(stats)
-            stats = stats.cpu()
-            self._step_info = _StepInfo(global_samples=int(stats[:, 0].sum()), global_tokens=float(stats[:, 1].sum()),
-                                        sample_offset=int(stats[:rank, 0].sum()), micro_sizes=sizes,
-                                        micro_tokens=tokens)
-            return batch_samples, num_items
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            info = self._step_info
-            if self._tracking and info is not None:
-                # the backward'ed loss is (N_j / N) x the micro-batch's token-mean loss
-                j = min(info.next_micro, len(info.micro_tokens) - 1)
-                self.moments.grad_scale = max(info.micro_tokens[j], 1) / max(info.global_tokens, 1.0)
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if self._tracking and self.accelerator.sync_gradients:
-                n = self.moments.num_tracked_micro_batches
-                params = self.moments.params
-                mean_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                b = max(1, round(info.global_samples / max(n, 1))) if info is not None else None
-                self.moments.finish_step(mean_grads=mean_grads, micro_batch_size=b)
-            return loss
-
-        def _teacher_forced(self, model, inputs):
-            """The model's outputs on the reference prefix (decoder input = labels shifted right)."""
-            fwd = dict(inputs)
-            unwrapped = self.accelerator.unwrap_model(model)
-            if "decoder_input_ids" not in fwd and hasattr(unwrapped, "prepare_decoder_input_ids_from_labels"):
-                labels = fwd.pop("labels")
-                fwd["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
-                fwd["use_cache"] = False          # as the model itself does when given labels: no cache to build
-            return model(**fwd)
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-            """Seq2SeqTrainer's (generated tokens), plus per-example teacher-forced token counts
-            ``[correct, total]`` as a second prediction array (token accuracy)."""
-            loss, generated, labels = super().prediction_step(model, inputs, prediction_loss_only,
-                                                              ignore_keys=ignore_keys, **gen_kwargs)
-            if prediction_loss_only or not self.args.predict_with_generate or "labels" not in inputs \
-                    or generated is None:
-                return loss, generated, labels
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                logits = self._teacher_forced(model, inputs).logits
-            target = inputs["labels"]
-            mask = target.ne(-100)
-            correct = (logits.argmax(-1).eq(target) & mask).sum(1)
-            counts = torch.stack([correct, mask.sum(1)], dim=1)
-            return loss, (generated, counts), labels
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            info = self._step_info
-            if not model.training or info is None or "labels" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            labels = inputs["labels"]
-            outputs = self._teacher_forced(model, inputs)
-            per_sentence = token_sum_losses(outputs.logits, labels, self.args.label_smoothing_factor)
-            world = get_world_size()
-            n_tokens = max(info.global_tokens, 1.0)
-            j = info.next_micro
-            info.next_micro += 1
-            if self.mix is not None and self.mix.granularity == "sample":
-                start = info.sample_offset + sum(info.micro_sizes[:j])
-                idx = torch.arange(start, start + labels.shape[0])
-                big_b = info.global_samples
-                # weighted_loss = K/B sum_b w_b l_b with l_b = (B/N) sum_t ce_bt
-                loss = self.mix.weighted_loss(per_sentence * (big_b / n_tokens), indices=idx,
-                                              global_batch_size=big_b)
-            else:
-                loss = per_sentence.sum() * (world / n_tokens)
-            return (loss, outputs) if return_outputs else loss
-
-    return _LbDistSeq2SeqTrainer
-
-
-def _derived_keys(model, missing) -> set[str]:
-    """The ``missing`` state-dict keys of ``model`` that need no checkpoint value: tensors tied to a key
-    that is not missing, and the weights of sinusoidal position embeddings."""
-    missing = set(missing)
-    sd = model.state_dict()
-    holders: dict[tuple, list[str]] = {}
-    for key, t in sd.items():
-        holders.setdefault((t.data_ptr(), tuple(t.shape)), []).append(key)
-    derived = {k for keys in holders.values() if any(k2 not in missing for k2 in keys) for k in keys if k in missing}
-    for name, module in model.named_modules():
-        if type(module).__name__.endswith("SinusoidalPositionalEmbedding"):
-            derived.update(k for k in missing if k.startswith(f"{name}.") and k.count(".") == name.count(".") + 1)
-    return derived
-
-
-class LbDistSeq2SeqTrainer:
-    """``transformers.Seq2SeqTrainer`` with lb_dist's GradientMix and CLARS second moments.
-
-    ``LbDistSeq2SeqTrainer(*trainer_args, mix=None, moments=None, **trainer_kwargs)`` returns an
-    instance of a ``Seq2SeqTrainer`` subclass (created on first use, so importing this module does
-    not import transformers). ``mix``: an :class:`lb_dist.GradientMix` (sample-wise: weighted loss;
-    device-wise: DDP hook). ``moments``: the :class:`MicroBatchMoments` a CLARS optimizer reads
-    (default: the ``moments`` of the optimizer given as ``optimizers=(optimizer, None)``, see
-    :func:`make_optimizer`); the trainer feeds it. The loss is computed as in the module docstring.
-    """
-
-    _cls = None
-
-    def __new__(cls, *args, **kwargs):
-        if LbDistSeq2SeqTrainer._cls is None:
-            LbDistSeq2SeqTrainer._cls = _trainer_class()
-        return LbDistSeq2SeqTrainer._cls(*args, **kwargs)
+    #: The flags given at all (set by :func:`lb_dist.finetune.cli.parse_args`; a flag the DeepSpeed config
+    #: decides is refused if given); None: unknown (called from Python). Not a command-line argument.
+    given_flags: set | None = field(default=None, init=False, repr=False, compare=False)
 
 
 #: lb_dist.finetune's own optimizer/mixing arguments and their defaults: under --deepspeed the config decides.
@@ -346,15 +74,15 @@ _DEEPSPEED_OWNED = {"optimizer": "lamb", "mix": "none", "momentum": 0.9, "eta": 
                     "mix_noise": "gaussian", "mix_std": DEFAULT_STD, "mix_seed": 0}
 
 
-def _prepare_deepspeed(fa: FinetuneArguments, ta) -> dict:
+def prepare_deepspeed(fa: FinetuneArguments, ta) -> dict:
     """Check a ``--deepspeed`` run before anything starts and register lb_dist's ``deepspeed.initialize``.
     Returns the config (a dict)."""
     try:
         import lb_dist.deepspeed as lbds
-        from lb_dist.deepspeed.config import load_config
+        from lb_dist.deepspeed.config import MixSpec, SecondMomentsSpec, load_config
     except ImportError as e:
         raise RuntimeError(f"--deepspeed needs deepspeed and lb_dist.deepspeed ({e})") from e
-    given = getattr(fa, "_given", None)    # the flags on the command line (None: unknown, e.g. called from Python)
+    given = fa.given_flags    # the flags on the command line (None: unknown, e.g. called from Python)
     for name, default in _DEEPSPEED_OWNED.items():
         if (name in given) if given is not None else getattr(fa, name) != default:
             raise ValueError(f"--{name} {getattr(fa, name)!r}: with --deepspeed the DeepSpeed config decides the optimizer "
@@ -367,14 +95,17 @@ def _prepare_deepspeed(fa: FinetuneArguments, ta) -> dict:
         raise ValueError(f"--optim {getattr(optim, 'value', optim)}: {source} has an optimizer section, which "
                          f"decides the optimizer; remove --optim")
     _adopt_gradient_clipping(config, ta, given, source)
+    # two refusals read before Hugging Face fills the config's "auto" values (the whole config is parsed
+    # and validated once, by lb_dist.deepspeed.initialize's parse_config); the defaults are the specs'
     mix = config.get("gradient_mix") or {}
-    if isinstance(mix, dict) and mix.get("enabled", True) and mix.get("granularity", "device") == "sample":
+    if isinstance(mix, dict) and mix.get("enabled", MixSpec.enabled) and \
+            mix.get("granularity", MixSpec.granularity) == "sample":
         raise ValueError(f"{source}: gradient_mix.granularity \"sample\" needs a training loop that calls "
                          f"lb_dist.deepspeed.get_runtime(engine).weighted_loss; lb_dist.finetune supports the "
                          f"device-wise mix under DeepSpeed (--mix sample without --deepspeed)")
     opt = config.get("optimizer") or {}
     if isinstance(opt, dict) and str(opt.get("type", "")).upper() == "CLARS":
-        source_kind = (opt.get("second_moments") or {}).get("source", "micro_batch")
+        source_kind = (opt.get("second_moments") or {}).get("source", SecondMomentsSpec.source)
         if source_kind == "per_sample":
             raise ValueError(f"{source}: optimizer.second_moments.source \"per_sample\" is not available in "
                              f"lb_dist.finetune (per-sample gradients of the seq2seq model); use \"micro_batch\"")
@@ -528,12 +259,12 @@ def _check_args(fa: FinetuneArguments, ta) -> dict | None:
             json.loads(fa.model_options)
         except ValueError as e:
             raise ValueError(f"--model_options is not valid JSON ({e}): {fa.model_options!r}") from None
-    given = getattr(fa, "_given", None)
+    given = fa.given_flags
     if given is not None and "optim" in given and not ta.deepspeed:
         raise ValueError(f"--optim {getattr(ta.optim, 'value', ta.optim)}: lb_dist.finetune builds the optimizer from "
                          f"--optimizer ({', '.join(OPTIMIZERS)}); the Trainer's --optim would be ignored. Remove it")
     if ta.deepspeed:
-        return _prepare_deepspeed(fa, ta)
+        return prepare_deepspeed(fa, ta)
     return None
 
 
@@ -600,7 +331,7 @@ def run(fa: FinetuneArguments, ta) -> dict[str, Any]:
     results["global_step"] = trainer.state.global_step
     results["log_history"] = trainer.state.log_history
     if ta.deepspeed:
-        results["deepspeed"] = _deepspeed_summary(trainer.model_wrapped)
+        results["deepspeed"] = deepspeed_summary(trainer.model_wrapped)
     if ta.predict_with_generate:
         metric.use(eval_ds, [t for _, t in eval_pairs])
         results.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
@@ -617,7 +348,7 @@ def run(fa: FinetuneArguments, ta) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         summary = {k: v for k, v in results.items() if k != "log_history"}
-        summary["args"] = {"lb_dist": dataclasses.asdict(fa)}
+        summary["args"] = {"lb_dist": {k: v for k, v in dataclasses.asdict(fa).items() if k != "given_flags"}}
         if config is not None:
             summary["args"]["decided_by_deepspeed_config"] = sorted(_DEEPSPEED_OWNED)
         atomic_write_text(output_dir / "results.json", json.dumps(summary, indent=1, default=str) + "\n")
@@ -695,7 +426,7 @@ def _setup(fa: FinetuneArguments, ta, config, output_dir: Path, is_main: bool):
     return trainer, resume, tok, metric, eval_ds, eval_pairs
 
 
-def _deepspeed_summary(engine) -> dict[str, Any]:
+def deepspeed_summary(engine) -> dict[str, Any]:
     """What the DeepSpeed engine of a --deepspeed run is: lb_dist's (ZeRO-aware optimizer, mix, estimator) or not."""
     runtime = getattr(engine, "lb_dist", None)
     out: dict[str, Any] = {"engine": type(engine).__name__,
@@ -708,57 +439,3 @@ def _deepspeed_summary(engine) -> dict[str, Any]:
         if runtime.step_moments is not None:
             out["estimator_updates"] = [e.num_updates for e in runtime.step_moments.estimators.values()]
     return out
-
-
-def parse_args(argv=None):
-    from transformers import HfArgumentParser, Seq2SeqTrainingArguments
-
-    parser = HfArgumentParser((FinetuneArguments, Seq2SeqTrainingArguments))
-    if argv is None:
-        argv = sys.argv[1:]
-    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv) or (
-            len(argv) == 1 and argv[0].endswith(".json") and '"deepspeed"' in Path(argv[0]).read_text()):
-        # before Seq2SeqTrainingArguments sets up DeepSpeed's communication: the import keeps DeepSpeed
-        # from JIT-building its CPU comm op (lb_dist.deepspeed.cpu_comm); register() comes later
-        import lb_dist.deepspeed  # noqa: F401
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        fa, ta = parser.parse_json_file(json_file=argv[0])
-        given = set(json.loads(Path(argv[0]).read_text()))
-    else:
-        fa, ta = parser.parse_args_into_dataclasses(args=list(argv))
-        given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if isinstance(a, str) and a.startswith("--")}
-    fa._given = given      # the flags given at all (a flag the DeepSpeed config decides is refused if given)
-    return fa, ta
-
-
-def main(argv=None) -> dict[str, Any]:
-    fa, ta = parse_args(argv)
-    results = run(fa, ta)
-    if get_rank() == 0:
-        keys = [k for k in ("train_loss", "eval_loss", "eval_bleu", "eval_token_accuracy", "test_bleu",
-                            "test_token_accuracy") if k in results]
-        print("[lb_dist.finetune] " + ", ".join(
-            f"{k} {results[k]:.4f}" if isinstance(results[k], float) and math.isfinite(results[k])
-            else f"{k} {results[k]}" for k in keys), flush=True)
-    return results
-
-
-def _exit_after_distributed_job() -> None:
-    """The process entry point's end (``python -m lb_dist.finetune``, launched by ``deepspeed`` or
-    ``torchrun``): leave the process group together and exit without interpreter teardown, where
-    torch 2.13 + gloo occasionally aborts ("terminate called without an active exception", seen in
-    this module's 2-rank DeepSpeed test after training and saving had finished), as ``lb-dist train``
-    does. Nothing to do after a single-process run."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    main()
-    _exit_after_distributed_job()
