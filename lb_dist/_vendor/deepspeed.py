@@ -8,6 +8,8 @@
 * the data-parallel group outside sequence parallelism, ``groups._get_data_parallel_group``;
 * the class switch of a live engine or optimizer to an lb_dist subclass of its class
   (:func:`switch_class`: DeepSpeed builds both objects itself, so lb_dist cannot construct its own);
+* a step of the engine that closes DeepSpeed's bookkeeping without updating the weights
+  (:func:`step_without_update`: the inner optimizer's ``step`` shadowed for one call);
 * the table of compatible ops (``deepspeed.ops.__compatible_ops__``) that keeps DeepSpeed's CPU
   shared-memory comm op from being JIT-built (:func:`mark_op_incompatible`).
 
@@ -27,7 +29,8 @@ from torch import Tensor
 from lb_dist._vendor import check_version
 
 __all__ = ["SUPPORTED_DEEPSPEED", "check_deepspeed_version", "optimizer_kind", "FlatPartition", "flat_partitions",
-           "global_grad_norm", "data_parallel_group", "switch_class", "mark_op_incompatible"]
+           "global_grad_norm", "data_parallel_group", "switch_class", "mark_op_incompatible",
+           "step_without_update"]
 
 #: The DeepSpeed releases whose internals lb_dist reads (this module), as a pip specifier; tested: 0.19.8.
 SUPPORTED_DEEPSPEED = ">=0.19.8,<0.20"
@@ -159,3 +162,15 @@ def mark_op_incompatible(op_name: str) -> None:
     (``deepspeed.ops.__compatible_ops__``; DeepSpeed probes it on first access and keeps this dict)."""
     import deepspeed.ops
     deepspeed.ops.__compatible_ops__[op_name] = False
+
+
+def step_without_update(engine, optimizer) -> None:
+    """``engine.step()`` with ``optimizer.step`` shadowed by a no-op for this call only: DeepSpeed still
+    counts the step, advances its scheduler and zeroes the gradients, and the weights and the optimizer
+    state are untouched (ZeRO-0 fp32 steps a torch optimizer without looking at the gradient, so a
+    non-finite step is skipped this way). DeepSpeed has no public "skip this step" for that path."""
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        engine.step()
+    finally:
+        del optimizer.step

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from lb_dist._io import atomic_write_text
+from lb_dist._vendor.deepspeed import step_without_update
 from lb_dist.optim import adapted_params
 from lb_dist.train.backends import BackendConfigError, BackendUnavailable, Engine, Torchrun, grads_finite
 from lb_dist.train.checkpoint import CheckpointError, atomic_save, clear_engine_checkpoint_dir
@@ -141,12 +142,9 @@ class DeepSpeedEngine(Engine):
         shadow = self.zero_stage == 0 and not self.layerwise and not ds.bfloat16_enabled() \
             and not ds.fp16_enabled() and not grads_finite(self._trainable)
         if shadow:
-            opt.step = lambda *a, **k: None           # this call only: DeepSpeed still closes the step
-        try:
+            step_without_update(ds, opt)              # DeepSpeed still closes the step
+        else:
             ds.step()
-        finally:
-            if shadow:
-                del opt.step
         skipped = shadow or ds.skipped_steps > engine_skips or (
             self.layerwise and getattr(opt, "skipped_steps", 0) > opt_skips)
         if self._advance_mix and self.mix is not None:
