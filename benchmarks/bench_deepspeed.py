@@ -78,7 +78,9 @@ def worker(args) -> None:
     waited, wall_timed = time_counter()      # wall time inside the ZeRO-aware reduction (incl. the all-reduce)
     opt_wall, opt_timed = time_counter()     # wall time inside the inner optimizer's step calls
 
-    lbzero.ShardedLayerwise._reduce_step_sq_norms = wall_timed(timed(lbzero.ShardedLayerwise._reduce_step_sq_norms))
+    for meth in ("reduce_step_sq_norms", "_reduce_step_sq_norms"):   # the second: its name before issue 13
+        if meth in vars(lbzero.ShardedLayerwise):
+            setattr(lbzero.ShardedLayerwise, meth, wall_timed(timed(getattr(lbzero.ShardedLayerwise, meth))))
     for meth in ("loss_factor", "before_boundary", "after_boundary",
                  "_before_boundary", "_after_boundary"):   # the last two: names before issue 13
         if meth in vars(LbDistRuntime):

@@ -155,7 +155,7 @@ def test_a_process_without_fragments_still_reduces():
     calls = []
 
     class Recording(LARS):
-        def _reduce_step_sq_norms(self, sqs, plans):
+        def reduce_step_sq_norms(self, sqs, plans):
             calls.append([None if s is None else s.clone() for s in sqs])
             return sqs
 

@@ -533,7 +533,7 @@ def test_reduce_hook_called_once_per_group_with_stacked_norms():
     calls = []
 
     class Recording(LARS):
-        def _reduce_layer_sq_norms(self, sq, group):
+        def reduce_group_sq_norms(self, sq, group):
             calls.append((group.get("layer_adaptation", True), sq.clone()))
             return sq
 
@@ -549,7 +549,7 @@ def test_reduce_hook_called_once_per_group_with_stacked_norms():
     assert adapted_sq.tolist() == pytest.approx(expected, rel=1e-12)
 
     class Doubling(LARS):        # a "sharded" reduction that sums two equal fragments
-        def _reduce_layer_sq_norms(self, sq, group):
+        def reduce_group_sq_norms(self, sq, group):
             return 2 * sq
 
     ps2 = make_params()

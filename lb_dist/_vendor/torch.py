@@ -11,7 +11,9 @@
   ``Tensor._base`` (the base of a view), ``Tensor._nnz()`` (stored elements of a sparse COO tensor),
   ``_ConvNd._reversed_padding_repeated_twice`` (a convolution's padding in ``F.pad`` order), the
   autograd engine's ``queue_callback`` (run once at the end of the current backward) and the module
-  hook dictionaries (:class:`module_hooks_suspended`).
+  hook dictionaries (:class:`module_hooks_suspended`);
+* DTensor's ``_StridedShard`` placement (:data:`StridedShard`: a ``Shard`` that FSDP2 over tensor
+  parallelism produces; its local pieces are distinct parts of the tensor like ``Shard``'s).
 """
 from __future__ import annotations
 
@@ -24,10 +26,16 @@ from lb_dist._vendor import check_version
 
 __all__ = ["foreach_norm", "BatchNormBase", "view_base", "sparse_nnz", "conv_padding", "queue_backward_callback",
            "module_hooks_suspended", "FSDPModule", "ReduceScatterBase", "fsdp_layout", "check_fsdp_version",
-           "SUPPORTED_TORCH_FSDP", "ENV_TORCH_UNTESTED"]
+           "SUPPORTED_TORCH_FSDP", "ENV_TORCH_UNTESTED", "StridedShard"]
 
 #: Per-tensor L2 norms of a list of tensors in one kernel (``torch._foreach_norm``).
 foreach_norm = torch._foreach_norm
+
+try:
+    from torch.distributed.tensor.placement_types import _StridedShard as StridedShard
+except ImportError:  # pragma: no cover - torch without DTensor or an older release
+    StridedShard = None
+"""DTensor's strided ``Shard`` placement class, or None where this torch has none."""
 
 #: The base class of every BatchNorm module (``torch.nn.modules.batchnorm._BatchNorm``).
 BatchNormBase = _BatchNorm

@@ -3,7 +3,7 @@
 :func:`make_sharded` declares DeepSpeed's flat partitions (:mod:`lb_dist.deepspeed.layout`: each one
 :class:`lb_dist.optim.LayerFragments` of whole layers) to the lb_dist optimizer and turns it into a
 ZeRO-aware one (a subclass created at run time, as Horovod's DistributedOptimizer does, so it still
-is a LARS/CLARS/LAMB): its ``_reduce_step_sq_norms`` sums the per-layer partial squared norms of all
+is a LARS/CLARS/LAMB): its ``reduce_step_sq_norms`` sums the per-layer partial squared norms of all
 groups of the step call in ONE all-reduce over the data-parallel group, so ``||w_k||``, ``||g_k||``,
 ``||r_k||`` are those of whole layers; CLARS' micro-batch statistics
 (:class:`lb_dist.deepspeed.sources.MicroBatchStepMoments`) ride in the same all-reduce. The update
@@ -38,11 +38,11 @@ __all__ = ["ShardedTensor", "sharded_tensors", "check_coverage", "make_sharded",
 class ShardedLayerwise:
     """Mixed into LARS / LAMB (and, through :class:`ShardedCLARS`, CLARS) under DeepSpeed.
 
-    * ``_reduce_step_sq_norms``: the per-layer partial squared norms of every fragmented group of
+    * ``reduce_step_sq_norms``: the per-layer partial squared norms of every fragmented group of
       the step call (and CLARS' micro-batch statistics) are packed into one float64 tensor and
       summed by ONE all-reduce over the data-parallel group; unsharded groups (stage 0, where every
       process holds the whole reduced gradient) are left alone.
-    * ``_reduce_found_nonfinite``: LAMB's non-finite check looks at this process's fragments
+    * ``reduce_nonfinite_flag``: LAMB's non-finite check looks at this process's fragments
       before the moments change, so the flag is all-reduced (every process skips the same steps).
       LARS/CLARS take their flags from the reduced per-layer norms (identical on every process),
       so they need no communication for it.
@@ -86,7 +86,7 @@ class ShardedLayerwise:
         finite; None when unknown (:meth:`LbDistRuntime.global_norm_finite`)."""
         return None if self._lb_runtime is None else self._lb_runtime.global_norm_finite()
 
-    def _reduce_step_sq_norms(self, sqs, plans):
+    def reduce_step_sq_norms(self, sqs, plans):
         pieces: list[tuple[int, Tensor]] = [(i, sq) for i, (sq, plan) in enumerate(zip(sqs, plans))
                                             if sq is not None and plan.sharded]
         if any(not plans[i].group["layer_adaptation"] for i, _ in pieces) and self._lb_global_norm_finite():
@@ -108,7 +108,7 @@ class ShardedLayerwise:
             offset += t.numel()
         return out
 
-    def _reduce_found_nonfinite(self, found: Tensor) -> Tensor:
+    def reduce_nonfinite_flag(self, found: Tensor) -> Tensor:
         norm_finite = self._lb_global_norm_finite()                     # one read per call
         if self._lb_call_sharded and not isinstance(self, LayerwiseSGD) and norm_finite is not True:
             # LAMB's flags are its gradients' finiteness: nothing to reduce when DeepSpeed's global

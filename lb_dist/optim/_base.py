@@ -27,7 +27,7 @@ class LayerFragments:
     such a tensor; every per-layer quantity (``||w_k||``, ``||g_k||``, ``||r_k||``, ``S_k``, the
     trust ratio) is then computed over whole layers: per-fragment partial squared norms are summed
     per layer into a vector laid out by ``num_layers`` (fragments a process does not hold count 0),
-    reduced by :meth:`LayerwiseOptimizer._reduce_step_sq_norms`, and each fragment is updated with
+    reduced by :meth:`LayerwiseOptimizer.reduce_step_sq_norms`, and each fragment is updated with
     its layer's trust ratio by the same kernels as an unsharded tensor.
 
     Attributes:
@@ -153,10 +153,8 @@ try:  # torch.distributed may be built without DTensor
     from torch.distributed.tensor import DTensor as _DTensor
     from torch.distributed.tensor import Replicate as _Replicate
     from torch.distributed.tensor import Shard as _Shard
-    try:
-        from torch.distributed.tensor.placement_types import _StridedShard
-    except ImportError:  # pragma: no cover - older torch
-        _StridedShard = _Shard
+    from lb_dist._vendor.torch import StridedShard as _StridedShard
+    _StridedShard = _StridedShard or _Shard
 except ImportError:  # pragma: no cover
     _DTensor = _Replicate = _Shard = _StridedShard = None
 
@@ -185,13 +183,13 @@ class LayerwiseOptimizer(Optimizer):
 
     The layer-wise reduction seam (see docs/optimizers.md, "Sharded parameters"): every per-layer
     quantity is first a *partial* sum of squares over what this process holds, stacked per group
-    in a fixed per-layer layout, then :meth:`_reduce_step_sq_norms` turns the partial sums of all
+    in a fixed per-layer layout, then :meth:`reduce_step_sq_norms` turns the partial sums of all
     groups of the step into whole-layer sums. The default serves DTensor parameters (FSDP2, HSDP,
     tensor parallel): one SUM all-reduce per process group (mesh dimension holding distinct
     shards) per step, nothing for plain tensors. DeepSpeed's ZeRO adapter overrides it for its
     :class:`LayerFragments` partitions (one all-reduce over the data-parallel group).
 
-    * :meth:`_reduce_found_nonfinite` — the step's non-finite flag, called once per step.
+    * :meth:`reduce_nonfinite_flag` — the step's non-finite flag, called once per step.
 
     The non-finite skip is decided where the flag lives: on CPU in eager mode by one host read
     (free: there is no device to wait for), otherwise (an accelerator, or under ``torch.compile``)
@@ -426,25 +424,25 @@ class LayerwiseOptimizer(Optimizer):
                 RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ hooks
-    def _reduce_layer_sq_norms(self, sq: Tensor, group: dict) -> Tensor:
+    def reduce_group_sq_norms(self, sq: Tensor, group: dict) -> Tensor:
         """Reduce a group's stacked per-layer partial squared norms; identity here (kept for
-        adapters that reduce per group; :meth:`_reduce_step_sq_norms` calls it once per group)."""
+        adapters that reduce per group; :meth:`reduce_step_sq_norms` calls it once per group)."""
         return sq
 
-    def _reduce_step_sq_norms(self, sqs: list[Tensor | None], plans: list[GroupPlan]) -> list[Tensor | None]:
+    def reduce_step_sq_norms(self, sqs: list[Tensor | None], plans: list[GroupPlan]) -> list[Tensor | None]:
         """Reduce the per-layer partial squared norms of all groups of one ``step()`` call.
 
         ``sqs[i]`` is None (nothing to reduce) or the 1-D stacked vector of ``plans[i]``, laid out
         per (quantity, layer) of the plan's layer layout: ``q * num_layers + k`` for quantity q of
-        layer k. Default: :meth:`_reduce_layer_sq_norms` once per group, then
+        layer k. Default: :meth:`reduce_group_sq_norms` once per group, then
         :func:`reduce_layer_sq_norms` for DTensor layers (one SUM all-reduce per process group
         for all groups together). A sharded adapter may override this (DeepSpeed's ZeRO adapter
         packs its fragmented groups into one all-reduce)."""
-        sqs = [None if sq is None else self._reduce_layer_sq_norms(sq, plan.group)
+        sqs = [None if sq is None else self.reduce_group_sq_norms(sq, plan.group)
                for sq, plan in zip(sqs, plans)]
         return reduce_layer_sq_norms(sqs, plans)
 
-    def _reduce_found_nonfinite(self, found: Tensor) -> Tensor:
+    def reduce_nonfinite_flag(self, found: Tensor) -> Tensor:
         """Reduce the 0-dim float flag (> 0: a non-finite gradient or estimate was seen); identity
         here. A sharded adapter all-reduces it so that every process skips the same steps."""
         return found
@@ -586,7 +584,7 @@ class LayerwiseOptimizer(Optimizer):
             return None
         device = flags[0].device
         found = torch.stack([f.to(device=device, dtype=torch.float32) for f in flags]).sum()
-        found = self._reduce_found_nonfinite(found)
+        found = self.reduce_nonfinite_flag(found)
         skip = found > 0
         if self._host_gate and found.device.type == "cpu" and not torch.compiler.is_compiling():
             skipped = bool(skip)

@@ -110,7 +110,7 @@ class LAMB(LayerwiseOptimizer):
                 grads_as_scratch=ok is None and self._grads_usable_as_scratch(plan), in_place=True)
             work.append((directions, factor))
             sqs.append(plan.to_layers(sq, 2) if sq is not None else None)
-        sqs = self._reduce_step_sq_norms(sqs, plans)                           # (2)
+        sqs = self.reduce_step_sq_norms(sqs, plans)                           # (2)
         for plan, (directions, factor), sq in zip(plans, work, sqs):
             self._apply(plan, directions, factor, sq, ok)                     # (3)+(4)
         self._step_ok = ok
@@ -143,7 +143,7 @@ class LAMB(LayerwiseOptimizer):
                                   else torch.zeros(0, dtype=plan.dtype, device=plan.device), 1)
             work.append((exp_avgs, exp_avg_sqs, counters, directions, factor, moments))
             sqs.append(torch.cat([plan.to_layers(sq, 2), g_sq]) if sq is not None else g_sq)
-        sqs = self._reduce_step_sq_norms(sqs, plans)                           # (2)
+        sqs = self.reduce_step_sq_norms(sqs, plans)                           # (2)
         flags = []
         for plan, sq in zip(plans, sqs):
             checked = sq[plan.num_layers:] if plan.group["layer_adaptation"] else sq

@@ -28,7 +28,7 @@ class LayerwiseSGD(LayerwiseOptimizer):
 
     One step: (1) stacked partial squared norms ``cat([||w_k||^2], [||g_k||^2])`` per group (for
     excluded groups only ``[||g_k||^2]``, for the non-finite check), (2)
-    :meth:`_reduce_layer_sq_norms`, (3) :func:`~lb_dist.optim.scale_by_trust_ratio`, (4) the SGD
+    :meth:`reduce_group_sq_norms`, (3) :func:`~lb_dist.optim.scale_by_trust_ratio`, (4) the SGD
     update. Steps with a non-finite gradient (or estimate) are skipped whole.
 
     State per parameter (momentum > 0): ``momentum_buffer`` ``B`` and the 0-dim
@@ -87,7 +87,7 @@ class LayerwiseSGD(LayerwiseOptimizer):
             sq = (F.sq_norms(tensors, foreach=plan.foreach) if tensors
                   else torch.zeros(0, dtype=plan.dtype, device=plan.device))
             sqs.append(plan.to_layers(sq, quantities))
-        sqs = self._reduce_step_sq_norms(sqs, plans)                    # (2)
+        sqs = self.reduce_step_sq_norms(sqs, plans)                    # (2)
 
         flags: list[Tensor] = []
         for plan, sq in zip(plans, sqs):
