@@ -493,6 +493,31 @@ def test_remove_hooks_stops_collection():
         est.finish_step()
 
 
+def test_finish_step_with_non_finite_gradients_skips_the_update():
+    """A diverged or overflowing step (non-finite .grad) leaves the estimate as it was and reports it
+    (False), resetting the pending statistics; the next finite step updates as usual."""
+    p = nn.Parameter(torch.ones(3))
+    est = MicroBatchMoments([p], micro_batch_size=2).track_backward()
+
+    def step(scale):
+        p.grad = None
+        for x in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 1.0, 2.0])):
+            (p * x * scale).sum().backward()
+        return est.finish_step()
+
+    assert step(1.0) is True
+    before = est.second_moments_tensor().clone()
+    assert step(float("nan")) is False and step(float("inf")) is False
+    assert est.num_tracked_micro_batches == 0 and est.num_updates == 1
+    torch.testing.assert_close(est.second_moments_tensor(), before, rtol=0, atol=0)
+    # the step written out: g_1 = (1,2,3), g_2 = (3,1,2), b = 2, n = 2, B = 4 (CLARS eq. 9 by hand)
+    small = (14.0 + 14.0) / 2
+    big = ((4.0 / 2) ** 2 + (3.0 / 2) ** 2 + (5.0 / 2) ** 2)
+    expected = (2 * 3 * small - 4 * 1 * big) / 2
+    assert step(1.0) is True and est.num_updates == 2
+    assert math.isclose(float(est.second_moments_tensor()[0]), expected, rel_tol=1e-6)   # float32 gradients
+
+
 def test_single_micro_batch_raises_clear_error():
     params = [nn.Parameter(torch.randn(3))]
     est = MicroBatchMoments(params, micro_batch_size=4)

@@ -341,27 +341,29 @@ def test_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     assert latest_checkpoint(d) == d / "step-00000001.pt"
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+@pytest.mark.parametrize("optimizer", ["sgd", "lars", "clars"])
 def test_non_finite_gradients_skip_steps_and_abort(tmp_path, monkeypatch, optimizer):
     """From the 3rd step on the loss is NaN: those steps are skipped (torch's SGD by the loop's check,
-    LARS by itself), the weights stay those of step 2, and after MAX_CONSECUTIVE_SKIPS the run stops
-    with an error."""
+    LARS and CLARS by themselves; CLARS' micro-batch estimator skips its update instead of raising),
+    the weights stay those of step 2, and after MAX_CONSECUTIVE_SKIPS the run stops with an error."""
     from lb_dist.train.workloads import ImageTask
 
     monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_SKIPS", 3)
     calls = {"n": 0}
     original = ImageTask.losses
+    micro_batches = 2 if optimizer == "clars" else 1   # CLARS: S_k from 2 accumulation micro-batches
 
     def poisoned(self, module, batch):
         losses, counts = original(self, module, batch)
         calls["n"] += 1
-        return (losses * float("nan") if calls["n"] > 2 else losses), counts
+        return (losses * float("nan") if calls["n"] > 2 * micro_batches else losses), counts
 
     monkeypatch.setattr(ImageTask, "losses", poisoned)
     run = tmp_path / "run"
     with pytest.raises(trainer_module.TrainingDiverged, match="3 consecutive optimizer steps had non-finite"):
         train(common(run, "--optimizer", optimizer, "--lr", "0.05", "--epochs", "3", "--schedule", "constant",
-                     "--checkpoint-every-steps", "1", "--keep-checkpoints", "10"))
+                     "--checkpoint-every-steps", "1", "--keep-checkpoints", "10",
+                     "--accumulation-steps", str(micro_batches)))
     steps = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["skipped"] for r in steps] == [False, False, True, True, True]
     after_two = params_of(load_checkpoint(run / "checkpoints" / "step-00000002.pt")["model"])

@@ -101,8 +101,12 @@ class BackwardCollection:
         return micro_sq_sum, n
 
     def finish_step(self, mean_grads: Sequence[torch.Tensor] | None = None,
-                    micro_batch_size: int | None = None) -> None:
+                    micro_batch_size: int | None = None) -> bool:
         """Close the step collected by :meth:`track_backward`: feed :meth:`update` and reset.
+        Returns whether the estimate was updated: a step whose statistics are not finite (its
+        gradients overflowed or the run diverged) leaves the estimator as it was and returns False,
+        as :meth:`feed_weighted` does for the backends; the optimizer skips that step too (its
+        gradient is not finite), so estimator and weights stay in step.
 
         ``||G_{B,k}||^2`` comes from ``mean_grads`` (the step's mean gradient over all n*b samples,
         one tensor per tracked parameter) if given, otherwise from the accumulated ``.grad``:
@@ -126,7 +130,10 @@ class BackwardCollection:
             mean_sq = self._sq_norms([p.grad for p in self.params], dev) / float(n * scale) ** 2
         else:
             mean_sq = self._sq_norms(self._check_grads("mean_grads", mean_grads), dev)
+        if not bool(torch.isfinite(micro_sq_sum).all() & torch.isfinite(mean_sq).all()):
+            return False
         self.update(micro_sq_sum, n, mean_sq, micro_batch_size)
+        return True
 
     def observe(self, micro_batch_grads: Sequence[Sequence[torch.Tensor]],
                 micro_batch_size: int | None = None) -> None:
