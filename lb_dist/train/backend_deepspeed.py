@@ -36,7 +36,7 @@ from lb_dist._io import atomic_write_text
 from lb_dist._vendor.deepspeed import step_without_update
 from lb_dist.optim import adapted_params
 from lb_dist.train.backends import BackendConfigError, BackendUnavailable, Engine, Torchrun, grads_finite
-from lb_dist.train.checkpoint import CheckpointError, atomic_save, clear_engine_checkpoint_dir
+from lb_dist.train.checkpoint import CheckpointError, atomic_save, engine_checkpoint_dir
 
 __all__ = ["DeepSpeedBackend", "DeepSpeedEngine", "lb_dist_config", "deepspeed_config", "CHECKPOINT_SUBDIR"]
 
@@ -208,11 +208,7 @@ class DeepSpeedEngine(Engine):
         full model weights, written atomically by rank 0 only after every rank finished DeepSpeed's
         part: the file is the commit, a crash before it leaves the previous checkpoint the latest."""
         path = Path(path)
-        ds_dir = path.parent / CHECKPOINT_SUBDIR
-        tag = path.stem
-        if self.backend.is_main:
-            clear_engine_checkpoint_dir(ds_dir, path)
-        self.backend.barrier()
+        ds_dir, tag = engine_checkpoint_dir(self.backend, path, CHECKPOINT_SUBDIR)
         self.ds.save_checkpoint(str(ds_dir), tag=tag, client_state={}, save_latest=False)
         self.backend.barrier()
         with self._full_parameters():

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lb_dist.train.backends import BackendConfigError, Engine, Torchrun
-from lb_dist.train.checkpoint import CheckpointError, atomic_save, clear_engine_checkpoint_dir
+from lb_dist.train.checkpoint import CheckpointError, atomic_save, engine_checkpoint_dir
 
 __all__ = ["FSDPBackend", "FSDPEngine"]
 
@@ -91,11 +91,7 @@ class FSDPEngine(Engine):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         path = Path(path)
-        root = path.parent / CHECKPOINT_SUBDIR
-        tag = path.stem
-        if self.backend.is_main:
-            clear_engine_checkpoint_dir(root, path)
-        self.backend.barrier()
+        root, tag = engine_checkpoint_dir(self.backend, path, CHECKPOINT_SUBDIR)
         self._sync_buffers()
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(root / tag))

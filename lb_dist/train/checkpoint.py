@@ -246,3 +246,15 @@ def clear_engine_checkpoint_dir(root: str | os.PathLike, path: str | os.PathLike
         if entry.is_dir() and (entry.name == path.stem or entry.name not in committed):
             shutil.rmtree(entry, ignore_errors=True)
     return root
+
+
+def engine_checkpoint_dir(backend, path: str | os.PathLike, subdir: str) -> tuple[Path, str]:
+    """Where an engine writes its own part of checkpoint file ``path`` (DeepSpeed's, DCP's): the
+    directory ``path.parent / subdir`` prepared by rank 0 (:func:`clear_engine_checkpoint_dir`) while
+    the others wait, and the tag ``path.stem``. A collective (every rank calls it)."""
+    path = Path(path)
+    root = path.parent / subdir
+    if backend.is_main:
+        clear_engine_checkpoint_dir(root, path)
+    backend.barrier()
+    return root, path.stem
