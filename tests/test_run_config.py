@@ -1,7 +1,9 @@
 """One run configuration from every front door (issue 13): ``lb-dist train`` flags, the same settings in
 a ``--deepspeed-config`` file, and a DeepSpeed config given to ``lb_dist.deepspeed.initialize`` end in the
 same typed specs (``lb_dist.deepspeed.config.OptimizerSpec`` / ``MixSpec``) and build the same optimizer
-and GradientMix; errors name the flag or the key. Nothing is launched: parsing only, plus the built
+and GradientMix; errors name the flag or the key. The loop's typed sections
+(``lb_dist.train.run_config.RunConfig``: data, checkpoint, backend, logging) hold the flags' values,
+are frozen, and leave the namespace (the run's record) as it was. Nothing is launched: parsing only, plus the built
 objects' hyperparameters (an optimizer over one tensor)."""
 from __future__ import annotations
 
@@ -200,3 +202,75 @@ def test_schedule_is_the_same_from_flags_and_from_the_config_file(tmp_path):
         rates.append(seq)
     assert rates[0] == rates[1] == rates[2]
     assert rates[0][0] == pytest.approx(LR * 0.1) and max(rates[0]) == pytest.approx(LR)   # eq. 15's ends
+
+
+# ----------------------------------------------------------------------------- RunConfig (the loop's sections)
+RUN_FLAGS = ["--lr", "0.3", "--optimizer", "clars", "--clars-moments", "per-sample", "--per-sample-subset", "24",
+             "--per-sample-chunk", "8", "--mix", "sample", "--mix-std", "0.25", "--batch-size", "48",
+             "--accumulation-steps", "3", "--eval-batch-size", "40", "--workers", "2", "--epochs", "5", "--seed", "11",
+             "--train-size", "960", "--test-size", "120", "--checkpoint-every-steps", "7",
+             "--keep-checkpoints", "4", "--stop-after-steps", "9", "--log-every", "6", "--layer-stats-every", "0",
+             "--no-progress", "--tensorboard", "off", "--backend", "single", "--device", "cpu", "--num-threads", "2"]
+
+
+def test_run_config_sections_hold_the_flags(tmp_path):
+    from lb_dist.train.run_config import (BackendConfig, CheckpointConfig, DataConfig, LoggingConfig, RunConfig)
+    args = parse_args(["--run-dir", str(tmp_path / "r"), *RUN_FLAGS])
+    config = RunConfig.from_args(args)
+    assert config.data == DataConfig(dataset="synthetic", data_dir=None, train_size=960, test_size=120, batch_size=48,
+                                     accumulation_steps=3, eval_batch_size=40, workers=2, epochs=5, seed=11)
+    assert config.checkpoint == CheckpointConfig(run_dir=tmp_path / "r", resume="auto", every_steps=7, keep=4,
+                                                 stop_after_steps=9)
+    assert config.backend == BackendConfig(name="single", device="cpu", dist_backend="auto", num_threads=2,
+                                           zero_stage=None, bf16=None, deepspeed_config=None)
+    assert config.logging == LoggingConfig(log_every=6, layer_stats_every=0, progress=False, tensorboard="off")
+    assert (config.optimizer_name, config.optimizer.type, config.optimizer.params["lr"]) == ("clars", "CLARS", 0.3)
+    assert (config.per_sample_moments.subset_size, config.per_sample_moments.chunk_size) == (24, 8)
+    assert (config.mix.granularity, config.mix.std, config.mix.seed) == ("sample", 0.25, 11)
+    # S_k from the training pass or micro-batches: no per-sample step in the loop; no lb_dist optimizer, no mix
+    for source in ("training-pass", "micro-batch"):
+        other = parse_args(["--run-dir", str(tmp_path / "s"), *RUN_FLAGS, "--clars-moments", source,
+                            "--accumulation-steps", "3"])
+        assert RunConfig.from_args(other).per_sample_moments is None, source
+    plain = RunConfig.from_args(parse_args(["--run-dir", str(tmp_path / "t"), "--lr", "0.1", "--optimizer", "sgd"]))
+    assert (plain.optimizer, plain.mix, plain.per_sample_moments) == (None, None, None)
+
+
+def test_run_config_from_a_deepspeed_config_file(tmp_path):
+    """--deepspeed-config fills the flags first; the sections read the filled values."""
+    from lb_dist.train.run_config import RunConfig
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(JSON))
+    config = RunConfig.from_args(parse_args(["--run-dir", str(tmp_path / "r"), "--backend", "deepspeed",
+                                             "--deepspeed-config", str(path)]))
+    assert (config.data.batch_size, config.backend.name, config.backend.zero_stage) == (32, "deepspeed", 1)
+    assert config.backend.deepspeed_config == str(path)
+    assert config.per_sample_moments.subset_size == SUBSET and config.mix.std == STD
+
+
+def test_run_config_sections_are_frozen(tmp_path):
+    import dataclasses
+
+    from lb_dist.train.run_config import RunConfig
+    config = RunConfig.from_args(parse_args(["--run-dir", str(tmp_path / "r"), *RUN_FLAGS]))
+    for obj, field in ((config, "data"), (config.data, "batch_size"), (config.checkpoint, "keep"),
+                       (config.backend, "num_threads"), (config.logging, "log_every")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, field, None)
+
+
+def test_run_config_leaves_the_record_unchanged(tmp_path):
+    """from_args reads the namespace, never writes it: config.json / the checkpoints' ``config`` are the
+    flags as before; the record read back (a resume) gives the same sections."""
+    import argparse
+
+    from lb_dist.train.run_config import RunConfig
+    args = parse_args(["--run-dir", str(tmp_path / "r"), *RUN_FLAGS])
+    before = dict(vars(args))
+    record = to_dict(args)
+    config = RunConfig.from_args(args)
+    assert vars(args) == before and to_dict(args) == record
+    assert "config" not in record and "run_config" not in record and record["batch_size"] == 48
+    saved = json.loads(json.dumps(record))
+    assert saved == record
+    assert RunConfig.from_args(argparse.Namespace(**saved)) == config

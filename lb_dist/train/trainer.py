@@ -34,8 +34,8 @@ from lb_dist.train.checkpoint import (FORMAT, CheckpointError, checkpoint_path, 
                                       load_checkpoint, prune_checkpoints, verify_checkpoint, write_manifest)
 from lb_dist.train.config import RUN_DEFINING, check_layout, to_dict
 from lb_dist.train.metrics import MetricsLogger
-from lb_dist.train.optimizers import (build_optimizer, build_scheduler, mix_spec, optimizer_groups, optimizer_spec, peak_lr,
-                                     warmup_steps)
+from lb_dist.train.optimizers import build_optimizer, build_scheduler, optimizer_groups, peak_lr, warmup_steps
+from lb_dist.train.run_config import RunConfig
 from lb_dist.train.sampling import BatchLayout, StepBatchSampler
 from lb_dist.train.workloads import build_workload
 
@@ -157,40 +157,45 @@ def _set_rng_state(state: dict, device) -> None:
 class StepRunner:
     """One optimizer step of the loop (docstring of this module, items 2-5), on the pieces built by
     :func:`build_components`. Shared by :func:`run_training` and benchmarks/bench_workloads.py, so that
-    the benchmark times exactly the training step of ``lb-dist train``."""
+    the benchmark times exactly the training step of ``lb-dist train``. Reads the typed ``config``
+    (:class:`lb_dist.train.run_config.RunConfig`; built from ``args`` when not given)."""
 
-    def __init__(self, args: argparse.Namespace, backend: Backend, engine: Engine, layout: BatchLayout, task) -> None:
+    def __init__(self, args: argparse.Namespace, backend: Backend, engine: Engine, layout: BatchLayout, task, *,
+                 config: RunConfig | None = None) -> None:
+        self.config = RunConfig.from_args(args) if config is None else config
         self.args, self.backend, self.engine, self.layout, self.task = args, backend, engine, layout, task
         self.model, self.optimizer, self.moments, self.mix = engine.model, engine.optimizer, engine.moments, engine.mix
         self.layerwise = hasattr(self.optimizer, "last_step_skipped")
-        self.per_sample = args.optimizer == "clars" and args.clars_moments == "per-sample"
+        self.per_sample = self.config.per_sample_moments      # CLARS' spec with source per_sample, or None
+        self.sample_mix = self.config.mix is not None and self.config.mix.granularity == "sample"
         self.adapted = engine.adapted_params()
 
     def run(self, micro: list, step: int) -> dict:
         """Train on this rank's micro-batches (already on the device) as optimizer step ``step``
         (0-based, global). Returns ``{"sums": [loss sum, count] of this rank (float64, on the device),
         "skipped", "lr", "mix_step", "per_sample": per-sample statistics | None}``."""
-        args, backend, engine, task = self.args, self.backend, self.engine, self.task
+        data, backend, engine, task = self.config.data, self.backend, self.engine, self.task
         optimizer, mix = self.optimizer, self.mix
         K, A = backend.world_size, len(micro)
         if task.counts_are_constant:
-            total_count = float(args.batch_size)
+            total_count = float(data.batch_size)
         else:
             local = torch.stack([task.count_tensor(b).to(backend.device, torch.float64) for b in micro]).sum()
             total_count = float(backend.all_reduce_sum(local.reshape(1)).item())  # one host sync per step
         ps_stats = None
-        if self.per_sample:
-            gen = torch.Generator().manual_seed(_seed(args.seed * 7919 + step * 104729 + backend.rank))
+        if self.per_sample is not None:
+            gen = torch.Generator().manual_seed(_seed(data.seed * 7919 + step * 104729 + backend.rank))
             x, y = micro[0]
-            ps_stats = engine.per_sample_second_moments(task.mean_loss_fn(), x, y, subset_size=args.per_sample_subset,
-                                                        chunk_size=args.per_sample_chunk, params=self.adapted,
+            ps_stats = engine.per_sample_second_moments(task.mean_loss_fn(), x, y,
+                                                        subset_size=self.per_sample.subset_size,
+                                                        chunk_size=self.per_sample.chunk_size, params=self.adapted,
                                                         generator=gen)
         sums = torch.zeros(2, dtype=torch.float64, device=backend.device)  # no host sync per micro-batch
         for j, batch in enumerate(micro):
             with engine.accumulate(last=(j == A - 1)):
                 losses, counts = task.losses(engine.forward_module, batch)
-                if args.mix == "sample":
-                    w = mix.sample_weights(self.layout.positions(j), args.batch_size).to(losses.device, losses.dtype)
+                if self.sample_mix:
+                    w = mix.sample_weights(self.layout.positions(j), data.batch_size).to(losses.device, losses.dtype)
                     weighted = (losses * w).sum()
                 else:
                     weighted = losses.sum()
@@ -205,22 +210,25 @@ class StepRunner:
 
 
 def build_components(args: argparse.Namespace, backend: Backend, workload, layout: BatchLayout, total_steps: int,
-                     warmup: int) -> dict:
+                     warmup: int, *, config: RunConfig | None = None) -> dict:
     """Model (seeded, on the device), optimizer (+ CLARS' micro-batch estimator), GradientMix (attached
     to the optimizer), the backend's :class:`Engine`, the schedule over the engine's optimizer, and the
     :class:`StepRunner`. The returned ``optimizer``, ``moments`` and ``mix`` are the engine's (a backend
-    may replace them by its own, e.g. DeepSpeed's ZeRO-aware optimizer)."""
-    torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
+    may replace them by its own, e.g. DeepSpeed's ZeRO-aware optimizer). ``config``: the run's
+    :class:`RunConfig` (built from ``args`` when not given)."""
+    config = RunConfig.from_args(args) if config is None else config
+    seed = config.data.seed
+    torch.manual_seed(seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     model = workload.build_model().to(backend.device)
-    torch.manual_seed(_seed(args.seed * 1000003 + 7919 * backend.rank + 1))  # per-rank streams: dropout, augmentation
+    torch.manual_seed(_seed(seed * 1000003 + 7919 * backend.rank + 1))  # per-rank streams: dropout, augmentation
     extra = {}
-    if backend.builds_layerwise_optimizer and optimizer_spec(args) is not None:
+    if backend.builds_layerwise_optimizer and config.optimizer is not None:
         # the backend builds lb_dist's optimizer from the typed spec (DeepSpeed): none is built here
         optimizer, moments = None, None
         extra["param_groups"] = optimizer_groups(args, model)
     else:
         optimizer, moments = build_optimizer(args, model, peak_lr(args), local_batch_size=layout.local_batch_size)
-    spec = mix_spec(args)
+    spec = config.mix
     mix = None
     if spec is not None:
         mix = spec.build()
@@ -229,7 +237,7 @@ def build_components(args: argparse.Namespace, backend: Backend, workload, layou
     engine = backend.prepare(model, optimizer, mix=mix, moments=moments, local_batch_size=layout.local_batch_size,
                              accumulation_steps=layout.accumulation_steps, args=args, **extra)
     scheduler = build_scheduler(args, engine.optimizer, total_steps, warmup)
-    runner = StepRunner(args, backend, engine, layout, workload.task)
+    runner = StepRunner(args, backend, engine, layout, workload.task, config=config)
     return {"model": engine.model, "optimizer": engine.optimizer, "moments": engine.moments, "scheduler": scheduler,
             "mix": engine.mix, "engine": engine, "runner": runner}
 
@@ -245,11 +253,12 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
 
     if backend.world_size > 1:
         stop_with_launcher()
-    run_dir = Path(args.run_dir)
     check_layout(_RankParser(args, backend), args, backend.world_size)
     message = backend.check_args(args)     # what the backend's capabilities do not cover
     if message:
         _fail(args, backend, message)
+    config = RunConfig.from_args(args)     # the typed sections the loop reads (args: the run's record)
+    run_dir = config.checkpoint.run_dir
     for d in (run_dir, run_dir / "checkpoints"):
         if d.exists() and not d.is_dir():
             _fail(args, backend, f"argument --run-dir: {d} is a file, not a directory; give another --run-dir or "
@@ -264,7 +273,7 @@ def run_training(args: argparse.Namespace, backend: Backend) -> dict:
     if problem is not None:
         raise RunDirLocked(problem) if backend.is_main else RankFailed(f"rank 0 failed: {problem}")
     try:
-        return Trainer(args, backend).run()
+        return Trainer(args, backend, config=config).run()
     finally:
         if lock is not None:
             lock.release()
@@ -280,13 +289,19 @@ class Trainer:
       mid-epoch checkpoints), then :meth:`evaluate`, :meth:`log_epoch` and :meth:`checkpoint`;
     * :meth:`finish`: the summary.
 
-    :meth:`run` does them in this order (``run_training`` holds the run directory's lock around it)."""
+    :meth:`run` does them in this order (``run_training`` holds the run directory's lock around it).
 
-    def __init__(self, args: argparse.Namespace, backend: Backend) -> None:
+    The loop reads the typed :class:`lb_dist.train.run_config.RunConfig` (``self.config``: ``config``,
+    or built here from ``args``); ``args`` stays the run's record (config.json, the checkpoints' ``config``, the
+    resume comparison) and what the workload, optimizer, schedule and backend are built from."""
+
+    def __init__(self, args: argparse.Namespace, backend: Backend, *, config: RunConfig | None = None) -> None:
         self.args, self.backend = args, backend
-        self.run_dir = Path(args.run_dir)
+        self.config = config = RunConfig.from_args(args) if config is None else config
+        self.run_dir = config.checkpoint.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.layout = BatchLayout(args.batch_size, backend.world_size, backend.rank, args.accumulation_steps)
+        data = config.data
+        self.layout = BatchLayout(data.batch_size, backend.world_size, backend.rank, data.accumulation_steps)
         # progress (restored by resume, saved by checkpoint)
         self.step = 0
         self.elapsed = 0.0
@@ -303,8 +318,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- the run
     def run(self) -> dict:
-        if self.args.num_threads is not None:
-            torch.set_num_threads(self.args.num_threads)
+        if self.config.backend.num_threads is not None:
+            torch.set_num_threads(self.config.backend.num_threads)
         self.find_checkpoint()
         self.build()
         if self.resume_state is not None:
@@ -313,7 +328,7 @@ class Trainer:
             self.write_config()
         self.logger = MetricsLogger(self.run_dir, enabled=self.backend.is_main,
                                     resume_step=self.step if self.resume_state is not None else None,
-                                    tensorboard=self.args.tensorboard)
+                                    tensorboard=self.config.logging.tensorboard)
         self.model.train()
         while self.step < self.total_steps:
             epoch = self.step // self.steps_per_epoch
@@ -331,7 +346,7 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """``--stop-after-steps N`` reached in this invocation."""
-        n = self.args.stop_after_steps
+        n = self.config.checkpoint.stop_after_steps
         return n is not None and self.steps_this_invocation >= n
 
     # ------------------------------------------------------------------------------- setup
@@ -351,7 +366,7 @@ class Trainer:
         latest, problem = backend.broadcast_object((latest, problem))
         if problem is not None:
             raise CheckpointError(problem) if backend.is_main else RankFailed(f"rank 0 failed: {problem}")
-        if latest is not None and args.resume == "never":
+        if latest is not None and self.config.checkpoint.resume == "never":
             _fail(args, backend, f"argument --resume: never, but {args.run_dir} already holds checkpoints ({latest}); "
                                  f"use a new --run-dir or --resume auto")
         self.latest = latest
@@ -361,25 +376,26 @@ class Trainer:
 
     def build(self) -> None:
         """Data, then the schedule's length, then model, optimizer, mix and engine (:func:`build_components`)."""
-        args, backend = self.args, self.backend
+        args, backend, data = self.args, self.backend, self.config.data
         self.workload = workload = build_workload(args, self.run_dir, backend, self.resume_state)
         self.steps_per_epoch = steps_per_epoch = self.layout.steps_per_epoch(len(workload.train))
         if steps_per_epoch == 0:
-            _fail(args, backend, f"argument --batch-size: {args.batch_size} is larger than the training set "
+            _fail(args, backend, f"argument --batch-size: {data.batch_size} is larger than the training set "
                                  f"({len(workload.train)} samples)")
-        self.total_steps = total_steps = steps_per_epoch * args.epochs
+        self.total_steps = total_steps = steps_per_epoch * data.epochs
         warmup = warmup_steps(args, steps_per_epoch)
         if args.schedule != "inverse-sqrt" and warmup >= total_steps:
             _fail(args, backend, f"argument --warmup-{'steps' if args.warmup_steps is not None else 'epochs'}: the "
                                  f"warmup ({warmup} steps) must be shorter than the run ({total_steps} steps = "
-                                 f"{args.epochs} epochs x {steps_per_epoch})")
+                                 f"{data.epochs} epochs x {steps_per_epoch})")
         ds_file = getattr(args, "deepspeed_file", None)
         ds_total = ds_file.total_num_steps if ds_file is not None else None
         if ds_total is not None and ds_total != total_steps and backend.is_main:
-            print(f"[lb-dist train] --deepspeed-config {args.deepspeed_config}: scheduler.params.total_num_steps = "
-                  f"{ds_total}; the schedule spans this run's {total_steps} steps (--epochs {args.epochs} x "
+            print(f"[lb-dist train] --deepspeed-config {self.config.backend.deepspeed_config}: "
+                  f"scheduler.params.total_num_steps = {ds_total}; the schedule spans this run's {total_steps} steps "
+                  f"(--epochs {data.epochs} x "
                   f"{steps_per_epoch} steps per epoch)", file=sys.stderr, flush=True)
-        parts = build_components(args, backend, workload, self.layout, total_steps, warmup)
+        parts = build_components(args, backend, workload, self.layout, total_steps, warmup, config=self.config)
         self.model, self.optimizer, self.moments = parts["model"], parts["optimizer"], parts["moments"]
         self.scheduler, self.mix, self.runner, self.engine = (parts["scheduler"], parts["mix"], parts["runner"],
                                                               parts["engine"])
@@ -388,7 +404,7 @@ class Trainer:
     def resume(self) -> None:
         """Engine, schedule, mix and moments from the checkpoint (every rank agrees on the outcome),
         then the loop's counters and random state."""
-        args, backend, state = self.args, self.backend, self.resume_state
+        backend, state = self.backend, self.resume_state
 
         def restore() -> None:
             self.engine.restore(state, Path(self.latest))
@@ -408,7 +424,7 @@ class Trainer:
         if backend.rank < len(rngs) and len(rngs) == backend.world_size:
             _set_rng_state(rngs[backend.rank], backend.device)
         else:
-            torch.manual_seed(_seed(args.seed * 1000003 + self.step * 1009 + backend.rank))
+            torch.manual_seed(_seed(self.config.data.seed * 1000003 + self.step * 1009 + backend.rank))
         if backend.is_main:
             print(f"[lb-dist train] resuming from {self.latest} (step {self.step})", file=sys.stderr, flush=True)
 
@@ -423,15 +439,15 @@ class Trainer:
     def train_epoch(self, epoch: int) -> bool:
         """The optimizer steps of ``epoch`` from the current step on; True when the run stops inside it
         (``--stop-after-steps``, after a checkpoint)."""
-        args, backend = self.args, self.backend
+        backend, data, config = self.backend, self.config.data, self.config
         in_epoch = self.step - epoch * self.steps_per_epoch
         bar = self._progress_bar(epoch, in_epoch)
-        source = _micro_batches(self.workload, self.layout, epoch, args.seed, in_epoch, args.workers, backend.device)
+        source = _micro_batches(self.workload, self.layout, epoch, data.seed, in_epoch, data.workers, backend.device)
         task = self.workload.task
         try:
             for s in range(in_epoch, self.steps_per_epoch):
                 t0 = time.perf_counter()
-                micro = [task.to(next(source), backend.device) for _ in range(args.accumulation_steps)]
+                micro = [task.to(next(source), backend.device) for _ in range(data.accumulation_steps)]
                 out = self.runner.run(micro, self.step)
                 self.scheduler.step()
                 self.step += 1
@@ -442,7 +458,7 @@ class Trainer:
                 self.epoch_sums += out["sums"]
                 self.elapsed += time.perf_counter() - t0
                 last_of_epoch = s == self.steps_per_epoch - 1
-                if self.step % args.log_every == 0 or last_of_epoch:
+                if self.step % config.logging.log_every == 0 or last_of_epoch:
                     self.log_step(epoch, out, bar)
                 if bar is not None:
                     bar.update(1)
@@ -452,8 +468,8 @@ class Trainer:
                         f"{self.step}); the weights are those of the last finite step. Lower --lr or check the "
                         f"data; the last checkpoint in {self.ckpt_dir} predates the divergence")
                 stop_now = self.stop_requested()
-                if not last_of_epoch and (stop_now or (args.checkpoint_every_steps
-                                                      and self.step % args.checkpoint_every_steps == 0)):
+                every = config.checkpoint.every_steps
+                if not last_of_epoch and (stop_now or (every and self.step % every == 0)):
                     self.checkpoint(self.step)
                 if stop_now and not last_of_epoch:
                     return True
@@ -463,26 +479,26 @@ class Trainer:
         return False
 
     def _progress_bar(self, epoch: int, in_epoch: int):
-        if not (self.backend.is_main and self.args.progress):
+        if not (self.backend.is_main and self.config.logging.progress):
             return None
         try:
             from tqdm import tqdm
         except ImportError:  # pragma: no cover - tqdm is in the workloads extra
             return None
-        return tqdm(total=self.steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{self.args.epochs}",
+        return tqdm(total=self.steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{self.config.data.epochs}",
                     dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
     def log_step(self, epoch: int, out: dict, bar=None) -> None:
         """The step record (global loss; mixing noise; per-layer statistics every ``--layer-stats-every``)."""
-        args, backend = self.args, self.backend
+        backend, every = self.backend, self.config.logging.layer_stats_every
         reduced = backend.all_reduce_sum(out["sums"].clone()).cpu()
         loss_value = reduced[0].item() / max(reduced[1].item(), 1.0)
         lr_used = out["lr"]
         record = {"kind": "step", "step": self.step, "epoch": epoch, "time": round(self.elapsed, 4), "lr": lr_used,
                   "loss": loss_value, "skipped": out["skipped"]}
-        if args.mix == "device":
+        if self.config.mix is not None and self.config.mix.granularity == "device":
             record["mix_noise_amount"] = self.mix.noise_amount(step=out["mix_step"])
-        if args.layer_stats_every and self.step % args.layer_stats_every == 0 and backend.is_main:
+        if every and self.step % every == 0 and backend.is_main:
             record.update(_layer_stats(self.optimizer, self.engine.moment_estimators(), out["per_sample"],
                                        self.runner.adapted, self.names, self.runner.layerwise))
             if record.get("noise_scale_global") is not None:
@@ -495,40 +511,40 @@ class Trainer:
     def evaluate(self) -> tuple[dict, float]:
         """The test split (and multi30k's validation split with ``--val``) on every rank's share;
         returns the metrics and the seconds it took."""
-        args, backend, workload = self.args, self.backend, self.workload
+        backend, workload, data = self.backend, self.workload, self.config.data
         t_eval = time.perf_counter()
         with self.engine.evaluation() as eval_model:
             result = workload.task.evaluate(
-                eval_model, _eval_batches(workload, backend, args.eval_batch_size, args.workers), backend)
+                eval_model, _eval_batches(workload, backend, data.eval_batch_size, data.workers), backend)
             if workload.val is not None:
                 val = workload.task.evaluate(
-                    eval_model, _eval_batches(workload, backend, args.eval_batch_size, args.workers, workload.val),
+                    eval_model, _eval_batches(workload, backend, data.eval_batch_size, data.workers, workload.val),
                     backend, with_bleu=False)
                 result.update({"val_loss": val["test_loss"], "val_token_accuracy": val["test_token_accuracy"]})
         return result, time.perf_counter() - t_eval
 
     def log_epoch(self, epoch: int, result: dict, eval_time: float, start_time: float, start_step: int) -> None:
         """The epoch record (training loss over the epoch, the evaluation, throughput) and rank 0's summary line."""
-        args, backend = self.args, self.backend
+        backend, data = self.backend, self.config.data
         sums = backend.all_reduce_sum(self.epoch_sums.clone()).cpu()
         self.epoch_sums = torch.zeros(2, dtype=torch.float64, device=backend.device)
         train_time = self.elapsed - start_time
         record = {"kind": "epoch", "step": self.step, "epoch": epoch, "time": round(self.elapsed, 4),
                   "train_loss": sums[0].item() / max(sums[1].item(), 1.0), **result, "eval_time": round(eval_time, 4),
-                  "samples_per_s": (self.step - start_step) * args.batch_size / train_time if train_time > 0 else None,
+                  "samples_per_s": (self.step - start_step) * data.batch_size / train_time if train_time > 0 else None,
                   "skipped_steps": self.skipped_total}
         self.logger.write(record)
         self.last_epoch_record = record
         if backend.is_main:
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in record.items()
                                 if k.startswith(("train_", "test_")) and isinstance(v, float))
-            print(f"[lb-dist train] epoch {epoch + 1}/{args.epochs}: {metrics}", file=sys.stderr, flush=True)
+            print(f"[lb-dist train] epoch {epoch + 1}/{data.epochs}: {metrics}", file=sys.stderr, flush=True)
             if self.epoch_noise:
                 b_noise = statistics.median(self.epoch_noise)
-                side = "above" if args.batch_size > b_noise else "below"
-                print(f"[lb-dist train] epoch {epoch + 1}/{args.epochs}: gradient noise scale B_simple "
+                side = "above" if data.batch_size > b_noise else "below"
+                print(f"[lb-dist train] epoch {epoch + 1}/{data.epochs}: gradient noise scale B_simple "
                       f"{b_noise:.4g} (median of {len(self.epoch_noise)} logged steps; McCandlish et al. 2018): the "
-                      f"batch {args.batch_size} is {side} it", file=sys.stderr, flush=True)
+                      f"batch {data.batch_size} is {side} it", file=sys.stderr, flush=True)
         self.epoch_noise = []
 
     def checkpoint(self, at_step: int) -> None:
@@ -558,7 +574,7 @@ class Trainer:
 
         _agree(backend, write)
         if backend.is_main:
-            prune_checkpoints(self.ckpt_dir, args.keep_checkpoints)
+            prune_checkpoints(self.ckpt_dir, self.config.checkpoint.keep)
 
     def finish(self) -> dict:
         """Close the logger and the engine; the run's summary."""
