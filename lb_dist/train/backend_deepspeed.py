@@ -50,7 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def lb_dist_config(args, world_size: int, mix=None):
+def lb_dist_config(args, world_size: int, mix=None, config=None):
     """The run's DeepSpeed configuration, typed (:class:`lb_dist.deepspeed.config.LbDistConfig`, handed
     to ``lb_dist.deepspeed.initialize`` as it is: no JSON in between): DeepSpeed's keys are the
     ``--deepspeed-config`` file's that are not flags (``DeepSpeedFile.passthrough``) plus the flags'
@@ -59,7 +59,9 @@ def lb_dist_config(args, world_size: int, mix=None):
     the optimizer for CLARS/LARS/LAMB (:func:`lb_dist.train.optimizers.optimizer_spec`; ``lr`` is the
     peak, the loop's schedule drives it) and ``gradient_mix`` from ``mix`` (the loop's GradientMix) when
     it mixes device-wise (:func:`lb_dist.train.optimizers.mix_spec`; sample-wise mixing is the loop's
-    weighted loss). ``mix`` is not read (kept for old callers)."""
+    weighted loss). With ``config`` (the run's :class:`~lb_dist.train.run_config.RunConfig`, as the loop
+    passes it) both specs are the ones it already holds, not built again. ``mix`` is not read (kept for
+    old callers)."""
     from lb_dist.deepspeed.config import LbDistConfig
     from lb_dist.train.optimizers import mix_spec, optimizer_spec
 
@@ -81,11 +83,11 @@ def lb_dist_config(args, world_size: int, mix=None):
             # DeepSpeed 0.19.8 casts the parameters only; BatchNorm then meets fp32 running statistics
             # ("expected scalar type BFloat16 but found Float"): the buffers go to bf16 as well
             raw["data_types"] = {"buffer_dtype": "bf16", **(raw.get("data_types") or {})}
-    spec = LbDistConfig(raw=raw, optimizer=optimizer_spec(args))
+    spec = LbDistConfig(raw=raw, optimizer=config.optimizer if config is not None else optimizer_spec(args))
     if spec.optimizer is None and zero["stage"] > 0:
         raw["zero_allow_untested_optimizer"] = True      # torch's SGD/Adam are elementwise: ZeRO-safe
     if args.mix == "device":
-        spec.gradient_mix = mix_spec(args)
+        spec.gradient_mix = config.mix if config is not None else mix_spec(args)
     return spec
 
 
@@ -326,7 +328,7 @@ class DeepSpeedBackend(Torchrun):
                 MPI.Finalize()                        # mpirun reports a rank that exits without it as failed
 
     def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None,
-                param_groups=None):
+                config=None, param_groups=None):
         """``optimizer``: torch's SGD/Adam/AdamW (a client optimizer), or None with ``param_groups`` when
         the flags name lb_dist's CLARS/LARS/LAMB, which ``lb_dist.deepspeed.initialize`` builds (ZeRO-exact)
         from the run's typed spec (:attr:`builds_layerwise_optimizer`); a given lb_dist optimizer is used
@@ -335,7 +337,7 @@ class DeepSpeedBackend(Torchrun):
             raise ValueError("the deepspeed backend builds its config from the run's flags: prepare(..., args=...)")
         import lb_dist.deepspeed as lbds
 
-        spec = lb_dist_config(args, self.world_size, mix)
+        spec = lb_dist_config(args, self.world_size, mix, config=config)
         if param_groups is None:
             if optimizer is None:
                 raise ValueError("prepare(): give the optimizer or its param_groups")

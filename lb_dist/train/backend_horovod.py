@@ -67,7 +67,8 @@ class HorovodBackend(Backend):
             hvd.barrier()
             hvd.shutdown()
 
-    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None):
+    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None,
+                config=None):
         hvd = _hvd()
         import lb_dist.horovod as lbh
 

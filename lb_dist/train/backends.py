@@ -274,7 +274,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, mix=None, moments=None,
-                local_batch_size: int, accumulation_steps: int, args=None) -> Engine:
+                local_batch_size: int, accumulation_steps: int, args=None, config=None) -> Engine:
         """Make ``model`` (already on :attr:`device`) and ``optimizer`` data-parallel.
 
         ``mix``: the run's :class:`lb_dist.GradientMix` (attached to ``optimizer``), or None; a
@@ -282,7 +282,9 @@ class Backend(abc.ABC):
         :class:`lb_dist.moments.MicroBatchMoments` to feed with each step's micro-batch statistics, or
         None. ``local_batch_size``: samples per rank per optimizer step (micro-batch x
         ``accumulation_steps``). ``args``: the run's flags (``lb_dist.train.parse_args``), for backends
-        that build their own configuration from them (DeepSpeed); None elsewhere is fine."""
+        that build their own configuration from them (DeepSpeed); None elsewhere is fine. ``config``: the
+        run's :class:`lb_dist.train.run_config.RunConfig` (its typed optimizer and mix specs: a backend
+        that builds the optimizer takes them from here, not from ``args`` again); may be None."""
 
     @abc.abstractmethod
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -319,7 +321,8 @@ class SingleProcess(Backend):
         self.rank, self.world_size, self.local_rank = 0, 1, 0
         self.device = self._resolve_device()
 
-    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None):
+    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None,
+                config=None):
         if mix is not None and mix.granularity == "device":
             raise ValueError("device-wise GradientMix needs >= 2 data-parallel processes")
         engine = LocalEngine(self, model, optimizer, mix=mix, moments=moments)
@@ -393,7 +396,8 @@ class Torchrun(Backend):
             dist.barrier()
             dist.destroy_process_group()
 
-    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None):
+    def prepare(self, model, optimizer, *, mix=None, moments=None, local_batch_size, accumulation_steps, args=None,
+                config=None):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         import lb_dist.ddp

@@ -235,7 +235,7 @@ def build_components(args: argparse.Namespace, backend: Backend, workload, layou
         if optimizer is not None:
             mix.attach(optimizer)
     engine = backend.prepare(model, optimizer, mix=mix, moments=moments, local_batch_size=layout.local_batch_size,
-                             accumulation_steps=layout.accumulation_steps, args=args, **extra)
+                             accumulation_steps=layout.accumulation_steps, args=args, config=config, **extra)
     scheduler = build_scheduler(args, engine.optimizer, total_steps, warmup)
     runner = StepRunner(args, backend, engine, layout, workload.task, config=config)
     return {"model": engine.model, "optimizer": engine.optimizer, "moments": engine.moments, "scheduler": scheduler,
