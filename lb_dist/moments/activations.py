@@ -32,6 +32,7 @@ on the whole batch. See docs/moments.md, section 3.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -263,6 +264,13 @@ class _Pass:
         self.expected: dict[int, int] = {}
         self.pending: dict[int, list[_Contribution]] = {}
 
+
+#: Serializes :meth:`TrainingPassMoments.add_reduced`: DDP's gradient buckets complete their
+#: all-reduces asynchronously, and gloo runs the futures' callbacks on its worker threads, so two
+#: buckets could otherwise both create the step's parts and one bucket's statistics be lost (seen
+#: as "1 of the 4 measured parameters were in no reduced DDP bucket"). Module-level, so the
+#: estimator itself stays picklable and deep-copyable.
+_ADD_REDUCED_LOCK = threading.Lock()
 
 class TrainingPassMoments(PerLayerViews):
     """Exact ``S_k = mean_i ||grad_k f_i||^2`` from the training step's own forward and backward.
@@ -524,16 +532,17 @@ class TrainingPassMoments(PerLayerViews):
         """Receive the all-reduced :meth:`bucket_statistics` of one bucket; once every parameter
         has its reduced value, :meth:`finish_step` uses them and makes no collective of its own."""
         statistics = statistics.to(device=self._sq.device, dtype=torch.float64)
-        if self._parts is None:
-            self._parts = (torch.zeros(len(self.params) + 1, dtype=torch.float64, device=self._sq.device),
-                           torch.zeros(len(self.params), dtype=torch.bool, device=self._sq.device))
-        values, filled = self._parts
         idx = indices.to(self._sq.device)
-        values[idx] = statistics[:-1]
-        values[-1] = statistics[-1]
-        filled[idx] = True
-        if bool(filled.all()):
-            self._reduced, self._parts = values, None
+        with _ADD_REDUCED_LOCK:     # the buckets' all-reduce callbacks can run on several threads at once
+            if self._parts is None:
+                self._parts = (torch.zeros(len(self.params) + 1, dtype=torch.float64, device=self._sq.device),
+                               torch.zeros(len(self.params), dtype=torch.bool, device=self._sq.device))
+            values, filled = self._parts
+            values[idx] = statistics[:-1]
+            values[-1] = statistics[-1]
+            filled[idx] = True
+            if bool(filled.all()):
+                self._reduced, self._parts = values, None
 
     def set_reduced(self, statistics: torch.Tensor) -> None:
         """Give the step's statistics summed over ranks (layout of :meth:`local_statistics`);
