@@ -1,9 +1,31 @@
-"""Helpers the benchmark scripts share: CPU time spent inside wrapped functions, and paired overheads
-(the median over rounds of each round's ratio to the base variant, with quartiles)."""
+"""Helpers the benchmark scripts share: CPU time spent inside wrapped functions, paired overheads
+(the median over rounds of each round's ratio to the base variant, with quartiles), and the launch of
+a script's own worker processes."""
 from __future__ import annotations
 
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
+
+
+def run_local_workers(script: str, nproc: int, marker: str) -> None:
+    """Run ``script`` (with this process's arguments) as ``nproc`` torch.distributed workers on this
+    machine: RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set, and the environment variable
+    ``marker`` = 1 so that the script knows it is a worker. Waits; raises SystemExit if one fails."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{marker: "1"})
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(script), *sys.argv[1:]], env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"workers of {os.path.basename(script)} failed: {codes}")
 
 
 def time_counter(clock=time.perf_counter):

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from _common import run_local_workers  # noqa: E402
 
 
 def build(kind: str, mesh):
@@ -170,17 +169,7 @@ def main() -> None:
     if os.environ.get("LB_BENCH_FSDP_WORKER"):
         worker(args)
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for rank in range(args.nproc):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LB_BENCH_FSDP_WORKER="1")
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"workers failed: {codes}")
+    run_local_workers(__file__, args.nproc, "LB_BENCH_FSDP_WORKER")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 from lb_dist.optim import CLARS, LAMB, LARS
+from _common import run_local_workers  # noqa: E402
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -222,19 +223,7 @@ def _dtensor_worker(args) -> None:
 
 
 def dtensor_main(args) -> None:
-    import socket
-    import subprocess
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for rank in range(args.dtensor):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.dtensor),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LB_BENCH_DTENSOR_WORKER="1")
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"dtensor workers failed: {codes}")
+    run_local_workers(__file__, args.dtensor, "LB_BENCH_DTENSOR_WORKER")
 
 
 def main() -> None:
