@@ -40,7 +40,7 @@ OPTIMIZER_TYPES: dict[str, type] = {"CLARS": CLARS, "LARS": LARS, "LAMB": LAMB}
 #: Scheduler types lb_dist provides (exact names; neither DeepSpeed nor torch has them).
 SCHEDULER_TYPES: dict[str, type] = {"PolynomialWarmupDecay": PolynomialWarmupDecay, "InverseSqrt": InverseSqrt}
 #: CLARS second-moment sources.
-SECOND_MOMENT_SOURCES = ("micro_batch", "per_sample")
+SECOND_MOMENT_SOURCES = ("micro_batch", "per_sample", "training_pass")
 #: Values of ``optimizer.params.exclude_from_layer_adaptation``.
 EXCLUDE_CHOICES = ("bias_and_norm", "none")
 
@@ -63,7 +63,8 @@ _FUSED_LAMB_KEYS = (
 _FUSED_LAMB_KEPT = ("bias_correction",)
 _LB_OPTIMIZER_KEYS = ("exclude_from_layer_adaptation",)
 _MIX_KEYS = ("enabled", "noise", "std", "granularity", "seed")
-_MOMENT_KEYS = {"micro_batch": ("source", "ema"), "per_sample": ("source", "subset_size", "chunk_size")}
+_MOMENT_KEYS = {"micro_batch": ("source", "ema"), "per_sample": ("source", "subset_size", "chunk_size"),
+                "training_pass": ("source", "subset_size")}
 _SCHEDULER_KEYS = {
     "PolynomialWarmupDecay": ("total_num_steps", "warmup_num_steps", "init_factor", "final_factor",
                               "warmup_power", "decay_power"),
@@ -87,15 +88,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class SecondMomentsSpec:
-    """``optimizer.second_moments`` of a CLARS config."""
+    """``optimizer.second_moments`` of a CLARS config. ``subset_size``: for ``per_sample`` the global
+    subset (default ``DEFAULT_SUBSET_SIZE``); for ``training_pass`` the samples of each micro-batch of
+    each process whose norms enter S_k (None, the default: all of them)."""
     source: str = "micro_batch"
     ema: float = 0.0
-    subset_size: int = DEFAULT_SUBSET_SIZE
+    subset_size: int | None = DEFAULT_SUBSET_SIZE
     chunk_size: int = DEFAULT_CHUNK_SIZE
 
     def to_dict(self) -> dict:
-        """The ``second_moments`` section (the keys of its source)."""
-        return {key: getattr(self, key) for key in _MOMENT_KEYS[self.source]}
+        """The ``second_moments`` section (the keys of its source; a ``training_pass`` subset only
+        when one is set)."""
+        return {key: getattr(self, key) for key in _MOMENT_KEYS[self.source] if getattr(self, key) is not None}
 
 
 @dataclass
@@ -326,6 +330,8 @@ def _parse_moments(section: Mapping) -> SecondMomentsSpec:
     _unknown("optimizer.second_moments", section, allowed)
     _check_auto("optimizer.second_moments", section)
     spec = SecondMomentsSpec(source=source)
+    if source == "training_pass":
+        spec.subset_size = None             # the whole batch unless given
     try:
         if "ema" in section:
             spec.ema = float(check_fraction("optimizer.second_moments.ema", section["ema"]))
@@ -506,7 +512,7 @@ def check_world(spec: LbDistConfig, world_size: int, accumulation: int | None = 
             f"one optimizer step, and this run has {world_size * accumulation} ({world_size} data-parallel "
             f"process(es) x gradient_accumulation_steps {accumulation}); use gradient accumulation, "
             f"more processes, or source \"per_sample\"")
-    if sm is not None and sm.source == "per_sample" and sm.subset_size < world_size:
+    if sm is not None and sm.source == "per_sample" and sm.subset_size is not None and sm.subset_size < world_size:
         raise ConfigError(
             f"optimizer.second_moments.subset_size = {sm.subset_size} is the global subset of the "
             f"per-sample source, split over the data-parallel processes, and this run has {world_size}: "
@@ -623,5 +629,11 @@ def _check_combinations(spec: LbDistConfig) -> None:
                                   "gradient_mix noise \"rademacher\" and std 1: half of the ranks get the "
                                   "coefficient 0 and their micro-batch gradients cannot be recovered; "
                                   "use another std or source \"per_sample\"")
+        if sm is not None and sm.source == "training_pass" and mix is not None and mix.enabled \
+                and mix.granularity == "device" and mix.noise != "none":
+            raise ConfigError("optimizer.second_moments.source = \"training_pass\" with gradient_mix.granularity "
+                              "= \"device\": its per-sample gradients average to the unmixed gradient, not to "
+                              "the mixed one the optimizer uses; use granularity \"sample\" (the weighted loss's "
+                              "per-sample parts are measured), no mix, or source \"micro_batch\"")
     if spec.scheduler is not None and "scheduler" in raw and opt is None and "optimizer" not in raw:
         spec.notes.append("lb_dist scheduler without a config optimizer: it is built on the client optimizer")

@@ -33,7 +33,7 @@ from lb_dist._vendor.deepspeed import data_parallel_group, global_grad_norm, swi
 from lb_dist._vendor.torch import module_hooks_suspended
 from lb_dist.deepspeed.config import LbDistConfig, check_world
 from lb_dist.deepspeed.layout import check_coverage, sharded_tensors
-from lb_dist.deepspeed.sources import MicroBatchStepMoments, PerSampleSource
+from lb_dist.deepspeed.sources import MicroBatchStepMoments, PerSampleSource, TrainingPassStepMoments
 from lb_dist.deepspeed.zero import make_sharded
 from lb_dist.mixing import GradientMix
 from lb_dist.moments.per_sample import per_sample_second_moments
@@ -55,7 +55,9 @@ class LbDistRuntime(StepState):
         config: the parsed :class:`~lb_dist.deepspeed.config.LbDistConfig`.
         mix: the :class:`lb_dist.GradientMix` (None without an enabled ``gradient_mix``).
         optimizer: the lb_dist optimizer (ZeRO-aware; None when DeepSpeed's own optimizer runs).
-        step_moments: CLARS' micro-batch estimator (:class:`~lb_dist.deepspeed.zero.MicroBatchStepMoments`) or None.
+        step_moments: CLARS' in-step source of S_k, micro-batch
+            (:class:`~lb_dist.deepspeed.sources.MicroBatchStepMoments`) or training-pass
+            (:class:`~lb_dist.deepspeed.sources.TrainingPassStepMoments`), or None.
         per_sample: CLARS' per-sample source (:class:`~lb_dist.deepspeed.zero.PerSampleSource`) or None.
         world_size, rank: of the data-parallel group. accumulation_steps, micro_batch_size: DeepSpeed's.
     """
@@ -77,7 +79,7 @@ class LbDistRuntime(StepState):
         self.mix: GradientMix | None = None
         if config.mix_enabled:
             self.mix = config.gradient_mix.build(world_size=self.world_size)
-        self.step_moments: MicroBatchStepMoments | None = None
+        self.step_moments: MicroBatchStepMoments | TrainingPassStepMoments | None = None
         self.per_sample: PerSampleSource | None = None
         self._layer_keys: list = []
         self._backward_calls = 0
@@ -88,7 +90,7 @@ class LbDistRuntime(StepState):
 
     @property
     def last_update(self) -> dict | None:
-        """The micro-batch estimator's record of the last param group stepped (None without one)."""
+        """The in-step source's record of the last param group stepped (None without one)."""
         return self.step_moments.last_update if self.step_moments is not None else None
 
     # ------------------------------------------------------------------ set-up
@@ -107,6 +109,14 @@ class LbDistRuntime(StepState):
                 self.optimizer.moments = source
             source.names = self.names
             self.per_sample = source
+            return
+        if spec.source == "training_pass":
+            # the module hooks see every process's micro-batches; a subset is drawn from a stream of
+            # its own per process (the training's random stream is left as it is)
+            generator = torch.Generator().manual_seed(1000003 + self.rank) if spec.subset_size else None
+            self.step_moments = TrainingPassStepMoments(
+                self.engine.module, layer_sets, self.names, subset_size=spec.subset_size, generator=generator,
+                partitioned=bool(self.engine.zero_optimization_partition_weights()))
             return
         self.step_moments = MicroBatchStepMoments(layer_sets, self.names, self.micro_batch_size,
                                                   self.world_size, ema=spec.ema)
@@ -170,6 +180,8 @@ class LbDistRuntime(StepState):
         scale_wrt_gas = kwargs.get("scale_wrt_gas", args[1] if len(args) > 1 else True)
         factor = self.loss_factor()
         if self.step_moments is not None:
+            # (Both in-step sources divide their statistics by this factor; the training-pass one only
+            # runs without device-wise mixing, so abs(factor) is 1 there.)
             # The loss of one micro-step reaches the gradient as (micro-batch mean loss) / A either
             # way: DeepSpeed divides by A (scale_wrt_gas=True), or the caller did, as Hugging Face's
             # Trainer does before engine.backward(loss, scale_wrt_gas=False). A caller that does

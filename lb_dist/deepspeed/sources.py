@@ -1,19 +1,26 @@
-"""CLARS' sources of S_k under DeepSpeed: per-sample (set through the API) and micro-batch (in the step).
+"""CLARS' sources of S_k under DeepSpeed: per-sample (set through the API), micro-batch and
+training-pass (both in the step).
 
 :class:`PerSampleSource` holds ``lb_dist.moments.per_sample_second_moments`` values set by
 ``lb_dist.deepspeed.get_runtime(engine).update_second_moments(...)``; :class:`MicroBatchStepMoments`
-collects every backward's per-layer squared norms and turns the step's reduced statistics into S_k
-inside the ZeRO-aware CLARS step (:mod:`lb_dist.deepspeed.zero`); :class:`MicroSourcePlaceholder` is
-the ``moments`` such a CLARS is built with.
+collects every backward's per-layer squared norms and :class:`TrainingPassStepMoments` every
+sample's (``lb_dist.moments.TrainingPassMoments``, module hooks on the training pass); both turn the
+step's reduced statistics into S_k inside the ZeRO-aware CLARS step (:mod:`lb_dist.deepspeed.zero`),
+their statistics riding in its one all-reduce. :class:`MicroSourcePlaceholder` is the ``moments``
+such a CLARS is built with.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, mixing_weight_sums
+from torch import nn
 
-__all__ = ["PerSampleSource", "MicroSourcePlaceholder", "MicroBatchStepMoments"]
+from lb_dist.moments.activations import TrainingPassMoments
+from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, PerLayerViews,
+                                        mixing_weight_sums)
+
+__all__ = ["PerSampleSource", "MicroSourcePlaceholder", "MicroBatchStepMoments", "TrainingPassStepMoments"]
 
 
 class PerSampleSource:
@@ -52,12 +59,14 @@ class PerSampleSource:
 
 
 class MicroSourcePlaceholder:
-    """The ``moments`` CLARS is built with for the micro-batch source (``lb_dist.deepspeed.initialize``):
-    the ZeRO-aware CLARS computes S_k inside its step (:class:`MicroBatchStepMoments`) and never asks it."""
+    """The ``moments`` CLARS is built with for the micro-batch and training-pass sources
+    (``lb_dist.deepspeed.initialize``): the ZeRO-aware CLARS computes S_k inside its step
+    (:class:`MicroBatchStepMoments`, :class:`TrainingPassStepMoments`) and never asks it."""
 
     def second_moments(self):
-        raise MomentsUnavailableError("the micro-batch second moments of lb_dist.deepspeed are computed "
-                                      "inside the optimizer step of a DeepSpeed engine built by lb_dist")
+        raise MomentsUnavailableError("the micro-batch and training-pass second moments of lb_dist.deepspeed "
+                                      "are computed inside the optimizer step of a DeepSpeed engine built by "
+                                      "lb_dist")
 
 
 class MicroBatchStepMoments:
@@ -164,3 +173,169 @@ class MicroBatchStepMoments:
     def remove_hooks(self) -> None:
         for est in self.estimators.values():
             est.remove_hooks()
+
+
+class TrainingPassStepMoments(PerLayerViews):
+    """CLARS' exact S_k under DeepSpeed (``optimizer.second_moments.source = "training_pass"``), any
+    ZeRO stage: :class:`lb_dist.moments.TrainingPassMoments` on the engine's module measures every
+    sample's ``||grad_k f_i||^2`` in the ordinary forward/backward (module hooks; the per-sample norms
+    need only the layer's input and output gradient, never the weight, so ZeRO-3's partitioned
+    weights do not matter), and this object hands its statistics to the ZeRO-aware CLARS step.
+
+    The step's whole ``[sum_i ||grad_k f_i||^2 per adapted layer | sample count]`` (one float64 per
+    layer) rides in the ONE all-reduce of the first adapted param group (ZeRO-1/2, BF16) or sub-group
+    (ZeRO-3) that DeepSpeed steps, or of the step call (stage 0); later groups of the same step append
+    nothing. ``S_k = sum / count`` over the ``N = K A b`` samples of the step (all processes, all
+    accumulation micro-batches; or the subsets) by ``TrainingPassMoments.finish_step`` on the reduced
+    vector, so S_k is the mean over the samples whose per-sample gradients average exactly to the
+    reduced gradient DeepSpeed hands the optimizer (``grad_scale = loss scale / A``, set by the runtime
+    at every ``engine.backward``). Sample-wise GradientMix: the backward'ed loss is the weighted one,
+    so the per-sample parts are the weighted ones and still average to the gradient used (the rule of
+    ``lb_dist.ddp``). Device-wise GradientMix is refused by the config (as by ``lb_dist.ddp``): the
+    per-sample gradients would average to the unmixed gradient. Clipping: ``||G_k||^2 =
+    ||g_k||^2 / c^2`` from the reduced (clipped) per-layer norm, and CLARS multiplies S_k by ``c^2``
+    (:class:`lb_dist.deepspeed.zero.ShardedCLARS`), as for the micro-batch source.
+
+    Results for logging (``lb-dist train``'s metrics): ``params``, ``num_updates``,
+    ``second_moments_tensor()``, ``grad_sq_norms_tensor()`` (``||G_k||^2`` before clipping),
+    ``trace_sigma_tensor()``, ``variance_factors()`` (M_k) and ``noise_scales()`` (B_simple) of the
+    last step.
+
+    Under ZeRO-3 only ``nn.Linear`` and ``nn.Embedding`` layers are measured (a convolution's
+    per-sample norm reads the weight's shape in the backward, where ZeRO-3 has not gathered it yet):
+    an adapted convolution is refused at construction, naming the parameter.
+    """
+
+    def __init__(self, model: nn.Module, layer_sets: list[list[Tensor]], names: dict, *,
+                 subset_size: int | None = None, partitioned: bool = False,
+                 generator: torch.Generator | None = None) -> None:
+        params: list[Tensor] = []
+        seen: set[int] = set()
+        for layers in layer_sets:
+            for p in layers:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        if partitioned:
+            owners = {id(p): (f"{mname}.{pname}" if mname else pname, m)
+                      for mname, m in model.named_modules() for pname, p in m.named_parameters(recurse=False)}
+            for p in params:
+                name, module = owners.get(id(p), (names.get(p, "?"), None))
+                if module is not None and not isinstance(module, (nn.Linear, nn.Embedding)):
+                    raise ValueError(
+                        f"optimizer.second_moments.source = \"training_pass\" under ZeRO-3 measures the weights of "
+                        f"nn.Linear and nn.Embedding layers, and the adapted parameter {name!r} belongs to a "
+                        f"{type(module).__name__} (ZeRO-3 has not gathered its weight when its per-sample norms are "
+                        f"formed); use ZeRO stage 0-2, source \"micro_batch\" or \"per_sample\", or exclude it "
+                        f"from layer adaptation")
+        self.names = names
+        self.params = params
+        self.estimator = TrainingPassMoments(model, params, subset_size=subset_size, generator=generator)
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._sent = False                 # this step's statistics went into an all-reduce
+        self._step_s: Tensor | None = None  # S_k of the current step (after its reduction)
+        self._s: Tensor | None = None      # results of the last completed step (for logging)
+        self._g = torch.full((len(params),), float("nan"), dtype=torch.float64)
+        self.num_updates = 0
+        self.coefficients = None           # set by the runtime; device-wise mixing is refused with this source
+        self.last_update: dict = {}
+
+    # -------------------------------------------------------------- called by the runtime
+    def set_grad_scale(self, scale: float) -> None:
+        self.estimator.grad_scale = scale
+
+    def discard_pending(self) -> None:
+        """After DeepSpeed's step: drop what the hooks collected if the optimizer never consumed it
+        (a step DeepSpeed skipped), without a collective."""
+        est = self.estimator
+        if not self._sent and est.num_tracked_micro_batches:
+            est.set_reduced(est.local_statistics())      # closes the step locally (no all-reduce)
+            try:
+                est.finish_step()
+            except (ValueError, MomentsUnavailableError):
+                pass
+        self._sent = False
+        self._step_s = None
+
+    def remove_hooks(self) -> None:
+        self.estimator.remove_hooks()
+
+    # -------------------------------------------------------------- called by the ZeRO-aware CLARS
+    def _indices(self, layer_keys) -> Tensor:
+        try:
+            return torch.tensor([self._index[id(p)] for p in layer_keys], dtype=torch.long)
+        except KeyError:
+            raise RuntimeError("the training-pass second moments measure other parameters than this CLARS "
+                               "param group holds") from None
+
+    def local_statistics(self, layer_keys) -> Tensor:
+        """The step's ``[sum_i ||grad_k f_i||^2 for every measured layer | count]`` (float64) the
+        first time in a step; an empty tensor afterwards (the first all-reduce carried them all)."""
+        if self._sent:
+            return torch.zeros(0, dtype=torch.float64)
+        self._sent = True
+        return self.estimator.local_statistics().cpu()
+
+    def second_moments(self, layer_keys, reduced: Tensor, g_sq: Tensor, clip: float) -> Tensor:
+        """S_k of ``layer_keys`` from the step's reduced statistics (given to the first group of the
+        step, empty for the others) and the reduced per-layer ``||g_k||^2`` (for logging)."""
+        idx = self._indices(layer_keys)
+        if reduced.numel():
+            est = self.estimator
+            est.set_reduced(reduced)
+            try:
+                est.finish_step()
+                self._step_s = est.second_moments_tensor().detach().to("cpu", torch.float64)
+            except ValueError:                    # non-finite statistics: CLARS skips the step
+                self._step_s = torch.full((len(self.params),), float("nan"), dtype=torch.float64)
+            self._s = self._step_s
+            self._g = torch.full((len(self.params),), float("nan"), dtype=torch.float64)
+            self.num_updates += 1
+            self.last_update = {"count": float(reduced[-1]), "clip": clip}
+        if self._step_s is None:
+            raise RuntimeError("lb_dist: the training-pass statistics of this step were not reduced before "
+                               "a param group needed them")
+        self._g[idx] = g_sq.detach().to("cpu", torch.float64) / (clip * clip)
+        return self._step_s[idx]
+
+    # -------------------------------------------------------------- results (logging)
+    def _require(self) -> None:
+        if self._s is None:
+            raise MomentsUnavailableError("the training-pass source has no estimate yet: run an optimizer step")
+
+    def second_moments_tensor(self) -> Tensor:
+        self._require()
+        return self._s
+
+    def grad_sq_norms_tensor(self) -> Tensor:
+        self._require()
+        return self._g
+
+    def trace_sigma_tensor(self) -> Tensor:
+        return (self.second_moments_tensor() - self.grad_sq_norms_tensor()).clamp_min(0.0)
+
+    def noise_scales(self):
+        """``B_simple`` per layer and overall (:meth:`lb_dist.moments.TrainingPassMoments.noise_scales`)."""
+        from lb_dist.moments import noise_scales
+        return noise_scales(self.trace_sigma_tensor(), self.grad_sq_norms_tensor(), self.params)
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        names = [self.names.get(p, i) for i, p in enumerate(self.params)]
+        return {"source": "training_pass", "layers": names, "num_updates": self.num_updates,
+                "second_moments": None if self._s is None else self._s.clone(),
+                "grad_sq": None if self._s is None else self._g.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("source") != "training_pass":
+            raise ValueError("the checkpoint's CLARS second-moment state is not of source \"training_pass\" "
+                             "(optimizer.second_moments.source differs between the checkpoint and this run)")
+        names = [self.names.get(p, i) for i, p in enumerate(self.params)]
+        if list(state["layers"]) != names:
+            raise ValueError("the checkpoint's training-pass second moments measure other layers than this "
+                             "engine's (a different model or param-group split)")
+        self.num_updates = int(state["num_updates"])
+        s, g = state["second_moments"], state["grad_sq"]
+        self._s = None if s is None else s.clone().double().cpu()
+        if g is not None:
+            self._g = g.clone().double().cpu()

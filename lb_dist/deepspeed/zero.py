@@ -178,7 +178,7 @@ class ShardedCLARS(ShardedLayerwise):
 
     def _lb_micro(self):
         moments = getattr(self._lb_runtime, "step_moments", None)
-        return moments if isinstance(moments, MicroBatchStepMoments) else None
+        return moments if callable(getattr(moments, "local_statistics", None)) else None   # a step source (sources.py)
 
     def _prepare_step(self, plans) -> None:
         if self._lb_micro() is None:

@@ -162,7 +162,10 @@ class DeepSpeedEngine(Engine):
 
     def moment_estimators(self) -> list:
         step_moments = getattr(self.runtime, "step_moments", None) if self.runtime is not None else None
-        return list(step_moments.estimators.values()) if step_moments is not None else []
+        if step_moments is None:
+            return []
+        estimators = getattr(step_moments, "estimators", None)         # micro-batch: one per layer set
+        return list(estimators.values()) if estimators is not None else [step_moments]   # training-pass
 
     def per_sample_second_moments(self, loss_fn, inputs, targets, *, subset_size, chunk_size, params, generator):
         values = self.runtime.update_second_moments(loss_fn, inputs, targets, generator=generator)
@@ -263,7 +266,7 @@ class DeepSpeedBackend(Torchrun):
     process as a group of one. The collectives are torch.distributed's (as for torchrun)."""
 
     name = "deepspeed"
-    training_pass_moments = False
+    training_pass_moments = True         # optimizer.second_moments.source "training_pass" (lb_dist.deepspeed)
     deepspeed_settings = True
     builds_layerwise_optimizer = True
 

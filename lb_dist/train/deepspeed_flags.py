@@ -193,6 +193,10 @@ def _optimizer(t: _Translation, section: Mapping, typed=None) -> None:
     if moments is not None:
         spec = typed.second_moments               # parse_config's SecondMomentsSpec
         t.set("clars_moments", spec.source.replace("_", "-"), "optimizer.second_moments.source")
+        if spec.source == "training_pass" and "subset_size" in moments:
+            t.error("optimizer.second_moments.subset_size with source \"training_pass\": lb-dist train measures "
+                    "the whole batch (no flag sets a training-pass subset); remove the key, or call "
+                    "lb_dist.deepspeed.initialize with this config yourself")
         for key, dest in (("ema", "moments_ema"), ("subset_size", "per_sample_subset"),
                           ("chunk_size", "per_sample_chunk")):
             if key in moments:

@@ -95,9 +95,13 @@ def optimizer_spec(args: argparse.Namespace):
             params["eps"] = args.eps
     moments = None
     if name == "clars":
-        moments = (SecondMomentsSpec(source="micro_batch", ema=args.moments_ema) if args.clars_moments == "micro-batch"
-                   else SecondMomentsSpec(source="per_sample", subset_size=args.per_sample_subset,
-                                          chunk_size=args.per_sample_chunk))
+        if args.clars_moments == "micro-batch":
+            moments = SecondMomentsSpec(source="micro_batch", ema=args.moments_ema)
+        elif args.clars_moments == "training-pass":
+            moments = SecondMomentsSpec(source="training_pass", subset_size=None)     # the whole batch
+        else:
+            moments = SecondMomentsSpec(source="per_sample", subset_size=args.per_sample_subset,
+                                        chunk_size=args.per_sample_chunk)
     return OptimizerSpec.of(name, params, second_moments=moments)
 
 

@@ -1,0 +1,178 @@
+"""CLARS' training-pass S_k under DeepSpeed (``optimizer.second_moments.source = "training_pass"``).
+
+One ``deepspeed --num_gpus 2`` job (tests/_worker_deepspeed_training_pass.py) runs ZeRO stages 0-3
+with gradient accumulation, clipping (stage 1), sample-wise GradientMix (stage 2) and a model built
+under ``deepspeed.zero.Init`` (stage 3), on a sequence model with an embedding and a Linear over
+positions. Every S_k and ``||G_k||^2`` the source reports is compared with a plain per-sample
+autograd loop written here, over both processes' samples; a 3-step ZeRO-2 run is compared with one
+process training CLARS with S_k from that loop. The config's refusals are checked without DeepSpeed
+processes.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("deepspeed")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _worker_deepspeed_training_pass as W  # noqa: E402
+from _worker_launch import REPO, TESTS, child_env, free_port  # noqa: E402
+
+from lb_dist.deepspeed import ConfigError, parse_config  # noqa: E402
+
+BIN = Path(sys.executable).parent
+TOLERANCE = 1e-5
+ADAPTED = ("emb.weight", "lin.weight", "head.weight")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    launcher = BIN / "deepspeed"
+    if not launcher.exists():
+        pytest.skip(f"the deepspeed launcher is not installed next to {sys.executable}")
+    out = tmp_path_factory.mktemp("ds_tp")
+    env = child_env()
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
+                           str(TESTS / "_worker_deepspeed_training_pass.py"), str(out)], cwd=str(REPO), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    data = torch.load(out / "results.pt", weights_only=False)
+    assert not data["errors"], "\n".join(f"{k}:\n{v}" for k, v in data["errors"].items())
+    return data["results"]
+
+
+def _model(params: dict):
+    model = W.make_model()
+    model.load_state_dict({n: t.float() for n, t in params.items()})
+    return model
+
+
+def exact_step(params: dict, step: int, factors, world: int, accumulation: int):
+    """The exact per-sample loop: sample i of process k, micro-step j has the loss ``l_i`` and the
+    factor ``c_i = d loss / d l_i`` of the loss that process backpropagated; DeepSpeed's gradient is
+    ``G = 1/(K A) sum_i c_i grad l_i`` and sample i's part of it, scaled to the batch mean, is
+    ``grad f_i = N/(K A) c_i grad l_i`` (N samples). Returns ``({name: S_k}, {name: ||G_k||^2},
+    {name: G})`` with ``S_k = 1/N sum_i ||grad_k f_i||^2``, by autograd on one sample at a time."""
+    model = _model(params)
+    names = [n for n, _ in model.named_parameters()]
+    n_total = world * accumulation * W.MICRO
+    sq = {n: 0.0 for n in names}
+    grad = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    for k in range(world):
+        for j in range(accumulation):
+            x, y = W.batch(k, step, j)
+            c = factors[k][j]
+            for i in range(W.MICRO):
+                loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+                gs = torch.autograd.grad(loss, list(model.parameters()))
+                for n, g in zip(names, gs):
+                    part = g.double() * float(c[i]) / (world * accumulation)
+                    grad[n] += part
+                    sq[n] += float((part * n_total).square().sum())
+    s = {n: sq[n] / n_total for n in names}
+    g_sq = {n: float(grad[n].square().sum()) for n in names}
+    return s, g_sq, grad
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in W.cases()])
+def test_s_k_equals_the_exact_per_sample_loop(job, name):
+    """Every step's S_k and ||G_k||^2 (before clipping) of the source equal the exact loop over both
+    processes' samples and all accumulation micro-steps to 1e-5 relative; so do M_k = S_k / ||G_k||^2
+    and the global noise scale B_simple = sum tr(Sigma_k) / sum ||G_k||^2."""
+    case = next(c for c in W.cases() if c["name"] == name)
+    res = job[name]
+    assert res["names"] == list(ADAPTED)
+    for step, rec in enumerate(res["steps"]):
+        s, g_sq, _ = exact_step(rec["params"], step, rec["factors"], res["world"], case["accumulation"])
+        for i, n in enumerate(res["names"]):
+            assert _rel(float(rec["s"][i]), s[n]) < TOLERANCE, (name, step, n, float(rec["s"][i]), s[n])
+            assert _rel(float(rec["g"][i]), g_sq[n]) < TOLERANCE, (name, step, n, float(rec["g"][i]), g_sq[n])
+            assert _rel(rec["m"][i], s[n] / g_sq[n]) < TOLERANCE
+            assert rec["m"][i] >= 1.0          # the whole batch: Jensen
+        noise = sum(s[n] - g_sq[n] for n in ADAPTED) / sum(g_sq[n] for n in ADAPTED)
+        assert _rel(rec["noise"], noise) < TOLERANCE
+
+
+def test_sample_mix_measures_the_weighted_per_sample_gradients(job):
+    """Sample-wise GradientMix: the per-sample parts are the weighted ones (they average to the mixed
+    gradient DeepSpeed uses); S_k of the unweighted per-sample gradients differs, so the comparison above
+    can fail."""
+    res = job["z2_sample_mix"]
+    rec = res["steps"][0]
+    plain = [[torch.full((W.MICRO,), 1.0 / W.MICRO) for _ in f] for f in rec["factors"]]
+    s, _, _ = exact_step(rec["params"], 0, plain, res["world"], 2)
+    assert max(_rel(float(rec["s"][i]), s[n]) for i, n in enumerate(ADAPTED)) > 1e-3
+
+
+def test_zero2_training_equals_one_process_with_exact_s_k(job):
+    """Acceptance (issue 14): CLARS trained with the training-pass source under DeepSpeed ZeRO-2 (2
+    processes, 2 accumulation micro-steps, 3 steps) equals one process training CLARS on the same
+    global batches with S_k from the exact per-sample loop."""
+    from lb_dist.optim import CLARS, param_groups
+    res = job["z2_train"]
+    model = W.make_model()
+
+    class Exact:
+        values: dict = {}
+
+        def second_moments(self):
+            return self.values
+
+    source = Exact()
+    opt = CLARS(param_groups(model, W.OPT["weight_decay"]), **W.OPT, moments=source)
+    plain = [[torch.full((W.MICRO,), 1.0 / W.MICRO)] * 2 for _ in range(res["world"])]
+    byname = dict(model.named_parameters())
+    for step in range(len(res["steps"])):
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        s, _, grad = exact_step(params, step, plain, res["world"], 2)
+        source.values = {byname[n]: torch.tensor(s[n]) for n in ADAPTED}
+        for n, p in byname.items():
+            p.grad = grad[n].float()
+        opt.step()
+    for n, p in model.named_parameters():
+        got = res["final"][n].float()
+        err = float((got - p.detach()).norm() / p.detach().norm())
+        assert err < TOLERANCE, (n, err)
+
+
+# ------------------------------------------------------------------------------ config (no processes)
+def _config(**second_moments) -> dict:
+    return {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "CLARS", "params": {"lr": 0.1},
+                                                              "second_moments": second_moments}}
+
+
+def test_config_parses_the_training_pass_source():
+    spec = parse_config(_config(source="training_pass"))
+    sm = spec.optimizer.second_moments
+    assert sm.source == "training_pass" and sm.subset_size is None
+    assert spec.to_dict()["optimizer"]["second_moments"] == {"source": "training_pass"}
+    spec = parse_config(_config(source="training_pass", subset_size=2))
+    assert spec.optimizer.second_moments.subset_size == 2
+    assert parse_config(spec.to_dict()).optimizer.second_moments == spec.optimizer.second_moments
+
+
+@pytest.mark.parametrize("section,mix,key", [
+    ({"source": "training_pass", "ema": 0.5}, None, "optimizer.second_moments.ema"),
+    ({"source": "training_pass", "chunk_size": 4}, None, "optimizer.second_moments.chunk_size"),
+    ({"source": "training_pass", "subset_size": 0}, None, "optimizer.second_moments.subset_size"),
+    ({"source": "training-pass"}, None, "optimizer.second_moments.source"),
+    ({"source": "training_pass"}, {"granularity": "device"}, "gradient_mix.granularity"),
+])
+def test_config_errors_name_the_key(section, mix, key):
+    cfg = _config(**section)
+    if mix is not None:
+        cfg["gradient_mix"] = mix
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config(cfg)
