@@ -90,6 +90,21 @@ def _params(engine) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+#: lb_dist's all-reduces: the ZeRO-aware optimizer's (lb_dist.deepspeed.zero) and any the training-pass
+#: estimator would make itself (lb_dist.moments.activations), counted per case
+ALL_REDUCES = {"zero": 0, "estimator": 0}
+
+
+def _count_all_reduces() -> None:
+    import lb_dist.deepspeed.zero as zero
+    import lb_dist.moments.activations as activations
+    for key, module in (("zero", zero), ("estimator", activations)):
+        def counted(tensor, group=None, _orig=module.all_reduce_sum_, _key=key):
+            ALL_REDUCES[_key] += 1
+            return _orig(tensor, group)
+        module.all_reduce_sum_ = counted
+
+
 def run_case(case: dict, rank: int) -> dict:
     import deepspeed
     import torch.distributed as dist
@@ -105,6 +120,8 @@ def run_case(case: dict, rank: int) -> dict:
     runtime = lbds.get_runtime(engine)
     source = runtime.step_moments
     names = [runtime.names[p] for p in source.params]
+    for key in ALL_REDUCES:
+        ALL_REDUCES[key] = 0
     steps = []
     for step in range(case["steps"]):
         before = _params(engine)
@@ -121,7 +138,8 @@ def run_case(case: dict, rank: int) -> dict:
         steps.append({"params": before, "factors": gathered, "s": source.second_moments_tensor().clone(),
                       "g": source.grad_sq_norms_tensor().clone(), "noise": source.noise_scales()[1],
                       "m": [float(v) for v in source.variance_factors().values()]})
-    out = {"names": names, "steps": steps, "final": _params(engine), "world": dist.get_world_size()}
+    out = {"names": names, "steps": steps, "final": _params(engine), "world": dist.get_world_size(),
+           "all_reduces": dict(ALL_REDUCES)}
     source.remove_hooks()
     engine.destroy()
     return out
@@ -134,6 +152,7 @@ def main() -> None:
     import torch.distributed as dist
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank = dist.get_rank()
+    _count_all_reduces()
     results, errors = {}, {}
     for case in cases():
         try:

@@ -105,6 +105,15 @@ def test_s_k_equals_the_exact_per_sample_loop(job, name):
         assert _rel(rec["noise"], noise) < TOLERANCE
 
 
+@pytest.mark.parametrize("name", ["z0", "z1_clip", "z2_train", "z2_sample_mix"])
+def test_statistics_ride_in_the_optimizers_one_all_reduce(job, name):
+    """No collective of the source's own: at stages 0-2 (two param groups, DeepSpeed's global norm
+    finite) lb_dist makes ONE all-reduce per optimizer step, the layer norms' and the training-pass
+    sums together; the estimator never reduces by itself."""
+    res = job[name]
+    assert res["all_reduces"] == {"zero": len(res["steps"]), "estimator": 0}
+
+
 def test_sample_mix_measures_the_weighted_per_sample_gradients(job):
     """Sample-wise GradientMix: the per-sample parts are the weighted ones (they average to the mixed
     gradient DeepSpeed uses); S_k of the unweighted per-sample gradients differs, so the comparison above

@@ -92,6 +92,8 @@ def ds_job(tmp_path_factory):
                                               "--mix-noise", "rademacher", "--zero-stage", "1")},
         {"name": "lars_device", "argv": common(d / "lars_device", *LARS, *MIX, "--zero-stage", "3")},
         {"name": "clars", "argv": common(d / "clars", *CLARS, "--zero-stage", "2")},
+        {"name": "clars_tp", "argv": common(d / "clars_tp", *CLARS, "--clars-moments", "training-pass",
+                                            "--zero-stage", "2")},
         {"name": "clars_device", "argv": common(d / "clars_device", *CLARS, *MIX, "--zero-stage", "3")},
         {"name": "full", "argv": common(d / "full", *FULL, "--zero-stage", "2")},
         {"name": "full_resumed", "repeat_until_done": True,
@@ -149,6 +151,26 @@ def test_deepspeed_layerwise_equals_one_process_reference(ds_job, name, optimize
     if optimizer == "clars":
         steps = [r for r in read_metrics(d / name / "metrics.jsonl") if r["kind"] == "step"]
         assert all(r["second_moment"] and r["trust_ratio"] and r["variance_factor"] for r in steps)
+
+
+def test_deepspeed_clars_training_pass_equals_one_process(ds_job, tmp_path):
+    """``--backend deepspeed --clars-moments training-pass`` (ZeRO-2, 2 processes) equals one process
+    with 2 accumulation micro-batches (the same slots): the same S_k each step (the per-sample sums in
+    the ZeRO optimizer's all-reduce) and weights; metrics.jsonl has the source's M_k and the gradient
+    noise scale B_simple, as for DDP."""
+    from lb_dist.train import train
+    d, _ = ds_job
+    one = tmp_path / "one"
+    train(common(one, *CLARS, "--clars-moments", "training-pass", "--accumulation-steps", "2", "--backend", "single"))
+    assert_params_close(final_model(d / "clars_tp"), final_model(one), rtol=1e-5, atol=1e-7)
+    got = [r for r in read_metrics(d / "clars_tp" / "metrics.jsonl") if r.get("noise_scale_global") is not None]
+    want = [r for r in read_metrics(one / "metrics.jsonl") if r.get("noise_scale_global") is not None]
+    assert len(got) == len(want) == STEPS
+    for g, w in zip(got, want):
+        assert g["noise_scale_global"] == pytest.approx(w["noise_scale_global"], rel=1e-5)
+        assert g["variance_factor"].keys() == w["variance_factor"].keys()
+        for key, value in w["variance_factor"].items():
+            assert g["variance_factor"][key] == pytest.approx(value, rel=1e-5)
 
 
 def test_deepspeed_resume_equals_uninterrupted(ds_job):
