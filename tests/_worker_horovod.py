@@ -24,7 +24,7 @@ import horovod.torch.optimizer as hvd_optimizer  # noqa: E402
 
 import lb_dist.horovod as lbh  # noqa: E402
 from lb_dist.mixing import GradientMix  # noqa: E402
-from lb_dist.moments import MicroBatchMoments, per_sample_second_moments  # noqa: E402
+from lb_dist.moments import MicroBatchMoments, TrainingPassMoments, per_sample_second_moments  # noqa: E402
 from lb_dist.optim import CLARS, LAMB, LARS, param_groups  # noqa: E402
 
 LOCAL = 4       # samples per rank per backward pass
@@ -205,6 +205,34 @@ def run_clars(rank: int) -> dict:
         rec["hvd_wraps_clars"] = None
     except TypeError as e:
         rec["hvd_wraps_clars"] = str(e)
+    return rec
+
+
+def run_training_pass(rank: int) -> dict:
+    """CLARS with a TrainingPassMoments given to the optimizer (2 backward passes per step): per step, the
+    submissions counted (the statistics must leave during the last backward, before synchronize) and the
+    S_k / ||G_k||^2 it reports; the test recomputes them with an exact per-sample loop."""
+    model = make_model()
+    moments = TrainingPassMoments(model, grad_scale=0.5)
+    opt = CLARS(param_groups(model, 1e-2), lr=0.5, momentum=0.9, eta=0.01, moments=moments)
+    opt = lbh.DistributedOptimizer(opt, named_parameters=model.named_parameters(), backward_passes_per_step=2,
+                                   moments=moments)
+    rec = {"params": [], "data": [], "second_moments": [], "grad_sq": [], "counts": [], "after_backward": [],
+           "tracked": [i for i, p in enumerate(model.parameters()) if p in moments.param_index]}
+    for t in range(STEPS):
+        opt.zero_grad()
+        rec["params"].append(snapshot(model))
+        batches = [data("mlp", t, rank, micro) for micro in range(2)]
+        rec["data"].append(batches)
+        with count_submissions() as counts:
+            for x, y in batches:
+                (F.cross_entropy(model(x), y) / 2).backward()
+            rec["after_backward"].append(dict(counts))
+            opt.step()
+        rec["counts"].append(counts)
+        rec["second_moments"].append(moments.second_moments_tensor().clone())
+        rec["grad_sq"].append(moments.grad_sq_norms_tensor().clone())
+    rec["final"] = snapshot(model)
     return rec
 
 
@@ -607,6 +635,7 @@ def main() -> None:
                                                                   if name == "default" else ())
         result["configs"][name] = {v: run_config(name, cfg, v, rank) for v in variants}
     result["clars"] = run_clars(rank)
+    result["training_pass"] = run_training_pass(rank)
     result["two_optimizers"] = run_two_optimizers(rank)
     result["errors"] = run_errors(rank)
     result["hvd_flow"] = run_hvd_flow(rank)

@@ -378,6 +378,38 @@ def test_clars_training_matches_single_process_replay(runs):
             close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_training_pass_sums_ride_with_the_gradients_and_equal_the_exact_loop(runs):
+    """CLARS with a TrainingPassMoments given to lb_dist.horovod.DistributedOptimizer (2 ranks, 2 passes
+    per step): the per-sample sums leave in ONE submission during the last backward, with the gradients
+    (before synchronize; no other collective, none after it: the estimator makes no allreduce of its
+    own), and S_k and ||G_k||^2 equal an exact per-sample loop over both ranks' 16 samples to 1e-5."""
+    for r in range(K):
+        rec = runs[r]["training_pass"]
+        n_params = len(rec["params"][0])
+        for t in range(STEPS):
+            assert rec["after_backward"][t]["stats"] == 1, rec["after_backward"][t]
+            counts = rec["counts"][t]
+            assert (counts["grad"], counts["stats"], counts["other"]) == (n_params, 1, 0), counts
+    rec = runs[0]["training_pass"]
+    tracked = rec["tracked"]
+    for t in range(STEPS):
+        params = rec["params"][t]
+        per_sample, mean = [], None
+        for r in range(K):
+            for x, y in runs[r]["training_pass"]["data"][t]:
+                for i in range(LOCAL):
+                    g = mlp_grads(params, x[i:i + 1], y[i:i + 1])
+                    per_sample.append(sq([g[j] for j in tracked]))
+                    mean = g if mean is None else [a + b for a, b in zip(mean, g)]
+        n = len(per_sample)
+        assert n == K * 2 * LOCAL
+        s = torch.stack(per_sample).sum(0) / n
+        g_sq = sq([mean[j] / n for j in tracked])
+        close(rec["second_moments"][t], s, atol=0, rtol=1e-5)
+        close(rec["grad_sq"][t], g_sq, atol=0, rtol=1e-5)
+        assert torch.equal(runs[1]["training_pass"]["second_moments"][t], rec["second_moments"][t])
+
+
 # ------------------------------------------------------------------ hooks and step rule
 def test_step_hooks_run_once_and_mix_advances_once_per_step(runs):
     for r in range(K):

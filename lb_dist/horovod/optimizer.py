@@ -25,6 +25,12 @@ and overrides three of them, each calling Horovod's original:
   ``||M||^2`` and the step's ``W1 = sum_k pi_k``, ``W2 = sum_k pi_k^2`` (the core's solve
   conditioned on the coefficients, the same rule as ``lb_dist.ddp`` and ``lb_dist.deepspeed``).
 
+With a :class:`lb_dist.moments.TrainingPassMoments` as ``moments`` instead, the small tensor is that
+estimator's ``[sum_i ||grad_k f_i||^2 per layer | sample count]`` (its module hooks measured every
+sample before the weight gradients existed), submitted the same way with the step's last gradients;
+``synchronize()`` hands the reduced sums to the estimator (``set_reduced``) and closes its step
+(``finish_step``, no collective of its own), so CLARS reads the exact S_k in ``step()``.
+
 Horovod's own ``hvd.broadcast_optimizer_state`` works on the result: its initializing ``step()`` on
 zero gradients is recognized and only creates the state a first step would find (no update, no mix
 draw, no estimator read); ``state_dict()`` carries the mix's and the estimator's state (also as an
@@ -53,6 +59,7 @@ from lb_dist._vendor.horovod import (check_horovod_version, horovod_method, is_h
                                      parameter_names, pending_handles, requires_update, submit, synchronized)
 from lb_dist._vendor.torch import foreach_norm, sparse_nnz
 from lb_dist.mixing import GradientMix, check_device_mix
+from lb_dist.moments.activations import TrainingPassMoments
 from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments
 from lb_dist.step_state import StepState
 
@@ -132,9 +139,11 @@ class GradientMixState(StepState):
     mix_argument = "gradient_mix"
     group_name = "Horovod's process set"
 
-    def __init__(self, mix: GradientMix | None, moments: MicroBatchMoments | None,
+    def __init__(self, mix: GradientMix | None, moments: MicroBatchMoments | TrainingPassMoments | None,
                  micro_batch_size: int | None) -> None:
         super().__init__(mix, moments, micro_batch_size)
+        #: the moments are a TrainingPassMoments (per-sample sums from its hooks) rather than micro-batch norms
+        self.training_pass = isinstance(moments, TrainingPassMoments)
         self.stats_name = _STATS_NAME
         self._warned_single_rank = False
         self.reset()
@@ -179,7 +188,8 @@ class GradientMixState(StepState):
                 if slot is not None:
                     if self._local_norm[slot] is None:
                         self._num_norms += 1
-                    self._local_norm[slot] = _norm(p.grad)  # squared in float64 once per step
+                    # training pass: only which parameters were submitted (and their dtype) matters
+                    self._local_norm[slot] = p.grad.new_zeros(()) if self.training_pass else _norm(p.grad)
             if self._num_norms == len(self._local_norm) and self.stats_handle is None:
                 # the last tracked gradient of the step: its statistics leave with the last gradients
                 # (same negotiation cycle) instead of after them
@@ -200,6 +210,11 @@ class GradientMixState(StepState):
         norms = self._local_norm
         if len({t.dtype for t in norms}) > 1:
             norms = [t.double() for t in norms]
+        if self.training_pass:
+            # [per-layer sums | count] in the gradients' dtype and with their op (fused likewise); float32
+            # holds the count exactly and the sums to 6e-8 relative
+            local = self.moments.local_statistics().to(device=norms[0].device, dtype=norms[0].dtype)
+            return hvd.allreduce_async(local, name=self.stats_name, op=opt.op, process_set=opt.process_set)
         # In the gradients' dtype (float32 for float32/half gradients) and with their op and factors
         # (Average or Sum, 1.0/1.0 without gradient_predivide_factor), so that Horovod fuses this small
         # tensor with the step's last gradients into the same allreduce instead of running another one.
@@ -210,6 +225,17 @@ class GradientMixState(StepState):
         moments = self.moments
         k, (w1, w2) = self._step_k, self._step_weights
         self.reset()
+        if self.training_pass:
+            k = opt.process_set.size()
+            stats = hvd.synchronize(handle).double()                     # [sum over ranks | count]
+            if opt.op == hvd.Average:
+                stats = stats * k
+            moments.set_reduced(stats)
+            # the reduced gradient is the mean (op Average) or K times it (op Sum)
+            mean_grads = None if opt.op == hvd.Average else [p.grad / k for p in moments.params]
+            moments.finish_step(mean_grads)
+            self.last_update = {"count": float(stats[-1]), "skipped": False}
+            return
         sq_sum = hvd.synchronize(handle).double()                        # sum_k ||g_k||^2
         if opt.op == hvd.Average:
             sq_sum = sq_sum * k
@@ -347,7 +373,7 @@ class _Overrides:
         """Horovod's, plus: with ``moments`` a changed number of passes needs the new
         ``micro_batch_size`` (local batch per pass x passes), or the statistics' b would be stale."""
         st = self.lb_dist_state
-        if st.moments is not None and passes != self.backward_passes_per_step:
+        if st.moments is not None and not st.training_pass and passes != self.backward_passes_per_step:
             if micro_batch_size is None:
                 raise ValueError(f"micro_batch_size is required when changing backward_passes_per_step from "
                                  f"{self.backward_passes_per_step} to {passes} with moments: pass "
@@ -485,7 +511,17 @@ def _passes_above_one(passes) -> bool:
 def _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batch_size,
                    backward_passes_per_step=1) -> None:
     check_device_mix("gradient_mix", gradient_mix, "the allreduce")
-    check_micro_batch_moments("moments", moments)
+    training_pass = isinstance(moments, TrainingPassMoments)
+    if training_pass:
+        if gradient_mix is not None and gradient_mix.noise != "none":
+            raise ValueError("moments=TrainingPassMoments with gradient_mix: its per-sample gradients average "
+                             "to the unmixed gradient, not to the mixed one the optimizer uses (the rule of "
+                             "lb_dist.ddp); use plain averaging (gradient_mix=None)")
+        if micro_batch_size is not None:
+            raise ValueError("micro_batch_size is not used with moments=TrainingPassMoments (it counts the "
+                             "samples of its forward passes itself)")
+    else:
+        check_micro_batch_moments("moments", moments)
     if moments is not None:
         own = {id(p): p for g in optimizer.param_groups for p in g["params"]}
         for i, p in enumerate(moments.params):
@@ -495,11 +531,11 @@ def _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batc
             if not p.requires_grad:
                 raise ValueError(f"moments.params[{i}] does not require grad: Horovod never reduces its "
                                  f"gradient, so the estimator could not be fed")
-        if micro_batch_size is None and moments.micro_batch_size is None:
+        if not training_pass and micro_batch_size is None and moments.micro_batch_size is None:
             raise ValueError("micro_batch_size is required with moments (samples behind one rank's gradient "
                              "of a step: local batch x backward_passes_per_step), unless the "
                              "MicroBatchMoments was given one")
-        if micro_batch_size is None and _passes_above_one(backward_passes_per_step):
+        if not training_pass and micro_batch_size is None and _passes_above_one(backward_passes_per_step):
             raise ValueError(f"micro_batch_size is required with moments and backward_passes_per_step="
                              f"{backward_passes_per_step}: one rank's gradient of a step accumulates "
                              f"{backward_passes_per_step} passes, so pass micro_batch_size=local batch per pass "
@@ -526,7 +562,11 @@ def _check_lb_args(optimizer, op, process_set, gradient_mix, moments, micro_batc
             and gradient_mix.world_size != k:
         raise ValueError(f"gradient_mix.world_size={gradient_mix.world_size} but Horovod's process set has {k} "
                          f"ranks; use GradientMix(world_size=None) to follow the job's size")
-    if moments is not None and k == 1 and os.environ.get("HOROVOD_ELASTIC") != "1":
+    if moments is not None and training_pass and k == 1 and os.environ.get("HOROVOD_ELASTIC") != "1":
+        raise ValueError("moments=TrainingPassMoments on a single-rank Horovod job: Horovod reduces nothing "
+                         "there; give moments=None and call moments.finish_step() after the backward passes, "
+                         "as in one process")
+    if moments is not None and not training_pass and k == 1 and os.environ.get("HOROVOD_ELASTIC") != "1":
         raise MomentsUnavailableError(
             "moments: the micro-batch statistics compare the K ranks' gradients and this Horovod job has a "
             "single rank; in one process use MicroBatchMoments.track_backward() with gradient accumulation, "
@@ -542,7 +582,7 @@ def DistributedOptimizer(optimizer, named_parameters=None,
                          sparse_as_dense=False,
                          process_set=hvd.global_process_set,
                          *, gradient_mix: GradientMix | None = None,
-                         moments: MicroBatchMoments | None = None,
+                         moments: MicroBatchMoments | TrainingPassMoments | None = None,
                          micro_batch_size: int | None = None):
     """``hvd.DistributedOptimizer`` with device-wise GradientMix and micro-batch statistics.
 
@@ -558,7 +598,12 @@ def DistributedOptimizer(optimizer, named_parameters=None,
         moments: a :class:`lb_dist.moments.MicroBatchMoments` over parameters of ``optimizer``, fed
             once per step from the ranks' local gradients (one extra small allreduce submission per
             step, named ``"lb_dist.horovod.layer_sq_norms.<first tracked parameter's name>"`` so that
-            several such optimizers can share one backward).
+            several such optimizers can share one backward). Or a
+            :class:`lb_dist.moments.TrainingPassMoments` over parameters of ``optimizer``: its
+            ``[per-sample sums | count]`` leave in that same submission, and ``synchronize()`` (run by
+            ``step()``) closes its step (``finish_step``: exact S_k, no collective of its own); set its
+            ``grad_scale`` (``1/backward_passes_per_step`` for the mean over the passes); refused with
+            a mixing ``gradient_mix`` and with ``micro_batch_size``.
         micro_batch_size: samples behind one rank's gradient of one step (local batch per pass times
             ``backward_passes_per_step``). Defaults to ``moments.micro_batch_size`` only when
             ``backward_passes_per_step == 1``; required with ``moments`` when it is larger.
@@ -623,6 +668,6 @@ def DistributedOptimizer(optimizer, named_parameters=None,
         state.stats_name = _stats_name(parameter_names(result), moments)
     if gradient_mix is not None and not gradient_mix.attached:
         gradient_mix.attach(result)
-    if moments is not None:
+    if moments is not None and hasattr(moments, "link_optimizer_state"):
         moments.link_optimizer_state(result)
     return result

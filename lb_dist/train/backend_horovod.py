@@ -2,7 +2,7 @@
 
 Thin by design: the optimizer is wrapped in :func:`lb_dist.horovod.DistributedOptimizer`
 (docs/backend-horovod.md), which does device-wise GradientMix and CLARS' micro-batch statistics
-inside Horovod's own allreduce path, with ``backward_passes_per_step`` = the accumulation steps
+inside Horovod's own allreduce path (CLARS' training-pass sums too), with ``backward_passes_per_step`` = the accumulation steps
 (Horovod submits each gradient's allreduce on the last micro-batch's backward). The loop's
 collectives (metrics, evaluation, the per-sample estimator through ``lb_dist.distributed``) are
 Horovod's.
@@ -76,16 +76,20 @@ class HorovodBackend(Backend):
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # identical by seeding; Horovod's idiom
         engine = HorovodEngine(self, model, optimizer, mix=mix, moments=moments)
         hvd_moments = moments
-        if moments is not None and (self.world_size == 1 or not hasattr(moments, "track_backward")):
-            # one rank: nothing to compare in the allreduce; as in a single process. TrainingPassMoments:
-            # its own hooks, and finish_step reduces its sums in one small Horovod allreduce
+        training_pass = moments is not None and not hasattr(moments, "track_backward")
+        if moments is not None and self.world_size == 1:
+            # one rank: nothing to compare or reduce in the allreduce; as in a single process
             engine.track_accumulation(moments, local_batch_size, accumulation_steps)
             hvd_moments = None
+        elif training_pass:
+            # TrainingPassMoments: its own hooks measure; its sums leave with the last gradients in Horovod's
+            # allreduce and synchronize() closes its step (lb_dist.horovod)
+            moments.grad_scale = 1.0 / accumulation_steps
         device_mix = mix if mix is not None and mix.granularity == "device" else None
         engine.optimizer = lbh.DistributedOptimizer(
             optimizer, named_parameters=model.named_parameters(), backward_passes_per_step=accumulation_steps,
             gradient_mix=device_mix, moments=hvd_moments,
-            micro_batch_size=local_batch_size if hvd_moments is not None else None)
+            micro_batch_size=local_batch_size if hvd_moments is not None and not training_pass else None)
         return engine
 
     def all_reduce_sum(self, tensor):
