@@ -185,3 +185,25 @@ def test_config_errors_name_the_key(section, mix, key):
         cfg["gradient_mix"] = mix
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_config(cfg)
+
+
+def test_lb_dist_train_maps_the_json_source_to_its_flag(tmp_path, capsys):
+    """``lb-dist train --deepspeed-config`` with source "training_pass" is ``--clars-moments
+    training-pass`` (and the run's spec is the JSON's); a training-pass ``subset_size``, which no flag
+    sets, is refused naming the key."""
+    import json
+
+    from lb_dist.train.config import parse_args
+    from lb_dist.train.optimizers import optimizer_spec
+    cfg = {"train_batch_size": 32, "optimizer": {"type": "CLARS", "params": {"lr": 0.1},
+                                                 "second_moments": {"source": "training_pass"}}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    args = parse_args(["--run-dir", str(tmp_path / "r"), "--backend", "deepspeed", "--deepspeed-config", str(path)])
+    assert args.clars_moments == "training-pass"
+    assert optimizer_spec(args).to_dict()["second_moments"] == {"source": "training_pass"}
+    cfg["optimizer"]["second_moments"]["subset_size"] = 4
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit):
+        parse_args(["--run-dir", str(tmp_path / "s"), "--backend", "deepspeed", "--deepspeed-config", str(path)])
+    assert "optimizer.second_moments.subset_size" in capsys.readouterr().err

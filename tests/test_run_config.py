@@ -160,7 +160,7 @@ def test_backend_registry_and_capabilities():
     args = Namespace(optimizer="clars", clars_moments="training-pass", zero_stage=None, bf16=None,
                      deepspeed_config=None)
     for name, refused in (("single", False), ("torchrun", False), ("horovod", False), ("fsdp", True),
-                          ("deepspeed", True)):
+                          ("deepspeed", False)):
         b = backend_class(name)()
         b.world_size = 2
         message = b.check_args(args)
