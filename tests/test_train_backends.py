@@ -77,7 +77,7 @@ def cmd_tail(cmd: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- DeepSpeed
-DS_RESUMED = ("sgd", "sgd_sample", "lars_device", "clars_device", "bf16", "config")
+DS_RESUMED = ("sgd", "sgd_sample", "lars_device", "clars_device", "bf16", "config", "clars_tp")
 @pytest.fixture(scope="module")
 def ds_job(tmp_path_factory):
     pytest.importorskip("deepspeed")
