@@ -60,6 +60,7 @@ def cases() -> list[dict]:
         {"name": "z1_clip", "stage": 1, "accumulation": 2, "steps": 2, "clip": 0.05},
         {"name": "z2_train", "stage": 2, "accumulation": 2, "steps": 3},
         {"name": "z2_sample_mix", "stage": 2, "accumulation": 2, "steps": 2, "mix": "sample"},
+        {"name": "z2_nan", "stage": 2, "accumulation": 2, "steps": 2, "nan_at": 0},
         {"name": "z3", "stage": 3, "accumulation": 2, "steps": 2},
         {"name": "z3_zero_init", "stage": 3, "accumulation": 1, "steps": 2, "zero_init": True},
     ]
@@ -123,9 +124,19 @@ def run_case(case: dict, rank: int) -> dict:
     for key in ALL_REDUCES:
         ALL_REDUCES[key] = 0
     steps = []
+    opt = engine.basic_optimizer
     for step in range(case["steps"]):
         before = _params(engine)
+        skips = (opt.skipped_steps, engine.skipped_steps)     # CLARS' or DeepSpeed's own skip
         factors = []
+        handle = None
+        if case.get("nan_at") == step and rank == dist.get_world_size() - 1:
+            # a NaN in one weight gradient of the last process: the step is skipped on every process
+            def poison(grad):
+                grad = grad.clone()
+                grad.view(-1)[0] = float("nan")
+                return grad
+            handle = dict(engine.module.named_parameters())["head.weight"].register_hook(poison)
         for j in range(case["accumulation"]):
             x, y = batch(rank, step, j)
             losses = F.cross_entropy(engine(x), y, reduction="none")
@@ -133,11 +144,18 @@ def run_case(case: dict, rank: int) -> dict:
             factors.append(torch.autograd.grad(loss, losses, retain_graph=True)[0].detach())
             engine.backward(loss)
             engine.step()
+            if handle is not None:
+                handle.remove()
+                handle = None
+        skipped = opt.skipped_steps > skips[0] or engine.skipped_steps > skips[1]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, factors)
+        if skipped:
+            steps.append({"params": before, "skipped": True})
+            continue
         steps.append({"params": before, "factors": gathered, "s": source.second_moments_tensor().clone(),
                       "g": source.grad_sq_norms_tensor().clone(), "noise": source.noise_scales()[1],
-                      "m": [float(v) for v in source.variance_factors().values()]})
+                      "m": [float(v) for v in source.variance_factors().values()], "skipped": False})
     out = {"names": names, "steps": steps, "final": _params(engine), "world": dist.get_world_size(),
            "all_reduces": dict(ALL_REDUCES)}
     source.remove_hooks()

@@ -245,10 +245,10 @@ class TrainingPassStepMoments(PerLayerViews):
         self.estimator.grad_scale = scale
 
     def discard_pending(self) -> None:
-        """After DeepSpeed's step: drop what the hooks collected if the optimizer never consumed it
-        (a step DeepSpeed skipped), without a collective."""
+        """After DeepSpeed's step: drop what the hooks collected if the optimizer never closed the
+        step with it (a step DeepSpeed or CLARS skipped), without a collective."""
         est = self.estimator
-        if not self._sent and est.num_tracked_micro_batches:
+        if est.num_tracked_micro_batches:
             est.set_reduced(est.local_statistics())      # closes the step locally (no all-reduce)
             try:
                 est.finish_step()
@@ -272,9 +272,9 @@ class TrainingPassStepMoments(PerLayerViews):
         """The step's ``[sum_i ||grad_k f_i||^2 for every measured layer | count]`` (float64) the
         first time in a step; an empty tensor afterwards (the first all-reduce carried them all)."""
         if self._sent:
-            return torch.zeros(0, dtype=torch.float64)
+            return torch.zeros(0, dtype=torch.float64, device=self.params[0].device)
         self._sent = True
-        return self.estimator.local_statistics().cpu()
+        return self.estimator.local_statistics()
 
     def second_moments(self, layer_keys, reduced: Tensor, g_sq: Tensor, clip: float) -> Tensor:
         """S_k of ``layer_keys`` from the step's reduced statistics (given to the first group of the
