@@ -63,7 +63,20 @@ def cases() -> list[dict]:
         {"name": "z2_nan", "stage": 2, "accumulation": 2, "steps": 2, "nan_at": 0},
         {"name": "z3", "stage": 3, "accumulation": 2, "steps": 2},
         {"name": "z3_zero_init", "stage": 3, "accumulation": 1, "steps": 2, "zero_init": True},
+        {"name": "z1_bf16", "stage": 1, "accumulation": 2, "steps": 1, "bf16": True},
     ]
+
+
+class ConvNet(nn.Module):
+    """An adapted Conv1d: refused by the training-pass source under ZeRO-3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.head = nn.Linear(3, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(-1))
 
 
 def ds_config(case: dict) -> dict:
@@ -79,7 +92,20 @@ def ds_config(case: dict) -> dict:
     }
     if case.get("mix"):
         cfg["gradient_mix"] = {**MIX, "granularity": case["mix"]}
+    if case.get("bf16"):
+        cfg["bf16"] = {"enabled": True}
     return cfg
+
+
+def conv_refusal() -> str:
+    """The error building a ZeRO-3 engine with an adapted Conv1d and the training-pass source."""
+    import lb_dist.deepspeed as lbds
+    torch.manual_seed(SEED)
+    try:
+        lbds.initialize(model=ConvNet(), config=ds_config({"stage": 3, "accumulation": 1}))
+    except ValueError as e:
+        return str(e)
+    return "no error"
 
 
 def _params(engine) -> dict:
@@ -87,8 +113,8 @@ def _params(engine) -> dict:
     model = engine.module
     if engine.zero_optimization_partition_weights():
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            return {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+            return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
 #: lb_dist's all-reduces: the ZeRO-aware optimizer's (lb_dist.deepspeed.zero) and any the training-pass
@@ -139,7 +165,7 @@ def run_case(case: dict, rank: int) -> dict:
             handle = dict(engine.module.named_parameters())["head.weight"].register_hook(poison)
         for j in range(case["accumulation"]):
             x, y = batch(rank, step, j)
-            losses = F.cross_entropy(engine(x), y, reduction="none")
+            losses = F.cross_entropy(engine(x).float(), y, reduction="none")
             loss = runtime.weighted_loss(losses) if case.get("mix") == "sample" else losses.mean()
             factors.append(torch.autograd.grad(loss, losses, retain_graph=True)[0].detach())
             engine.backward(loss)
@@ -178,6 +204,8 @@ def main() -> None:
         except Exception:   # keep going: the test reports every failed case by name
             errors[case["name"]] = traceback.format_exc()
         dist.barrier()
+    results["conv_refusal"] = conv_refusal()
+    dist.barrier()
     if rank == 0:
         torch.save({"results": results, "errors": errors}, os.path.join(out_dir, "results.pt"))
     dist.barrier()

@@ -90,8 +90,10 @@ def _rel(a: float, b: float) -> float:
 def test_s_k_equals_the_exact_per_sample_loop(job, name):
     """Every step's S_k and ||G_k||^2 (before clipping) of the source equal the exact loop over both
     processes' samples and all accumulation micro-steps to 1e-5 relative; so do M_k = S_k / ||G_k||^2
-    and the global noise scale B_simple = sum tr(Sigma_k) / sum ||G_k||^2."""
+    and the global noise scale B_simple = sum tr(Sigma_k) / sum ||G_k||^2. bf16 (ZeRO-1): the model
+    computes in bf16 (activations, output gradients), the loop in fp32 on the same bf16 weights: 3e-2."""
     case = next(c for c in W.cases() if c["name"] == name)
+    tol = 3e-2 if case.get("bf16") else TOLERANCE
     res = job[name]
     assert res["names"] == list(ADAPTED)
     assert [rec["skipped"] for rec in res["steps"]] == [case.get("nan_at") == t for t in range(case["steps"])]
@@ -102,12 +104,12 @@ def test_s_k_equals_the_exact_per_sample_loop(job, name):
             continue
         s, g_sq, _ = exact_step(rec["params"], step, rec["factors"], res["world"], case["accumulation"])
         for i, n in enumerate(res["names"]):
-            assert _rel(float(rec["s"][i]), s[n]) < TOLERANCE, (name, step, n, float(rec["s"][i]), s[n])
-            assert _rel(float(rec["g"][i]), g_sq[n]) < TOLERANCE, (name, step, n, float(rec["g"][i]), g_sq[n])
-            assert _rel(rec["m"][i], s[n] / g_sq[n]) < TOLERANCE
+            assert _rel(float(rec["s"][i]), s[n]) < tol, (name, step, n, float(rec["s"][i]), s[n])
+            assert _rel(float(rec["g"][i]), g_sq[n]) < tol, (name, step, n, float(rec["g"][i]), g_sq[n])
+            assert _rel(rec["m"][i], s[n] / g_sq[n]) < tol
             assert rec["m"][i] >= 1.0          # the whole batch: Jensen
         noise = sum(s[n] - g_sq[n] for n in ADAPTED) / sum(g_sq[n] for n in ADAPTED)
-        assert _rel(rec["noise"], noise) < TOLERANCE
+        assert _rel(rec["noise"], noise) < tol
 
 
 @pytest.mark.parametrize("name", ["z0", "z1_clip", "z2_train", "z2_sample_mix", "z2_nan"])
@@ -119,6 +121,11 @@ def test_statistics_ride_in_the_optimizers_one_all_reduce(job, name):
     res = job[name]
     stepped = sum(not rec["skipped"] for rec in res["steps"])
     assert res["all_reduces"] == {"zero": stepped, "estimator": 0}
+
+
+def test_zero3_refuses_an_adapted_convolution_by_name(job):
+    message = job["conv_refusal"]
+    assert "'conv.weight'" in message and "Conv1d" in message and "ZeRO-3" in message, message
 
 
 def test_sample_mix_measures_the_weighted_per_sample_gradients(job):
