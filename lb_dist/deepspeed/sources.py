@@ -16,6 +16,7 @@ from torch import Tensor
 
 from torch import nn
 
+from lb_dist.deepspeed.config import ConfigError
 from lb_dist.moments.activations import TrainingPassMoments
 from lb_dist.moments.microbatch import (MicroBatchMoments, MomentsUnavailableError, PerLayerViews,
                                         mixing_weight_sums)
@@ -203,7 +204,8 @@ class TrainingPassStepMoments(PerLayerViews):
 
     Under ZeRO-3 only ``nn.Linear`` and ``nn.Embedding`` layers are measured (a convolution's
     per-sample norm reads the weight's shape in the backward, where ZeRO-3 has not gathered it yet):
-    an adapted convolution is refused at construction, naming the parameter.
+    an adapted convolution is refused at construction (:class:`~lb_dist.deepspeed.config.ConfigError`,
+    a ValueError), naming the parameter.
     """
 
     def __init__(self, model: nn.Module, layer_sets: list[list[Tensor]], names: dict, *,
@@ -222,7 +224,7 @@ class TrainingPassStepMoments(PerLayerViews):
             for p in params:
                 name, module = owners.get(id(p), (names.get(p, "?"), None))
                 if module is not None and not isinstance(module, (nn.Linear, nn.Embedding)):
-                    raise ValueError(
+                    raise ConfigError(
                         f"optimizer.second_moments.source = \"training_pass\" under ZeRO-3 measures the weights of "
                         f"nn.Linear and nn.Embedding layers, and the adapted parameter {name!r} belongs to a "
                         f"{type(module).__name__} (ZeRO-3 has not gathered its weight when its per-sample norms are "
