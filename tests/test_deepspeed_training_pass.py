@@ -29,7 +29,7 @@ from lb_dist.deepspeed import ConfigError, parse_config  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TOLERANCE = 1e-5
-ADAPTED = ("emb.weight", "lin.weight", "head.weight")
+ADAPTED = W.ADAPTED["seq"]
 
 
 @pytest.fixture(scope="module")
@@ -49,26 +49,26 @@ def job(tmp_path_factory):
     return data["results"]
 
 
-def _model(params: dict):
-    model = W.make_model()
+def _model(params: dict, kind: str = "seq"):
+    model = W.make_model(kind)
     model.load_state_dict({n: t.float() for n, t in params.items()})
     return model
 
 
-def exact_step(params: dict, step: int, factors, world: int, accumulation: int):
+def exact_step(params: dict, step: int, factors, world: int, accumulation: int, kind: str = "seq"):
     """The exact per-sample loop: sample i of process k, micro-step j has the loss ``l_i`` and the
     factor ``c_i = d loss / d l_i`` of the loss that process backpropagated; DeepSpeed's gradient is
     ``G = 1/(K A) sum_i c_i grad l_i`` and sample i's part of it, scaled to the batch mean, is
     ``grad f_i = N/(K A) c_i grad l_i`` (N samples). Returns ``({name: S_k}, {name: ||G_k||^2},
     {name: G})`` with ``S_k = 1/N sum_i ||grad_k f_i||^2``, by autograd on one sample at a time."""
-    model = _model(params)
+    model = _model(params, kind)
     names = [n for n, _ in model.named_parameters()]
     n_total = world * accumulation * W.MICRO
     sq = {n: 0.0 for n in names}
     grad = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
     for k in range(world):
         for j in range(accumulation):
-            x, y = W.batch(k, step, j)
+            x, y = W.batch(k, step, j, kind)
             c = factors[k][j]
             for i in range(W.MICRO):
                 loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
@@ -94,21 +94,23 @@ def test_s_k_equals_the_exact_per_sample_loop(job, name):
     computes in bf16 (activations, output gradients), the loop in fp32 on the same bf16 weights: 3e-2."""
     case = next(c for c in W.cases() if c["name"] == name)
     tol = 3e-2 if case.get("bf16") else TOLERANCE
+    kind = case.get("model", "seq")
+    adapted = W.ADAPTED[kind]
     res = job[name]
-    assert res["names"] == list(ADAPTED)
+    assert res["names"] == list(adapted)
     assert [rec["skipped"] for rec in res["steps"]] == [case.get("nan_at") == t for t in range(case["steps"])]
     for step, rec in enumerate(res["steps"]):
         if rec["skipped"]:
             # a step CLARS skipped (non-finite gradient): nothing of it may leak into the next one
             assert all(torch.equal(rec["params"][n], res["steps"][step + 1]["params"][n]) for n in rec["params"])
             continue
-        s, g_sq, _ = exact_step(rec["params"], step, rec["factors"], res["world"], case["accumulation"])
+        s, g_sq, _ = exact_step(rec["params"], step, rec["factors"], res["world"], case["accumulation"], kind)
         for i, n in enumerate(res["names"]):
             assert _rel(float(rec["s"][i]), s[n]) < tol, (name, step, n, float(rec["s"][i]), s[n])
             assert _rel(float(rec["g"][i]), g_sq[n]) < tol, (name, step, n, float(rec["g"][i]), g_sq[n])
             assert _rel(rec["m"][i], s[n] / g_sq[n]) < tol
             assert rec["m"][i] >= 1.0          # the whole batch: Jensen
-        noise = sum(s[n] - g_sq[n] for n in ADAPTED) / sum(g_sq[n] for n in ADAPTED)
+        noise = sum(s[n] - g_sq[n] for n in adapted) / sum(g_sq[n] for n in adapted)
         assert _rel(rec["noise"], noise) < tol
 
 
@@ -123,9 +125,19 @@ def test_statistics_ride_in_the_optimizers_one_all_reduce(job, name):
     assert res["all_reduces"] == {"zero": stepped, "estimator": 0}
 
 
-def test_zero3_refuses_an_adapted_convolution_by_name(job):
-    message = job["conv_refusal"]
-    assert "'conv.weight'" in message and "Conv1d" in message and "ZeRO-3" in message, message
+def test_a_layer_the_source_cannot_measure_is_refused_before_deepspeed_starts():
+    """An adapted parameter of a module TrainingPassMoments cannot measure (nn.MultiheadAttention's
+    in_proj_weight) stops lb_dist.deepspeed.initialize before DeepSpeed starts, naming the key and
+    the parameter; the model keeps no hook."""
+    from torch import nn
+
+    import lb_dist.deepspeed as lbds
+    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1))
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+           "optimizer": {"type": "CLARS", "params": {"lr": 0.1}, "second_moments": {"source": "training_pass"}}}
+    with pytest.raises(ConfigError, match=r"optimizer\.second_moments\.source.*in_proj_weight"):
+        lbds.initialize(model=model, config=cfg)
+    assert not model._forward_pre_hooks and not model[0]._forward_hooks
 
 
 def test_sample_mix_measures_the_weighted_per_sample_gradients(job):

@@ -217,6 +217,7 @@ def initialize(*args, **kwargs):
     if world is not None:
         check_world(spec, world)
     lb_optimizer = None
+    training_pass = None
     if spec.optimizer is not None:
         if client is not None:
             raise ConfigError(f"the config names optimizer.type {spec.optimizer.type!r} and "
@@ -226,9 +227,18 @@ def initialize(*args, **kwargs):
         groups = _param_groups(model, a.get("model_parameters"), spec.optimizer)
         moments = None
         if spec.optimizer.second_moments is not None:
-            from lb_dist.deepspeed.sources import MicroSourcePlaceholder, PerSampleSource
-            moments = (PerSampleSource() if spec.optimizer.second_moments.source == "per_sample"
-                       else MicroSourcePlaceholder())
+            from lb_dist.deepspeed.sources import MicroSourcePlaceholder, PerSampleSource, TrainingPassStepMoments
+            sm = spec.optimizer.second_moments
+            moments = PerSampleSource() if sm.source == "per_sample" else MicroSourcePlaceholder()
+            if sm.source == "training_pass":
+                # on the plain model, before DeepSpeed's module hooks: under ZeRO-3 its forward hooks then
+                # see the gathered weights, and its output-gradient hooks run after DeepSpeed gathers
+                # them for the backward (sources.TrainingPassStepMoments); refused layers stop here
+                import torch
+                adapted = [p for g in groups if g.get("layer_adaptation", True) for p in g["params"] if p.requires_grad]
+                training_pass = TrainingPassStepMoments.estimator_for(
+                    model, adapted, subset_size=sm.subset_size,
+                    generator=torch.Generator() if sm.subset_size else None)
         lb_optimizer = spec.optimizer.build(groups, moments=moments)
         a["optimizer"] = lb_optimizer
     elif client_lb:
@@ -255,9 +265,14 @@ def initialize(*args, **kwargs):
     a["config"] = ds_config
     if "config_params" in a:
         a["config_params"] = None
-    result = original(*bound.args, **bound.kwargs)
-    engine = result[0]
-    attach(engine, spec, lb_optimizer)
+    try:
+        result = original(*bound.args, **bound.kwargs)
+        engine = result[0]
+        attach(engine, spec, lb_optimizer, training_pass=training_pass)
+    except BaseException:
+        if training_pass is not None:
+            training_pass.remove_hooks()
+        raise
     return result
 
 

@@ -94,9 +94,10 @@ class LbDistRuntime(StepState):
         return self.step_moments.last_update if self.step_moments is not None else None
 
     # ------------------------------------------------------------------ set-up
-    def setup_second_moments(self, layer_sets: list[list[torch.Tensor]]) -> None:
+    def setup_second_moments(self, layer_sets: list[list[torch.Tensor]], training_pass=None) -> None:
         """CLARS' source of S_k from the config (``optimizer.second_moments``) over ``layer_sets`` (the
-        adapted param groups' or ZeRO-3 sub-groups' layers); :func:`attach` calls it."""
+        adapted param groups' or ZeRO-3 sub-groups' layers); :func:`attach` calls it. ``training_pass``:
+        the ``TrainingPassMoments`` built before the engine (``lb_dist.deepspeed.initialize``), if any."""
         opt_spec = self.config.optimizer
         spec = opt_spec.second_moments if opt_spec is not None else None
         if spec is None:
@@ -113,10 +114,12 @@ class LbDistRuntime(StepState):
         if spec.source == "training_pass":
             # the module hooks see every process's micro-batches; a subset is drawn from a stream of
             # its own per process (the training's random stream is left as it is)
+            if training_pass is not None and training_pass.generator is not None:
+                training_pass.generator.manual_seed(1000003 + self.rank)
             generator = torch.Generator().manual_seed(1000003 + self.rank) if spec.subset_size else None
             self.step_moments = TrainingPassStepMoments(
                 self.engine.module, layer_sets, self.names, subset_size=spec.subset_size, generator=generator,
-                partitioned=bool(self.engine.zero_optimization_partition_weights()))
+                partitioned=bool(self.engine.zero_optimization_partition_weights()), estimator=training_pass)
             return
         self.step_moments = MicroBatchStepMoments(layer_sets, self.names, self.micro_batch_size,
                                                   self.world_size, ema=spec.ema)
@@ -427,9 +430,10 @@ def _engine_class(base: type) -> type:
     return cls
 
 
-def attach(engine, config: LbDistConfig, optimizer: LayerwiseOptimizer | None) -> LbDistRuntime:
+def attach(engine, config: LbDistConfig, optimizer: LayerwiseOptimizer | None, *, training_pass=None) -> LbDistRuntime:
     """Make ``optimizer`` (lb_dist's, the engine's basic optimizer; or None) ZeRO-aware, build the
-    runtime and switch ``engine`` to lb_dist's engine subclass. Returns the runtime."""
+    runtime and switch ``engine`` to lb_dist's engine subclass. Returns the runtime. ``training_pass``:
+    CLARS' ``TrainingPassMoments`` built on the model before the engine (its hooks first)."""
     if optimizer is not None and engine.basic_optimizer is not optimizer:
         raise RuntimeError("lb_dist's optimizer is not the DeepSpeed engine's basic optimizer")
     runtime = LbDistRuntime(engine, config, optimizer)
@@ -445,7 +449,7 @@ def attach(engine, config: LbDistConfig, optimizer: LayerwiseOptimizer | None) -
             layer_sets = [[p for p in g["params"] if p.requires_grad] for g in optimizer.param_groups
                           if g.get("layer_adaptation", True)]
         if isinstance(optimizer, CLARS):
-            runtime.setup_second_moments(layer_sets)
+            runtime.setup_second_moments(layer_sets, training_pass=training_pass)
         make_sharded(optimizer, shards, process_group, runtime)
     switch_class(engine, _engine_class(type(engine)))
     engine.lb_dist = runtime

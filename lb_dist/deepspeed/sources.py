@@ -202,15 +202,18 @@ class TrainingPassStepMoments(PerLayerViews):
     ``trace_sigma_tensor()``, ``variance_factors()`` (M_k) and ``noise_scales()`` (B_simple) of the
     last step.
 
-    Under ZeRO-3 only ``nn.Linear`` and ``nn.Embedding`` layers are measured (a convolution's
-    per-sample norm reads the weight's shape in the backward, where ZeRO-3 has not gathered it yet):
-    an adapted convolution is refused at construction (:class:`~lb_dist.deepspeed.config.ConfigError`,
-    a ValueError), naming the parameter.
+    ZeRO-3: ``lb_dist.deepspeed.initialize`` builds the estimator (:meth:`estimator_for`) on the
+    model BEFORE DeepSpeed registers its module hooks, so that its forward hooks run while ZeRO-3
+    still holds the gathered weights and its output-gradient hooks sit below DeepSpeed's backward
+    gathering: convolutions (whose per-sample norms read the weight's shape) work too. An estimator
+    built after the engine (``estimator=None`` here) under ZeRO-3 measures only ``nn.Linear`` and
+    ``nn.Embedding`` layers; an adapted convolution is then refused
+    (:class:`~lb_dist.deepspeed.config.ConfigError`, a ValueError), naming the parameter.
     """
 
     def __init__(self, model: nn.Module, layer_sets: list[list[Tensor]], names: dict, *,
                  subset_size: int | None = None, partitioned: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, estimator: TrainingPassMoments | None = None) -> None:
         params: list[Tensor] = []
         seen: set[int] = set()
         for layers in layer_sets:
@@ -218,7 +221,13 @@ class TrainingPassStepMoments(PerLayerViews):
                 if id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
-        if partitioned:
+        if estimator is not None:
+            missing = [p for p in params if p not in estimator.param_index]
+            if missing:
+                raise RuntimeError(f"lb_dist: the training-pass estimator does not measure "
+                                   f"{names.get(missing[0], 'an adapted parameter')!r} of the optimizer's layers")
+            params = list(estimator.params)
+        elif partitioned:
             owners = {id(p): (f"{mname}.{pname}" if mname else pname, m)
                       for mname, m in model.named_modules() for pname, p in m.named_parameters(recurse=False)}
             for p in params:
@@ -232,7 +241,8 @@ class TrainingPassStepMoments(PerLayerViews):
                         f"from layer adaptation")
         self.names = names
         self.params = params
-        self.estimator = TrainingPassMoments(model, params, subset_size=subset_size, generator=generator)
+        self.estimator = estimator if estimator is not None else \
+            self.estimator_for(model, params, subset_size=subset_size, generator=generator)
         self._index = {id(p): i for i, p in enumerate(params)}
         self._sent = False                 # this step's statistics went into an all-reduce
         self._step_s: Tensor | None = None  # S_k of the current step (after its reduction)
@@ -241,6 +251,16 @@ class TrainingPassStepMoments(PerLayerViews):
         self.num_updates = 0
         self.coefficients = None           # set by the runtime; device-wise mixing is refused with this source
         self.last_update: dict = {}
+
+    @staticmethod
+    def estimator_for(model: nn.Module, params, *, subset_size: int | None = None,
+                      generator: torch.Generator | None = None) -> TrainingPassMoments:
+        """The :class:`lb_dist.moments.TrainingPassMoments` over ``params`` (the adapted layers) of
+        ``model``; a layer it cannot measure is a :class:`ConfigError` naming the parameter."""
+        try:
+            return TrainingPassMoments(model, params, subset_size=subset_size, generator=generator)
+        except ValueError as e:
+            raise ConfigError(f"optimizer.second_moments.source = \"training_pass\": {e}") from None
 
     # -------------------------------------------------------------- called by the runtime
     def set_grad_scale(self, scale: float) -> None:
