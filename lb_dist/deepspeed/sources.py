@@ -180,7 +180,7 @@ class TrainingPassStepMoments(PerLayerViews):
     """CLARS' exact S_k under DeepSpeed (``optimizer.second_moments.source = "training_pass"``), any
     ZeRO stage: :class:`lb_dist.moments.TrainingPassMoments` on the engine's module measures every
     sample's ``||grad_k f_i||^2`` in the ordinary forward/backward (module hooks; the per-sample norms
-    need only the layer's input and output gradient, never the weight, so ZeRO-3's partitioned
+    need only the layer's input and output gradient, never the weight's values, so ZeRO-3's partitioned
     weights do not matter), and this object hands its statistics to the ZeRO-aware CLARS step.
 
     The step's whole ``[sum_i ||grad_k f_i||^2 per adapted layer | sample count]`` (one float64 per
