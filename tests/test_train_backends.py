@@ -94,6 +94,8 @@ def ds_job(tmp_path_factory):
         {"name": "clars", "argv": common(d / "clars", *CLARS, "--zero-stage", "2")},
         {"name": "clars_tp", "argv": common(d / "clars_tp", *CLARS, "--clars-moments", "training-pass",
                                             "--zero-stage", "2")},
+        {"name": "clars_tp3", "argv": common(d / "clars_tp3", *CLARS, "--clars-moments", "training-pass",
+                                             "--zero-stage", "3")},
         {"name": "clars_device", "argv": common(d / "clars_device", *CLARS, *MIX, "--zero-stage", "3")},
         {"name": "full", "argv": common(d / "full", *FULL, "--zero-stage", "2")},
         {"name": "full_resumed", "repeat_until_done": True,
@@ -153,17 +155,18 @@ def test_deepspeed_layerwise_equals_one_process_reference(ds_job, name, optimize
         assert all(r["second_moment"] and r["trust_ratio"] and r["variance_factor"] for r in steps)
 
 
-def test_deepspeed_clars_training_pass_equals_one_process(ds_job, tmp_path):
-    """``--backend deepspeed --clars-moments training-pass`` (ZeRO-2, 2 processes) equals one process
-    with 2 accumulation micro-batches (the same slots): the same S_k each step (the per-sample sums in
-    the ZeRO optimizer's all-reduce) and weights; metrics.jsonl has the source's M_k and the gradient
-    noise scale B_simple, as for DDP."""
+@pytest.mark.parametrize("name", ["clars_tp", "clars_tp3"])
+def test_deepspeed_clars_training_pass_equals_one_process(ds_job, tmp_path, name):
+    """``--backend deepspeed --clars-moments training-pass`` (ZeRO-2 and ZeRO-3: ResNet-20's
+    convolutions too, 2 processes) equals one process with 2 accumulation micro-batches (the same
+    slots): the same S_k each step (the per-sample sums in the ZeRO optimizer's all-reduce) and
+    weights; metrics.jsonl has the source's M_k and the gradient noise scale B_simple, as for DDP."""
     from lb_dist.train import train
     d, _ = ds_job
     one = tmp_path / "one"
     train(common(one, *CLARS, "--clars-moments", "training-pass", "--accumulation-steps", "2", "--backend", "single"))
-    assert_params_close(final_model(d / "clars_tp"), final_model(one), rtol=1e-5, atol=1e-7)
-    got = [r for r in read_metrics(d / "clars_tp" / "metrics.jsonl") if r.get("noise_scale_global") is not None]
+    assert_params_close(final_model(d / name), final_model(one), rtol=1e-5, atol=1e-7)
+    got = [r for r in read_metrics(d / name / "metrics.jsonl") if r.get("noise_scale_global") is not None]
     want = [r for r in read_metrics(one / "metrics.jsonl") if r.get("noise_scale_global") is not None]
     assert len(got) == len(want) == STEPS
     for g, w in zip(got, want):
