@@ -268,7 +268,10 @@ def initialize(*args, **kwargs):
     try:
         result = original(*bound.args, **bound.kwargs)
         engine = result[0]
-        attach(engine, spec, lb_optimizer, training_pass=training_pass)
+        if training_pass is None:
+            attach(engine, spec, lb_optimizer)
+        else:
+            attach(engine, spec, lb_optimizer, training_pass=training_pass)
     except BaseException:
         if training_pass is not None:
             training_pass.remove_hooks()
