@@ -210,6 +210,8 @@ class Backend(abc.ABC):
     #: ``prepare`` builds lb_dist's layer-wise optimizer (CLARS/LARS/LAMB) itself from the run's typed
     #: spec: the loop then passes ``optimizer=None, param_groups=...`` instead of building one (DeepSpeed).
     builds_layerwise_optimizer: bool = False
+    #: The FSDP settings (``--fsdp-wrap``).
+    fsdp_settings: bool = False
 
     def __init__(self, device: str = "auto", dist_backend: str = "auto") -> None:
         self.requested_device = device
@@ -261,6 +263,8 @@ class Backend(abc.ABC):
                                ("--deepspeed-config", "deepspeed_config")):
                 if getattr(args, dest, None) is not None:
                     return f"argument {flag}: only for --backend deepspeed, and this run's backend is {self.name}"
+        if not self.fsdp_settings and getattr(args, "fsdp_wrap", None) is not None:
+            return f"argument --fsdp-wrap: only for --backend fsdp, and this run's backend is {self.name}"
         if not self.training_pass_moments and getattr(args, "optimizer", None) == "clars" and \
                 getattr(args, "clars_moments", None) == "training-pass":
             return (f"argument --clars-moments: training-pass is implemented for --backend single, torchrun, "
@@ -370,6 +374,17 @@ class Torchrun(Backend):
 
     name = "torchrun"
     training_pass_moments = True
+
+    def check_args(self, args) -> str | None:
+        message = super().check_args(args)
+        if message or self.fsdp_settings:
+            return message
+        from lb_dist.train.registry import accelerate_fsdp
+        if accelerate_fsdp():
+            return (f"argument --backend: {self.name} (DistributedDataParallel) in a job started by `accelerate "
+                    f"launch --use_fsdp` (ACCELERATE_USE_FSDP is set): the FSDP plugin asks for a sharded model; "
+                    f"use --backend fsdp (or auto), or launch without --use_fsdp")
+        return None
 
     def start(self) -> None:
         self._owns_group = False

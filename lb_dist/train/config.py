@@ -249,12 +249,18 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: torchrun when started by torchrun (or with RANK/WORLD_SIZE/MASTER_ADDR set), horovod "
-                        "under horovodrun, deepspeed under the deepspeed launcher, else single")
+                   help="auto: fsdp under `accelerate launch --use_fsdp`, torchrun when started by torchrun (or with "
+                        "RANK/WORLD_SIZE/MASTER_ADDR set), horovod under horovodrun, deepspeed under the deepspeed "
+                        "launcher, else single")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto",
                    help="torch.distributed backend (auto: nccl on CUDA, gloo on CPU)")
     g.add_argument("--num-threads", type=_positive_int, default=None, help="torch intra-op threads per process")
+    g.add_argument("--fsdp-wrap", choices=("blocks", "root"), default=None,
+                   help="--backend fsdp only: fully_shard each repeated block (the modules of an nn.Sequential / "
+                        "nn.ModuleList with parameters and submodules: ResNet blocks, Transformer layers) and then "
+                        "the root (blocks, the default), or the root only (root). Under `accelerate launch "
+                        "--use_fsdp` the default follows the plugin's --fsdp_auto_wrap_policy")
 
     g = p.add_argument_group("DeepSpeed (--backend deepspeed only)")
     g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,

@@ -15,7 +15,7 @@ import importlib
 import os
 
 __all__ = ["BACKEND_CLASSES", "BACKEND_NAMES", "register_backend", "backend_class", "detect_backend",
-           "select_backend"]
+           "accelerate_fsdp", "select_backend"]
 
 #: ``--backend`` name -> ``"module:Class"`` of its :class:`~lb_dist.train.backends.Backend`.
 BACKEND_CLASSES: dict[str, str] = {
@@ -49,6 +49,9 @@ def detect_backend(environ=None, local_rank_flag: int | None = None) -> str:
     """The backend ``--backend auto`` picks from the launcher's environment:
 
     * ``horovod``: ``HOROVOD_RANK`` (horovodrun with Gloo);
+    * ``fsdp``: ``ACCELERATE_USE_FSDP`` true next to ``RANK``/``WORLD_SIZE`` (``accelerate launch
+      --use_fsdp``: Accelerate's FSDP plugin asks for a sharded model; the FSDP version and the
+      plugin's other settings are checked by :class:`~lb_dist.train.backend_fsdp.FSDPBackend`);
     * ``torchrun``: ``TORCHELASTIC_RUN_ID`` (torchrun / torch.distributed.run);
     * ``deepspeed``: the ``--local_rank`` argument the deepspeed launcher passes, or its environment
       (``CROSS_RANK`` and ``LOCAL_SIZE`` next to ``RANK``/``WORLD_SIZE``);
@@ -59,6 +62,8 @@ def detect_backend(environ=None, local_rank_flag: int | None = None) -> str:
     env = os.environ if environ is None else environ
     if "HOROVOD_RANK" in env:
         return "horovod"
+    if accelerate_fsdp(env) and "RANK" in env and "WORLD_SIZE" in env:
+        return "fsdp"
     if "TORCHELASTIC_RUN_ID" in env:
         return "torchrun"
     if local_rank_flag is not None:  # the deepspeed launcher passes --local_rank
@@ -73,6 +78,13 @@ def detect_backend(environ=None, local_rank_flag: int | None = None) -> str:
         if value.isdigit() and int(value) > 1:
             return "horovod"
     return "single"
+
+
+def accelerate_fsdp(environ=None) -> bool:
+    """Whether this process was started by ``accelerate launch`` with its FSDP plugin
+    (``--use_fsdp`` or ``distributed_type: FSDP`` in the Accelerate config: ``ACCELERATE_USE_FSDP``)."""
+    env = os.environ if environ is None else environ
+    return env.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
 
 
 def select_backend(name: str, *, device: str = "auto", dist_backend: str = "auto",
