@@ -159,7 +159,7 @@ def test_backend_registry_and_capabilities():
     from argparse import Namespace
     args = Namespace(optimizer="clars", clars_moments="training-pass", zero_stage=None, bf16=None,
                      deepspeed_config=None)
-    for name, refused in (("single", False), ("torchrun", False), ("horovod", False), ("fsdp", True),
+    for name, refused in (("single", False), ("torchrun", False), ("horovod", False), ("fsdp", False),
                           ("deepspeed", True)):
         b = backend_class(name)()
         b.world_size = 2

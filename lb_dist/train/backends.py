@@ -263,8 +263,9 @@ class Backend(abc.ABC):
                     return f"argument {flag}: only for --backend deepspeed, and this run's backend is {self.name}"
         if not self.training_pass_moments and getattr(args, "optimizer", None) == "clars" and \
                 getattr(args, "clars_moments", None) == "training-pass":
-            return (f"argument --clars-moments: training-pass is implemented for --backend single, torchrun and "
-                    f"horovod (module hooks), and this run's backend is {self.name}; use micro-batch or per-sample")
+            return (f"argument --clars-moments: training-pass is implemented for --backend single, torchrun, "
+                    f"horovod and fsdp (module hooks), and this run's backend is {self.name}; use micro-batch or "
+                    f"per-sample")
         return None
 
     def close(self, failed: bool = False) -> None:
