@@ -16,7 +16,9 @@ Usage: ``python _worker_optim_seam.py <out.json>`` (RANK/WORLD_SIZE/MASTER_* set
 """
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import sys
 
 import torch
@@ -141,7 +143,17 @@ def run(name: str, rank: int, world: int) -> dict:
         want = torch.cat([w.reshape(-1) for w in ref[kind]])[lo:hi]
         err = max(err, float((flat[kind] - want).abs().max()))
     moved = max(float((w - w0).abs().max()) for kind in SHAPES for w, w0 in zip(ref[kind], weights(kind)))
-    return {"opt": name, "max_err": err, "moved": moved, "calls": calls, "skipped": opt.skipped_steps}
+    row = {"opt": name, "max_err": err, "moved": moved, "calls": calls, "skipped": opt.skipped_steps}
+    # a deep copy shares the process group (a handle of this job); pickling refuses clearly
+    clone = copy.deepcopy(opt)
+    row["copy_groups"] = [clone.layer_fragments(p).process_group is dist.group.WORLD
+                          for g in clone.param_groups for p in g["params"]]
+    try:
+        pickle.dumps(opt)
+        row["pickle"] = None
+    except TypeError as exc:
+        row["pickle"] = str(exc)
+    return row
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ def test_fragments_statistics_and_lamb_flag_ride_in_one_all_reduce(tmp_path):
             assert row["calls"] == [1] * 6, where               # ONE all-reduce per step, both groups
             # LAMB: a NaN in rank 1's piece of a bias at step 3: skipped by BOTH ranks, no flag collective
             assert row["skipped"] == (1 if row["opt"] == "lamb" else 0), where
+            assert row["copy_groups"] == [True, True], where     # deepcopy shares the process group
+            assert "LayerFragments with a process_group cannot be pickled" in row["pickle"], where
 
 
 def test_step_source_is_checked_and_detachable():

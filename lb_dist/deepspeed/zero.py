@@ -51,6 +51,9 @@ class ShardedLayerwise:
       the param groups in separate calls (ZeRO-1/2: per group, ZeRO-3: per sub-group), so with
       the usual two groups (layers adapted / biases and normalization excluded) that leaves one
       all-reduce per optimizer step for LARS, CLARS and LAMB.
+    * LAMB keeps its in-place order (moments updated in place, flags from the local gradients, no
+      flag collective) when that global norm is finite; otherwise its flags ride in the norms'
+      all-reduce as on DTensors.
     * ``reduce_nonfinite_flag``: a non-finite global gradient norm of the step (DeepSpeed's, when
       it does not skip the step itself: bf16 with ``check_grad_overflow`` false) skips every
       group's call, so the step is skipped whole.
@@ -83,6 +86,14 @@ class ShardedLayerwise:
             kept = super().reduce_step_sq_norms([None if e else sq for sq, e in zip(sqs, elide)], plans)
             return [sq if e else r for sq, r, e in zip(sqs, kept, elide)]
         return super().reduce_step_sq_norms(sqs, plans)
+
+    def _flag_with_norms(self, plans) -> bool:
+        # LAMB: with DeepSpeed's global norm finite every local gradient is finite, so the cheaper
+        # in-place order (flags from the local gradients, moments updated in place) skips nothing and
+        # needs no flag collective; otherwise the flags ride in the norms' all-reduce (the core's rule)
+        if self._lb_global_norm_finite():
+            return False
+        return super()._flag_with_norms(plans)
 
     def reduce_nonfinite_flag(self, found: Tensor) -> Tensor:
         if self._lb_global_norm_finite() is False:

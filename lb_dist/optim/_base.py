@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Callable, Iterable
@@ -74,6 +75,18 @@ class LayerFragments:
                 raise ValueError(f"LayerFragments: fragment {j} names layer {layer}, outside "
                                  f"range({self.num_layers})")
             end = start + numel
+
+    def __deepcopy__(self, memo) -> "LayerFragments":
+        # a process group is a handle of this job, shared (not copied) by a deep copy
+        return LayerFragments(self.starts, self.numels, self.layers, deepcopy(self.layer_keys, memo),
+                              self.num_layers, process_group=self.process_group)
+
+    def __reduce__(self):
+        if self.process_group is not None:
+            raise TypeError("a LayerFragments with a process_group cannot be pickled (a process group is a "
+                            "handle of the running job): pickle the optimizer's state_dict() instead, or "
+                            "declare the layout again with set_layer_fragments after loading")
+        return (LayerFragments, (self.starts, self.numels, self.layers, self.layer_keys, self.num_layers))
 
     @property
     def end(self) -> int:
