@@ -135,9 +135,10 @@ class FSDPMixState(StepState):
         ``||g_k||^2`` for ``layer_keys``, the reduced shard norms for the other tracked parameters,
         divided by the HSDP replicas that each hold a copy of a shard); then ``S_k`` of
         ``layer_keys``. ``clip`` is 1 (FSDP2 clips nothing inside the optimizer)."""
-        moments, step = self.moments, self._step
+        moments = self.moments
         n = len(moments.params)
         if reduced.numel():
+            step, self._step = self._step, None     # the step is served: a next one needs a new backward
             weighted = torch.zeros(n, dtype=torch.float64)
             weighted[step["keys"]] = g_sq.detach().to(torch.float64).cpu() / (clip * clip)
             if step["others"]:
