@@ -230,7 +230,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if kind == "hsdp":
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
-        cases = [("lars", True, False, ""), ("clars", True, True, "micro"), ("lamb", False, True, "")]
+        cases = [("lars", True, False, ""), ("clars", True, True, "micro"), ("lamb", False, True, ""),
+                 ("clars", False, True, "training")]
     else:
         mesh = init_device_mesh("cpu", (world,))
         cases = [(name, mixing, accumulate, source)

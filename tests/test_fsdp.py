@@ -1,5 +1,6 @@
 """lb_dist.fsdp in real multi-process FSDP2 jobs (gloo, CPU; tests/_worker_fsdp.py): LARS, CLARS
-(micro-batch S_k through lb_dist.fsdp's statistics, per-sample S_k) and LAMB on a ``fully_shard``-ed
+(micro-batch S_k through lb_dist.fsdp's statistics, per-sample S_k, training-pass S_k from
+TrainingPassMoments against the exact per-sample loop) and LAMB on a ``fully_shard``-ed
 MLP over 3 processes (uneven 3/3/1 and 1/1/0 shards), each without a mix, with device-wise
 GradientMix, and with GradientMix plus 2-step gradient accumulation; LARS with the mix on bfloat16
 parameters with a float32 reduction (MixedPrecisionPolicy); HSDP on a 2x2 mesh. Every case
@@ -37,8 +38,8 @@ def _check_rows(rows, hsdp=False):
         assert r["skipped"] == 0, where
         # the optimizer's ONE all-reduce of the layer norms over the shard group: LAMB's non-finite
         # information and CLARS' micro-batch statistics ride in it; under HSDP the statistics (a sum
-        # over replicate x shard) take one more over the replicate group
-        expected = 2 if r["opt"] == "clars-micro" and hsdp else 1
+        # over replicate x shard) take one more over the replicate group (training-pass S_k likewise)
+        expected = 2 if r["opt"] in ("clars-micro", "clars-training") and hsdp else 1
         assert r["allreduces"] == [expected, expected], where
         if r["opt"] == "clars-micro":
             assert r["sk_err"] <= 1e-8 and r["skipped_updates"] == 0, where
@@ -79,5 +80,5 @@ def test_hsdp_two_by_two(tmp_path):
     assert sorted(results) == [0, 1, 2, 3]
     for res in results.values():
         rows = res["rows"]
-        assert {r["opt"] for r in rows} == {"lars", "clars-micro", "lamb"}
+        assert {r["opt"] for r in rows} == {"lars", "clars-micro", "lamb", "clars-training"}
         _check_rows(rows, hsdp=True)
