@@ -6,10 +6,14 @@ step, zero_grad) per configuration; the median over the repetitions is reported:
 
 * torch SGD(momentum) and lb_dist LARS / CLARS (S_k set) on the same model; torch AdamW and LAMB;
 * LARS with device-wise GradientMix (``lb_dist.fsdp.register``: the SUM reduce-scatter scaled by pi_k);
-* CLARS with micro-batch S_k and GradientMix (``lb_dist.fsdp``'s statistics).
+* CLARS with micro-batch S_k and GradientMix (``lb_dist.fsdp``'s statistics);
+* CLARS with training-pass S_k (``TrainingPassMoments``; ResNet-20 only: the Transformer's attention
+  projections are no ``nn.Linear`` modules, which the hooks need).
 
 Collectives per step are counted with torch's profiler (``c10d::allreduce_`` and
-``c10d::reduce_scatter_tensor_coalesced_`` / ``_reduce_scatter_base_`` events) over one step.
+``c10d::reduce_scatter_tensor_coalesced_`` / ``_reduce_scatter_base_`` events) over one step: lb_dist
+adds exactly one all-reduce per optimizer step (the optimizer's; CLARS' statistics ride in it) and
+no reduce-scatter (GradientMix rides in FSDP's).
 Models: a ResNet-20 (CIFAR, batch 32 per process, 32x32) and a small Transformer encoder (d 128,
 4 heads, 2 layers, sequence 32, batch 16 per process).
 
@@ -64,11 +68,14 @@ def loss_fn(kind, model, x, y):
 def configs(kind: str, mesh):
     import lb_dist.fsdp
     from lb_dist import GradientMix
-    from lb_dist.moments import MicroBatchMoments
+    from lb_dist.moments import MicroBatchMoments, TrainingPassMoments
     from lb_dist.optim import CLARS, LAMB, LARS, param_groups
     out = {}
-    for name in ("torch SGD(momentum)", "lb_dist LARS", "lb_dist CLARS", "torch AdamW", "lb_dist LAMB",
-                 "LARS + GradientMix", "CLARS micro-batch S_k + GradientMix"):
+    names = ["torch SGD(momentum)", "lb_dist LARS", "lb_dist CLARS", "torch AdamW", "lb_dist LAMB",
+             "LARS + GradientMix", "CLARS micro-batch S_k + GradientMix"]
+    if kind == "resnet20":
+        names.append("CLARS training-pass S_k")
+    for name in names:
         model = build(kind, mesh)
         groups = param_groups(model, weight_decay=5e-4)
         if name == "torch SGD(momentum)":
@@ -81,9 +88,13 @@ def configs(kind: str, mesh):
             moments = None
             if "micro" in name:
                 moments = MicroBatchMoments(list(model.parameters()), micro_batch_size=32)
+            elif "training" in name:
+                moments = TrainingPassMoments(model)
             opt = CLARS(groups, lr=0.01, moments=moments)
             if moments is None:
                 opt.set_second_moments({p: 1.0 for p in model.parameters()})
+            elif "training" in name:
+                lb_dist.fsdp.register(model, moments=moments, optimizer=opt)
             else:
                 mix = GradientMix(seed=1)
                 mix.attach(opt)

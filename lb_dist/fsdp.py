@@ -24,11 +24,15 @@ process's accumulated gradient is then one micro-batch of ``micro_batch_size`` =
 accumulation steps samples with weight ``pi_k``.
 
 The statistics need one more number per layer, ``||M_k||^2``, which only exists after the
-reduction; an optimizer step pre-hook (installed by :func:`register`) sums, in ONE all-reduce of
-``2 x layers`` float64 over the world, the local ``||g_k||^2`` and the squared norms of the local
-shards of the reduced gradients, and feeds ``moments.feed_weighted`` (the rule every backend uses,
-docs/moments.md) before CLARS reads ``S_k``. The optimizer's own all-reduce of the layer norms
-(``lb_dist.optim`` on DTensors) is unchanged.
+reduction. :func:`register` attaches the :class:`FSDPMixState` to the CLARS as its step source
+(:meth:`lb_dist.optim.CLARS.set_step_moments`): the local ``||g_k||^2`` ride in the optimizer's
+one all-reduce of the layer norms over the shard group (under HSDP summed over the replicate group
+as well: one more all-reduce), ``||M_k||^2`` of an adapted layer is the optimizer's reduced
+``||g_k||^2`` of the DTensor gradient (the squared norms of the local shards of the layers CLARS
+does not adapt, which the estimator tracks too, ride along), and ``moments.feed_weighted`` (the
+rule every backend uses, docs/moments.md) is fed inside the step before CLARS reads ``S_k``. So
+an optimizer step costs ONE all-reduce with or without the statistics (HSDP with the statistics:
+two).
 
 Sample-wise GradientMix is engine-independent: ``mix.weighted_loss(per_sample_losses, indices)``.
 Usage and limits in docs/backend-fsdp.md.
@@ -43,15 +47,21 @@ import torch.distributed as dist
 from lb_dist._validation import check_positive_int
 from lb_dist._vendor.torch import FSDPModule, ReduceScatterBase, check_fsdp_version, fsdp_layout
 from lb_dist.mixing import GradientMix, check_device_mix
+from lb_dist.moments.activations import TrainingPassMoments
 from lb_dist.moments.microbatch import MicroBatchMoments, MomentsUnavailableError, check_micro_batch_moments
 from lb_dist.step_state import StepState
 
-__all__ = ["FSDPMixState", "MixReduceScatter", "register"]
+try:
+    from torch.distributed.tensor import Shard as _Shard
+except ImportError:  # pragma: no cover
+    _Shard = ()
+
+__all__ = ["FSDPMixState", "MixReduceScatter", "TrainingPassSource", "register"]
 
 class FSDPMixState(StepState):
     """What :func:`register` installs (a :class:`lb_dist.step_state.StepState`): the mixing
-    coefficient of this process, the statistics of the current step, and their reduction at the
-    optimizer step.
+    coefficient of this process, the statistics of the current step, and (the step source of
+    :meth:`lb_dist.optim.CLARS.set_step_moments`) their part in the optimizer's all-reduce.
 
     Attributes: ``mix``, ``moments``, ``micro_batch_size``, ``grad_scale`` (the factor the
     backward'ed loss carries relative to the mean loss; the statistics are divided by its square)
@@ -70,6 +80,10 @@ class FSDPMixState(StepState):
         self._local_sq = torch.zeros(n, dtype=torch.float64)
         self._filled = torch.zeros(n, dtype=torch.bool)
         self._weights: tuple[float, float] | None = None
+        self._step: dict | None = None      # the optimizer step being served (local_statistics)
+        self.process_groups: tuple = ()      # every mesh dimension: the statistics sum over the world
+        self.replicas = 1                    # HSDP: processes holding a copy of each shard
+        self.training_pass: TrainingPassSource | None = None   # with moments=TrainingPassMoments
 
     def coefficient(self) -> float:
         """This process's factor for the current step: ``pi_rank`` of ``mix`` (``1/K`` without one)."""
@@ -80,43 +94,132 @@ class FSDPMixState(StepState):
             self._local_sq[slots] = sq.to(torch.float64).cpu()
             self._filled[slots] = True
             self._weights = self._draw.weight_sums
+            self._step = None
 
-    # -------------------------------------------------------------- at the optimizer step
-    def finish_step(self) -> None:
-        """Reduce the step's statistics (one all-reduce) and feed ``moments``. Called by the optimizer
-        step pre-hook :func:`register` installs; a step without a synchronizing backward raises."""
+    # -------------------------------------------------------------- in the optimizer step
+    def local_statistics(self, layer_keys) -> torch.Tensor:
+        """The step source's first half (:meth:`lb_dist.optim.CLARS.set_step_moments`), for CLARS'
+        adapted layers ``layer_keys``: at the first call of a step, ``[local ||g_j||^2 of every
+        tracked parameter j, local-shard ||M_j||^2 of the tracked parameters not in layer_keys]``
+        (float64); later calls of the same step (a second adapted group) add nothing. A step
+        without a synchronizing backward since the last one raises."""
         moments = self.moments
-        if moments is None:
-            return
-        if not bool(self._filled.all()):
-            missing = int((~self._filled).sum())
-            raise RuntimeError(
-                f"lb_dist.fsdp: {missing} of the {len(moments.params)} parameters tracked by moments had no "
-                f"gradient reduced by FSDP since the last optimizer step (no synchronizing backward: "
-                f"set_requires_gradient_sync(True) on the last micro-step; or a parameter that got no "
-                f"gradient: model.set_reduce_scatter_unused_params(True))")
-        partial = torch.zeros(len(moments.params), dtype=torch.float64)
-        replicas = 1
-        for i, p in enumerate(moments.params):
-            g = p.grad
-            local = g.to_local() if hasattr(g, "to_local") else g
-            partial[i] = local.detach().to(torch.float64).square().sum().cpu()
-            if hasattr(p, "device_mesh"):
-                replicas = max(replicas, self.world_size // max(1, _shard_size(p)))
-        packed = torch.cat([self._local_sq, partial])
-        dist.all_reduce(packed)                                    # the one collective of the statistics
+        if self._filled.any():
+            if not bool(self._filled.all()):
+                missing = int((~self._filled).sum())
+                raise RuntimeError(
+                    f"lb_dist.fsdp: {missing} of the {len(moments.params)} parameters tracked by moments had no "
+                    f"gradient reduced by FSDP since the last optimizer step (a parameter that got no "
+                    f"gradient: model.set_reduce_scatter_unused_params(True))")
+            index = moments.param_index
+            keys = [index.get(p) for p in layer_keys]
+            if any(k is None for k in keys):
+                raise RuntimeError("lb_dist.fsdp: CLARS adapts a parameter that moments does not track; build "
+                                   "MicroBatchMoments on every adapted parameter of the model")
+            others = [j for j in range(len(moments.params)) if j not in set(keys)]
+            partial = _local_grad_sq([moments.params[j] for j in others])
+            self._filled.zero_()
+            self._step = {"keys": keys, "others": others, "weights": self._weights}
+            self._weights = None
+            return torch.cat([self._local_sq, partial])
+        if self._step is not None:
+            return torch.zeros(0, dtype=torch.float64)
+        raise RuntimeError(
+            f"lb_dist.fsdp: none of the {len(moments.params)} parameters tracked by moments had a gradient "
+            f"reduced by FSDP since the last optimizer step (no synchronizing backward: "
+            f"set_requires_gradient_sync(True) on the last micro-step)")
+
+    def second_moments(self, layer_keys, reduced: torch.Tensor, g_sq: torch.Tensor, clip: float) -> torch.Tensor:
+        """The step source's second half: at the first call of a step, feed ``moments`` with
+        ``sum_k ||g_k||^2`` (the reduced statistics) and ``||M_k||^2`` (the optimizer's reduced
+        ``||g_k||^2`` for ``layer_keys``, the reduced shard norms for the other tracked parameters,
+        divided by the HSDP replicas that each hold a copy of a shard); then ``S_k`` of
+        ``layer_keys``. ``clip`` is 1 (FSDP2 clips nothing inside the optimizer)."""
+        moments = self.moments
         n = len(moments.params)
-        self._filled.zero_()
-        weights, self._weights = self._weights, None
-        # sum_k ||g_k||^2 and ||M||^2 (HSDP replicas hold copies of a shard)
-        self.feed(packed[:n], self.world_size, packed[n:], weights, weighted_divisor=replicas)
+        if reduced.numel():
+            step, self._step = self._step, None     # the step is served: a next one needs a new backward
+            weighted = torch.zeros(n, dtype=torch.float64)
+            weighted[step["keys"]] = g_sq.detach().to(torch.float64).cpu() / (clip * clip)
+            if step["others"]:
+                weighted[step["others"]] = reduced[n:].cpu() / self.replicas
+            self.feed(reduced[:n].cpu(), self.world_size, weighted, step["weights"])
+        index = moments.param_index
+        return moments.second_moments_tensor()[[index[p] for p in layer_keys]]
+
+def _local_grad_sq(params) -> torch.Tensor:
+    """Squared norms of the local shards of ``params``' gradients (float64, CPU)."""
+    out = torch.zeros(len(params), dtype=torch.float64)
+    for i, p in enumerate(params):
+        g = p.grad
+        local = g.to_local() if hasattr(g, "to_local") else g
+        out[i] = local.detach().to(torch.float64).square().sum().cpu()
+    return out
+
+
+class TrainingPassSource:
+    """CLARS' step source (:meth:`lb_dist.optim.CLARS.set_step_moments`) for a
+    :class:`lb_dist.moments.TrainingPassMoments` under FSDP2: exact per-sample ``S_k`` from the
+    training pass's own hooks (activations and output gradients, never the sharded weights).
+
+    The per-layer sums ``[sum_i ||grad_k f_i||^2 | sample count]`` of this process ride in the
+    optimizer's one all-reduce (over the shard group; under HSDP the replicate group too, one
+    more); ``||G_k||^2`` of the mean gradient (the estimator's telemetry) comes from the optimizer's
+    reduced ``||g_k||^2``, and for tracked layers CLARS does not adapt from their local shard norms
+    riding along. Installed by :func:`register`; ``moments`` must be the CLARS' adapted layers' or
+    fewer."""
+
+    def __init__(self, moments, replicas: int) -> None:
+        self.moments = moments
+        self.replicas = replicas
+        self._step: dict | None = None
+
+    def local_statistics(self, layer_keys) -> torch.Tensor:
+        moments = self.moments
+        if self._step is not None:            # a second adapted group of the same step
+            return torch.zeros(0, dtype=torch.float64)
+        if moments.num_tracked_micro_batches == 0:
+            raise MomentsUnavailableError(
+                "lb_dist.fsdp: TrainingPassMoments saw no backward pass through a measured layer since the last "
+                "optimizer step: run the model's forward (with grad enabled) and backward first")
+        index = moments.param_index
+        keys = [index.get(p) for p in layer_keys]
+        if any(k is None for k in keys):
+            raise RuntimeError("lb_dist.fsdp: CLARS adapts a parameter that TrainingPassMoments does not measure; "
+                               "build it on every adapted parameter (the default: params=None)")
+        chosen = set(keys)
+        others = [j for j in range(len(moments.params)) if j not in chosen]
+        self._step = {"keys": keys, "others": others, "passes": moments.num_tracked_micro_batches}
+        stats = moments.local_statistics().to(device="cpu", dtype=torch.float64)
+        return torch.cat([stats, _local_grad_sq([moments.params[j] for j in others])])
+
+    def second_moments(self, layer_keys, reduced: torch.Tensor, g_sq: torch.Tensor, clip: float) -> torch.Tensor:
+        moments, index = self.moments, self.moments.param_index
+        if reduced.numel():
+            step, self._step = self._step, None
+            n = len(moments.params)
+            sq = torch.zeros(n, dtype=torch.float64)
+            sq[step["keys"]] = g_sq.detach().to(torch.float64).cpu() / (clip * clip)
+            if step["others"]:
+                sq[step["others"]] = reduced[n + 1:].cpu() / self.replicas
+            # .grad is (passes x grad_scale) times the step's mean gradient G; finish_step takes G's
+            # squared norms through tensors of each parameter's (global) shape: a constant of the
+            # right size, broadcast (no memory), instead of the sharded gradients (one collective each)
+            mean_sq = sq / float(step["passes"] * moments.grad_scale) ** 2
+            means = [torch.sqrt(v / max(1, p.numel())).reshape(()).expand(p.shape)
+                     for v, p in zip(mean_sq, moments.params)]
+            moments.set_reduced(reduced[:n + 1])
+            try:
+                moments.finish_step(mean_grads=means)
+            except ValueError:                # non-finite statistics: the step is skipped (NaN S_k)
+                return torch.full((len(layer_keys),), float("nan"), dtype=torch.float64)
+        return moments.second_moments_tensor()[[index[p] for p in layer_keys]]
 
 
 def _shard_size(p) -> int:
-    from torch.distributed.tensor import Shard
     size = 1
     for dim, placement in enumerate(p.placements):
-        if isinstance(placement, Shard):
+        if isinstance(placement, _Shard):
             size *= p.device_mesh.size(dim)
     return size
 
@@ -181,9 +284,12 @@ def register(model: torch.nn.Module, mix: GradientMix | None = None, moments: Mi
             reduction is left untouched when ``moments`` is None too). Its ``step`` is read, never
             advanced: ``mix.attach(optimizer)``.
         moments: a :class:`lb_dist.moments.MicroBatchMoments` built on ``model.parameters()`` (the
-            sharded DTensor parameters), typically the ``moments=`` of a CLARS.
-        optimizer: required with ``moments``: the statistics are reduced and fed in its step
-            pre-hook, before CLARS reads ``S_k``.
+            sharded DTensor parameters), typically the ``moments=`` of a CLARS; or a
+            :class:`lb_dist.moments.TrainingPassMoments` built on the ``fully_shard``-ed model
+            (exact per-sample S_k from the training pass, :class:`TrainingPassSource`; not with a
+            device-wise mix that has noise, as in ``lb_dist.ddp``).
+        optimizer: required with ``moments``: the lb_dist CLARS built with ``moments=``; the
+            statistics ride in its step's all-reduce (:meth:`lb_dist.optim.CLARS.set_step_moments`).
         micro_batch_size: samples behind one process's gradient of one step (local batch times
             accumulation steps); defaults to ``moments.micro_batch_size``.
 
@@ -197,7 +303,14 @@ def register(model: torch.nn.Module, mix: GradientMix | None = None, moments: Mi
         raise RuntimeError("lb_dist.fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6)")
     check_fsdp_version()            # before FSDP2's private layout is read (lb_dist._vendor.torch)
     check_device_mix("mix", mix, "FSDP's reduce-scatter")
-    check_micro_batch_moments("moments", moments)
+    training_pass = isinstance(moments, TrainingPassMoments)
+    if training_pass:
+        if mix is not None and mix.noise != "none":
+            # the rule of lb_dist.ddp: per-sample gradients average to the unmixed gradient
+            raise ValueError("moments=TrainingPassMoments with a device-wise mix: its per-sample gradients "
+                             "average to the unmixed gradient; use plain averaging (mix=None)")
+    else:
+        check_micro_batch_moments("moments", moments)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module after fully_shard, got {type(model).__name__}")
     fsdp_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
@@ -215,10 +328,10 @@ def register(model: torch.nn.Module, mix: GradientMix | None = None, moments: Mi
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if micro_batch_size is not None:
             check_positive_int("micro_batch_size", micro_batch_size)
-        elif moments.micro_batch_size is None:
+        elif not training_pass and moments.micro_batch_size is None:
             raise ValueError("micro_batch_size is required with moments (samples per process per step, including "
                              "accumulation), unless the MicroBatchMoments was given one")
-        if world < 2:
+        if world < 2 and not training_pass:
             raise MomentsUnavailableError(
                 "moments: the FSDP statistics compare the K processes' gradients and the world has one process; "
                 "use MicroBatchMoments.track_backward() with gradient accumulation, or per-sample moments")
@@ -231,6 +344,9 @@ def register(model: torch.nn.Module, mix: GradientMix | None = None, moments: Mi
         frozen = [n for n, p in named.items() if p in moments.param_index and not p.requires_grad]
         if frozen:
             raise ValueError(f"moments tracks parameter(s) that do not require grad: {', '.join(frozen[:5])}")
+        if not callable(getattr(optimizer, "set_step_moments", None)):
+            raise TypeError(f"optimizer must be an lb_dist.optim.CLARS with moments (its step reduces and "
+                            f"uses the statistics), got {type(optimizer).__name__}")
     layouts = []
     for name, module in fsdp_modules:
         groups = fsdp_layout(module)
@@ -250,7 +366,12 @@ def register(model: torch.nn.Module, mix: GradientMix | None = None, moments: Mi
                 raise ValueError(f"model: FSDP module {name or '<root>'!r} uses CPUOffloadPolicy, which "
                                  f"lb_dist.fsdp's moments do not support")
         layouts.append((name, module, groups[0] if groups else []))
-    state = FSDPMixState(mix, moments, micro_batch_size, world, rank)
+    state = FSDPMixState(mix, None if training_pass else moments, micro_batch_size, world, rank)
+    if training_pass:
+        first = moments.params[0]
+        state.training_pass = TrainingPassSource(moments, world // max(1, _shard_size(first)))
+        optimizer.set_step_moments(state.training_pass, _statistics_groups(first))
+        moments = None
     if mix is None and moments is None:
         return state
     covered = set()
@@ -263,5 +384,16 @@ def register(model: torch.nn.Module, mix: GradientMix | None = None, moments: Mi
         if missing:
             raise ValueError(f"moments tracks {len(missing)} parameter(s) that no FSDP module of model manages "
                              f"(call fully_shard on the root module too)")
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: state.finish_step())
+        state.replicas = world // max(1, _shard_size(moments.params[0]))
+        state.process_groups = _statistics_groups(moments.params[0])
+        optimizer.set_step_moments(state, state.process_groups)
     return state
+
+
+def _statistics_groups(p) -> tuple:
+    """The process groups a sum over every process is taken over in turn, for parameters on ``p``'s
+    mesh (spanning the world): the shard dimension first (whose all-reduce is the optimizer's), then
+    the replicate one (HSDP)."""
+    mesh = p.device_mesh
+    dims = sorted(range(mesh.ndim), key=lambda d: not isinstance(p.placements[d], _Shard))
+    return tuple(mesh.get_group(d) for d in dims)

@@ -159,6 +159,11 @@ def cases(world: int) -> list[dict]:
         for stage, opt in ((0, "CLARS"), (1, "LAMB"), (2, "CLARS"), (3, "CLARS"), (3, "LARS")):
             out.append({"stage": stage, "opt": opt, "mix": "device", "accumulation": 2, "clip": 0.5,
                         "ema": 0.5, "resume": 10})
+        # ZeRO-3 with DeepSpeed's default sub-group size: one sub-group per param group, so the usual
+        # two groups give one optimizer call each (lb_dist's all-reduces per step counted)
+        for opt in ("LARS", "CLARS", "LAMB"):
+            out.append({"stage": 3, "opt": opt, "mix": "device" if opt == "CLARS" else None,
+                        "sub_group": 10 ** 9})
         # an lb_dist LARS built by the caller and passed as optimizer= (the config names none)
         out.append({"stage": 2, "opt": "LARS", "mix": "device", "client": True})
         # the layout matrix (docs/backend-deepspeed.md): each exact, or refused before the first step

@@ -27,21 +27,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deepspeed  # noqa: E402
 import _ds_common as C  # noqa: E402
 import lb_dist.deepspeed as lbds  # noqa: E402
-import lb_dist.deepspeed.zero as lbzero  # noqa: E402
+import lb_dist.optim._base as lb_base  # noqa: E402
 from lb_dist.optim import LAMB, LARS, param_groups  # noqa: E402
 
 
-#: lb_dist's all-reduces inside the ZeRO-aware optimizers (lb_dist.deepspeed.zero), counted per case
+#: lb_dist's all-reduces inside the ZeRO-aware optimizers (the optimizers' one reduction,
+#: lb_dist.optim._base.sum_over), counted per case
 ALL_REDUCES = [0]
-_all_reduce_sum = lbzero.all_reduce_sum_
+_sum_over = lb_base.sum_over
 
 
-def _counted_all_reduce_sum(tensor, group=None):
+def _counted_sum_over(tensor, group):
     ALL_REDUCES[0] += 1
-    return _all_reduce_sum(tensor, group)
+    return _sum_over(tensor, group)
 
 
-lbzero.all_reduce_sum_ = _counted_all_reduce_sum
+lb_base.sum_over = _counted_sum_over
 
 
 def final_params(engine) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import fully_shard
 
 import lb_dist.fsdp
 from lb_dist import GradientMix
-from lb_dist.moments import MicroBatchMoments
+from lb_dist.moments import MicroBatchMoments, TrainingPassMoments
 from lb_dist.optim import CLARS, LAMB, LARS, param_groups
 
 DT = torch.float64
@@ -96,11 +96,17 @@ def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, 
     if name == "clars" and source == "micro":
         moments = MicroBatchMoments(list(model.parameters()), micro_batch_size=B)
         ref_moments = MicroBatchMoments(list(ref.parameters()), micro_batch_size=B)
+    training = None
+    if name == "clars" and source == "training":
+        # exact per-sample S_k from the training pass's hooks on the fully_shard-ed model (the
+        # adapted weights); 2 accumulated micro-steps backward loss / 2: grad_scale 1/2
+        training = moments = TrainingPassMoments(model, grad_scale=0.5 if accumulate else 1.0)
     opt, ref_opt = make_opt(name, model, moments), make_opt(name, ref, ref_moments)
     state = lb_dist.fsdp.register(model, mix=mix, moments=moments, optimizer=opt)
     if mix is not None:
         mix.attach(opt)
     counts = []
+    sk = None
     for step in range(STEPS):
         # ---- FSDP
         x, y = batch(step, rank)
@@ -127,7 +133,7 @@ def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, 
             big = torch.stack([p.grad.square().sum() for p in params])
             w1, w2 = sum(pi), sum(c * c for c in pi)
             ref_moments.update_weighted(small, world, big, weight_sum=w1, weight_sq_sum=w2)
-        if name == "clars" and source == "sample":
+        if name == "clars" and source in ("sample", "training"):
             total = [torch.zeros((), dtype=DT) for _ in params]
             for k in range(world):
                 xs, ys = batch(step, k)
@@ -137,7 +143,8 @@ def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, 
                         total[j] = total[j] + gi[j].square().sum()
             sk = [t / (world * B) for t in total]
             ref_opt.set_second_moments(dict(zip(params, sk)))
-            opt.set_second_moments(dict(zip(model.parameters(), sk)))
+            if source == "sample":
+                opt.set_second_moments(dict(zip(model.parameters(), sk)))
         if step in (0, STEPS - 1):
             counts.append(count_allreduces(opt.step))
         else:
@@ -150,7 +157,10 @@ def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, 
     label = name + (f"-{source}" if source else "") + ("-bf16" if bf16 else "")
     row = {"opt": label, "mix": mixing, "accumulate": accumulate,
            "max_err": err, "moved": moved, "allreduces": counts, "skipped": int(opt.skipped_steps)}
-    if moments is not None:
+    if training is not None:           # relative, the adapted weights (ndim 2) of the last step
+        want = torch.stack([s for s, p in zip(sk, ref.parameters()) if p.ndim > 1])
+        row["sk_err"] = float(((training.second_moments_tensor() - want) / want).abs().max())
+    elif moments is not None:
         row["sk_err"] = float((moments.second_moments_tensor() - ref_moments.second_moments_tensor()).abs().max())
         row["skipped_updates"] = moments.num_skipped_updates
     return row
@@ -201,6 +211,9 @@ def refusals(mesh, world: int) -> dict:
         "no_optimizer": dict(model=model, moments=moments),
         "foreign": dict(model=model, moments=MicroBatchMoments(list(mlp().parameters()), micro_batch_size=B),
                         optimizer=torch.optim.SGD(model.parameters(), lr=0.1)),
+        "not_clars": dict(model=model, moments=moments, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)),
+        "training_mix": dict(model=model, mix=GradientMix(noise="gaussian", std=0.5, seed=7),
+                             moments=TrainingPassMoments(model), optimizer=make_opt("clars", model)),
     }.items():
         try:
             lb_dist.fsdp.register(**kwargs)
@@ -217,12 +230,14 @@ def main() -> None:
     torch.set_num_threads(1)
     if kind == "hsdp":
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
-        cases = [("lars", True, False, ""), ("clars", True, True, "micro"), ("lamb", False, True, "")]
+        cases = [("lars", True, False, ""), ("clars", True, True, "micro"), ("lamb", False, True, ""),
+                 ("clars", False, True, "training")]
     else:
         mesh = init_device_mesh("cpu", (world,))
         cases = [(name, mixing, accumulate, source)
                  for name, source in (("lars", ""), ("clars", "micro"), ("clars", "sample"), ("lamb", ""))
                  for mixing in (False, True) for accumulate in ((False, True) if mixing else (False,))]
+        cases += [("clars", False, accumulate, "training") for accumulate in (False, True)]
     rows = [run(n, m, a, mesh, world, rank, s) for n, m, a, s in cases]
     if kind != "hsdp":   # bfloat16 parameters, float32 reduction (MixedPrecisionPolicy)
         rows.append(run("lars", True, False, mesh, world, rank, bf16=True))

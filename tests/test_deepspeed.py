@@ -321,19 +321,24 @@ def test_deepspeed_configs_initialize_and_step(job2, path):
 
 
 def test_one_norm_all_reduce_per_step_when_deepspeed_knows_the_gradients_are_finite(job2):
-    """ZeRO-1/2 fp32 compute the global gradient norm (all-reduced) before stepping the two param
-    groups (layers adapted / biases excluded): finite, it answers the non-finite check, so only the
-    adapted group's norms are all-reduced, once per optimizer step (LARS, CLARS with its micro-batch
-    statistics in the same tensor, LAMB without its flag reduction); and the result is unchanged."""
+    """ZeRO-1/2/3 fp32 compute the global gradient norm (all-reduced) before stepping the two param
+    groups (layers adapted / biases excluded; ZeRO-3 with DeepSpeed's default sub-group size, one
+    sub-group per group; smaller sub-groups take one all-reduce per adapted sub-group): finite, it
+    answers the non-finite check, so only the adapted group's norms are all-reduced, once per
+    optimizer step (LARS, CLARS with its micro-batch statistics in the same all-reduce, LAMB with its
+    non-finite information in it); and the result is unchanged."""
     grid = [r for r in job2["results"].values()
-            if r["case"]["stage"] in (1, 2) and not r["case"].get("naive") and not r["case"].get("bf16")
+            if (r["case"]["stage"] in (1, 2) or r["case"].get("sub_group") == 10 ** 9)
+            and not r["case"].get("naive") and not r["case"].get("bf16")
             and not r["case"].get("nan_at") and not r["case"].get("resume")
             and r["case"].get("source", "micro_batch") == "micro_batch" and not r["case"].get("client")
             and not r["case"].get("layout")]
-    assert {(r["case"]["stage"], r["case"]["opt"]) for r in grid} >= {(s, o) for s in (1, 2)
+    assert {(r["case"]["stage"], r["case"]["opt"]) for r in grid} >= {(s, o) for s in (1, 2, 3)
                                                                      for o in ("LARS", "CLARS", "LAMB")}
     for result in grid:
         assert result["global_steps"] == result["case"].get("steps", C.STEPS), result["case"]
+        if result["case"]["stage"] == 3:
+            assert result["sub_groups"] == 2, result["case"]     # one DeepSpeed call per param group
         assert result["lb_all_reduces"] == result["global_steps"], result["case"]
         _check(result)
 

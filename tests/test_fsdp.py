@@ -1,5 +1,6 @@
 """lb_dist.fsdp in real multi-process FSDP2 jobs (gloo, CPU; tests/_worker_fsdp.py): LARS, CLARS
-(micro-batch S_k through lb_dist.fsdp's statistics, per-sample S_k) and LAMB on a ``fully_shard``-ed
+(micro-batch S_k through lb_dist.fsdp's statistics, per-sample S_k, training-pass S_k from
+TrainingPassMoments against the exact per-sample loop) and LAMB on a ``fully_shard``-ed
 MLP over 3 processes (uneven 3/3/1 and 1/1/0 shards), each without a mix, with device-wise
 GradientMix, and with GradientMix plus 2-step gradient accumulation; LARS with the mix on bfloat16
 parameters with a float32 reduction (MixedPrecisionPolicy); HSDP on a 2x2 mesh. Every case
@@ -22,7 +23,7 @@ def _results(tmp_path, nproc, kind):
     return {int(p.name.rsplit(".", 1)[1]): json.loads(p.read_text()) for p in tmp_path.glob("fsdp.json.*")}
 
 
-def _check_rows(rows):
+def _check_rows(rows, hsdp=False):
     for r in rows:
         where = f"{r['opt']} mix={r['mix']} accumulate={r['accumulate']}"
         # vs the one-process reference after 20 steps. bfloat16 parameters (MixedPrecisionPolicy, float32
@@ -35,12 +36,15 @@ def _check_rows(rows):
         assert r["max_err"] <= bound, where
         assert 1e-2 < r["moved"] < 100, where        # the reference trained and did not diverge
         assert r["skipped"] == 0, where
-        # the optimizer's ONE all-reduce of the layer norms (LAMB's non-finite flag rides in it)
-        # and, with micro-batch S_k, ONE all-reduce of the statistics
-        expected = 2 if r["opt"] == "clars-micro" else 1
+        # the optimizer's ONE all-reduce of the layer norms over the shard group: LAMB's non-finite
+        # information and CLARS' micro-batch statistics ride in it; under HSDP the statistics (a sum
+        # over replicate x shard) take one more over the replicate group (training-pass S_k likewise)
+        expected = 2 if r["opt"] in ("clars-micro", "clars-training") and hsdp else 1
         assert r["allreduces"] == [expected, expected], where
         if r["opt"] == "clars-micro":
             assert r["sk_err"] <= 1e-8 and r["skipped_updates"] == 0, where
+        if r["opt"] == "clars-training":       # vs the exact per-sample loop, relative
+            assert r["sk_err"] <= 1e-5, where
     by = {(r["opt"], r["mix"], r["accumulate"]): r["moved"] for r in rows}
     for (opt, mix, acc), moved in by.items():
         if mix and (opt, False, False) in by:             # the mix changed the trajectory
@@ -54,7 +58,8 @@ def test_fully_shard_three_processes_mix_accumulation_moments(tmp_path):
         rows = res["rows"]
         assert {(r["opt"], r["mix"], r["accumulate"]) for r in rows} == {
             (o, m, a) for o in ("lars", "clars-micro", "clars-sample", "lamb")
-            for m, a in ((False, False), (True, False), (True, True))} | {("lars-bf16", True, False)}
+            for m, a in ((False, False), (True, False), (True, True))} | {("lars-bf16", True, False)} | {
+            ("clars-training", False, a) for a in (False, True)}
         _check_rows(rows)
         # a sharding-unaware LARS (per-local-shard norms) on the same run is far off: the exactness
         # above is not an accident of the model
@@ -66,6 +71,8 @@ def test_fully_shard_three_processes_mix_accumulation_moments(tmp_path):
         assert "mix has granularity='sample'" in ref["sample_mix"]
         assert ref["no_optimizer"].startswith("optimizer is required")
         assert ref["foreign"].startswith("moments tracks 4 parameter(s) that are not model's")
+        assert ref["not_clars"].startswith("optimizer must be an lb_dist.optim.CLARS")
+        assert "TrainingPassMoments with a device-wise mix" in ref["training_mix"]
 
 
 def test_hsdp_two_by_two(tmp_path):
@@ -73,5 +80,5 @@ def test_hsdp_two_by_two(tmp_path):
     assert sorted(results) == [0, 1, 2, 3]
     for res in results.values():
         rows = res["rows"]
-        assert {r["opt"] for r in rows} == {"lars", "clars-micro", "lamb"}
-        _check_rows(rows)
+        assert {r["opt"] for r in rows} == {"lars", "clars-micro", "lamb", "clars-training"}
+        _check_rows(rows, hsdp=True)

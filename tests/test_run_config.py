@@ -159,12 +159,20 @@ def test_backend_registry_and_capabilities():
     from argparse import Namespace
     args = Namespace(optimizer="clars", clars_moments="training-pass", zero_stage=None, bf16=None,
                      deepspeed_config=None)
-    for name, refused in (("single", False), ("torchrun", False), ("horovod", False), ("fsdp", True),
+    for name, refused in (("single", False), ("torchrun", False), ("horovod", False), ("fsdp", False),
                           ("deepspeed", False)):
         b = backend_class(name)()
         b.world_size = 2
         message = b.check_args(args)
         assert (message is not None and "argument --clars-moments" in message) == refused, name
+
+    class NoHooks(backends.Torchrun):          # a registered backend without the capability
+        name = "nohooks"
+        training_pass_moments = False
+    b = NoHooks()
+    b.world_size = 2
+    assert b.check_args(args).startswith("argument --clars-moments: training-pass is implemented for --backend "
+                                         "single, torchrun, horovod, deepspeed and fsdp")
     args = Namespace(optimizer="sgd", clars_moments="micro-batch", zero_stage=2, bf16=None, deepspeed_config=None)
     assert "argument --zero-stage: only for --backend deepspeed" in backends.Torchrun().check_args(args)
     with warnings.catch_warnings(record=True) as caught:

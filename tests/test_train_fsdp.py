@@ -1,7 +1,7 @@
 """``lb-dist train --backend fsdp`` under the real torchrun launcher (gloo, CPU): FSDP2 ``fully_shard``
 with lb_dist.fsdp, against the one-process references of tests/_worker_train_reference.py, and DCP
 checkpoints that reshard: a run saved by 2 processes is resumed by 3 and ends where the uninterrupted
-2-process run ends. Two torchrun jobs (2 processes: every training; 3 processes: the resume)."""
+2-process run ends; CLARS with training-pass S_k against one process with accumulation. Two torchrun jobs (2 processes: every training; 3 processes: the resume)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ from _data import fake_multi30k
 from _train_runs import assert_params_close, final_model
 from _worker_launch import REPO, child_env, free_port
 from _worker_train_reference import reference_layerwise, reference_sgd
+from lb_dist.train.metrics import read_metrics
 from test_train_distributed import BATCH, CLARS_REF, IMAGE, SGD, STEPS, TRAIN, common, translation
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -52,6 +53,7 @@ def job(tmp_path_factory):
         {"name": "clars_device_resumed", "repeat_until_done": True,
          "argv": common(d / "clars_device_resumed", *CLARS_REF, "--mix", "device", "--mix-std", "0.5",
                         "--stop-after-steps", "1")},
+        {"name": "clars_tp", "argv": common(d / "clars_tp", *CLARS_REF, "--clars-moments", "training-pass")},
         {"name": "full", "argv": lamb_translation(d / "full", data)},
         {"name": "part", "argv": lamb_translation(d / "part", data, "--stop-after-steps", "1")},
     ]
@@ -79,6 +81,24 @@ def test_fsdp_clars_device_mix_micro_batch_moments_equals_reference(job):
     assert_params_close(got, reference_layerwise(**kw), rtol=1e-4, atol=1e-5)
     control = reference_layerwise(**kw, estimator="unweighted")
     assert max((got[k] - control[k]).abs().max().item() for k in control if k.endswith("weight")) > 1e-4
+
+
+def test_fsdp_clars_training_pass_equals_one_process(job, tmp_path):
+    """CLARS with ``--clars-moments training-pass`` on 2 FSDP2 processes equals one process with 2
+    accumulation micro-batches (the same slots, BatchNorm per slot): the same exact S_k each step (the
+    per-sample norms' sums riding in the optimizer's one all-reduce) and the same weights."""
+    from lb_dist.train import train
+    d, _, _ = job
+    one = tmp_path / "one"
+    train(common(one, *CLARS_REF, "--clars-moments", "training-pass", "--accumulation-steps", "2",
+                 "--backend", "single"))
+    assert_params_close(final_model(d / "clars_tp"), final_model(one), rtol=1e-5, atol=1e-7)
+    got = [r for r in read_metrics(d / "clars_tp" / "metrics.jsonl") if r["kind"] == "step"]
+    want = [r for r in read_metrics(one / "metrics.jsonl") if r["kind"] == "step"]
+    assert len(got) == len(want) == STEPS
+    for g, w in zip(got, want):
+        assert g["second_moment"] == pytest.approx(w["second_moment"], rel=1e-5)
+        assert g["noise_scale_global"] == pytest.approx(w["noise_scale_global"], rel=1e-5)
 
 
 def test_fsdp_resume_same_world_is_exact(job):

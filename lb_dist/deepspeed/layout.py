@@ -6,7 +6,7 @@ process's piece of every parameter of the sub-group. :func:`sharded_tensors` tak
 from each model parameter ("layer") to its piece of the partition (read in
 :mod:`lb_dist._vendor.deepspeed`: ``param._hp_mapping`` for ZeRO-1/2/BF16, ``param.ds_tensor`` for
 ZeRO-3) and declares every partition as :class:`lb_dist.optim.LayerFragments` over the group's layers,
-the same layout on every process; :func:`check_coverage` verifies it once at set-up.
+partial over the data-parallel process group it is split over, the same layout on every process; :func:`check_coverage` verifies it once at set-up.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def sharded_tensors(engine, optimizer: LayerwiseOptimizer) -> list[ShardedTensor
     kind = refuse_unsupported(engine)
     out: list[ShardedTensor] = []
     for part in flat_partitions(engine, kind, logical_numel):
-        frags = LayerFragments(part.starts, part.numels, part.layers, part.params, len(part.params))
+        frags = LayerFragments(part.starts, part.numels, part.layers, part.params, len(part.params),
+                               process_group=part.process_group)
         index = part.group_index if part.group_index is not None else _inner_group_index(optimizer, part.tensor)
         out.append(ShardedTensor(part.tensor, frags, index, part.process_group))
     return out

@@ -3,11 +3,13 @@
 :func:`make_sharded` declares DeepSpeed's flat partitions (:mod:`lb_dist.deepspeed.layout`: each one
 :class:`lb_dist.optim.LayerFragments` of whole layers) to the lb_dist optimizer and turns it into a
 ZeRO-aware one (a subclass created at run time, as Horovod's DistributedOptimizer does, so it still
-is a LARS/CLARS/LAMB): its ``reduce_step_sq_norms`` sums the per-layer partial squared norms of all
-groups of the step call in ONE all-reduce over the data-parallel group, so ``||w_k||``, ``||g_k||``,
-``||r_k||`` are those of whole layers; CLARS' micro-batch statistics
-(:class:`lb_dist.deepspeed.sources.MicroBatchStepMoments`) ride in the same all-reduce. The update
-kernels are the core's, applied to each fragment with its layer's trust ratio.
+is a LARS/CLARS/LAMB). Each partition names its data-parallel process group, so the core's one
+reduction per step (:meth:`lb_dist.optim.LayerwiseOptimizer.reduce_step_sq_norms`) sums the
+per-layer partial squared norms of all groups of the step call in ONE all-reduce over it:
+``||w_k||``, ``||g_k||``, ``||r_k||`` are those of whole layers; CLARS' per-step statistics (the
+runtime's ``step_moments``, e.g. :class:`lb_dist.deepspeed.sources.MicroBatchStepMoments`) and
+LAMB's non-finite information ride in the same all-reduce. The update kernels are the core's,
+applied to each fragment with its layer's trust ratio.
 
 DeepSpeed steps the inner optimizer once per param group (ZeRO-1/2) or sub-group (ZeRO-3), so
 there is at most one all-reduce per group per optimizer step (BF16 optimizer: one per step; ZeRO-0:
@@ -19,7 +21,6 @@ The layout mapping and the S_k sources live in :mod:`lb_dist.deepspeed.layout` a
 """
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -27,8 +28,7 @@ from lb_dist._vendor.deepspeed import switch_class
 from lb_dist.deepspeed.layout import (ENV_UNTESTED, SUPPORTED_DEEPSPEED, ShardedTensor, check_coverage,
                                       check_deepspeed_version, refuse_unsupported, sharded_tensors)
 from lb_dist.deepspeed.sources import MicroBatchStepMoments, MicroSourcePlaceholder, PerSampleSource
-from lb_dist.distributed import all_reduce_sum_
-from lb_dist.optim import CLARS, LayerwiseOptimizer, LayerwiseSGD
+from lb_dist.optim import CLARS, LayerwiseOptimizer
 
 __all__ = ["ShardedTensor", "sharded_tensors", "check_coverage", "make_sharded", "ShardedLayerwise", "ShardedCLARS",
            "MicroBatchStepMoments", "PerSampleSource", "MicroSourcePlaceholder", "refuse_unsupported",
@@ -36,25 +36,29 @@ __all__ = ["ShardedTensor", "sharded_tensors", "check_coverage", "make_sharded",
 
 
 class ShardedLayerwise:
-    """Mixed into LARS / LAMB (and, through :class:`ShardedCLARS`, CLARS) under DeepSpeed.
+    """Mixed into LARS / LAMB (and, through :class:`ShardedCLARS`, CLARS) under DeepSpeed: only what
+    is DeepSpeed's own. The reduction itself is the core's (:meth:`LayerwiseOptimizer.reduce_step_sq_norms`):
+    each flat partition is declared with its data-parallel ``process_group``
+    (:class:`lb_dist.optim.LayerFragments`), so the per-layer partial sums of all groups of the
+    step call, CLARS' per-step statistics and LAMB's non-finite information (its ``||g_k||^2``)
+    are summed by ONE all-reduce over that group.
 
-    * ``reduce_step_sq_norms``: the per-layer partial squared norms of every fragmented group of
-      the step call (and CLARS' micro-batch statistics) are packed into one float64 tensor and
-      summed by ONE all-reduce over the data-parallel group; unsharded groups (stage 0, where every
-      process holds the whole reduced gradient) are left alone.
-    * ``reduce_nonfinite_flag``: LAMB's non-finite check looks at this process's fragments
-      before the moments change, so the flag is all-reduced (every process skips the same steps).
-      LARS/CLARS take their flags from the reduced per-layer norms (identical on every process),
-      so they need no communication for it.
-    * Both skip what only serves the non-finite check when DeepSpeed's global gradient norm of the
-      step is known and finite (ZeRO-1/2/3 and bf16 compute it, all-reduced, before stepping the
-      groups; :meth:`LbDistRuntime.global_norm_finite`): then every gradient of every process is
-      finite, so the gradient norms of an excluded group (``layer_adaptation=False``, which no trust
-      ratio needs) and LAMB's flag are not reduced. With the usual two groups (layers adapted /
-      biases and normalization excluded) that leaves one all-reduce per optimizer step instead of
-      two (LARS, CLARS) or three (LAMB). A non-finite global gradient norm of the step
-      (DeepSpeed's, when it does not skip the step itself: bf16 with ``check_grad_overflow``
-      false) skips every group's call, so the step is skipped whole.
+    * ``reduce_step_sq_norms``: leaves out what only serves the non-finite check when DeepSpeed's
+      global gradient norm of the step is known and finite (ZeRO-1/2/3 and bf16 compute it,
+      all-reduced, before stepping the groups; :meth:`LbDistRuntime.global_norm_finite`): then
+      every gradient of every process is finite, so the gradient norms of an excluded group
+      (``layer_adaptation=False``, which no trust ratio needs) are not reduced. DeepSpeed steps
+      the param groups in separate calls (ZeRO-1/2: per group, ZeRO-3: per sub-group), so with
+      the usual two groups (layers adapted / biases and normalization excluded) that leaves one
+      all-reduce per optimizer step for LARS, CLARS and LAMB.
+    * LAMB keeps its in-place order (moments updated in place, flags from the local gradients, no
+      flag collective) when that global norm is finite; otherwise its flags ride in the norms'
+      all-reduce as on DTensors.
+    * ``reduce_nonfinite_flag``: a non-finite global gradient norm of the step (DeepSpeed's, when
+      it does not skip the step itself: bf16 with ``check_grad_overflow`` false) skips every
+      group's call, so the step is skipped whole.
+    * ``state_dict``/``load_state_dict``: the partition layout travels with the state and a
+      checkpoint of another layout is refused.
     * ``trust_ratios()`` collects the trust ratios of all groups of the last optimizer step
       (DeepSpeed steps the groups in separate calls).
     """
@@ -67,19 +71,7 @@ class ShardedLayerwise:
         ``runtime`` (:class:`lb_dist.deepspeed.LbDistRuntime`; :func:`make_sharded` calls it)."""
         self._lb_process_group = process_group
         self._lb_runtime = runtime
-        self._lb_call_sharded = False
         self._lb_trust: dict = {}
-
-    def _plans(self):
-        plans = super()._plans()
-        self._lb_call_sharded = any(plan.sharded for plan in plans)
-        return plans
-
-    def _lb_extra_pieces(self, plans) -> list[tuple[int, Tensor]]:
-        return []
-
-    def _lb_take_extra(self, plans, index: int, reduced: Tensor) -> None:
-        pass
 
     def _lb_global_norm_finite(self) -> bool | None:
         """Whether DeepSpeed's global gradient norm of this step (identical on every process) is
@@ -87,35 +79,24 @@ class ShardedLayerwise:
         return None if self._lb_runtime is None else self._lb_runtime.global_norm_finite()
 
     def reduce_step_sq_norms(self, sqs, plans):
-        pieces: list[tuple[int, Tensor]] = [(i, sq) for i, (sq, plan) in enumerate(zip(sqs, plans))
-                                            if sq is not None and plan.sharded]
-        if any(not plans[i].group["layer_adaptation"] for i, _ in pieces) and self._lb_global_norm_finite():
+        elide = [sq is not None and plan.sharded and not plan.group["layer_adaptation"]
+                 for sq, plan in zip(sqs, plans)]
+        if any(elide) and self._lb_global_norm_finite():
             # an excluded group's gradient norms feed only the non-finite check, answered already
-            pieces = [(i, sq) for i, sq in pieces if plans[i].group["layer_adaptation"]]
-        extras = self._lb_extra_pieces(plans)
-        if not pieces and not extras:
-            return sqs
-        parts = [sq.to(torch.float64) for _, sq in pieces] + [t for _, t in extras]
-        packed = torch.cat(parts)
-        all_reduce_sum_(packed, self._lb_process_group)
-        out = list(sqs)
-        offset = 0
-        for i, sq in pieces:
-            out[i] = packed[offset:offset + sq.numel()].to(sq.dtype)
-            offset += sq.numel()
-        for i, t in extras:
-            self._lb_take_extra(plans, i, packed[offset:offset + t.numel()])
-            offset += t.numel()
-        return out
+            kept = super().reduce_step_sq_norms([None if e else sq for sq, e in zip(sqs, elide)], plans)
+            return [sq if e else r for sq, r, e in zip(sqs, kept, elide)]
+        return super().reduce_step_sq_norms(sqs, plans)
+
+    def _flag_with_norms(self, plans) -> bool:
+        # LAMB: with DeepSpeed's global norm finite every local gradient is finite, so the cheaper
+        # in-place order (flags from the local gradients, moments updated in place) skips nothing and
+        # needs no flag collective; otherwise the flags ride in the norms' all-reduce (the core's rule)
+        if self._lb_global_norm_finite():
+            return False
+        return super()._flag_with_norms(plans)
 
     def reduce_nonfinite_flag(self, found: Tensor) -> Tensor:
-        norm_finite = self._lb_global_norm_finite()                     # one read per call
-        if self._lb_call_sharded and not isinstance(self, LayerwiseSGD) and norm_finite is not True:
-            # LAMB's flags are its gradients' finiteness: nothing to reduce when DeepSpeed's global
-            # norm already says every gradient is finite
-            found = found.clone()
-            all_reduce_sum_(found, self._lb_process_group)
-        if norm_finite is False:
+        if self._lb_global_norm_finite() is False:
             # DeepSpeed steps the param groups in separate calls; its global gradient norm of
             # the step (identical on every process) makes the skip cover all of them
             found = found + 1
@@ -167,42 +148,25 @@ class ShardedLayerwise:
 
 
 class ShardedCLARS(ShardedLayerwise):
-    """CLARS under DeepSpeed: S_k from the configured source, scaled by ``c^2`` where ``c`` is
+    """CLARS under DeepSpeed: S_k from the runtime's source, scaled by ``c^2`` where ``c`` is
     DeepSpeed's gradient-clipping coefficient of the step (so that ``sqrt(S_k)`` describes the
     clipped gradient the optimizer receives, as ``||g_k||`` does for LARS).
 
-    Micro-batch source: every process's per-micro-batch squared norms (tensor hooks, unmixed,
-    unscaled) ride in the step's one all-reduce; ``||M_k||^2`` of the reduced (mixed, clipped)
-    gradient comes from the reduced per-layer ``||g_k||^2``; see :class:`MicroBatchStepMoments`.
+    The runtime decides the source: ``runtime.step_moments``, any object with
+    ``local_statistics``/``second_moments`` (:meth:`CLARS.set_step_moments`; e.g.
+    :class:`MicroBatchStepMoments`), is attached with the data-parallel group before every step,
+    so its statistics ride in the step's one all-reduce; without one, CLARS' ``moments``
+    (the per-sample source) is asked as usual.
     """
 
-    def _lb_micro(self):
-        moments = getattr(self._lb_runtime, "step_moments", None)
-        return moments if callable(getattr(moments, "local_statistics", None)) else None   # a step source (sources.py)
-
     def _prepare_step(self, plans) -> None:
-        if self._lb_micro() is None:
-            super()._prepare_step(plans)
+        source = getattr(self._lb_runtime, "step_moments", None)
+        if source is not self.step_moments:
+            self.set_step_moments(source, self._lb_process_group)
+        super()._prepare_step(plans)
 
-    def _lb_extra_pieces(self, plans):
-        micro = self._lb_micro()
-        if micro is None:
-            return []
-        return [(i, micro.local_statistics(plan.layer_keys)) for i, plan in enumerate(plans)
-                if plan.group["layer_adaptation"]]
-
-    def _lb_take_extra(self, plans, index, reduced) -> None:
-        plans[index].extra["micro_stats"] = reduced
-
-    def _grad_term(self, plan, g_sq):
-        clip = self._lb_runtime.clip_coefficient() if self._lb_runtime is not None else 1.0
-        micro = self._lb_micro()
-        if micro is not None:
-            s = micro.second_moments(plan.layer_keys, plan.extra.pop("micro_stats"), g_sq, clip)
-            plan.extra["second_moments"] = s.to(dtype=plan.dtype, device=plan.device)
-        if clip != 1.0:
-            plan.extra["second_moments"] = plan.extra["second_moments"] * (clip * clip)
-        return super()._grad_term(plan, g_sq)
+    def _step_clip(self) -> float:
+        return self._lb_runtime.clip_coefficient() if self._lb_runtime is not None else 1.0
 
 
 _CLASSES: dict[type, type] = {}

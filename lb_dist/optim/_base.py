@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Callable, Iterable
@@ -27,8 +28,8 @@ class LayerFragments:
     such a tensor; every per-layer quantity (``||w_k||``, ``||g_k||``, ``||r_k||``, ``S_k``, the
     trust ratio) is then computed over whole layers: per-fragment partial squared norms are summed
     per layer into a vector laid out by ``num_layers`` (fragments a process does not hold count 0),
-    reduced by :meth:`LayerwiseOptimizer.reduce_step_sq_norms`, and each fragment is updated with
-    its layer's trust ratio by the same kernels as an unsharded tensor.
+    summed over ``process_group`` by :meth:`LayerwiseOptimizer.reduce_step_sq_norms`, and each
+    fragment is updated with its layer's trust ratio by the same kernels as an unsharded tensor.
 
     Attributes:
         starts, numels: fragment j is ``tensor.view(-1)[starts[j] : starts[j] + numels[j]]``;
@@ -39,12 +40,18 @@ class LayerFragments:
         layer_keys: ``num_layers`` objects naming the layers (the model parameters): the keys of
             CLARS' second moments and of :meth:`LayerwiseOptimizer.trust_ratios`.
         num_layers: the number of layers of the layout, the same on every process.
+        process_group: the process group whose members hold the other fragments of these layers
+            (DeepSpeed's data-parallel group): the per-layer partial sums are summed over it in
+            the step's one SUM all-reduce per process group, packed with those of DTensor
+            layers and of per-step statistics (:meth:`LayerwiseOptimizer.reduce_step_sq_norms`).
+            None: this process holds whole layers' fragments alone (nothing is reduced).
     """
     starts: tuple[int, ...]
     numels: tuple[int, ...]
     layers: tuple[int, ...]
     layer_keys: tuple
     num_layers: int
+    process_group: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.starts)
@@ -68,6 +75,18 @@ class LayerFragments:
                 raise ValueError(f"LayerFragments: fragment {j} names layer {layer}, outside "
                                  f"range({self.num_layers})")
             end = start + numel
+
+    def __deepcopy__(self, memo) -> "LayerFragments":
+        # a process group is a handle of this job, shared (not copied) by a deep copy
+        return LayerFragments(self.starts, self.numels, self.layers, deepcopy(self.layer_keys, memo),
+                              self.num_layers, process_group=self.process_group)
+
+    def __reduce__(self):
+        if self.process_group is not None:
+            raise TypeError("a LayerFragments with a process_group cannot be pickled (a process group is a "
+                            "handle of the running job): pickle the optimizer's state_dict() instead, or "
+                            "declare the layout again with set_layer_fragments after loading")
+        return (LayerFragments, (self.starts, self.numels, self.layers, self.layer_keys, self.num_layers))
 
     @property
     def end(self) -> int:
@@ -181,15 +200,17 @@ class LayerwiseOptimizer(Optimizer):
     """Base of LARS, CLARS and LAMB: a ``torch.optim.Optimizer`` whose param groups carry
     ``layer_adaptation`` (default True; False = trust ratio 1 and no weight decay).
 
-    The layer-wise reduction seam (see docs/optimizers.md, "Sharded parameters"): every per-layer
+    The layer-wise reduction (see docs/optimizers.md, "Sharded parameters"): every per-layer
     quantity is first a *partial* sum of squares over what this process holds, stacked per group
     in a fixed per-layer layout, then :meth:`reduce_step_sq_norms` turns the partial sums of all
-    groups of the step into whole-layer sums. The default serves DTensor parameters (FSDP2, HSDP,
-    tensor parallel): one SUM all-reduce per process group (mesh dimension holding distinct
-    shards) per step, nothing for plain tensors. DeepSpeed's ZeRO adapter overrides it for its
-    :class:`LayerFragments` partitions (one all-reduce over the data-parallel group).
+    groups of the step into whole-layer sums, for every kind of sharded layer alike: DTensor
+    parameters (FSDP2, HSDP, tensor parallel: summed over each mesh dimension holding distinct
+    shards) and :class:`LayerFragments` tensors (DeepSpeed's flat partitions: summed over their
+    ``process_group``), together with the step's statistics (CLARS' ``set_step_moments``), by
+    ONE SUM all-reduce per distinct process group per ``step()`` call; nothing for plain tensors.
 
-    * :meth:`reduce_nonfinite_flag` — the step's non-finite flag, called once per step.
+    * :meth:`reduce_nonfinite_flag` — the step's non-finite flag, called once per step (identity:
+      every flag is taken from whole-layer sums, identical on every process holding the layer).
 
     The non-finite skip is decided where the flag lives: on CPU in eager mode by one host read
     (free: there is no device to wait for), otherwise (an accelerator, or under ``torch.compile``)
@@ -434,17 +455,30 @@ class LayerwiseOptimizer(Optimizer):
 
         ``sqs[i]`` is None (nothing to reduce) or the 1-D stacked vector of ``plans[i]``, laid out
         per (quantity, layer) of the plan's layer layout: ``q * num_layers + k`` for quantity q of
-        layer k. Default: :meth:`reduce_group_sq_norms` once per group, then
-        :func:`reduce_layer_sq_norms` for DTensor layers (one SUM all-reduce per process group
-        for all groups together). A sharded adapter may override this (DeepSpeed's ZeRO adapter
-        packs its fragmented groups into one all-reduce)."""
+        layer k. :meth:`reduce_group_sq_norms` once per group, then :func:`reduce_layer_sq_norms`:
+        the partial sums of DTensor and :class:`LayerFragments` layers and the step's statistics
+        (:meth:`_step_statistics`; the reduced ones are left in ``plan.extra["step_statistics"]``)
+        summed by one SUM all-reduce per process group for all groups together. An adapter may
+        override it to leave out what it knows already (DeepSpeed's: excluded groups' norms when
+        its global gradient norm is finite) and call this one."""
         sqs = [None if sq is None else self.reduce_group_sq_norms(sq, plan.group)
                for sq, plan in zip(sqs, plans)]
-        return reduce_layer_sq_norms(sqs, plans)
+        statistics = self._step_statistics(plans)
+        sqs, reduced = reduce_layer_sq_norms(sqs, plans, [(t, groups) for _, t, groups in statistics])
+        for (i, _, _), r in zip(statistics, reduced):
+            plans[i].extra["step_statistics"] = r
+        return sqs
+
+    def _step_statistics(self, plans: list[GroupPlan]) -> list[tuple[int, Tensor, tuple]]:
+        """Per-step statistics that ride in the step's reduction: ``(plan position, this process's
+        1-D float64 partial sums, process groups to sum them over in turn)``; none here (CLARS'
+        :meth:`~lb_dist.optim.CLARS.set_step_moments` adds its source's)."""
+        return []
 
     def reduce_nonfinite_flag(self, found: Tensor) -> Tensor:
         """Reduce the 0-dim float flag (> 0: a non-finite gradient or estimate was seen); identity
-        here. A sharded adapter all-reduces it so that every process skips the same steps."""
+        here (every flag comes from whole-layer sums or from tensors every process holds whole). An
+        adapter may raise it to skip a step it knows is bad (DeepSpeed's non-finite global norm)."""
         return found
 
     # ------------------------------------------------------------------ fragments
@@ -488,6 +522,9 @@ class LayerwiseOptimizer(Optimizer):
                for _, lay in layouts):
             raise ValueError(f"the fragmented tensors of param group {group_index} disagree on "
                              f"the group's layer layout")
+        if any(lay.process_group is not first.process_group for _, lay in layouts):
+            raise ValueError(f"the fragmented tensors of param group {group_index} name different "
+                             f"process groups (LayerFragments.process_group)")
         params, grads, owners, slots, frags, index = [], [], [], [], [], []
         for p, lay in layouts:
             if p.grad is None:
@@ -518,7 +555,9 @@ class LayerwiseOptimizer(Optimizer):
                           layer_keys=list(first.layer_keys),
                           layer_index=torch.tensor(index, dtype=torch.long, device=device),
                           num_layers=first.num_layers, owners=owners, slots=slots, fragments=frags,
-                          device=device, dtype=F.norm_dtype(*{p.dtype for p, _ in layouts}))
+                          device=device, dtype=F.norm_dtype(*{p.dtype for p, _ in layouts}),
+                          shard_groups=(None if first.process_group is None
+                                        else [(first.process_group,)] * first.num_layers))
 
     def _plan_group(self, group: dict, group_index: int) -> GroupPlan | None:
         if self._fragments:
@@ -642,17 +681,29 @@ class LayerwiseOptimizer(Optimizer):
             return closure()
 
 
-def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[GroupPlan]) -> list[Tensor | None]:
-    """Whole-layer sums of squares from this process's partial sums, for DTensor layers.
+def sum_over(packed: Tensor, group) -> None:
+    """The one collective of the layer-wise reduction: an in-place SUM all-reduce of ``packed``
+    over the torch.distributed process ``group`` (what a test counts per step)."""
+    import torch.distributed as dist
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+
+
+def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[GroupPlan],
+                          statistics: list[tuple[Tensor, tuple]] = ()) -> tuple[list, list]:
+    """Whole-layer sums of squares from this process's partial sums, and reduced statistics.
 
     ``sqs[i]`` is plan i's stacked per-(quantity, layer) vector (or None); layer k of a plan with
     ``shard_groups`` is summed over each process group in ``shard_groups[k]`` (the mesh
-    dimensions holding distinct shards of that DTensor). The entries of all plans that need a
-    given process group are packed into one vector and reduced by ONE SUM all-reduce: one
-    collective per mesh dimension per step, whatever the number of parameters and groups; a
-    layer sharded over two mesh dimensions (FSDP x TP) is summed over both in turn. Plans of
-    plain tensors are returned unchanged and nothing is communicated for them."""
+    dimensions holding distinct shards of a DTensor; a :class:`LayerFragments` tensor's
+    ``process_group``). ``statistics`` are ``(1-D tensor, process groups)`` pairs summed over
+    each of their groups in turn. The entries of all plans and statistics that need a given
+    process group are packed into one float64 vector and reduced by ONE SUM all-reduce: one
+    collective per distinct process group per step, whatever the number of parameters, groups
+    and statistics; a layer sharded over two mesh dimensions (FSDP x TP) is summed over both in
+    turn. Plans of plain tensors are returned unchanged and nothing is communicated for them.
+    Returns ``(sqs, reduced statistics)``."""
     batches: dict[Any, list[tuple[int, Tensor | None]]] = {}
+    offset_stats = len(sqs)
     for i, (sq, plan) in enumerate(zip(sqs, plans)):
         if sq is None or not plan.shard_groups:
             continue
@@ -671,14 +722,16 @@ def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[GroupPlan]) -> l
             idx = torch.tensor([q * count + k for q in range(quantities) for k in ks],
                                dtype=torch.long, device=sq.device)
             batches.setdefault(pg, []).append((i, idx))
+    for j, (_, groups) in enumerate(statistics):
+        for pg in groups:
+            batches.setdefault(pg, []).append((offset_stats + j, None))
+    out = list(sqs) + [t for t, _ in statistics]
     if not batches:
-        return sqs
-    import torch.distributed as dist
-    out = list(sqs)
+        return out[:offset_stats], out[offset_stats:]
     for pg, entries in batches.items():          # insertion order: the same on every process
         packed = torch.cat([(out[i] if idx is None else out[i].index_select(0, idx)).to(torch.float64)
                             for i, idx in entries])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=pg)
+        sum_over(packed, pg)
         offset = 0
         for i, idx in entries:
             n = out[i].numel() if idx is None else idx.numel()
@@ -690,4 +743,4 @@ def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[GroupPlan]) -> l
                 updated.index_copy_(0, idx, part)
                 out[i] = updated
             offset += n
-    return out
+    return out[:offset_stats], out[offset_stats:]

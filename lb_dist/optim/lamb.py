@@ -165,15 +165,17 @@ class LAMB(LayerwiseOptimizer):
 
     def _scratch(self, plan):
         """Buffers kept between steps for the new moments and the directions of
-        :meth:`_step_flag_with_norms`, three per parameter (its local shard's shape), on CPU in
+        :meth:`_step_flag_with_norms`, three per parameter (its local shard's shape) or fragment, on CPU in
         eager mode only: there a fresh parameter-sized tensor costs its page faults every step
         (measured: 3-7x slower steps); elsewhere the temporaries come from the caching allocator
         (GPU) or the compiler. Not carried by deepcopy/pickle/state_dict."""
-        if plan.sharded or not plan.params or plan.device.type != "cpu" or torch.compiler.is_compiling():
+        if not plan.params or plan.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         cache = self.__dict__.setdefault("_scratch_buffers", {})
         out: tuple[list, list, list] = ([], [], [])
-        for key, p in zip(plan.keys, plan.params):
+        # one entry per kernel tensor: a parameter, or a fragment (its tensor's id and fragment number)
+        keys = [(id(owner), slot) for owner, slot in zip(plan.owners, plan.slots)] if plan.sharded else plan.keys
+        for key, p in zip(keys, plan.params):
             bufs = cache.get(key)
             if bufs is None or bufs[0].shape != p.shape or bufs[0].dtype != p.dtype:
                 bufs = cache[key] = tuple(torch.empty_like(p, memory_format=torch.contiguous_format)

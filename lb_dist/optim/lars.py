@@ -302,7 +302,10 @@ class CLARS(LayerwiseSGD):
       survives ``state_dict``/``load_state_dict``, and used by every later step until replaced), or
     * by ``moments=estimator``, any object with ``second_moments() -> Mapping[param, 0-dim
       tensor]`` (e.g. :class:`lb_dist.moments.microbatch.MicroBatchMoments`), asked at every step;
-      its ``MomentsUnavailableError`` propagates.
+      its ``MomentsUnavailableError`` propagates; or
+    * by a step source (:meth:`set_step_moments`) whose per-step statistics ride in the step's
+      one reduction of the layer norms (engines that shard or reduce gradients: DeepSpeed,
+      FSDP2); it takes precedence over ``moments`` while attached.
 
     A negative or non-finite ``S_k`` skips the step like a non-finite gradient.
 
@@ -321,6 +324,8 @@ class CLARS(LayerwiseSGD):
         super().__init__(params, lr, momentum, weight_decay, eta, nesterov, foreach=foreach,
                          min_coeff=min_coeff, max_coeff=max_coeff)
         self.moments = moments
+        self.step_moments = None
+        self._step_groups: tuple = ()
         link = getattr(moments, "link_optimizer_state", None)
         if callable(link):          # a MicroBatchMoments travels in this optimizer's state_dict
             link(self)
@@ -332,13 +337,59 @@ class CLARS(LayerwiseSGD):
         to reattach one."""
         state = super().__getstate__()
         moments = self.__dict__.get("moments")
+        source = self.__dict__.get("step_moments")
+        if source is not None and moments is None:
+            moments = source                  # the copy's step() says how to reattach a source
         state["moments"] = (None if moments is None else moments
                             if isinstance(moments, DetachedMoments) else DetachedMoments(type(moments).__name__))
+        state["step_moments"] = None          # hooked to the original model / engine
+        state["_step_groups"] = ()
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("moments", None)
+        self.__dict__.setdefault("step_moments", None)
+        self.__dict__.setdefault("_step_groups", ())
+
+    def set_step_moments(self, source: Any, process_group: Any = None) -> None:
+        """Take ``S_k`` from ``source``, whose statistics ride in the step's one all-reduce of the
+        layer norms (``None`` detaches it; ``moments`` / stored values are used again).
+
+        ``source`` is any object with
+
+        * ``local_statistics(layer_keys) -> Tensor``: this process's partial sums for the adapted
+          layers ``layer_keys`` of one param group (1-D float64; any length), called once per
+          adapted group per ``step()``, before the reduction;
+        * ``second_moments(layer_keys, reduced, g_sq, clip) -> Tensor``: ``S_k`` per layer of
+          ``layer_keys`` (1-D, in that order) from ``reduced`` (those statistics summed over
+          ``process_group``), ``g_sq`` (the reduced per-layer ``||g_k||^2`` of the gradient this
+          step applies: whole layers, whatever the sharding) and ``clip`` (the factor the engine
+          scaled that gradient by, 1.0 outside DeepSpeed's gradient clipping). A NaN skips the
+          step like a non-finite gradient.
+
+        ``process_group``: the group (or a tuple of groups, summed over in turn) the statistics
+        are summed over: None (one process), DeepSpeed's data-parallel group, FSDP2's shard group
+        (plus the replicate group under HSDP). Statistics over a group the layer norms are reduced
+        over anyway (FSDP2's shard group, DeepSpeed's data-parallel group for its partitions) add
+        no collective (:func:`lb_dist.optim._base.reduce_layer_sq_norms`). Examples:
+        :class:`lb_dist.deepspeed.sources.MicroBatchStepMoments`, ``lb_dist.fsdp``'s statistics.
+        """
+        if source is not None:
+            for method in ("local_statistics", "second_moments"):
+                if not callable(getattr(source, method, None)):
+                    raise TypeError(f"source must have the methods local_statistics(layer_keys) and "
+                                    f"second_moments(layer_keys, reduced, g_sq, clip); "
+                                    f"{type(source).__name__} has no {method}()")
+        groups = () if process_group is None else tuple(process_group) \
+            if isinstance(process_group, (tuple, list)) else (process_group,)
+        self.step_moments = source
+        self._step_groups = groups if source is not None else ()
+
+    def _step_clip(self) -> float:
+        """The factor the engine scaled this step's gradient by (1.0; DeepSpeed's adapter returns
+        its gradient-clipping coefficient): S_k is scaled by its square, as ``||g_k||`` is."""
+        return 1.0
 
     def set_second_moments(self, second_moments: Mapping[Tensor, Any]) -> None:
         """Store ``S_k`` for the given parameters (0-dim tensors or numbers; parameters this
@@ -377,6 +428,12 @@ class CLARS(LayerwiseSGD):
             self.state[p]["second_moment"] = s
 
     def _prepare_step(self, plans: list[GroupPlan]) -> None:
+        if self.step_moments is not None:
+            for plan in plans:
+                if plan.group["layer_adaptation"]:
+                    stats = self.step_moments.local_statistics(plan.layer_keys)
+                    plan.extra["local_statistics"] = torch.as_tensor(stats, dtype=torch.float64).reshape(-1)
+            return
         source = None
         if self.moments is not None:
             source = self.moments.second_moments()     # may raise MomentsUnavailableError
@@ -415,8 +472,23 @@ class CLARS(LayerwiseSGD):
             f"moments=lb_dist.moments.MicroBatchMoments(...)); layers that should not be adapted "
             f"go in a group with layer_adaptation=False (lb_dist.optim.param_groups).")
 
+    def _step_statistics(self, plans: list[GroupPlan]) -> list[tuple[int, Tensor, tuple]]:
+        return [(i, plan.extra.pop("local_statistics"), self._step_groups) for i, plan in enumerate(plans)
+                if "local_statistics" in plan.extra]
+
     def _grad_term(self, plan: GroupPlan, g_sq: Tensor) -> tuple[Tensor, Tensor]:
-        s = plan.extra.pop("second_moments")
+        clip = self._step_clip()
+        stats = plan.extra.pop("step_statistics", None)
+        if stats is not None:
+            s = self.step_moments.second_moments(plan.layer_keys, stats, g_sq, clip)
+            s = torch.as_tensor(s).to(dtype=plan.dtype, device=plan.device).reshape(-1)
+            if s.numel() != plan.num_layers:
+                raise ValueError(f"the step source {type(self.step_moments).__name__} returned {s.numel()} "
+                                 f"values of S_k for the {plan.num_layers} layers of param group {plan.index}")
+        else:
+            s = plan.extra.pop("second_moments")
+        if clip != 1.0:
+            s = s * (clip * clip)
         bad = (~torch.isfinite(s) | (s < 0)).any()
         return s.clamp_min(0).sqrt(), bad
 

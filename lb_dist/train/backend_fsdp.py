@@ -2,15 +2,19 @@
 GradientMix and CLARS' micro-batch statistics, and checkpoints in torch's distributed checkpoint
 format (DCP) that reshard: a run saved with K processes resumes with any other number.
 
+CLARS' S_k: ``--clars-moments micro-batch`` (lb_dist.fsdp's statistics from FSDP's reduce-scatter) or
+``training-pass`` (exact, from the training pass's own hooks; ``lb_dist.fsdp.TrainingPassSource``);
+either rides in the optimizer's one all-reduce.
+
 The model is ``fully_shard``-ed over a 1-D mesh of all processes the way FSDP2 documents it: each of
 its repeated blocks first (:func:`shard_blocks`: ``--fsdp-wrap blocks``, the default; the modules of
 an ``nn.Sequential``/``nn.ModuleList`` that have parameters and submodules: ResNet blocks,
 Transformer layers), then the root (``--fsdp-wrap root``: the root only, one unit). Its parameters
-become DTensors; the optimizer and the micro-batch estimator built by the loop on the plain model are
+become DTensors; the optimizer and CLARS' estimator built by the loop on the plain model are
 re-pointed at them, by parameter name, before any step. Under ``accelerate launch --use_fsdp
 --fsdp_version 2`` the backend is auto-detected and follows the plugin's settings
-(:func:`sharding_plan`); plugin settings it cannot honour are refused, naming Accelerate's flag. Evaluation runs on a plain copy loaded with
-the full weights (one all-gather per evaluation; BatchNorm buffers are rank 0's). A checkpoint is
+(:func:`sharding_plan`); plugin settings it cannot honour are refused, naming Accelerate's flag.
+Evaluation runs on a plain copy loaded with the full weights (one all-gather per evaluation; BatchNorm buffers are rank 0's). A checkpoint is
 DCP's files of the sharded model and optimizer state (``get_state_dict``) in
 ``checkpoints/fsdp/step-N/``, then the loop's file ``step-N.pt`` with the full model weights, then
 the manifest (the commit, lb_dist.train.checkpoint)."""
@@ -241,7 +245,9 @@ class FSDPBackend(Torchrun):
 
     name = "fsdp"
 
-    training_pass_moments = False
+    #: ``--clars-moments training-pass``: the hooks measure activations and output gradients, never the
+    #: sharded weights; the per-layer sums ride in the optimizer's all-reduce (lb_dist.fsdp.TrainingPassSource)
+    training_pass_moments = True
     fsdp_settings = True
 
     def check_args(self, args) -> str | None:
@@ -296,6 +302,10 @@ class FSDPBackend(Torchrun):
         if moments is not None:
             moments.params = [sharded[names[id(p)]] for p in moments.params]
             moments.param_index = {p: i for i, p in enumerate(moments.params)}
+            if not hasattr(moments, "track_backward"):
+                # TrainingPassMoments: each micro-batch backwards its loss / A; its step is closed inside
+                # the optimizer step (lb_dist.fsdp), not by finish_gradients
+                moments.grad_scale = 1.0 / accumulation_steps
         engine = FSDPEngine(self, model, optimizer, plain, mix=mix, moments=moments)
         device_mix = mix if mix is not None and mix.granularity == "device" else None
         engine.mix_state = lb_dist.fsdp.register(model, mix=device_mix, moments=moments, optimizer=optimizer,

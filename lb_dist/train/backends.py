@@ -268,8 +268,8 @@ class Backend(abc.ABC):
         if not self.training_pass_moments and getattr(args, "optimizer", None) == "clars" and \
                 getattr(args, "clars_moments", None) == "training-pass":
             return (f"argument --clars-moments: training-pass is implemented for --backend single, torchrun, "
-                    f"horovod and deepspeed (module hooks), and this run's backend is {self.name}; use micro-batch "
-                    f"or per-sample")
+                    f"horovod, deepspeed and fsdp (module hooks), and this run's backend is {self.name}; use "
+                    f"micro-batch or per-sample")
         return None
 
     def close(self, failed: bool = False) -> None:
