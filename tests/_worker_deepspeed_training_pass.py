@@ -115,19 +115,20 @@ def _params(engine) -> dict:
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
-#: lb_dist's all-reduces: the ZeRO-aware optimizer's (lb_dist.deepspeed.zero) and any the training-pass
-#: estimator would make itself (lb_dist.moments.activations), counted per case
+#: lb_dist's all-reduces: the layer-wise optimizer's one reduction (lb_dist.optim._base.sum_over, which
+#: the ZeRO-aware optimizer uses) and any the training-pass estimator would make itself
+#: (lb_dist.moments.activations), counted per case
 ALL_REDUCES = {"zero": 0, "estimator": 0}
 
 
 def _count_all_reduces() -> None:
-    import lb_dist.deepspeed.zero as zero
     import lb_dist.moments.activations as activations
-    for key, module in (("zero", zero), ("estimator", activations)):
-        def counted(tensor, group=None, _orig=module.all_reduce_sum_, _key=key):
+    import lb_dist.optim._base as base
+    for key, module, name in (("zero", base, "sum_over"), ("estimator", activations, "all_reduce_sum_")):
+        def counted(tensor, group=None, _orig=getattr(module, name), _key=key):
             ALL_REDUCES[_key] += 1
             return _orig(tensor, group)
-        module.all_reduce_sum_ = counted
+        setattr(module, name, counted)
 
 
 def run_case(case: dict, rank: int) -> dict:
