@@ -425,7 +425,8 @@ def test_layers_sharing_one_input_match_the_per_sample_loop(subset):
     params = list(model.parameters())
     est = TrainingPassMoments(model, params, subset_size=subset, generator=torch.Generator().manual_seed(13))
     one_step(model, est, [(x, y)], F.cross_entropy)
-    rows = range(7) if subset is None else torch.randperm(7, generator=torch.Generator().manual_seed(13))[:subset].tolist()
+    rows = range(7) if subset is None else \
+        torch.randperm(7, generator=torch.Generator().manual_seed(13))[:subset].tolist()
     want_s, _ = loop_second_moments(params, [lambda i=i: F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
                                              for i in rows])
     close(est.second_moments_tensor(), want_s)
