@@ -18,6 +18,10 @@ Multi30k's, padded; loss = token mean): step, step+tp, step+tp16.
 Each variant also reports the process's peak resident memory while it ran (VmHWM after resetting
 it through /proc/self/clear_refs; Linux), in MiB.
 
+With ``--baseline-activations PATH`` (another checkout's ``lb_dist/moments/activations.py``, e.g. the
+main branch's), the training-pass variants also run with that file's ``TrainingPassMoments``
+(``step+tp@base``, ``step+tp16@base``), interleaved with the others: a before/after comparison in one run.
+
 Targets: step+ps within 15 % of step; accum4+mb within 2 % of accum4; step+tp (whole batch) within
 40 % (ResNet-20) / 15 % (Transformer); step+tp16 within 3 %.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import statistics
 import time
@@ -59,6 +64,17 @@ def _peak_mib() -> float:
 
 
 CLOCK = time.perf_counter
+
+
+def load_baseline(path: str | None):
+    """``TrainingPassMoments`` of another copy of ``lb_dist/moments/activations.py`` (its imports of
+    other lb_dist modules resolve to this checkout), or None."""
+    if path is None:
+        return None
+    spec = importlib.util.spec_from_file_location("_bench_baseline_activations", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TrainingPassMoments
 
 
 def run_variants(variants: dict, reps: int, warmup: int) -> tuple[dict, dict]:
@@ -101,9 +117,11 @@ def bench_transformer(batch: int, args) -> None:
         torch.arange(t_max) >= tgt_len[:, None], -100)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     models = {"step": (model, None)}
-    for name, subset in (("step+tp", None), ("step+tp16", max(1, batch // args.subset_fraction))):
-        m = copy.deepcopy(model)
-        models[name] = (m, TrainingPassMoments(m, subset_size=subset))
+    classes = [("", TrainingPassMoments)] + ([("@base", args.baseline)] if args.baseline else [])
+    for suffix, cls in classes:
+        for name, subset in (("step+tp", None), ("step+tp16", max(1, batch // args.subset_fraction))):
+            m = copy.deepcopy(model)
+            models[name + suffix] = (m, cls(m, subset_size=subset))
 
     def make(m, est, o):
         def fn():
@@ -136,10 +154,14 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--transformer-batch-sizes", type=int, nargs="*", default=[128])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--baseline-activations", metavar="PATH",
+                    help="also run the training-pass variants with the TrainingPassMoments of this copy of "
+                         "lb_dist/moments/activations.py (e.g. /work/main/lb_dist/moments/activations.py)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the process's CPU time instead of wall time (with --threads 1 it is robust to "
                          "other jobs on a shared machine)")
     args = ap.parse_args()
+    args.baseline = load_baseline(args.baseline_activations)
     if args.cpu_time:
         global CLOCK
         CLOCK = time.process_time
@@ -208,13 +230,20 @@ def main() -> None:
         def step_tp16():
             step_tp(model_tp16, opt_tp16, est_tp16)
 
-        variants = {"step": step, "step+ps": step_ps, "step+tp": step_tp, "step+tp16": step_tp16,
-                    "accum4": accum4, "accum4+mb": accum4_mb}
+        variants = {"step": step, "step+ps": step_ps, "step+tp": step_tp, "step+tp16": step_tp16}
+        extra = [est, est_tp, est_tp16]
+        if args.baseline:
+            for name, sub in (("step+tp@base", None), ("step+tp16@base", subset)):
+                m = copy.deepcopy(model)
+                e = args.baseline(m, subset_size=sub, generator=torch.Generator().manual_seed(0))
+                o = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+                variants[name] = lambda m=m, o=o, e=e: step_tp(m, o, e)
+                extra.append(e)
+        variants.update({"accum4": accum4, "accum4+mb": accum4_mb})
         times, peaks = run_variants(variants, args.reps, args.warmup)
         rows.append((batch, subset, times, peaks))
-        est.remove_hooks()
-        est_tp.remove_hooks()
-        est_tp16.remove_hooks()
+        for e in extra:
+            e.remove_hooks()
 
     print("| batch | variant | median (ms) | overhead | peak RSS (MiB) |")
     print("|---:|---|---:|---:|---:|")
@@ -222,7 +251,7 @@ def main() -> None:
         for name in times:
             base = "accum4" if name == "accum4+mb" else "step"
             over = "" if name in ("step", "accum4") else f"{ratio(times, base, name) * 100:+.1f} %"
-            label = {"step+ps": f"step+ps ({subset})", "step+tp16": f"step+tp16 ({subset})"}.get(name, name)
+            label = name.replace("step+ps", f"step+ps ({subset})").replace("step+tp16", f"step+tp16 ({subset})")
             print(f"| {batch} | {label} | {statistics.median(times[name]) * 1e3:.0f} | {over} | {peaks[name]:.0f} |")
     print("\noverhead = median over repetitions of (variant time / baseline time) - 1 (accum4+mb vs accum4, "
           "others vs step); targets: ps <= +15 %, mb <= +2 %, tp <= +40 %, tp16 <= +3 %")

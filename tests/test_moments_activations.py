@@ -398,3 +398,64 @@ def test_lb_dist_train_refuses_training_pass_with_device_mixing(tmp_path, capsys
         parse_args(argv, world_size=2)
     assert "argument --clars-moments: training-pass" in capsys.readouterr().err
     assert parse_args(argv[:-2], world_size=1).clars_moments == "training-pass"   # 1 process, 1 micro-batch: fine
+
+
+# ------------------------------------------------------- shared inputs, measured chunk sizes
+class SharedInput(nn.Module):
+    """q/k/v projections of one input tensor (an attention block): the layers share the input's
+    rows and its Gram matrix in TrainingPassMoments; a second block reads the same memory."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        # no key biases: a softmax over keys is invariant to them (zero gradient, compared at round-off)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, 4)
+        self.k2 = nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        att = torch.softmax(self.q(x) @ (self.k(x) + self.k2(x)).transpose(1, 2), -1)
+        return self.head((att @ torch.tanh(self.v(x))).mean(1))
+
+
+@pytest.mark.parametrize("subset", [None, 3])
+def test_layers_sharing_one_input_match_the_per_sample_loop(subset):
+    torch.manual_seed(12)
+    model = SharedInput()
+    x, y = torch.randn(7, 5, 6), torch.randint(0, 3, (7,))
+    params = list(model.parameters())
+    est = TrainingPassMoments(model, params, subset_size=subset, generator=torch.Generator().manual_seed(13))
+    one_step(model, est, [(x, y)], F.cross_entropy)
+    rows = range(7) if subset is None else \
+        torch.randperm(7, generator=torch.Generator().manual_seed(13))[:subset].tolist()
+    want_s, _ = loop_second_moments(params, [lambda i=i: F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+                                             for i in rows])
+    close(est.second_moments_tensor(), want_s)
+    close(est.grad_sq_norms_tensor(), torch.stack([p.grad.square().sum() for p in params]))
+
+
+def test_measured_conv_chunk_sizes_match_the_per_sample_loop_on_every_step():
+    """The first step of a convolution shape times the candidate chunk sizes (and uses the last
+    candidate's result), later steps use the fastest: both equal the exact loop."""
+    from lb_dist.moments import activations
+    torch.manual_seed(14)
+    model = Wrap(nn.Conv2d(3, 5, 3, padding=1, bias=False), 5 * 4 * 4)
+    ref = copy.deepcopy(model)                 # before the hooks: a deepcopy would carry them along
+    x, y = torch.randn(11, 3, 4, 4), torch.randint(0, 3, (11,))
+    est = TrainingPassMoments(model, [model.layer.weight])
+    activations._CONV_CHUNKS.clear()
+    want_s, _ = loop_second_moments([ref.layer.weight], [lambda i=i: F.cross_entropy(ref(x[i:i + 1]), y[i:i + 1])
+                                                         for i in range(11)])
+    for _ in range(2):
+        one_step(model, est, [(x, y)], F.cross_entropy)
+        close(est.second_moments_tensor(), want_s)
+    (chunk,) = activations._CONV_CHUNKS.values()
+    assert chunk in (4, 8, 11)
+
+
+def test_a_second_backward_through_the_same_forward_is_refused():
+    model = Wrap(nn.Linear(3, 2), 2)
+    est = TrainingPassMoments(model)
+    loss = F.cross_entropy(model(torch.randn(4, 3)), torch.randint(0, 3, (4,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same forward"):
+        loss.backward()

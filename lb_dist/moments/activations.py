@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lb_dist._validation import check_positive, check_positive_int
 from lb_dist._vendor.torch import conv_padding, view_base
@@ -151,6 +153,48 @@ def _sq_conv(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     return _row_sq(gw.reshape(n, -1))
 
 
+#: Chunk sizes (samples per grouped weight-gradient convolution) tried by :func:`_sq_conv_tuned`.
+CONV_CHUNK_CANDIDATES = (4, 8, 16, 32, 64, 128)
+
+#: Measured fastest chunk size per convolution shape (see :func:`_sq_conv_tuned`).
+_CONV_CHUNKS: dict[tuple, int] = {}
+
+
+def _sq_conv_chunked(module: nn.Module, a: torch.Tensor, g: torch.Tensor, chunk: int) -> torch.Tensor:
+    n = a.shape[0]
+    if chunk >= n:
+        return _sq_conv(module, a, g)
+    return torch.cat([_sq_conv(module, a[s:s + chunk], g[s:s + chunk]) for s in range(0, n, chunk)])
+
+
+def _sq_conv_tuned(module: nn.Module, a: torch.Tensor, g: torch.Tensor, limit: int) -> torch.Tensor:
+    """:func:`_sq_conv` in chunks of samples, the chunk size picked by measurement. The speed of the
+    backend's grouped convolution depends on the channel count of a call in no simple way (measured,
+    1 CPU thread, 16 channels of 32 x 32: 16 ms per 256 samples in chunks of 32, 31 ms in chunks of 16
+    or 64), and differently with more threads, so the first call for a layer shape on a CPU times the
+    candidate chunk sizes (:data:`CONV_CHUNK_CANDIDATES`, at most ``limit``: memory) on its own data,
+    twice each, and keeps the fastest for that shape and thread count. Other devices use one chunk of
+    at most ``limit`` samples (no timing without synchronization)."""
+    n = a.shape[0]
+    if a.device.type != "cpu":
+        return _sq_conv_chunked(module, a, g, limit)
+    key = (tuple(module.weight.shape), module.stride, module.padding, module.dilation, module.groups,
+           module.padding_mode, tuple(a.shape), a.dtype, torch.get_num_threads())
+    chunk = _CONV_CHUNKS.get(key)
+    if chunk is not None:
+        return _sq_conv_chunked(module, a, g, chunk)
+    best, out = None, None
+    for c in sorted({min(c, n, limit) for c in CONV_CHUNK_CANDIDATES}):
+        for _ in range(2):
+            t0 = time.perf_counter()
+            out = _sq_conv_chunked(module, a, g, c)
+            dt = time.perf_counter() - t0
+            if best is None or dt < best[0]:
+                best = (dt, c)
+    _CONV_CHUNKS[key] = best[1]
+    return out
+
+
 def _factor_shape(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[int, int, int, int, bool]:
     """``(groups, T, p, q, index)`` of :func:`_blocks`' factors for one sample, without forming them."""
     n = max(a.shape[0], 1)
@@ -196,10 +240,16 @@ def _cat_left(parts):
     return None
 
 
-def _sq_ghost(lefts, rights) -> torch.Tensor:
-    """Per-sample ``||sum_c sum_t L_c R_c^T||^2`` by the ghost-norm identity (float64, ``(n,)``)."""
+def _right_gram(rights) -> torch.Tensor:
     r = rights[0] if len(rights) == 1 else torch.cat(rights, dim=2)
-    gr = torch.matmul(r, r.transpose(-1, -2))
+    return torch.matmul(r, r.transpose(-1, -2))
+
+
+def _sq_ghost(lefts, rights, gr: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample ``||sum_c sum_t L_c R_c^T||^2`` by the ghost-norm identity (float64, ``(n,)``);
+    ``gr``: the Gram matrix of the right factors if already known (:func:`_right_gram`)."""
+    if gr is None:
+        gr = _right_gram(rights)
     cat = _cat_left(lefts)
     if cat is not None:
         gl = _gram(cat, cat)
@@ -263,6 +313,11 @@ class _Pass:
         self.counted = False
         self.expected: dict[int, int] = {}
         self.pending: dict[int, list[_Contribution]] = {}
+        # per input tensor of the pass (weakly held): its detached (subset) rows, shared by the layers
+        # that read the same tensor (an attention block's q/k/v projections), and the Gram matrix of
+        # those rows once a ghost norm has formed it (computed once instead of once per layer)
+        self.inputs = WeakIdKeyDictionary()
+        self.grams = WeakIdKeyDictionary()
 
 
 #: Serializes :meth:`TrainingPassMoments.add_reduced`: DDP's gradient buckets complete their
@@ -411,9 +466,12 @@ class TrainingPassMoments(PerLayerViews):
                 raise ValueError(f"a {type(module).__name__} saw {b} samples in a forward pass whose first "
                                  f"layer saw {ps.batch}: TrainingPassMoments needs the batch in dimension 0 "
                                  f"of every measured layer's input")
-            a = a.detach()
-            if ps.rows is not None:
-                a = a.index_select(0, ps.rows)
+            src, a = a, ps.inputs.get(a)
+            if a is None:
+                a = src.detach()
+                if ps.rows is not None:
+                    a = a.index_select(0, ps.rows)
+                ps.inputs[src] = a
             for _, i in roles:
                 if self._uses[i] > 1:
                     ps.expected[i] = ps.expected.get(i, 0) + 1
@@ -427,13 +485,21 @@ class TrainingPassMoments(PerLayerViews):
                 raise ValueError(f"the output of a {type(module).__name__} is a view of a larger tensor: "
                                  f"TrainingPassMoments cannot locate its gradient")
             shape = output.shape
+            # the input is held only until the output gradient arrives (autograd frees its own saved
+            # copy right after the layer's backward; holding every layer's input to the end of the
+            # backward raised the step's peak memory and cost ~9 % of a ResNet-20 step in page faults)
+            held = [a]
             base.grad_fn.register_prehook(lambda grads: self._backward(
-                module, roles, ps, a, None if grads[0] is None else grads[0].reshape(shape)))
+                module, roles, ps, held, None if grads[0] is None else grads[0].reshape(shape)))
         return hook
 
-    def _backward(self, module, roles, ps: _Pass, a: torch.Tensor, g: torch.Tensor | None) -> None:
+    def _backward(self, module, roles, ps: _Pass, held: list, g: torch.Tensor | None) -> None:
         if g is None:
             return None
+        if not held:
+            raise RuntimeError(f"a second backward through the same forward pass reached a {type(module).__name__} "
+                               f"(retain_graph=True): TrainingPassMoments measures one backward per forward")
+        a = held.pop()
         if not ps.counted:
             ps.counted = True
             self._count += ps.batch if ps.rows is None else ps.rows.numel()
@@ -446,7 +512,7 @@ class TrainingPassMoments(PerLayerViews):
         for role, i in roles:
             self._seen[i] = True
             if self._uses[i] == 1:
-                self._sq[i] += self._sample_sq([_Contribution(module, a, g)], role).sum() * scale
+                self._sq[i] += self._sample_sq([_Contribution(module, a, g)], role, ps.grams).sum() * scale
                 continue
             lst = ps.pending.setdefault(i, [])
             lst.append(_Contribution(module, a, g))
@@ -465,8 +531,10 @@ class TrainingPassMoments(PerLayerViews):
 
     # ---------------------------------------------------------- per-sample norms
     @staticmethod
-    def _sample_sq(contribs: Sequence[_Contribution], role: str) -> torch.Tensor:
-        """Per-sample squared norm of the parameter's gradient (float64, one entry per row)."""
+    def _sample_sq(contribs: Sequence[_Contribution], role: str, grams=None) -> torch.Tensor:
+        """Per-sample squared norm of the parameter's gradient (float64, one entry per row);
+        ``grams``: a mapping input tensor -> Gram matrix of its rows, read and filled for a
+        single Linear contribution by the ghost norm (whose right factor is the input)."""
         n = contribs[0].a.shape[0]
         if role == "bias":
             rows = sum(_bias_rows(c.module, c.g) for c in contribs)
@@ -490,22 +558,24 @@ class TrainingPassMoments(PerLayerViews):
             method, per_row = "materialized", groups * (p * q + tokens * (p + q))
         chunk = max(1, CHUNK_ELEMENTS // max(per_row, 1))
         if method == "conv":
-            # measured (1 CPU thread, ResNet-20 shapes): the grouped weight-gradient convolution is
-            # fastest with about 1024 input channels per call (64 channels: 16 samples 22 ms vs 256
-            # samples 79 ms for 256 samples of 8x8; 16 channels: flat from 32 to 256 samples)
-            chunk = min(chunk, max(1, 1024 // contribs[0].module.weight.shape[1]))
+            return _sq_conv_tuned(contribs[0].module, contribs[0].a, contribs[0].g, chunk)
         out = []
         for start in range(0, n, chunk):
             sl = slice(start, start + chunk)
-            if method == "conv":
-                out.append(_sq_conv(contribs[0].module, contribs[0].a[sl], contribs[0].g[sl]))
-                continue
             parts = [_blocks(c.module, c.a[sl], c.g[sl]) for c in contribs]
             lefts, rights = [x for x, _ in parts], [r for _, r in parts]
             if method == "embedding":
                 out.append(_sq_embedding(lefts[0], rights[0]))
             elif method == "ghost":
-                out.append(_sq_ghost(lefts, rights))
+                a = contribs[0].a
+                key = grams is not None and len(contribs) == 1 and chunk >= n \
+                    and isinstance(contribs[0].module, nn.Linear)
+                gr = grams.get(a) if key else None
+                if gr is None:
+                    gr = _right_gram(rights)
+                    if key:
+                        grams[a] = gr
+                out.append(_sq_ghost(lefts, rights, gr))
             else:
                 out.append(_sq_materialized(lefts, rights))
         return torch.cat(out)
