@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lb_dist.moments import TrainingPassMoments
 from lb_dist.train.backends import BackendConfigError, Engine, Torchrun
 from lb_dist.train.checkpoint import CheckpointError, atomic_save, engine_checkpoint_dir
 
@@ -302,9 +303,9 @@ class FSDPBackend(Torchrun):
         if moments is not None:
             moments.params = [sharded[names[id(p)]] for p in moments.params]
             moments.param_index = {p: i for i, p in enumerate(moments.params)}
-            if not hasattr(moments, "track_backward"):
-                # TrainingPassMoments: each micro-batch backwards its loss / A; its step is closed inside
-                # the optimizer step (lb_dist.fsdp), not by finish_gradients
+            if isinstance(moments, TrainingPassMoments):
+                # each micro-batch backwards its loss / A; the step is closed inside the optimizer step
+                # (lb_dist.fsdp.TrainingPassSource), not by finish_gradients
                 moments.grad_scale = 1.0 / accumulation_steps
         engine = FSDPEngine(self, model, optimizer, plain, mix=mix, moments=moments)
         device_mix = mix if mix is not None and mix.granularity == "device" else None
