@@ -645,9 +645,10 @@ class TrainingPassMoments(PerLayerViews):
         if mean_grad_sq is not None:
             if not isinstance(mean_grad_sq, torch.Tensor) or mean_grad_sq.shape != (len(self.params),):
                 self.discard_step()
+                got = tuple(mean_grad_sq.shape) if isinstance(mean_grad_sq, torch.Tensor) \
+                    else type(mean_grad_sq).__name__
                 raise ValueError(f"mean_grad_sq must be a tensor of shape ({len(self.params)},) (one squared "
-                                 f"norm per tracked parameter), got "
-                                 f"{tuple(mean_grad_sq.shape) if isinstance(mean_grad_sq, torch.Tensor) else type(mean_grad_sq).__name__}")
+                                 f"norm per tracked parameter), got {got}")
             if bool((mean_grad_sq < 0).any()):
                 self.discard_step()
                 raise ValueError("mean_grad_sq holds a negative squared norm")
