@@ -202,15 +202,12 @@ class TrainingPassSource:
             sq[step["keys"]] = g_sq.detach().to(torch.float64).cpu() / (clip * clip)
             if step["others"]:
                 sq[step["others"]] = reduced[n + 1:].cpu() / self.replicas
-            # .grad is (passes x grad_scale) times the step's mean gradient G; finish_step takes G's
-            # squared norms through tensors of each parameter's (global) shape: a constant of the
-            # right size, broadcast (no memory), instead of the sharded gradients (one collective each)
+            # .grad is (passes x grad_scale) times the step's mean gradient G: its reduced squared
+            # norms go to finish_step directly (the sharded gradients would need a collective each)
             mean_sq = sq / float(step["passes"] * moments.grad_scale) ** 2
-            means = [torch.sqrt(v / max(1, p.numel())).reshape(()).expand(p.shape)
-                     for v, p in zip(mean_sq, moments.params)]
             moments.set_reduced(reduced[:n + 1])
             try:
-                moments.finish_step(mean_grads=means)
+                moments.finish_step(mean_grad_sq=mean_sq)
             except ValueError:                # non-finite statistics: the step is skipped (NaN S_k)
                 return torch.full((len(layer_keys),), float("nan"), dtype=torch.float64)
         return moments.second_moments_tensor()[[index[p] for p in layer_keys]]

@@ -459,3 +459,57 @@ def test_a_second_backward_through_the_same_forward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward through the same forward"):
         loss.backward()
+
+
+# ------------------------------------------------------------- mean_grad_sq, discard_step
+def _mlp_step(model, est, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+
+def test_mean_grad_sq_gives_the_loop_noise_scale_and_discard_step_keeps_the_last_step():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    params = [model[0].weight, model[2].weight]
+    est = TrainingPassMoments(model, params)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    want_s, want_g = loop_second_moments(params, [lambda i=i: F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+                                                  for i in range(8)])
+    # the mean gradient's squared norms given directly, computed here by the per-sample loop
+    _mlp_step(model, est, x, y)
+    est.finish_step(mean_grad_sq=want_g.clone())
+    close(est.second_moments_tensor(), want_s)
+    close(est.grad_sq_norms_tensor(), want_g)
+    per, overall = est.noise_scales()
+    want_tr = want_s - want_g                          # tr(Sigma) = S - ||G||^2 (1/N normalization)
+    close(torch.stack([torch.tensor(per[p]) for p in params]), want_tr / want_g)
+    assert math.isclose(overall, float(want_tr.sum() / want_g.sum()), rel_tol=RTOL)
+    updates = est.num_updates
+    # a discarded step (other data, other weights) changes nothing of the finished one
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    _mlp_step(model, est, torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert est.num_tracked_micro_batches == 1
+    est.discard_step()
+    assert est.num_tracked_micro_batches == 0 and est.num_updates == updates
+    close(est.second_moments_tensor(), want_s)
+    close(est.grad_sq_norms_tensor(), want_g)
+    with pytest.raises(MomentsUnavailableError, match="no backward pass"):
+        est.finish_step()                              # nothing pending after the discard
+    # the next step is measured from its own data only (nothing of the discarded one leaks in)
+    with torch.no_grad():
+        model[0].weight.div_(3.0)
+    _mlp_step(model, est, x, y)
+    est.finish_step()
+    close(est.second_moments_tensor(), want_s)
+    close(est.grad_sq_norms_tensor(), want_g)
+    assert est.num_updates == updates + 1
+    # refusals: both sources, wrong shape, negative, non-finite; each drops the pending step
+    for kwargs, match in ((dict(mean_grads=[p.grad for p in params], mean_grad_sq=want_g), "at most one"),
+                          (dict(mean_grad_sq=want_g[:1]), r"shape \(2,\)"),
+                          (dict(mean_grad_sq=-want_g), "negative"),
+                          (dict(mean_grad_sq=torch.tensor([1.0, math.inf])), "non-finite")):
+        _mlp_step(model, est, x, y)
+        with pytest.raises(ValueError, match=match):
+            est.finish_step(**kwargs)
+        assert est.num_tracked_micro_batches == 0 and est.num_updates == updates + 1

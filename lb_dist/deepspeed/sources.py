@@ -269,13 +269,7 @@ class TrainingPassStepMoments(PerLayerViews):
     def discard_pending(self) -> None:
         """After DeepSpeed's step: drop what the hooks collected if the optimizer never closed the
         step with it (a step DeepSpeed or CLARS skipped), without a collective."""
-        est = self.estimator
-        if est.num_tracked_micro_batches:
-            est.set_reduced(est.local_statistics())      # closes the step locally (no all-reduce)
-            try:
-                est.finish_step()
-            except (ValueError, MomentsUnavailableError):
-                pass
+        self.estimator.discard_step()
         self._sent = False
         self._step_s = None
 
@@ -305,8 +299,12 @@ class TrainingPassStepMoments(PerLayerViews):
         if reduced.numel():
             est = self.estimator
             est.set_reduced(reduced)
+            # the estimator's own ||G_k||^2 is not read here (this source keeps the reduced per-group
+            # norms in self._g): give it this group's, zeros elsewhere, instead of reading every .grad
+            g = torch.zeros(len(self.params), dtype=torch.float64)
+            g[idx] = g_sq.detach().to("cpu", torch.float64) / (clip * clip)
             try:
-                est.finish_step()
+                est.finish_step(mean_grad_sq=g)
                 self._step_s = est.second_moments_tensor().detach().to("cpu", torch.float64)
             except ValueError:                    # non-finite statistics: CLARS skips the step
                 self._step_s = torch.full((len(self.params),), float("nan"), dtype=torch.float64)

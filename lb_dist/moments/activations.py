@@ -622,12 +622,36 @@ class TrainingPassMoments(PerLayerViews):
             raise ValueError(f"statistics holds {statistics.numel()} entries, expected {len(self.params) + 1}")
         self._reduced = statistics.to(self._sq.device)
 
-    def finish_step(self, mean_grads: Sequence[torch.Tensor] | None = None) -> None:
+    def discard_step(self) -> None:
+        """Drop the pending step's statistics (a step the optimizer skipped, e.g. an AMP overflow)
+        without a collective: ``S_k``, ``||G_k||^2`` and :attr:`num_updates` stay those of the last
+        finished step."""
+        self._reset_pending()
+        self._reduced = self._parts = None
+
+    def finish_step(self, mean_grads: Sequence[torch.Tensor] | None = None, *,
+                    mean_grad_sq: torch.Tensor | None = None) -> None:
         """Close the step: ``S_k = sum_i ||grad_k f_i||^2 / count`` over the step's (subset)
         samples of every rank (one all-reduce of ``[per-layer sums | count]`` when distributed,
-        none if the DDP hook already reduced them) and ``||G_k||^2`` from ``mean_grads`` or from
+        none if the DDP hook already reduced them) and ``||G_k||^2`` from ``mean_grads``, from
+        ``mean_grad_sq`` (the per-layer squared norms of the mean gradient directly, ``params``
+        order; for engines that already reduced them, e.g. over shards) or from
         ``.grad / (n * grad_scale)`` (n backward passes; ``.grad`` zeroed before the step's first
-        micro-batch, not yet clipped). Resets the step's statistics, also on error."""
+        micro-batch, not yet clipped). Non-finite values are a ``ValueError`` (skip the optimizer
+        step). Resets the step's statistics, also on error."""
+        if mean_grads is not None and mean_grad_sq is not None:
+            self.discard_step()
+            raise ValueError("pass at most one of mean_grads and mean_grad_sq")
+        if mean_grad_sq is not None:
+            if not isinstance(mean_grad_sq, torch.Tensor) or mean_grad_sq.shape != (len(self.params),):
+                self.discard_step()
+                got = tuple(mean_grad_sq.shape) if isinstance(mean_grad_sq, torch.Tensor) \
+                    else type(mean_grad_sq).__name__
+                raise ValueError(f"mean_grad_sq must be a tensor of shape ({len(self.params)},) (one squared "
+                                 f"norm per tracked parameter), got {got}")
+            if bool((mean_grad_sq < 0).any()):
+                self.discard_step()
+                raise ValueError("mean_grad_sq holds a negative squared norm")
         try:
             if self._passes == 0:
                 raise MomentsUnavailableError(
@@ -648,7 +672,9 @@ class TrainingPassMoments(PerLayerViews):
             if count <= 0:
                 raise MomentsUnavailableError("no sample entered the statistics of this step")
             s = stats[:-1] / count
-            if mean_grads is None:
+            if mean_grad_sq is not None:
+                g = mean_grad_sq.detach().to(device=self._sq.device, dtype=torch.float64).clone()
+            elif mean_grads is None:
                 grads = [p.grad for p in self.params]
                 g = self._sq_norms(grads) / float(n * self._grad_scale) ** 2
             else:
@@ -668,8 +694,7 @@ class TrainingPassMoments(PerLayerViews):
             self._s, self._g = s, g
             self.num_updates += 1
         finally:
-            self._reset_pending()
-            self._reduced = self._parts = None
+            self.discard_step()
 
     def _sq_norms(self, tensors) -> torch.Tensor:
         out = torch.zeros(len(tensors), dtype=torch.float64, device=self._sq.device)
