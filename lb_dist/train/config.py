@@ -191,7 +191,7 @@ def build_parser(prog: str = "lb-dist train") -> argparse.ArgumentParser:
                    help="where CLARS' S_k comes from: micro-batch (free: the data-parallel ranks' and accumulation "
                         "micro-batches' gradients; needs >= 2 per step), per-sample (exact, torch.func, on "
                         "--per-sample-subset samples; image models) or training-pass (exact, on the whole batch, from "
-                        "the training step's own activations and output gradients; --backend single/torchrun/horovod)")
+                        "the training step's own activations and output gradients; every backend)")
     g.add_argument("--per-sample-subset", type=_positive_int, default=512,
                    help="|J|, the global per-sample subset (CLARS paper section 4.4)")
     g.add_argument("--per-sample-chunk", type=_positive_int, default=DEFAULT_CHUNK_SIZE, help="samples per vmap call (memory)")
