@@ -52,12 +52,12 @@ def build(kind: str, mesh):
     return model
 
 
-def batch(kind: str, rank: int):
+def batch(kind: str, rank: int, sequences: int = 16):
     g = torch.Generator().manual_seed(rank)
     if kind == "resnet20":
         return torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
-    x = torch.randint(0, 1000, (16, 32), generator=g)
-    return x, torch.randint(0, 1000, (16, 32), generator=g)
+    x = torch.randint(0, 1000, (sequences, 32), generator=g)
+    return x, torch.randint(0, 1000, (sequences, 32), generator=g)
 
 
 def loss_fn(kind, model, x, y):
@@ -118,7 +118,7 @@ def worker(args) -> None:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for kind in args.models:
         runs = configs(kind, mesh)
-        x, y = batch(kind, rank)
+        x, y = batch(kind, rank, args.transformer_sequences)
 
         def train_step(model, opt):
             loss_fn(kind, model, x, y).backward()
@@ -144,8 +144,12 @@ def worker(args) -> None:
                             sum("reduce_scatter" in n and n.startswith("c10d::") for n in events))
         times = {n: [] for n in runs}
         otimes = {n: [] for n in runs}
+        order = list(runs)
         for rep in range(args.warmup + args.repeats):
-            for name, (model, opt) in runs.items():
+            # rotate the order every repetition: a fixed order biases the train-step times of the
+            # configurations by their position (several % on this machine, measured)
+            for name in order[rep % len(order):] + order[:rep % len(order)]:
+                model, opt = runs[name]
                 dist.barrier()
                 t0 = time.perf_counter()
                 train_step(model, opt)
@@ -156,17 +160,37 @@ def worker(args) -> None:
                     otimes[name].append(ot)
         med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
         omed = {n: statistics.median(v) * 1e3 for n, v in otimes.items()}
+
+        def baseline(n):
+            return "torch AdamW" if ("LAMB" in n or "AdamW" in n) else "torch SGD(momentum)"
+
+        # the median over repetitions of the paired difference of optimizer steps (same repetition)
+        paired = {n: statistics.median(a - b for a, b in zip(otimes[n], otimes[baseline(n)])) * 1e3 for n in runs}
+        # GradientMix's own work per step: one multiply of every FSDP unit's packed, unreduced gradient
+        # (world x padded shard = the model's size, in float32) by pi_k; nothing else is added to FSDP's
+        # reduce-scatter (which, without the mix, divides by the world size instead: FSDP2 on gloo)
+        numel = sum(p.numel() for p in runs["lb_dist LARS"][0].parameters())
+        packed = torch.ones(numel)
+        mul = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            packed.mul_(1.0)
+            mul.append(time.perf_counter() - t0)
+        mix_ms = statistics.median(mul) * 1e3
         if rank == 0:
-            numel = sum(p.numel() for p in runs["lb_dist LARS"][0].parameters())
             print(f"\n{kind} ({numel:,} parameters), fully_shard over {dist.get_world_size()} processes, "
-                  f"median of {args.repeats} steps\n")
-            print("| configuration | train step (ms) | vs baseline | optimizer step (ms) | all-reduces | "
-                  "reduce-scatters |")
-            print("|---|---:|---:|---:|---:|---:|")
+                  f"median of {args.repeats} steps"
+                  + (f", {args.transformer_sequences} sequences of 32 per process" if kind != "resnet20" else "")
+                  + "\n")
+            print("| configuration | train step (ms) | vs baseline | optimizer step (ms) | optimizer step - "
+                  "baseline's, paired (ms) | as % of the baseline's train step | all-reduces | reduce-scatters |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
             for n in runs:
-                base = med["torch AdamW"] if ("LAMB" in n or "AdamW" in n) else med["torch SGD(momentum)"]
-                print(f"| {n} | {med[n]:.1f} | {med[n] / base:.3f}x | {omed[n]:.2f} | {counts[n][0]} | "
-                      f"{counts[n][1]} |")
+                base = med[baseline(n)]
+                print(f"| {n} | {med[n]:.1f} | {med[n] / base:.3f}x | {omed[n]:.2f} | {paired[n]:+.2f} | "
+                      f"{100 * paired[n] / base:+.1f} % | {counts[n][0]} | {counts[n][1]} |")
+            print(f"\nGradientMix's own work (one multiply of the packed gradient, {numel:,} float32): "
+                  f"{mix_ms:.3f} ms per step = {100 * mix_ms / med['lb_dist LARS']:.2f} % of the LARS train step")
     dist.destroy_process_group()
 
 
@@ -176,6 +200,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=["resnet20", "transformer"])
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--transformer-sequences", type=int, default=16,
+                    help="sequences of 32 tokens per process for the Transformer (default 16)")
     args = ap.parse_args()
     if os.environ.get("LB_BENCH_FSDP_WORKER"):
         worker(args)
