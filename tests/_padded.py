@@ -41,7 +41,7 @@ def padded_batch(g: torch.Generator, n: int, t_len: int = 6, vocab: int = 11) ->
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy (0 at padding) and their sum over the micro-batch's non-padding
     labels divided by their count."""
-    tokens = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+    tokens = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                              reduction="none").view(labels.shape)
     return tokens, tokens.sum() / (labels != -100).sum()
 
@@ -51,7 +51,7 @@ def exact_padded(model: nn.Module, batches, per_sequence_mean: bool = False):
     every process; each is backpropagated as ``L_kj = sum_t l_t / T_kj`` (T_kj: its non-padding
     labels) and the engine averages the gradients over the K A equal micro-batches. Sequence i's part,
     scaled to the batch mean, is ``f_i = b sum_{t in i} l_{i,t} / T_kj`` (b sequences per micro-batch);
-    the N parts average to the gradient used. Autograd on one sequence at a time, in float64.
+    the N parts average to the gradient used. Autograd on one sequence at a time (in the model's dtype), sums in float64.
     ``per_sequence_mean``: the wrong unit ``f_i = mean_{t in i} l_{i,t}`` (for can-fail checks).
     Returns ``({name: S_k}, {name: ||G_k||^2}, {name: G})``."""
     names = [n for n, _ in model.named_parameters()]
@@ -63,7 +63,7 @@ def exact_padded(model: nn.Module, batches, per_sequence_mean: bool = False):
         b, tokens = len(x), int((y != -100).sum())
         for i in range(b):
             count = b * int((y[i] != -100).sum()) if per_sequence_mean else tokens
-            f_i = b * F.cross_entropy(model(x[i:i + 1])[0].float(), y[i], ignore_index=-100, reduction="sum") / count
+            f_i = b * F.cross_entropy(model(x[i:i + 1])[0], y[i], ignore_index=-100, reduction="sum") / count
             gs = torch.autograd.grad(f_i, params, allow_unused=True)
             for n, p, g in zip(names, params, gs):
                 g = torch.zeros_like(p) if g is None else g.double()
