@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _padded import ADAPTED as ADAPTED_PADDED  # noqa: E402
+from _padded import PadNet, padded_batch, token_loss  # noqa: E402,F401
+
 VOCAB, DIM, HID, OUT, SEQ = 11, 6, 5, 3, 4
 MICRO = 3
 SEED = 5
@@ -57,16 +61,19 @@ class ConvNet(nn.Module):
 
 
 #: the adapted (measured) weights of each model
-ADAPTED = {"seq": ("emb.weight", "lin.weight", "head.weight"), "conv": ("conv.weight", "head.weight")}
+ADAPTED = {"seq": ("emb.weight", "lin.weight", "head.weight"), "conv": ("conv.weight", "head.weight"),
+           "pad": ADAPTED_PADDED}
 
 
 def make_model(kind: str = "seq") -> nn.Module:
     torch.manual_seed(SEED)
-    return ConvNet() if kind == "conv" else SeqNet()
+    return {"conv": ConvNet, "pad": PadNet}.get(kind, SeqNet)()   # PadNet: the padded case (tests/_padded.py)
 
 
 def batch(rank: int, step: int, micro: int, kind: str = "seq") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7919 * (rank + 1) + 101 * step + micro)
+    if kind == "pad":
+        return padded_batch(g, MICRO, SEQ + 2, VOCAB)
     x = torch.randn(MICRO, 2, SEQ + 1, generator=g) if kind == "conv" else \
         torch.randint(0, VOCAB, (MICRO, SEQ), generator=g)
     return x, torch.randint(0, OUT, (MICRO,), generator=g)
@@ -83,6 +90,7 @@ def cases() -> list[dict]:
         {"name": "z3_zero_init", "stage": 3, "accumulation": 1, "steps": 2, "zero_init": True},
         {"name": "z3_conv", "stage": 3, "accumulation": 2, "steps": 2, "model": "conv"},
         {"name": "z1_bf16", "stage": 1, "accumulation": 2, "steps": 1, "bf16": True},
+        {"name": "z2_padded", "stage": 2, "accumulation": 2, "steps": 2, "model": "pad"},
     ]
 
 
@@ -164,8 +172,11 @@ def run_case(case: dict, rank: int) -> dict:
             handle = dict(engine.module.named_parameters())["head.weight"].register_hook(poison)
         for j in range(case["accumulation"]):
             x, y = batch(rank, step, j, case.get("model", "seq"))
-            losses = F.cross_entropy(engine(x).float(), y, reduction="none")
-            loss = runtime.weighted_loss(losses) if case.get("mix") == "sample" else losses.mean()
+            if case.get("model") == "pad":
+                losses, loss = token_loss(engine(x), y)
+            else:
+                losses = F.cross_entropy(engine(x).float(), y, reduction="none")
+                loss = runtime.weighted_loss(losses) if case.get("mix") == "sample" else losses.mean()
             factors.append(torch.autograd.grad(loss, losses, retain_graph=True)[0].detach())
             engine.backward(loss)
             engine.step()

@@ -16,6 +16,7 @@ Usage: ``python _worker_fsdp.py <out.json> <mesh>`` with mesh ``fsdp`` (1-D) or 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -28,6 +29,9 @@ import lb_dist.fsdp
 from lb_dist import GradientMix
 from lb_dist.moments import MicroBatchMoments, TrainingPassMoments
 from lb_dist.optim import CLARS, LAMB, LARS, param_groups
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _padded import PadNet, exact_padded, padded_batch, token_loss  # noqa: E402
 
 DT = torch.float64
 STEPS = 20
@@ -166,6 +170,48 @@ def run(name: str, mixing: bool, accumulate: bool, mesh, world: int, rank: int, 
     return row
 
 
+def padded(mesh, world: int, rank: int) -> dict:
+    """Training-pass S_k on the padded token model (tests/_padded.py: embedding with padding_idx,
+    Linear over the sequence, token cross-entropy over the non-padding labels normalized by their
+    count, ragged lengths differing between ranks), fully_shard-ed per layer, 2 accumulated
+    micro-steps, 2 steps; each rank computes the exact per-sequence loop over every rank's
+    micro-batches on a plain copy with the gathered weights. Returns the relative errors and the
+    token counts."""
+    def data(step, k, j):
+        return padded_batch(torch.Generator().manual_seed(100 * step + 10 * k + j), B)
+
+    torch.manual_seed(0)
+    model = PadNet().to(DT)
+    for layer in (model.emb, model.lin, model.head):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    moments = TrainingPassMoments(model, grad_scale=0.5)
+    opt = CLARS(param_groups(model, weight_decay=0.01), lr=0.2, eta=0.02, moments=moments)
+    lb_dist.fsdp.register(model, moments=moments, optimizer=opt)
+    names = [n for n, p in model.named_parameters() if p in moments.param_index]
+    ref = PadNet().to(DT)
+    sk_err = g_err = 0.0
+    for step in range(2):
+        ref.load_state_dict({n: p.full_tensor() for n, p in model.named_parameters()})
+        model.set_requires_gradient_sync(False)
+        x, y = data(step, rank, 0)
+        (token_loss(model(x), y)[1] / 2).backward()
+        model.set_requires_gradient_sync(True)
+        x, y = data(step, rank, 1)
+        (token_loss(model(x), y)[1] / 2).backward()
+        opt.step()
+        opt.zero_grad()
+        s, g_sq, _ = exact_padded(ref, [data(step, k, j) for k in range(world) for j in range(2)])
+        want_s = torch.tensor([s[n] for n in names], dtype=DT)
+        want_g = torch.tensor([g_sq[n] for n in names], dtype=DT)
+        sk_err = max(sk_err, float(((moments.second_moments_tensor() - want_s) / want_s).abs().max()))
+        g_err = max(g_err, float(((moments.grad_sq_norms_tensor() - want_g) / want_g).abs().max()))
+    wrong, _, _ = exact_padded(ref, [data(1, k, j) for k in range(world) for j in range(2)], per_sequence_mean=True)
+    return {"names": names, "sk_err": sk_err, "g_err": g_err,
+            "wrong_unit_err": max(abs(wrong[n] / s[n] - 1) for n in names),
+            "tokens": [[int((data(0, k, j)[1] != -100).sum()) for j in range(2)] for k in range(world)]}
+
+
 def unaware(mesh, world: int, rank: int) -> dict:
     """A sharding-unaware LARS: one plain LARS over this process's local shards (per-shard norms)."""
     model, ref = shard(mlp(), mesh), mlp()
@@ -244,6 +290,7 @@ def main() -> None:
     result = {"rows": rows, "world": world}
     if kind != "hsdp":
         result["unaware"] = unaware(mesh, world, rank)
+        result["padded"] = padded(mesh, world, rank)
         result["refusals"] = refusals(mesh, world)
         result["local_sizes"] = [list(p.to_local().shape) for p in shard(mlp(), mesh).parameters()]
     with open(f"{out}.{rank}", "w") as f:

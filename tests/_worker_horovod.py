@@ -27,6 +27,9 @@ from lb_dist.mixing import GradientMix  # noqa: E402
 from lb_dist.moments import MicroBatchMoments, TrainingPassMoments, per_sample_second_moments  # noqa: E402
 from lb_dist.optim import CLARS, LAMB, LARS, param_groups  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _padded import PadNet, padded_batch, token_loss  # noqa: E402
+
 LOCAL = 4       # samples per rank per backward pass
 STD = 0.5
 STEPS = 3
@@ -233,6 +236,35 @@ def run_training_pass(rank: int) -> dict:
         rec["second_moments"].append(moments.second_moments_tensor().clone())
         rec["grad_sq"].append(moments.grad_sq_norms_tensor().clone())
     rec["final"] = snapshot(model)
+    return rec
+
+
+def padded_data(step: int, rank: int, micro: int):
+    """The padded case's micro-batch (tests/_padded.py): ragged lengths that differ between ranks."""
+    return padded_batch(torch.Generator().manual_seed(1000 * step + 10 * rank + micro + 7), LOCAL)
+
+
+def run_training_pass_padded(rank: int) -> dict:
+    """run_training_pass on the padded token model (embedding with padding_idx, Linear over the
+    sequence, token cross-entropy over the non-padding labels normalized by their count): per step
+    the parameters before it, this rank's micro-batches and S_k / ||G_k||^2."""
+    torch.manual_seed(0)
+    model = PadNet()
+    moments = TrainingPassMoments(model, grad_scale=0.5)
+    opt = CLARS(param_groups(model, 1e-2), lr=0.5, momentum=0.9, eta=0.01, moments=moments)
+    opt = lbh.DistributedOptimizer(opt, named_parameters=model.named_parameters(), backward_passes_per_step=2,
+                                   moments=moments)
+    rec = {"params": [], "data": [], "second_moments": [], "grad_sq": [],
+           "tracked": [n for n, p in model.named_parameters() if p in moments.param_index]}
+    for t in range(2):
+        opt.zero_grad()
+        rec["params"].append({n: p.detach().clone() for n, p in model.named_parameters()})
+        rec["data"].append([padded_data(t, rank, micro) for micro in range(2)])
+        for x, y in rec["data"][-1]:
+            (token_loss(model(x), y)[1] / 2).backward()
+        opt.step()
+        rec["second_moments"].append(moments.second_moments_tensor().clone())
+        rec["grad_sq"].append(moments.grad_sq_norms_tensor().clone())
     return rec
 
 
@@ -636,6 +668,8 @@ def main() -> None:
         result["configs"][name] = {v: run_config(name, cfg, v, rank) for v in variants}
     result["clars"] = run_clars(rank)
     result["training_pass"] = run_training_pass(rank)
+    if hvd.gloo_enabled():
+        result["training_pass_padded"] = run_training_pass_padded(rank)
     result["two_optimizers"] = run_two_optimizers(rank)
     result["errors"] = run_errors(rank)
     result["hvd_flow"] = run_hvd_flow(rank)

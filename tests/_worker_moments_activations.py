@@ -9,6 +9,7 @@ this run and of the same DDP model with lb_dist.ddp's plain averaging hook. Comp
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -23,6 +24,9 @@ torch.set_default_dtype(torch.float64)
 import lb_dist.ddp  # noqa: E402
 from lb_dist.moments import TrainingPassMoments  # noqa: E402
 from lb_dist.optim import CLARS, param_groups  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _padded import PadNet, padded_batch, token_loss  # noqa: E402
 
 LOCAL, ACCUM, STEPS, LR = 3, 2, 3, 0.5
 
@@ -91,10 +95,43 @@ def run(rank: int, with_moments: bool) -> dict:
     return rec
 
 
+def run_padded(rank: int) -> dict:
+    """The padded token model (tests/_padded.py: embedding with padding_idx, Linear over the sequence,
+    token cross-entropy over the non-padding labels normalized by their count, ragged lengths that
+    differ between ranks) under DDP + lb_dist.ddp, ACCUM micro-batches (the first under no_sync),
+    2 steps: the parameters before each step, the data, S_k and ||G_k||^2."""
+    torch.manual_seed(0)
+    model = PadNet()
+    ddp = DDP(model, bucket_cap_mb=0.0002)
+    est = TrainingPassMoments(ddp, grad_scale=1.0 / ACCUM)
+    lb_dist.ddp.register(ddp, moments=est)
+    opt = CLARS(param_groups(model, 0.0), lr=LR, moments=est)
+    rec = {"names": [n for n, p in model.named_parameters() if p in est.param_index],
+           "params": [], "data": [], "S": [], "G": []}
+    for t in range(2):
+        opt.zero_grad(set_to_none=True)
+        rec["params"].append({n: p.detach().clone() for n, p in model.named_parameters()})
+        batches = [padded_batch(torch.Generator().manual_seed(100 * t + 10 * rank + j + 5), LOCAL)
+                   for j in range(ACCUM)]
+        rec["data"].append(batches)
+        for j, (x, y) in enumerate(batches):
+            if j < ACCUM - 1:
+                with ddp.no_sync():
+                    (token_loss(ddp(x), y)[1] / ACCUM).backward()
+            else:
+                (token_loss(ddp(x), y)[1] / ACCUM).backward()
+        est.finish_step()
+        rec["S"].append(est.second_moments_tensor().clone())
+        rec["G"].append(est.grad_sq_norms_tensor().clone())
+        opt.step()
+    return rec
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    out = {"moments": run(rank, True), "plain": run(rank, False), "world_size": dist.get_world_size()}
+    out = {"moments": run(rank, True), "plain": run(rank, False), "padded": run_padded(rank),
+           "world_size": dist.get_world_size()}
     torch.save(out, f"{sys.argv[1]}/rank{rank}.pt")
     print(f"rank {rank}/{dist.get_world_size()}: done", flush=True)
     dist.barrier()

@@ -23,6 +23,7 @@ pytest.importorskip("deepspeed")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _worker_deepspeed_training_pass as W  # noqa: E402
+from _padded import exact_padded  # noqa: E402
 from _worker_launch import REPO, TESTS, child_env, free_port  # noqa: E402
 
 from lb_dist.deepspeed import ConfigError, parse_config  # noqa: E402
@@ -82,6 +83,13 @@ def exact_step(params: dict, step: int, factors, world: int, accumulation: int, 
     return s, g_sq, grad
 
 
+def exact_step_padded(params: dict, step: int, world: int, accumulation: int, per_sequence_mean: bool = False):
+    """The padded case's exact loop (tests/_padded.py: ``f_i = b sum_{t in i} l_{i,t} / T_kj``) over
+    both processes' micro-batches of the step."""
+    batches = [W.batch(k, step, j, "pad") for k in range(world) for j in range(accumulation)]
+    return exact_padded(_model(params, "pad"), batches, per_sequence_mean)
+
+
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
@@ -104,7 +112,10 @@ def test_s_k_equals_the_exact_per_sample_loop(job, name):
             # a step CLARS skipped (non-finite gradient): nothing of it may leak into the next one
             assert all(torch.equal(rec["params"][n], res["steps"][step + 1]["params"][n]) for n in rec["params"])
             continue
-        s, g_sq, _ = exact_step(rec["params"], step, rec["factors"], res["world"], case["accumulation"], kind)
+        if kind == "pad":
+            s, g_sq, _ = exact_step_padded(rec["params"], step, res["world"], case["accumulation"])
+        else:
+            s, g_sq, _ = exact_step(rec["params"], step, rec["factors"], res["world"], case["accumulation"], kind)
         for i, n in enumerate(res["names"]):
             assert _rel(float(rec["s"][i]), s[n]) < tol, (name, step, n, float(rec["s"][i]), s[n])
             assert _rel(float(rec["g"][i]), g_sq[n]) < tol, (name, step, n, float(rec["g"][i]), g_sq[n])
@@ -138,6 +149,21 @@ def test_a_layer_the_source_cannot_measure_is_refused_before_deepspeed_starts():
     with pytest.raises(ConfigError, match=r"optimizer\.second_moments\.source.*in_proj_weight"):
         lbds.initialize(model=model, config=cfg)
     assert not model._forward_pre_hooks and not model[0]._forward_hooks
+
+
+def test_padded_case_is_ragged_and_its_normalisation_matters(job):
+    """The padded case's data: padding in every micro-batch, token counts that differ between the two
+    processes, padded inputs exactly where labels are ignored; and S_k of per-sequence token means
+    (the wrong unit for a batch-normalized token loss) differs, so the comparison above can fail."""
+    res = job["z2_padded"]
+    counts = [[int((W.batch(k, 0, j, "pad")[1] != -100).sum()) for j in range(2)] for k in range(res["world"])]
+    assert all(c < W.MICRO * (W.SEQ + 2) for row in counts for c in row)
+    assert counts[0] != counts[1], counts
+    x, y = W.batch(0, 0, 0, "pad")
+    assert torch.equal(x == 0, y == -100)
+    rec = res["steps"][0]
+    s, _, _ = exact_step_padded(rec["params"], 0, res["world"], 2, per_sequence_mean=True)
+    assert max(_rel(float(rec["s"][i]), s[n]) for i, n in enumerate(W.ADAPTED["pad"])) > 1e-3
 
 
 def test_sample_mix_measures_the_weighted_per_sample_gradients(job):

@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from _padded import ADAPTED
 from _worker_launch import launch
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -66,6 +67,12 @@ def test_fully_shard_three_processes_mix_accumulation_moments(tmp_path):
         assert res["unaware"]["max_err"] > 1e-3
         if rank == 2:
             assert [0, 7] in res["local_sizes"] or [0] in res["local_sizes"]   # an empty shard
+        # padded sequences (tests/_padded.py), training-pass S_k vs the exact per-sequence loop
+        pad = res["padded"]
+        assert pad["names"] == list(ADAPTED)
+        assert pad["sk_err"] <= 1e-5 and pad["g_err"] <= 1e-5, pad
+        assert pad["wrong_unit_err"] > 1e-3, pad            # the wrong per-sample unit: can fail
+        assert len({tuple(t) for t in pad["tokens"]}) > 1 and max(max(t) for t in pad["tokens"]) < 2 * 6 * 4, pad
         ref = res["refusals"]
         assert "no FSDP module" in ref["no_fsdp"]
         assert "mix has granularity='sample'" in ref["sample_mix"]

@@ -25,6 +25,9 @@ hvd_spec = pytest.importorskip("horovod.torch", reason="Horovod is not installed
 
 from lb_dist.mixing import GradientMix  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _padded import PadNet, exact_padded  # noqa: E402
+
 K = 2
 STD = 0.5        # tests/_worker_horovod.py
 LOCAL = 4
@@ -408,6 +411,31 @@ def test_training_pass_sums_ride_with_the_gradients_and_equal_the_exact_loop(run
         close(rec["second_moments"][t], s, atol=0, rtol=1e-5)
         close(rec["grad_sq"][t], g_sq, atol=0, rtol=1e-5)
         assert torch.equal(runs[1]["training_pass"]["second_moments"][t], rec["second_moments"][t])
+
+
+def test_training_pass_padded_sequences_equal_the_exact_loop(runs):
+    """The padded token model (tests/_padded.py: embedding with padding_idx, Linear over the sequence,
+    token cross-entropy over the non-padding labels normalized by their count, ragged lengths differing
+    between the ranks), 2 passes per step: S_k and ||G_k||^2 equal the exact per-sequence loop over
+    both ranks' micro-batches to 1e-5 (horovodrun --gloo only; the controller does not matter here)."""
+    if "training_pass_padded" not in runs[0]:
+        pytest.skip("the padded case runs under horovodrun --gloo only")
+    rec = runs[0]["training_pass_padded"]
+    counts = [[int((y != -100).sum()) for _, y in runs[r]["training_pass_padded"]["data"][0]] for r in range(K)]
+    assert counts[0] != counts[1] and max(max(c) for c in counts) < 2 * LOCAL * 6, counts
+    model = PadNet()
+    names = rec["tracked"]
+    assert names == ["emb.weight", "lin.weight", "head.weight"]
+    for t in range(2):
+        model.load_state_dict(rec["params"][t])
+        batches = [b for r in range(K) for b in runs[r]["training_pass_padded"]["data"][t]]
+        s, g_sq, _ = exact_padded(model, batches)
+        close(rec["second_moments"][t], torch.tensor([s[n] for n in names]), atol=0, rtol=1e-5)
+        close(rec["grad_sq"][t], torch.tensor([g_sq[n] for n in names]), atol=0, rtol=1e-5)
+        assert torch.equal(runs[1]["training_pass_padded"]["second_moments"][t], rec["second_moments"][t])
+        # the wrong per-sample unit (each sequence's own token mean) differs: the check can fail
+        wrong, _, _ = exact_padded(model, batches, per_sequence_mean=True)
+        assert max(abs(wrong[n] / s[n] - 1) for n in names) > 1e-3
 
 
 # ------------------------------------------------------------------ hooks and step rule

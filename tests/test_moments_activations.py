@@ -333,6 +333,24 @@ def test_torchrun_ddp_clars_equals_one_process_with_the_exact_loop(tmp_path):
     for r in range(2):
         for got, want in zip(outs[r]["moments"]["final"], model.parameters()):
             torch.testing.assert_close(got, want.detach(), rtol=RTOL, atol=1e-9)
+    # padded sequences (tests/_padded.py: padding_idx, token loss over the non-padding labels
+    # normalized by their count, ragged lengths differing between the ranks), same job: S_k and
+    # ||G_k||^2 against the exact per-sequence loop over both ranks' micro-batches
+    from _padded import ADAPTED, PadNet, exact_padded
+    pad = [outs[r]["padded"] for r in range(2)]
+    assert pad[0]["names"] == list(ADAPTED)
+    counts = [[int((y != -100).sum()) for _, y in pad[r]["data"][0]] for r in range(2)]
+    assert counts[0] != counts[1] and max(max(c) for c in counts) < 3 * 6, counts
+    model = PadNet()
+    for t in range(2):
+        model.load_state_dict(pad[0]["params"][t])
+        batches = [b for r in range(2) for b in pad[r]["data"][t]]
+        s, g, _ = exact_padded(model, batches)
+        for r in range(2):
+            close(pad[r]["S"][t], torch.tensor([s[n] for n in ADAPTED]))
+            close(pad[r]["G"][t], torch.tensor([g[n] for n in ADAPTED]))
+        wrong, _, _ = exact_padded(model, batches, per_sequence_mean=True)   # the wrong unit: can fail
+        assert max(abs(wrong[n] / s[n] - 1) for n in ADAPTED) > 1e-3
 
 
 # -------------------------------------------------------------------------- lb-dist train
