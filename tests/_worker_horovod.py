@@ -668,8 +668,7 @@ def main() -> None:
         result["configs"][name] = {v: run_config(name, cfg, v, rank) for v in variants}
     result["clars"] = run_clars(rank)
     result["training_pass"] = run_training_pass(rank)
-    if hvd.gloo_enabled():
-        result["training_pass_padded"] = run_training_pass_padded(rank)
+    result["training_pass_padded"] = run_training_pass_padded(rank)
     result["two_optimizers"] = run_two_optimizers(rank)
     result["errors"] = run_errors(rank)
     result["hvd_flow"] = run_hvd_flow(rank)

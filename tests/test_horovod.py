@@ -417,9 +417,7 @@ def test_training_pass_padded_sequences_equal_the_exact_loop(runs):
     """The padded token model (tests/_padded.py: embedding with padding_idx, Linear over the sequence,
     token cross-entropy over the non-padding labels normalized by their count, ragged lengths differing
     between the ranks), 2 passes per step: S_k and ||G_k||^2 equal the exact per-sequence loop over
-    both ranks' micro-batches to 1e-5 (horovodrun --gloo only; the controller does not matter here)."""
-    if "training_pass_padded" not in runs[0]:
-        pytest.skip("the padded case runs under horovodrun --gloo only")
+    both ranks' micro-batches to 1e-5, under every launcher."""
     rec = runs[0]["training_pass_padded"]
     counts = [[int((y != -100).sum()) for _, y in runs[r]["training_pass_padded"]["data"][0]] for r in range(K)]
     assert counts[0] != counts[1] and max(max(c) for c in counts) < 2 * LOCAL * 6, counts
