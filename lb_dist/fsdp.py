@@ -111,12 +111,8 @@ class FSDPMixState(StepState):
                     f"lb_dist.fsdp: {missing} of the {len(moments.params)} parameters tracked by moments had no "
                     f"gradient reduced by FSDP since the last optimizer step (a parameter that got no "
                     f"gradient: model.set_reduce_scatter_unused_params(True))")
-            index = moments.param_index
-            keys = [index.get(p) for p in layer_keys]
-            if any(k is None for k in keys):
-                raise RuntimeError("lb_dist.fsdp: CLARS adapts a parameter that moments does not track; build "
-                                   "MicroBatchMoments on every adapted parameter of the model")
-            others = [j for j in range(len(moments.params)) if j not in set(keys)]
+            keys, others = _split_tracked(moments, layer_keys, "build MicroBatchMoments on every adapted "
+                                                               "parameter of the model")
             partial = _local_grad_sq([moments.params[j] for j in others])
             self._filled.zero_()
             self._step = {"keys": keys, "others": others, "weights": self._weights}
@@ -139,13 +135,34 @@ class FSDPMixState(StepState):
         n = len(moments.params)
         if reduced.numel():
             step, self._step = self._step, None     # the step is served: a next one needs a new backward
-            weighted = torch.zeros(n, dtype=torch.float64)
-            weighted[step["keys"]] = g_sq.detach().to(torch.float64).cpu() / (clip * clip)
-            if step["others"]:
-                weighted[step["others"]] = reduced[n:].cpu() / self.replicas
+            weighted = _reduced_grad_sq(n, step, g_sq, clip, reduced[n:], self.replicas)
             self.feed(reduced[:n].cpu(), self.world_size, weighted, step["weights"])
         index = moments.param_index
         return moments.second_moments_tensor()[[index[p] for p in layer_keys]]
+
+def _split_tracked(moments, layer_keys, advice: str) -> tuple[list[int], list[int]]:
+    """Positions in ``moments.params`` of CLARS' adapted layers ``layer_keys`` and of the other
+    tracked parameters (whose local shard norms ride along: the optimizer reduces no norm of them)."""
+    index = moments.param_index
+    keys = [index.get(p) for p in layer_keys]
+    if any(k is None for k in keys):
+        raise RuntimeError(f"lb_dist.fsdp: CLARS adapts a parameter that {type(moments).__name__} does not "
+                           f"track; {advice}")
+    chosen = set(keys)
+    return keys, [j for j in range(len(moments.params)) if j not in chosen]
+
+
+def _reduced_grad_sq(n: int, step: dict, g_sq: torch.Tensor, clip: float, others: torch.Tensor,
+                     replicas: int) -> torch.Tensor:
+    """The reduced gradient's squared norm per tracked parameter (float64, CPU): the optimizer's
+    reduced ``||g_k||^2`` (unclipped) for the adapted layers, the reduced local-shard norms (each
+    shard counted once: HSDP ``replicas`` hold copies) for the others."""
+    out = torch.zeros(n, dtype=torch.float64)
+    out[step["keys"]] = g_sq.detach().to(torch.float64).cpu() / (clip * clip)
+    if step["others"]:
+        out[step["others"]] = others.cpu() / replicas
+    return out
+
 
 def _local_grad_sq(params) -> torch.Tensor:
     """Squared norms of the local shards of ``params``' gradients (float64, CPU)."""
@@ -182,13 +199,8 @@ class TrainingPassSource:
             raise MomentsUnavailableError(
                 "lb_dist.fsdp: TrainingPassMoments saw no backward pass through a measured layer since the last "
                 "optimizer step: run the model's forward (with grad enabled) and backward first")
-        index = moments.param_index
-        keys = [index.get(p) for p in layer_keys]
-        if any(k is None for k in keys):
-            raise RuntimeError("lb_dist.fsdp: CLARS adapts a parameter that TrainingPassMoments does not measure; "
-                               "build it on every adapted parameter (the default: params=None)")
-        chosen = set(keys)
-        others = [j for j in range(len(moments.params)) if j not in chosen]
+        keys, others = _split_tracked(moments, layer_keys, "build TrainingPassMoments on every adapted parameter "
+                                                           "(the default: params=None)")
         self._step = {"keys": keys, "others": others, "passes": moments.num_tracked_micro_batches}
         stats = moments.local_statistics().to(device="cpu", dtype=torch.float64)
         return torch.cat([stats, _local_grad_sq([moments.params[j] for j in others])])
@@ -198,10 +210,7 @@ class TrainingPassSource:
         if reduced.numel():
             step, self._step = self._step, None
             n = len(moments.params)
-            sq = torch.zeros(n, dtype=torch.float64)
-            sq[step["keys"]] = g_sq.detach().to(torch.float64).cpu() / (clip * clip)
-            if step["others"]:
-                sq[step["others"]] = reduced[n + 1:].cpu() / self.replicas
+            sq = _reduced_grad_sq(n, step, g_sq, clip, reduced[n + 1:], self.replicas)
             # .grad is (passes x grad_scale) times the step's mean gradient G: its reduced squared
             # norms go to finish_step directly (the sharded gradients would need a collective each)
             mean_sq = sq / float(step["passes"] * moments.grad_scale) ** 2
