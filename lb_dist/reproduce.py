@@ -102,6 +102,19 @@ EXPERIMENTS: dict[str, dict[str, Scale]] = {
             + [Config(f"{m}-clars", ("--model", m)) for m in ("resnet56", "vgg11_bn")]),
             notes="ImageNet (B = 16384, 90 epochs): experiment warmup-imagenet"),
     },
+    # the same comparison at 4 times the batch (B = 1024 on all 29,000 pairs, 4 epochs: 113 steps, the step count of
+    # `warmup`'s cpu scale), where "the usual warmup" is expected to matter: rates scaled by sqrt(4) from `warmup`'s
+    # selections, listed best guess first (--sweep-limit runs the first ones)
+    "warmup-large": {
+        "cpu": Scale(common=_CPU_T + ("--train-size", "29000", "--batch-size", "1024", "--epochs", "4"),
+                     loss_threshold=5.0, train_threshold=5.5, configs=(
+            Config("adam-warmup", ("--optimizer", "adam", "--warmup-epochs", "1"), (2.4e-2, 1.2e-2, 4.8e-2)),
+            Config("adam-nowarmup", ("--optimizer", "adam"), (1.2e-2, 2.4e-2, 6e-3)),
+            Config("lamb-warmup", ("--optimizer", "lamb", "--warmup-epochs", "1"), (0.1, 0.2, 0.05)),
+            Config("lamb-nowarmup", ("--optimizer", "lamb"), (0.2, 0.1, 0.05)),
+            Config("clars-nowarmup", _CLARS, (3.0, 1.0, 10.0)),
+        )),
+    },
     "warmup-imagenet": {
         "paper": Scale(common=("--model", "resnet50", "--dataset", "imagenet", "--epochs", "90"),
                        dataset="imagenet", launcher="deepspeed", gpus=8, configs=(
