@@ -77,6 +77,22 @@ def test_aggregate_against_hand_computed(tmp_path):
     assert "2.867 ± 0.404" in md and "13.00 ± 3.61" in md and "(2/3 reached)" in md
 
 
+@pytest.mark.parametrize("experiment,scale", [(e, s) for e, scales in R.EXPERIMENTS.items() for s in scales
+                                                if s != "paper"])
+def test_declared_runs_are_valid_train_flags(tmp_path, experiment, scale):
+    """Every run a CPU or smoke scale declares parses and passes ``lb-dist train``'s checks (a typo in the
+    experiment table fails here, not hours into a background run)."""
+    from lb_dist.train.config import parse_args
+    sc = R.EXPERIMENTS[experiment][scale]
+    (tmp_path / sc.dataset).mkdir()
+    for config in sc.configs:
+        for lr in config.lrs:
+            cmd = R.train_command(sc, config, lr, 0, tmp_path / "run", tmp_path, threads=1)
+            flags = cmd[cmd.index("lb_dist.train") + 1:]
+            args = parse_args(flags, world_size=config.nproc)
+            assert args.seed == 0 and (lr is None or args.lr == lr)
+
+
 def test_paper_scale_refused_without_data(tmp_path):
     """The papers' settings are declared with the deepspeed_configs/ files; missing data is refused
     before any run, naming --data-dir and the dataset."""
