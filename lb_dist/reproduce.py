@@ -108,7 +108,7 @@ EXPERIMENTS: dict[str, dict[str, Scale]] = {
     "warmup-large": {
         "cpu": Scale(common=_CPU_T + ("--train-size", "29000", "--batch-size", "1024", "--epochs", "4"),
                      loss_threshold=5.0, train_threshold=5.5, configs=(
-            Config("adam-warmup", ("--optimizer", "adam", "--warmup-epochs", "1"), (2.4e-2, 1.2e-2, 4.8e-2)),
+            Config("adam-warmup", ("--optimizer", "adam", "--warmup-epochs", "1"), (2.4e-2, 1.2e-2, 6e-3)),
             Config("adam-nowarmup", ("--optimizer", "adam"), (1.2e-2, 2.4e-2, 6e-3)),
             Config("lamb-warmup", ("--optimizer", "lamb", "--warmup-epochs", "1"), (0.1, 0.2, 0.05)),
             Config("lamb-nowarmup", ("--optimizer", "lamb"), (0.2, 0.1, 0.05)),
