@@ -69,8 +69,19 @@ def norm_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the per-layer norms: float32, or float64 if any tensor is float64."""
     out = torch.float32
     for dtype in dtypes:
+        if dtype in _NARROW_REAL:           # promote_types(float32, dtype) is float32: skip the call
+            continue
         out = torch.promote_types(out, dtype.to_real() if dtype.is_complex else dtype)
     return out
+
+
+_NARROW_REAL = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def nonfinite(t: Tensor) -> Tensor:
+    """Elementwise ``~torch.isfinite(t)`` (a bool tensor) in two kernels instead of five:
+    ``t * 0`` is +-0 for a finite number and NaN for an infinite or NaN one."""
+    return t.mul(0).ne(0)
 
 
 def _group_norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -117,21 +128,22 @@ def _dot_allowed() -> bool:
     return not torch.compiler.is_compiling() and torch.get_num_threads() > 1
 
 
-def _foreach_sq_norms(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """Squared L2 norms ``||t_k||^2`` as 0-dim ``dtype`` tensors, in order.
+def _foreach_sq_norms(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Squared L2 norms ``[||t_0||^2, ||t_1||^2, ...]`` as one 1-D ``dtype`` tensor, in order.
 
     On CPU, contiguous tensors of at least :data:`CPU_DOT_NUMEL` elements already in ``dtype``
     take ``torch.dot(t, t)`` (BLAS, multi-threaded) when torch uses more than one thread and the
     step is not being compiled; the rest take one ``torch._foreach_norm`` call (single-threaded on
-    CPU: about 1.5x slower per byte than ``dot`` on 2 cores, slightly faster on 1), squared. Both
-    accumulate in ``dtype``; they differ only in round-off (float32 BLAS dot is not less
-    accurate than the norm kernel: ~1e-5 vs ~8e-5 relative on ResNet-50's tensors).
+    CPU: about 1.5x slower per byte than ``dot`` on 2 cores, slightly faster on 1), squared once
+    stacked (one kernel, not one per tensor: the same values). Both accumulate in ``dtype``; they
+    differ only in round-off (float32 BLAS dot is not less accurate than the norm kernel: ~1e-5 vs
+    ~8e-5 relative on ResNet-50's tensors).
     """
     if not tensors:
-        return []
+        return torch.zeros(0, dtype=dtype)
     big = [i for i, t in enumerate(tensors) if _use_dot(t, dtype)] if _dot_allowed() else []
     if not big:
-        return [n.square() for n in _foreach_norms(tensors, dtype)]
+        return torch.stack(_foreach_norms(tensors, dtype)).square_()
     out: list[Tensor | None] = [None] * len(tensors)
     for i in big:
         flat = tensors[i].view(-1)
@@ -140,14 +152,14 @@ def _foreach_sq_norms(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Ten
     if small:
         for i, n in zip(small, _foreach_norms([tensors[i] for i in small], dtype)):
             out[i] = n.square()
-    return out  # type: ignore[return-value]
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def sq_norms(tensors: Sequence[Tensor], *, foreach: bool) -> Tensor:
     """Stacked squared L2 norms ``[||t_0||^2, ||t_1||^2, ...]`` (1-D, on ``tensors[0]``'s device)."""
     dtype = _group_norm_dtype(tensors)
     if foreach:
-        return torch.stack(_foreach_sq_norms(tensors, dtype))
+        return _foreach_sq_norms(tensors, dtype)
     device = tensors[0].device
     norms = [torch.linalg.vector_norm(t, 2, dtype=dtype).to(device) for t in tensors]
     return torch.stack(norms).square_()
@@ -431,13 +443,17 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
                 torch._foreach_addcmul_(R, P, decay[s])
             directions.extend(R)
             if need_norms:
-                w_norms.extend(_foreach_sq_norms(P, dtype))
-                r_norms.extend(_foreach_sq_norms(R, dtype))
+                w_norms.append(_foreach_sq_norms(P, dtype))
+                r_norms.append(_foreach_sq_norms(R, dtype))
     moments = None if in_place else (new_m, new_v)
     if not need_norms or not n:
         return (directions, (torch.zeros(0, dtype=dtype, device=device) if need_norms else None),
                 factor, moments)
-    sq = torch.cat([torch.stack(w_norms), torch.stack(r_norms) * factor.square()])
+    if foreach:
+        w_sq, r_sq = (torch.cat(w_norms), torch.cat(r_norms)) if len(w_norms) > 1 else (w_norms[0], r_norms[0])
+    else:
+        w_sq, r_sq = torch.stack(w_norms), torch.stack(r_norms)
+    sq = torch.cat([w_sq, r_sq * factor.square()])
     return directions, sq, factor, moments
 
 
