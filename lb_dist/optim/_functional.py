@@ -185,6 +185,35 @@ def block_slices(tensors: Sequence[Tensor], block_numel: int | None = None) -> l
     return out
 
 
+#: Tensors of fewer elements take an out-of-place pass of :func:`lamb_direction` (on CPU, into
+#: kept buffers) as a copy plus one in-place foreach call over all of them, instead of one
+#: ``out=`` call each: the second pass over a small tensor costs less than a call (a few us).
+SMALL_NUMEL = 1 << 14
+
+
+def _split_small(tensors: Sequence[Tensor]) -> tuple[list[int], list[int]]:
+    """Positions of the tensors under :data:`SMALL_NUMEL` elements (if more than one) and of the
+    others."""
+    small = [i for i, t in enumerate(tensors) if t.numel() < SMALL_NUMEL]
+    if len(small) < 2:
+        return [], list(range(len(tensors)))
+    if len(small) == len(tensors):
+        return small, []
+    chosen = set(small)
+    return small, [i for i in range(len(tensors)) if i not in chosen]
+
+
+def _sqrt_into(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``targets[k] <- sqrt(sources[k])`` (eager; the same values either way, see :func:`_split_small`)."""
+    small, large = _split_small(sources)
+    if small:
+        chosen = [targets[i] for i in small]
+        torch._foreach_copy_(chosen, [sources[i] for i in small])
+        torch._foreach_sqrt_(chosen)
+    for i in large:
+        torch.sqrt(sources[i], out=targets[i])
+
+
 def _scalars(values: Tensor | None) -> list[Tensor] | None:
     """Per-layer 0-dim views of a stacked tensor (what the foreach ops take as per-tensor scalars)."""
     return None if values is None else list(values.unbind())
@@ -407,11 +436,18 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
             if in_place:
                 _lerp_(M, G, w1[s])
                 torch._foreach_mul_(V, b2_list[s])
-            elif out is not None:              # one pass per tensor into the given buffers
+            elif out is not None:              # into the given buffers (see _split_small)
                 M0, V0, M, V = M, V, list(out[0][s]), list(out[1][s])
-                for m0, g, w, m, v0, v in zip(M0, G, w1[s], M, V0, V):
-                    torch.lerp(m0, g, w, out=m)
-                    torch.mul(v0, b2, out=v)
+                small, large = _split_small(M0)
+                if small:
+                    Ms, Vs = [M[i] for i in small], [V[i] for i in small]
+                    torch._foreach_copy_(Ms, [M0[i] for i in small])
+                    _lerp_(Ms, [G[i] for i in small], [w1[s][i] for i in small])
+                    torch._foreach_copy_(Vs, [V0[i] for i in small])
+                    torch._foreach_mul_(Vs, b2_list[:len(small)])
+                for i in large:
+                    torch.lerp(M0[i], G[i], w1[s][i], out=M[i])
+                    torch.mul(V0[i], b2, out=V[i])
                 new_m.extend(M)
                 new_v.extend(V)
             else:
@@ -422,14 +458,12 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
             torch._foreach_addcmul_(V, G, G, 1.0 - beta2)
             if out is not None and not in_place:
                 R = list(out[2][s])
-                for v, r in zip(V, R):
-                    torch.sqrt(v, out=r)
+                _sqrt_into(R, V)
             elif grads_as_scratch and V[0].device.type == "cpu" and not torch.compiler.is_compiling():
-                # R = sqrt(V) in one pass per tensor (foreach ops have no out= form; copy +
+                # R = sqrt(V) in one pass per large tensor (foreach ops have no out= form; copy +
                 # in-place sqrt would be one more pass): the same values, ~4% of a LAMB step
                 R = G
-                for v, r in zip(V, R):
-                    torch.sqrt(v, out=r)
+                _sqrt_into(R, V)
             elif grads_as_scratch:
                 R = G
                 torch._foreach_copy_(R, V)

@@ -286,4 +286,7 @@ class LAMB(LayerwiseOptimizer):
     def _stack_steps(steps: list, plan) -> Tensor:
         if not steps:
             return torch.zeros(0, dtype=plan.dtype, device=plan.device)
+        first = steps[0].device
+        if all(s.device == first for s in steps):     # one stack, one conversion (exact: counts)
+            return torch.stack(steps).to(device=plan.device, dtype=plan.dtype)
         return torch.stack([s.to(device=plan.device, dtype=plan.dtype) for s in steps])

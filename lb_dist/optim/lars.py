@@ -451,11 +451,14 @@ class CLARS(LayerwiseSGD):
                     s = self.state[key].get("second_moment")
                 if s is None:
                     self._missing(key, plan)
-                s = torch.as_tensor(s)
-                if s.numel() != 1:
-                    raise ValueError(f"the moments estimator returned S_k of shape {list(s.shape)} "
-                                     f"for a parameter of shape {list(key.shape)}; expected one number")
-                values.append(s.reshape(()).to(device=plan.device, dtype=plan.dtype))
+                if not (torch.is_tensor(s) and s.dim() == 0 and s.dtype == plan.dtype
+                        and s.device == plan.device):      # (as set_second_moments stores them)
+                    s = torch.as_tensor(s)
+                    if s.numel() != 1:
+                        raise ValueError(f"the moments estimator returned S_k of shape {list(s.shape)} "
+                                         f"for a parameter of shape {list(key.shape)}; expected one number")
+                    s = s.reshape(()).to(device=plan.device, dtype=plan.dtype)
+                values.append(s)
             plan.extra["second_moments"] = (torch.stack(values) if values
                                             else torch.zeros(0, dtype=plan.dtype, device=plan.device))
 
