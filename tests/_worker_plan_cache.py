@@ -13,7 +13,8 @@ optimizer's per-parameter cache (the process groups of a DTensor's shards) must 
 * parameters' placements changed in place by ``torch.utils.swap_tensors`` (``Shard(0)`` ->
   ``Replicate()`` and the reverse, their state redistributed as well: a stale shard group would sum
   a replicated norm over both copies, or leave a sharded one partial), and finally to ``Partial``:
-  refused, naming the parameter.
+  refused, naming the parameter;
+* and ``torch.compile(opt.step)`` on such parameters (LARS, LAMB): one frame, the same values.
 
 Each rank writes ``<out>.<rank>`` (JSON): per optimizer, the largest difference from the
 reference after each step and the refusal message.
@@ -133,11 +134,36 @@ def scenario(name: str, mesh) -> dict:
             "placements": [str(dts["w0"].placements), str(dts["w1"].placements)]}
 
 
+def compiled(name: str, mesh) -> dict:
+    """``torch.compile(opt.step)`` (dynamo only: ``CompileCounter``) on the DTensor parameters:
+    one frame for every step, and the plain-tensor optimizer's values."""
+    from torch._dynamo.testing import CompileCounter
+    torch.manual_seed(1)
+    keys = ("w0", "w1", "w2")
+    start = {k: torch.randn(SHAPES[k][0], dtype=DT) for k in keys}
+    dts = {k: nn.Parameter(distribute_tensor(start[k].clone(), mesh, [SHAPES[k][1]])) for k in keys}
+    ref = {k: nn.Parameter(start[k].clone()) for k in keys}
+    opt, ref_opt = make(name, list(dts.values())), make(name, list(ref.values()))
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter)
+    errors = []
+    for i in range(3):
+        for k in keys:
+            g = grad_for(i, k, SHAPES[k][0])
+            dts[k].grad = distribute_tensor(g, mesh, dts[k].placements)
+            ref[k].grad = g.clone()
+        step()
+        ref_opt.step()
+        errors.append(max(float((full(dts[k]) - ref[k]).abs().max()) for k in keys))
+    return {"opt": name, "frames": counter.frame_count, "errors": errors}
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     results = [scenario(name, mesh) for name in ("lars", "clars", "lamb")]
+    results += [compiled(name, mesh) for name in ("lars", "lamb")]
     with open(f"{sys.argv[1]}.{dist.get_rank()}", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

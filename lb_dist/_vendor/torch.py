@@ -43,7 +43,10 @@ def dtensor_local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local tensor (``t._local_tensor``): what ``t.to_local()`` returns outside autograd,
     except that for a DTensor ``nn.Parameter`` (FSDP2's sharded parameters) ``to_local()`` makes a new
     view at every call (torch 2.13, gh-166156: to mark it a Parameter), which an optimizer step paid
-    once per parameter per step. In-place updates of either reach the same storage."""
+    once per parameter per step. In-place updates of either reach the same storage. Under
+    ``torch.compile``: ``to_local()``, which dynamo traces."""
+    if torch.compiler.is_compiling():
+        return t.to_local()
     return t._local_tensor
 
 #: The base class of every BatchNorm module (``torch.nn.modules.batchnorm._BatchNorm``).
