@@ -128,11 +128,11 @@ def worker(args) -> None:
         def opt_step(model, opt):
             loss_fn(kind, model, x, y).backward()
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             opt.step()
-            t = time.perf_counter() - t0
+            t, c = time.perf_counter() - t0, time.thread_time() - c0
             opt.zero_grad()
-            return t
+            return t, c
 
         counts = {}
         for name, (model, opt) in runs.items():
@@ -144,6 +144,7 @@ def worker(args) -> None:
                             sum("reduce_scatter" in n and n.startswith("c10d::") for n in events))
         times = {n: [] for n in runs}
         otimes = {n: [] for n in runs}
+        ctimes = {n: [] for n in runs}
         order = list(runs)
         for rep in range(args.warmup + args.repeats):
             # rotate the order every repetition: a fixed order biases the train-step times of the
@@ -154,10 +155,11 @@ def worker(args) -> None:
                 t0 = time.perf_counter()
                 train_step(model, opt)
                 t = time.perf_counter() - t0
-                ot = opt_step(model, opt)
+                ot, ct = opt_step(model, opt)
                 if rep >= args.warmup:
                     times[name].append(t)
                     otimes[name].append(ot)
+                    ctimes[name].append(ct)
         med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
         omed = {n: statistics.median(v) * 1e3 for n, v in otimes.items()}
 
@@ -166,6 +168,9 @@ def worker(args) -> None:
 
         # the median over repetitions of the paired difference of optimizer steps (same repetition)
         paired = {n: statistics.median(a - b for a, b in zip(otimes[n], otimes[baseline(n)])) * 1e3 for n in runs}
+        # the same for the CPU time of the step's own thread: its computation without the time it
+        # waits (in the all-reduce, or descheduled), which a loaded machine inflates the most
+        cpu = {n: statistics.median(a - b for a, b in zip(ctimes[n], ctimes[baseline(n)])) * 1e3 for n in runs}
         # GradientMix's own work per step: one multiply of every FSDP unit's packed, unreduced gradient
         # (world x padded shard = the model's size, in float32) by pi_k; nothing else is added to FSDP's
         # reduce-scatter (which, without the mix, divides by the world size instead: FSDP2 on gloo)
@@ -182,13 +187,16 @@ def worker(args) -> None:
                   f"median of {args.repeats} steps"
                   + (f", {args.transformer_sequences} sequences of 32 per process" if kind != "resnet20" else "")
                   + "\n")
+            extra = " optimizer step CPU time - baseline's, paired (ms) |" if args.cpu_time else ""
             print("| configuration | train step (ms) | vs baseline | optimizer step (ms) | optimizer step - "
-                  "baseline's, paired (ms) | as % of the baseline's train step | all-reduces | reduce-scatters |")
-            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+                  "baseline's, paired (ms) | as % of the baseline's train step | all-reduces | reduce-scatters |"
+                  + extra)
+            print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.cpu_time else ""))
             for n in runs:
                 base = med[baseline(n)]
                 print(f"| {n} | {med[n]:.1f} | {med[n] / base:.3f}x | {omed[n]:.2f} | {paired[n]:+.2f} | "
-                      f"{100 * paired[n] / base:+.1f} % | {counts[n][0]} | {counts[n][1]} |")
+                      f"{100 * paired[n] / base:+.1f} % | {counts[n][0]} | {counts[n][1]} |"
+                      + (f" {cpu[n]:+.2f} |" if args.cpu_time else ""))
             print(f"\nGradientMix's own work (one multiply of the packed gradient, {numel:,} float32): "
                   f"{mix_ms:.3f} ms per step = {100 * mix_ms / med['lb_dist LARS']:.2f} % of the LARS train step")
     dist.destroy_process_group()
@@ -202,6 +210,9 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--transformer-sequences", type=int, default=16,
                     help="sequences of 32 tokens per process for the Transformer (default 16)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="add a column: the optimizer step's CPU time (its thread's) minus the baseline's, "
+                         "paired: lb_dist's own computation, without waiting")
     args = ap.parse_args()
     if os.environ.get("LB_BENCH_FSDP_WORKER"):
         worker(args)

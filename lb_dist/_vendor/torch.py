@@ -13,7 +13,8 @@
   autograd engine's ``queue_callback`` (run once at the end of the current backward) and the module
   hook dictionaries (:class:`module_hooks_suspended`);
 * DTensor's ``_StridedShard`` placement (:data:`StridedShard`: a ``Shard`` that FSDP2 over tensor
-  parallelism produces; its local pieces are distinct parts of the tensor like ``Shard``'s).
+  parallelism produces; its local pieces are distinct parts of the tensor like ``Shard``'s) and a
+  DTensor's local tensor itself (:func:`dtensor_local`: ``DTensor._local_tensor``).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from lb_dist._vendor import check_version
 
 __all__ = ["foreach_norm", "BatchNormBase", "view_base", "sparse_nnz", "conv_padding", "queue_backward_callback",
            "module_hooks_suspended", "FSDPModule", "ReduceScatterBase", "fsdp_layout", "check_fsdp_version",
-           "SUPPORTED_TORCH_FSDP", "ENV_TORCH_UNTESTED", "StridedShard"]
+           "SUPPORTED_TORCH_FSDP", "ENV_TORCH_UNTESTED", "StridedShard", "dtensor_local"]
 
 #: Per-tensor L2 norms of a list of tensors in one kernel (``torch._foreach_norm``).
 foreach_norm = torch._foreach_norm
@@ -36,6 +37,17 @@ try:
 except ImportError:  # pragma: no cover - torch without DTensor or an older release
     StridedShard = None
 """DTensor's strided ``Shard`` placement class, or None where this torch has none."""
+
+
+def dtensor_local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (``t._local_tensor``): what ``t.to_local()`` returns outside autograd,
+    except that for a DTensor ``nn.Parameter`` (FSDP2's sharded parameters) ``to_local()`` makes a new
+    view at every call (torch 2.13, gh-166156: to mark it a Parameter), which an optimizer step paid
+    once per parameter per step. In-place updates of either reach the same storage. Under
+    ``torch.compile``: ``to_local()``, which dynamo traces."""
+    if torch.compiler.is_compiling():
+        return t.to_local()
+    return t._local_tensor
 
 #: The base class of every BatchNorm module (``torch.nn.modules.batchnorm._BatchNorm``).
 BatchNormBase = _BatchNorm

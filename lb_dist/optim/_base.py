@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import is_ as _is
 from typing import Any, Callable, Iterable
 
 import torch
@@ -162,7 +163,7 @@ def kernel_view(t: Tensor) -> Tensor:
     parameter steps as the real tensor of its (re, im) pairs, so ``||w_k||^2 = sum |w|^2`` and
     LAMB's second moment is taken per component)."""
     if _DTensor is not None and isinstance(t, _DTensor):
-        t = t.to_local()
+        t = _dtensor_local(t)
     if t.is_complex():
         t = torch.view_as_real(t)
     return t
@@ -173,27 +174,48 @@ try:  # torch.distributed may be built without DTensor
     from torch.distributed.tensor import Replicate as _Replicate
     from torch.distributed.tensor import Shard as _Shard
     from lb_dist._vendor.torch import StridedShard as _StridedShard
+    from lb_dist._vendor.torch import dtensor_local as _dtensor_local
     _StridedShard = _StridedShard or _Shard
 except ImportError:  # pragma: no cover
-    _DTensor = _Replicate = _Shard = _StridedShard = None
+    _DTensor = _Replicate = _Shard = _StridedShard = _dtensor_local = None
 
 
-def dtensor_shard_groups(p: Tensor, name: str) -> tuple:
+def dtensor_shard_groups(p: Tensor, name: str | Callable[[], str]) -> tuple:
     """The process groups over which a DTensor's partial squared norms are summed: one per mesh
     dimension whose placement is ``Shard`` (distinct pieces of the tensor); ``Replicate``
     dimensions hold copies and are never reduced over. Any other placement (``Partial``: the
-    local values are not yet the tensor's; unknown placements) is refused naming ``name``."""
+    local values are not yet the tensor's; unknown placements) is refused naming ``name`` (a
+    string, or a function building it: the name is only needed to raise)."""
     groups = []
     for dim, placement in enumerate(p.placements):
         if isinstance(placement, (_Shard, _StridedShard)):
             groups.append(p.device_mesh.get_group(dim))
         elif not isinstance(placement, _Replicate):
             raise ValueError(
-                f"{name} is a DTensor with placement {placement} on mesh dimension {dim} "
-                f"(placements {tuple(p.placements)}): lb_dist's layer-wise norms support Shard and "
-                f"Replicate placements only (a Partial tensor's local values are not yet its "
+                f"{name if isinstance(name, str) else name()} is a DTensor with placement {placement} on mesh "
+                f"dimension {dim} (placements {tuple(p.placements)}): lb_dist's layer-wise norms support Shard "
+                f"and Replicate placements only (a Partial tensor's local values are not yet its "
                 f"own; redistribute it to Shard or Replicate first)")
     return tuple(groups)
+
+
+def param_name(p: Tensor, i: int, group_index: int) -> str:
+    """How errors name parameter ``i`` of param group ``group_index``."""
+    return f"parameter {i} of param group {group_index} (shape {list(p.shape)})"
+
+
+class _ShardFacts:
+    """What the plan of a step needs to know about a DTensor parameter that only changes with its
+    layout: its placements and mesh (checked by identity, then equality, at every step) and the
+    process groups its partial squared norms are summed over (:func:`dtensor_shard_groups`, which
+    asks the mesh for one process group per sharded dimension: the costly part)."""
+    __slots__ = ("placements", "mesh", "groups")
+
+    def __init__(self, placements, mesh, groups: tuple) -> None:
+        self.placements, self.mesh, self.groups = placements, mesh, groups
+
+    def holds(self, placements, mesh) -> bool:
+        return mesh is self.mesh and (placements is self.placements or placements == self.placements)
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -559,6 +581,22 @@ class LayerwiseOptimizer(Optimizer):
                           shard_groups=(None if first.process_group is None
                                         else [(first.process_group,)] * first.num_layers))
 
+    def _shard_facts(self, group: dict, group_index: int) -> list:
+        """The cached :class:`_ShardFacts` slots of the group's parameters (None: not yet known, or a
+        plain tensor). The cache is keyed by the group's position and checked against the identity
+        of its parameters at every step (``add_param_group``, ``load_state_dict``, a parameter list
+        changed in place: rebuilt); it is never copied or pickled (rebuilt lazily)."""
+        params = group["params"]
+        cache = self.__dict__.get("_plan_cache")
+        if cache is None:
+            cache = self.__dict__["_plan_cache"] = {}
+        hit = cache.get(group_index)
+        if hit is not None and len(hit[0]) == len(params) and all(map(_is, hit[0], params)):
+            return hit[1]
+        facts: list = [None] * len(params)
+        cache[group_index] = (list(params), facts)
+        return facts
+
     def _plan_group(self, group: dict, group_index: int) -> GroupPlan | None:
         if self._fragments:
             plan = self._plan_fragments(group, group_index)
@@ -566,29 +604,41 @@ class LayerwiseOptimizer(Optimizer):
                 return plan
         keys, params, grads, shard_groups = [], [], [], []
         any_dtensor = False
+        facts = self._shard_facts(group, group_index) if _DTensor is not None else None
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            name = f"parameter {i} of param group {group_index} (shape {list(p.shape)})"
-            if p.grad.is_sparse:
+            if g.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                    f"(param group {group_index})")
-            if _DTensor is not None and isinstance(p, _DTensor):
+            if facts is not None and isinstance(p, _DTensor):
                 any_dtensor = True
-                groups = dtensor_shard_groups(p, name)
-                g = p.grad
-                if not isinstance(g, _DTensor) or tuple(g.placements) != tuple(p.placements):
+                placements, mesh = p.placements, p.device_mesh
+                fact = facts[i]
+                if fact is None or not fact.holds(placements, mesh):
+                    groups = dtensor_shard_groups(p, lambda: param_name(p, i, group_index))
+                    fact = facts[i] = _ShardFacts(placements, mesh, groups)
+                if not isinstance(g, _DTensor) or (g.placements is not placements
+                                                   and tuple(g.placements) != tuple(placements)):
                     got = tuple(g.placements) if isinstance(g, _DTensor) else "a plain tensor"
-                    raise ValueError(f"the gradient of {name} has placements {got}, its DTensor "
-                                     f"parameter {tuple(p.placements)}; lb_dist needs them equal")
-                shard_groups.append(groups)
+                    raise ValueError(f"the gradient of {param_name(p, i, group_index)} has placements {got}, "
+                                     f"its DTensor parameter {tuple(placements)}; lb_dist needs them equal")
+                shard_groups.append(fact.groups)
+                p_view, g_view = _dtensor_local(p), _dtensor_local(g)
             else:
-                if _DTensor is not None and isinstance(p.grad, _DTensor):
-                    raise ValueError(f"the gradient of {name} is a DTensor but the parameter is not")
+                if facts is not None and isinstance(g, _DTensor):
+                    raise ValueError(f"the gradient of {param_name(p, i, group_index)} is a DTensor but "
+                                     f"the parameter is not")
                 shard_groups.append(())
+                p_view, g_view = p, g
+            if p_view.is_complex():
+                p_view = torch.view_as_real(p_view)
+            if g_view.is_complex():
+                g_view = torch.view_as_real(g_view)
             keys.append(p)
-            params.append(kernel_view(p))
-            grads.append(kernel_view(p.grad))
+            params.append(p_view)
+            grads.append(g_view)
         if not params:
             return None
         device = params[0].device
@@ -622,18 +672,20 @@ class LayerwiseOptimizer(Optimizer):
             self._last_skip.fill_(False)
             return None
         device = flags[0].device
-        found = torch.stack([f.to(device=device, dtype=torch.float32) for f in flags]).sum()
+        if all(f.dtype == torch.bool and f.device == device for f in flags):
+            found = torch.stack(flags).sum(dtype=torch.float32)      # the number of flags raised
+        else:
+            found = torch.stack([f.to(device=device, dtype=torch.float32) for f in flags]).sum()
         found = self.reduce_nonfinite_flag(found)
-        skip = found > 0
         if self._host_gate and found.device.type == "cpu" and not torch.compiler.is_compiling():
-            skipped = bool(skip)
+            skipped = float(found) > 0
             self._last_skip.fill_(skipped)
             if skipped:
                 self._skips.add_(1)
                 self._warn_skipped(1)
                 return True
             return None
-        skip = skip.to(self._last_skip.device)
+        skip = (found > 0).to(self._last_skip.device)
         self._last_skip.copy_(skip)
         self._skips.add_(skip.to(torch.int64))
         return ~found.gt(0)
@@ -729,8 +781,8 @@ def reduce_layer_sq_norms(sqs: list[Tensor | None], plans: list[GroupPlan],
     if not batches:
         return out[:offset_stats], out[offset_stats:]
     for pg, entries in batches.items():          # insertion order: the same on every process
-        packed = torch.cat([(out[i] if idx is None else out[i].index_select(0, idx)).to(torch.float64)
-                            for i, idx in entries])
+        packed = torch.cat([out[i] if idx is None else out[i].index_select(0, idx)
+                            for i, idx in entries]).to(torch.float64)   # (cat promotes exactly)
         sum_over(packed, pg)
         offset = 0
         for i, idx in entries:

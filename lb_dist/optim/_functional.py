@@ -69,8 +69,19 @@ def norm_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the per-layer norms: float32, or float64 if any tensor is float64."""
     out = torch.float32
     for dtype in dtypes:
+        if dtype in _NARROW_REAL:           # promote_types(float32, dtype) is float32: skip the call
+            continue
         out = torch.promote_types(out, dtype.to_real() if dtype.is_complex else dtype)
     return out
+
+
+_NARROW_REAL = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def nonfinite(t: Tensor) -> Tensor:
+    """Elementwise ``~torch.isfinite(t)`` (a bool tensor) in two kernels instead of five:
+    ``t * 0`` is +-0 for a finite number and NaN for an infinite or NaN one."""
+    return t.mul(0).ne(0)
 
 
 def _group_norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -117,21 +128,22 @@ def _dot_allowed() -> bool:
     return not torch.compiler.is_compiling() and torch.get_num_threads() > 1
 
 
-def _foreach_sq_norms(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """Squared L2 norms ``||t_k||^2`` as 0-dim ``dtype`` tensors, in order.
+def _foreach_sq_norms(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Squared L2 norms ``[||t_0||^2, ||t_1||^2, ...]`` as one 1-D ``dtype`` tensor, in order.
 
     On CPU, contiguous tensors of at least :data:`CPU_DOT_NUMEL` elements already in ``dtype``
     take ``torch.dot(t, t)`` (BLAS, multi-threaded) when torch uses more than one thread and the
     step is not being compiled; the rest take one ``torch._foreach_norm`` call (single-threaded on
-    CPU: about 1.5x slower per byte than ``dot`` on 2 cores, slightly faster on 1), squared. Both
-    accumulate in ``dtype``; they differ only in round-off (float32 BLAS dot is not less
-    accurate than the norm kernel: ~1e-5 vs ~8e-5 relative on ResNet-50's tensors).
+    CPU: about 1.5x slower per byte than ``dot`` on 2 cores, slightly faster on 1), squared once
+    stacked (one kernel, not one per tensor: the same values). Both accumulate in ``dtype``; they
+    differ only in round-off (float32 BLAS dot is not less accurate than the norm kernel: ~1e-5 vs
+    ~8e-5 relative on ResNet-50's tensors).
     """
     if not tensors:
-        return []
+        return torch.zeros(0, dtype=dtype)
     big = [i for i, t in enumerate(tensors) if _use_dot(t, dtype)] if _dot_allowed() else []
     if not big:
-        return [n.square() for n in _foreach_norms(tensors, dtype)]
+        return torch.stack(_foreach_norms(tensors, dtype)).square_()
     out: list[Tensor | None] = [None] * len(tensors)
     for i in big:
         flat = tensors[i].view(-1)
@@ -140,14 +152,14 @@ def _foreach_sq_norms(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Ten
     if small:
         for i, n in zip(small, _foreach_norms([tensors[i] for i in small], dtype)):
             out[i] = n.square()
-    return out  # type: ignore[return-value]
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def sq_norms(tensors: Sequence[Tensor], *, foreach: bool) -> Tensor:
     """Stacked squared L2 norms ``[||t_0||^2, ||t_1||^2, ...]`` (1-D, on ``tensors[0]``'s device)."""
     dtype = _group_norm_dtype(tensors)
     if foreach:
-        return torch.stack(_foreach_sq_norms(tensors, dtype))
+        return _foreach_sq_norms(tensors, dtype)
     device = tensors[0].device
     norms = [torch.linalg.vector_norm(t, 2, dtype=dtype).to(device) for t in tensors]
     return torch.stack(norms).square_()
@@ -171,6 +183,35 @@ def block_slices(tensors: Sequence[Tensor], block_numel: int | None = None) -> l
         count += n
     out.append(slice(start, len(tensors)))
     return out
+
+
+#: Tensors of fewer elements take an out-of-place pass of :func:`lamb_direction` (on CPU, into
+#: kept buffers) as a copy plus one in-place foreach call over all of them, instead of one
+#: ``out=`` call each: the second pass over a small tensor costs less than a call (a few us).
+SMALL_NUMEL = 1 << 14
+
+
+def _split_small(tensors: Sequence[Tensor]) -> tuple[list[int], list[int]]:
+    """Positions of the tensors under :data:`SMALL_NUMEL` elements (if more than one) and of the
+    others."""
+    small = [i for i, t in enumerate(tensors) if t.numel() < SMALL_NUMEL]
+    if len(small) < 2:
+        return [], list(range(len(tensors)))
+    if len(small) == len(tensors):
+        return small, []
+    chosen = set(small)
+    return small, [i for i in range(len(tensors)) if i not in chosen]
+
+
+def _sqrt_into(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``targets[k] <- sqrt(sources[k])`` (eager; the same values either way, see :func:`_split_small`)."""
+    small, large = _split_small(sources)
+    if small:
+        chosen = [targets[i] for i in small]
+        torch._foreach_copy_(chosen, [sources[i] for i in small])
+        torch._foreach_sqrt_(chosen)
+    for i in large:
+        torch.sqrt(sources[i], out=targets[i])
 
 
 def _scalars(values: Tensor | None) -> list[Tensor] | None:
@@ -395,11 +436,18 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
             if in_place:
                 _lerp_(M, G, w1[s])
                 torch._foreach_mul_(V, b2_list[s])
-            elif out is not None:              # one pass per tensor into the given buffers
+            elif out is not None:              # into the given buffers (see _split_small)
                 M0, V0, M, V = M, V, list(out[0][s]), list(out[1][s])
-                for m0, g, w, m, v0, v in zip(M0, G, w1[s], M, V0, V):
-                    torch.lerp(m0, g, w, out=m)
-                    torch.mul(v0, b2, out=v)
+                small, large = _split_small(M0)
+                if small:
+                    Ms, Vs = [M[i] for i in small], [V[i] for i in small]
+                    torch._foreach_copy_(Ms, [M0[i] for i in small])
+                    _lerp_(Ms, [G[i] for i in small], [w1[s][i] for i in small])
+                    torch._foreach_copy_(Vs, [V0[i] for i in small])
+                    torch._foreach_mul_(Vs, b2_list[:len(small)])
+                for i in large:
+                    torch.lerp(M0[i], G[i], w1[s][i], out=M[i])
+                    torch.mul(V0[i], b2, out=V[i])
                 new_m.extend(M)
                 new_v.extend(V)
             else:
@@ -410,14 +458,12 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
             torch._foreach_addcmul_(V, G, G, 1.0 - beta2)
             if out is not None and not in_place:
                 R = list(out[2][s])
-                for v, r in zip(V, R):
-                    torch.sqrt(v, out=r)
+                _sqrt_into(R, V)
             elif grads_as_scratch and V[0].device.type == "cpu" and not torch.compiler.is_compiling():
-                # R = sqrt(V) in one pass per tensor (foreach ops have no out= form; copy +
+                # R = sqrt(V) in one pass per large tensor (foreach ops have no out= form; copy +
                 # in-place sqrt would be one more pass): the same values, ~4% of a LAMB step
                 R = G
-                for v, r in zip(V, R):
-                    torch.sqrt(v, out=r)
+                _sqrt_into(R, V)
             elif grads_as_scratch:
                 R = G
                 torch._foreach_copy_(R, V)
@@ -431,13 +477,17 @@ def lamb_direction(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
                 torch._foreach_addcmul_(R, P, decay[s])
             directions.extend(R)
             if need_norms:
-                w_norms.extend(_foreach_sq_norms(P, dtype))
-                r_norms.extend(_foreach_sq_norms(R, dtype))
+                w_norms.append(_foreach_sq_norms(P, dtype))
+                r_norms.append(_foreach_sq_norms(R, dtype))
     moments = None if in_place else (new_m, new_v)
     if not need_norms or not n:
         return (directions, (torch.zeros(0, dtype=dtype, device=device) if need_norms else None),
                 factor, moments)
-    sq = torch.cat([torch.stack(w_norms), torch.stack(r_norms) * factor.square()])
+    if foreach:
+        w_sq, r_sq = (torch.cat(w_norms), torch.cat(r_norms)) if len(w_norms) > 1 else (w_norms[0], r_norms[0])
+    else:
+        w_sq, r_sq = torch.stack(w_norms), torch.stack(r_norms)
+    sq = torch.cat([w_sq, r_sq * factor.square()])
     return directions, sq, factor, moments
 
 

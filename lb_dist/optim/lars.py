@@ -104,7 +104,7 @@ class LayerwiseSGD(LayerwiseOptimizer):
                     flags.append(bad_estimate)
             else:
                 g_sq = sq
-            flags.append(~torch.isfinite(g_sq.sum()))
+            flags.append(F.nonfinite(g_sq.sum()))
 
         ok = self._gate_nonfinite(flags)
         if ok is True:
@@ -138,14 +138,15 @@ class LayerwiseSGD(LayerwiseOptimizer):
             if layout is not None:
                 continue                         # fragments: created per fragment in _momentum_state
             state = self.state[p]
-            dtype = F.norm_dtype(p.dtype)
             if state.get("momentum_buffer") is None:
                 self._note_fresh(p, ("momentum_buffer", "momentum_scale"))
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["momentum_scale"] = torch.zeros((), dtype=dtype, device=kernel_view(p).device)
+                state["momentum_scale"] = torch.zeros((), dtype=F.norm_dtype(p.dtype),
+                                                      device=kernel_view(p).device)
             elif "momentum_scale" not in state:  # a plain (torch SGD) buffer
                 self._note_fresh(p, ("momentum_scale",))
-                state["momentum_scale"] = torch.ones((), dtype=dtype, device=kernel_view(p).device)
+                state["momentum_scale"] = torch.ones((), dtype=F.norm_dtype(p.dtype),
+                                                     device=kernel_view(p).device)
 
     def _momentum_state(self, plan: GroupPlan) -> tuple[list[Tensor], list[Tensor]]:
         """The momentum buffers ``B`` and 0-dim scales ``c`` of the plan's tensors, created on
@@ -450,11 +451,14 @@ class CLARS(LayerwiseSGD):
                     s = self.state[key].get("second_moment")
                 if s is None:
                     self._missing(key, plan)
-                s = torch.as_tensor(s)
-                if s.numel() != 1:
-                    raise ValueError(f"the moments estimator returned S_k of shape {list(s.shape)} "
-                                     f"for a parameter of shape {list(key.shape)}; expected one number")
-                values.append(s.reshape(()).to(device=plan.device, dtype=plan.dtype))
+                if not (torch.is_tensor(s) and s.dim() == 0 and s.dtype == plan.dtype
+                        and s.device == plan.device):      # (as set_second_moments stores them)
+                    s = torch.as_tensor(s)
+                    if s.numel() != 1:
+                        raise ValueError(f"the moments estimator returned S_k of shape {list(s.shape)} "
+                                         f"for a parameter of shape {list(key.shape)}; expected one number")
+                    s = s.reshape(()).to(device=plan.device, dtype=plan.dtype)
+                values.append(s)
             plan.extra["second_moments"] = (torch.stack(values) if values
                                             else torch.zeros(0, dtype=plan.dtype, device=plan.device))
 
@@ -489,7 +493,7 @@ class CLARS(LayerwiseSGD):
             s = plan.extra.pop("second_moments")
         if clip != 1.0:
             s = s * (clip * clip)
-        bad = (~torch.isfinite(s) | (s < 0)).any()
+        bad = (F.nonfinite(s) | (s < 0)).any()
         return s.clamp_min(0).sqrt(), bad
 
 
