@@ -233,6 +233,42 @@ def _gram(x, y) -> torch.Tensor:
     return torch.matmul(x, y.transpose(-1, -2))
 
 
+#: Per-sample work (multiply-adds ``T * T * p``) of a dense factor's Gram matrix from which, on CPU,
+#: it is formed sample by sample over the rows up to each sample's last nonzero row (see :func:`_self_gram`).
+TRIM_MIN_WORK = 1 << 21
+
+#: ... when the trimmed work is at most this fraction of the full one.
+TRIM_MAX_FRACTION = 0.75
+
+
+def _self_gram(x: torch.Tensor) -> torch.Tensor:
+    """``x x^T`` per sample and group, ``(n, G, T, T)``, for a dense factor ``x`` of shape ``(n, G, T, p)``.
+
+    Positions after the end of a right-padded sequence get an exactly zero output gradient (their
+    loss is masked and no other position attends to them), so their rows of the output-gradient
+    factor are zero and so are their rows and columns of its Gram matrix. For a wide factor (the
+    output projection's gradient over the vocabulary, ``T * T * p >= TRIM_MIN_WORK``) on CPU, the
+    Gram matrix of each sample is formed from its rows up to its last row of nonzero norm only,
+    when that saves at least a quarter of the work (``TRIM_MAX_FRACTION``); the rest stays zero. A
+    row whose squared norm underflows to 0 while being nonzero is below the result's resolution
+    unless the whole sample is that small: a sample whose largest row norm is below
+    ``1e10 * sqrt(finfo.tiny)`` (float32: 1.1e-9) keeps all its rows."""
+    n, groups, t, p = x.shape
+    if x.device.type != "cpu" or n == 0 or t * t * p < TRIM_MIN_WORK:
+        return torch.matmul(x, x.transpose(-1, -2))
+    norms = torch.linalg.vector_norm(x, dim=-1).amax(1)                         # (n, T) over groups
+    alive = (norms > 0) | (norms.amax(-1, keepdim=True) < 1e10 * math.sqrt(torch.finfo(x.dtype).tiny))
+    lengths = (alive * torch.arange(1, t + 1, device=x.device)).amax(-1).tolist()
+    if sum(l * l for l in lengths) > TRIM_MAX_FRACTION * n * t * t:
+        return torch.matmul(x, x.transpose(-1, -2))
+    out = x.new_zeros(n, groups, t, t)
+    for i, l in enumerate(lengths):
+        if l:
+            xi = x[i, :, :l]
+            out[i, :, :l, :l] = torch.matmul(xi, xi.transpose(-1, -2))
+    return out
+
+
 def _cat_left(parts):
     if all(isinstance(x, _Index) for x in parts):
         masks = [x.mask if x.mask is not None else torch.ones_like(x.idx, dtype=torch.bool) for x in parts]
@@ -254,10 +290,10 @@ def _sq_ghost(lefts, rights, gr: torch.Tensor | None = None) -> torch.Tensor:
     if cat is not None:
         gl = _gram(cat, cat)
     elif not any(isinstance(x, _Index) for x in lefts):
-        left = lefts[0] if len(lefts) == 1 else torch.cat(lefts, dim=2)
-        gl = torch.matmul(left, left.transpose(-1, -2))
+        gl = _self_gram(lefts[0] if len(lefts) == 1 else torch.cat(lefts, dim=2))
     else:
-        gl = torch.cat([torch.cat([_gram(x, y).to(gr.dtype) for y in lefts], -1) for x in lefts], -2)
+        gl = torch.cat([torch.cat([(_self_gram(x) if x is y and not isinstance(x, _Index) else _gram(x, y)).to(gr.dtype)
+                                   for y in lefts], -1) for x in lefts], -2)
     return (gl.to(gr.dtype) * gr).sum((1, 2, 3), dtype=torch.float64)
 
 
