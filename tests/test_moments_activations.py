@@ -235,6 +235,18 @@ def test_ghost_norm_skipping_trailing_zero_rows_equals_explicit_per_sample_gradi
     close(_sq_ghost([left], [right]), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pad", [False, True])
+def test_gram_matrix_with_positions_padded_to_a_multiple_of_8(pad, monkeypatch):
+    """activations._matmul_gram either way of its measured choice (zero rows appended to reach a
+    multiple of 8 positions, or none) gives the Gram matrix written out here, sum_d x_sd x_td."""
+    x = torch.randn(3, 2, 5, 4, generator=torch.Generator().manual_seed(12))
+    monkeypatch.setattr(activations, "_GRAM_PAD", {(tuple(x.shape), x.dtype, torch.get_num_threads()): pad})
+    want = (x.unsqueeze(-2) * x.unsqueeze(-3)).sum(-1)
+    got = activations._matmul_gram(x)
+    assert got.shape == (3, 2, 5, 5)
+    close(got, want, rtol=1e-12)
+
+
 # --------------------------------------------------------------------------- BatchNorm
 def test_batchnorm_per_sample_is_the_gradient_of_the_batch_loss_through_sample_i_weights():
     torch.manual_seed(5)
