@@ -172,8 +172,8 @@ def _sq_conv_tuned(module: nn.Module, a: torch.Tensor, g: torch.Tensor, limit: i
     backend's grouped convolution depends on the channel count of a call in no simple way (measured,
     1 CPU thread, 16 channels of 32 x 32: 16 ms per 256 samples in chunks of 32, 31 ms in chunks of 16
     or 64), and differently with more threads, so the first call for a layer shape on a CPU times the
-    candidate chunk sizes (:data:`CONV_CHUNK_CANDIDATES`, at most ``limit``: memory) on its own data,
-    twice each, and keeps the fastest for that shape and thread count. Other devices use one chunk of
+    candidate chunk sizes (:data:`CONV_CHUNK_CANDIDATES`, at most ``limit``: memory) on its own data
+    (:func:`_fastest`) and keeps the fastest for that shape and thread count. Other devices use one chunk of
     at most ``limit`` samples (no timing without synchronization)."""
     n = a.shape[0]
     if a.device.type != "cpu":
@@ -183,16 +183,27 @@ def _sq_conv_tuned(module: nn.Module, a: torch.Tensor, g: torch.Tensor, limit: i
     chunk = _CONV_CHUNKS.get(key)
     if chunk is not None:
         return _sq_conv_chunked(module, a, g, chunk)
-    best, out = None, None
-    for c in sorted({min(c, n, limit) for c in CONV_CHUNK_CANDIDATES}):
-        for _ in range(2):
-            t0 = time.perf_counter()
-            out = _sq_conv_chunked(module, a, g, c)
-            dt = time.perf_counter() - t0
-            if best is None or dt < best[0]:
-                best = (dt, c)
-    _CONV_CHUNKS[key] = best[1]
+    chunks = sorted({min(c, n, limit) for c in CONV_CHUNK_CANDIDATES})
+    best, out = _fastest([lambda c=c: _sq_conv_chunked(module, a, g, c) for c in chunks])
+    _CONV_CHUNKS[key] = chunks[best]
     return out
+
+
+def _fastest(candidates) -> tuple[int, torch.Tensor]:
+    """Index of the fastest of ``candidates`` (functions computing the same result) and a result:
+    each runs three times, in rotation, and its minimum time counts. With one thread the time is
+    the process's CPU time, which other jobs on a busy machine barely disturb; with more threads it
+    is wall time (CPU time would add up the threads' work, not measure the latency)."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    best, out = None, None
+    for _ in range(3):
+        for i, fn in enumerate(candidates):
+            t0 = clock()
+            out = fn()
+            dt = clock() - t0
+            if best is None or dt < best[0]:
+                best = (dt, i)
+    return best[1], out
 
 
 def _factor_shape(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[int, int, int, int, bool]:
@@ -298,8 +309,7 @@ def _matmul_gram(x: torch.Tensor) -> torch.Tensor:
     matrices depends on T in no simple way (1 thread, 128 sequences of 128-wide rows: T = 29 0.67 ms,
     31 0.90 ms, 32 0.43 ms, 33 0.63 ms; padding 29 or 31 to 32 with zero rows, copy included, 0.51 ms;
     padding 17 or 33 is slower; T mod 8 = 7 gains at every size measured, 1, 2 and 4 lose), so the
-    first call for a shape (and thread count) on a CPU times both, three times each by the process's
-    CPU time (which other jobs on a busy machine disturb far less than wall time), and keeps the
+    first call for a shape (and thread count) on a CPU times both (:func:`_fastest`) and keeps the
     faster (zero rows change nothing but the float summation order)."""
     t = x.shape[-2]
     rows = -(-t // 8) * 8
@@ -309,15 +319,8 @@ def _matmul_gram(x: torch.Tensor) -> torch.Tensor:
     pad = _GRAM_PAD.get(key)
     if pad is not None:
         return _gram_padded(x, rows) if pad else torch.matmul(x, x.transpose(-1, -2))
-    best, out = None, None
-    for _ in range(3):
-        for choice in (False, True):
-            t0 = time.process_time()
-            out = _gram_padded(x, rows) if choice else torch.matmul(x, x.transpose(-1, -2))
-            dt = time.process_time() - t0
-            if best is None or dt < best[0]:
-                best = (dt, choice)
-    _GRAM_PAD[key] = best[1]
+    best, out = _fastest([lambda: torch.matmul(x, x.transpose(-1, -2)), lambda: _gram_padded(x, rows)])
+    _GRAM_PAD[key] = best == 1
     return out
 
 
