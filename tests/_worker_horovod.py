@@ -211,16 +211,18 @@ def run_clars(rank: int) -> dict:
     return rec
 
 
-def run_training_pass(rank: int) -> dict:
-    """CLARS with a TrainingPassMoments given to the optimizer (2 backward passes per step): per step, the
-    submissions counted (the statistics must leave during the last backward, before synchronize) and the
-    S_k / ||G_k||^2 it reports; the test recomputes them with an exact per-sample loop."""
+def run_training_pass(rank: int, op=None, grad_scale: float = 0.5) -> dict:
+    """CLARS with a TrainingPassMoments given to the optimizer (2 backward passes per step, each loss
+    times ``grad_scale``; Horovod's ``op``, default Average): per step, the submissions counted (the
+    statistics must leave during the last backward, before synchronize) and the S_k / ||G_k||^2, M_k and
+    B_simple it reports; the test recomputes them with an exact per-sample loop."""
     model = make_model()
-    moments = TrainingPassMoments(model, grad_scale=0.5)
+    moments = TrainingPassMoments(model, grad_scale=grad_scale)
     opt = CLARS(param_groups(model, 1e-2), lr=0.5, momentum=0.9, eta=0.01, moments=moments)
     opt = lbh.DistributedOptimizer(opt, named_parameters=model.named_parameters(), backward_passes_per_step=2,
-                                   moments=moments)
+                                   moments=moments, op=hvd.Average if op is None else op)
     rec = {"params": [], "data": [], "second_moments": [], "grad_sq": [], "counts": [], "after_backward": [],
+           "variance_factors": [], "noise_scales": [],
            "tracked": [i for i, p in enumerate(model.parameters()) if p in moments.param_index]}
     for t in range(STEPS):
         opt.zero_grad()
@@ -229,12 +231,15 @@ def run_training_pass(rank: int) -> dict:
         rec["data"].append(batches)
         with count_submissions() as counts:
             for x, y in batches:
-                (F.cross_entropy(model(x), y) / 2).backward()
+                (F.cross_entropy(model(x), y) * grad_scale).backward()
             rec["after_backward"].append(dict(counts))
             opt.step()
         rec["counts"].append(counts)
         rec["second_moments"].append(moments.second_moments_tensor().clone())
         rec["grad_sq"].append(moments.grad_sq_norms_tensor().clone())
+        rec["variance_factors"].append(torch.stack([moments.variance_factors()[p] for p in moments.params]))
+        per, overall = moments.noise_scales()
+        rec["noise_scales"].append((torch.tensor([per[p] for p in moments.params]), overall))
     rec["final"] = snapshot(model)
     return rec
 
@@ -668,6 +673,7 @@ def main() -> None:
         result["configs"][name] = {v: run_config(name, cfg, v, rank) for v in variants}
     result["clars"] = run_clars(rank)
     result["training_pass"] = run_training_pass(rank)
+    result["training_pass_sum"] = run_training_pass(rank, op=hvd.Sum, grad_scale=1.5)
     result["training_pass_padded"] = run_training_pass_padded(rank)
     result["two_optimizers"] = run_two_optimizers(rank)
     result["errors"] = run_errors(rank)

@@ -381,25 +381,29 @@ def test_clars_training_matches_single_process_replay(runs):
             close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_training_pass_sums_ride_with_the_gradients_and_equal_the_exact_loop(runs):
+@pytest.mark.parametrize("case", ["training_pass", "training_pass_sum"])
+def test_training_pass_sums_ride_with_the_gradients_and_equal_the_exact_loop(runs, case):
     """CLARS with a TrainingPassMoments given to lb_dist.horovod.DistributedOptimizer (2 ranks, 2 passes
     per step): the per-sample sums leave in ONE submission during the last backward, with the gradients
     (before synchronize; no other collective, none after it: the estimator makes no allreduce of its
-    own), and S_k and ||G_k||^2 equal an exact per-sample loop over both ranks' 16 samples to 1e-5."""
+    own), and S_k, ||G_k||^2, M_k = S_k / ||G_k||^2 and B_simple = tr(Sigma) / ||G||^2 (per layer and
+    over all layers) equal an exact per-sample loop over both ranks' 16 samples to 1e-5. Cases:
+    op=hvd.Average with each pass's loss / 2 (grad_scale 0.5); op=hvd.Sum with each loss x 1.5
+    (grad_scale 1.5), where the reduced .grad is K x 2 x 1.5 = 6 times the mean gradient."""
     for r in range(K):
-        rec = runs[r]["training_pass"]
+        rec = runs[r][case]
         n_params = len(rec["params"][0])
         for t in range(STEPS):
             assert rec["after_backward"][t]["stats"] == 1, rec["after_backward"][t]
             counts = rec["counts"][t]
             assert (counts["grad"], counts["stats"], counts["other"]) == (n_params, 1, 0), counts
-    rec = runs[0]["training_pass"]
+    rec = runs[0][case]
     tracked = rec["tracked"]
     for t in range(STEPS):
         params = rec["params"][t]
         per_sample, mean = [], None
         for r in range(K):
-            for x, y in runs[r]["training_pass"]["data"][t]:
+            for x, y in runs[r][case]["data"][t]:
                 for i in range(LOCAL):
                     g = mlp_grads(params, x[i:i + 1], y[i:i + 1])
                     per_sample.append(sq([g[j] for j in tracked]))
@@ -410,7 +414,11 @@ def test_training_pass_sums_ride_with_the_gradients_and_equal_the_exact_loop(run
         g_sq = sq([mean[j] / n for j in tracked])
         close(rec["second_moments"][t], s, atol=0, rtol=1e-5)
         close(rec["grad_sq"][t], g_sq, atol=0, rtol=1e-5)
-        assert torch.equal(runs[1]["training_pass"]["second_moments"][t], rec["second_moments"][t])
+        close(rec["variance_factors"][t], s / g_sq, atol=0, rtol=1e-5)
+        per, overall = rec["noise_scales"][t]
+        close(per, (s - g_sq) / g_sq, atol=0, rtol=1e-4)
+        assert abs(overall / float((s - g_sq).sum() / g_sq.sum()) - 1) < 1e-4
+        assert torch.equal(runs[1][case]["second_moments"][t], rec["second_moments"][t])
 
 
 def test_training_pass_padded_sequences_equal_the_exact_loop(runs):

@@ -19,6 +19,7 @@ from torch import nn
 
 from _worker_launch import REPO, child_env
 from lb_dist.moments import MomentsUnavailableError, TrainingPassMoments
+from lb_dist.moments import activations
 from lb_dist.moments.activations import _Index, _sq_ghost, _sq_materialized
 from lb_dist.optim import CLARS, param_groups
 
@@ -141,7 +142,14 @@ def seq_batch(gen, n, s_len=6, t_len=5, vocab=13):
     return src, tgt, labels
 
 
-def test_sequences_padding_mask_tied_weights_and_accumulation():
+@pytest.mark.parametrize("trim", [False, True])
+def test_sequences_padding_mask_tied_weights_and_accumulation(trim, monkeypatch):
+    """trim: every dense output-gradient factor's Gram matrix skips its trailing zero rows (the
+    padded target positions) however small (activations._self_gram; by default only the output
+    projection over a large vocabulary does)."""
+    if trim:
+        monkeypatch.setattr(activations, "TRIM_MIN_WORK", 1)
+        monkeypatch.setattr(activations, "TRIM_MAX_FRACTION", 1.0)
     torch.manual_seed(2)
     model = TinySeq()
     gen = torch.Generator().manual_seed(3)
@@ -192,6 +200,51 @@ def test_ghost_and_materialized_norms_agree_with_explicit_per_sample_gradients()
         close(fn(dense + [index], rights), want, rtol=1e-10)
         close(fn([index, index], [rights[2], rights[2] * 2]),
               torch.einsum("ngtp,ngtq->ngpq", onehot, 3 * rights[2]).square().sum((1, 2, 3)), rtol=1e-10)
+
+
+def test_ghost_norm_skipping_trailing_zero_rows_equals_explicit_per_sample_gradients(monkeypatch):
+    """Dense output-gradient factors whose trailing rows are zero (padding) in different amounts per
+    sample, an all-zero sample, a sample of tiny entries (below the length rule's underflow guard) and
+    a trailing row of entries whose squares underflow: the trimmed Gram matrices (forced for these
+    small shapes) give the explicit ||sum_t l_t r_t^T||^2, alone and next to an index factor."""
+    monkeypatch.setattr(activations, "TRIM_MIN_WORK", 1)
+    gen = torch.Generator().manual_seed(11)
+    n, t, p, q = 5, 6, 7, 4
+    left = torch.randn(n, 1, t, p, generator=gen)
+    for i, length in enumerate([6, 2, 0, 4, 3]):
+        left[i, :, length:] = 0
+    left[3] *= 1e-150                      # largest row norm ~1e-150: every row kept
+    left[4, :, 3] = 1e-170                 # squared norm underflows to 0; terms ~1e-170 relative
+    right = torch.randn(n, 1, t, q, generator=gen)
+    want = torch.einsum("ngtp,ngtq->ngpq", left, right).square().sum((1, 2, 3))
+    assert float(want[2]) == 0 and float(want[3]) > 0
+    close(_sq_ghost([left], [right]), want, rtol=1e-10)
+    idx = torch.randint(0, p, (n, 1, 3), generator=gen)
+    r2 = torch.randn(n, 1, 3, q, generator=gen)
+    onehot = F.one_hot(idx, p).double()
+    both = (torch.einsum("ngtp,ngtq->ngpq", left, right) + torch.einsum("ngtp,ngtq->ngpq", onehot, r2)).square()
+    close(_sq_ghost([left, _Index(idx, None, p)], [right, r2]), both.sum((1, 2, 3)), rtol=1e-10)
+    # float32, a sample whose largest row is tiny (entries 1e-19): its last row (entries 1e-23, squared
+    # norm 0 in float32) carries 1e-4 of the norm through the cross terms and must be kept
+    left = torch.zeros(2, 1, 3, 1000, dtype=torch.float32)
+    left[0] = torch.randn(1, 3, 1000, generator=gen)
+    left[1, :, 0], left[1, :, 1] = 1e-19, 1e-23
+    right = torch.ones(2, 1, 3, 2, dtype=torch.float32)
+    assert float(torch.linalg.vector_norm(left[1, 0, 1])) == 0
+    want = torch.einsum("ngtp,ngtq->ngpq", left.double(), right.double()).square().sum((1, 2, 3))
+    close(_sq_ghost([left], [right]), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_gram_matrix_with_positions_padded_to_a_multiple_of_8(pad, monkeypatch):
+    """activations._matmul_gram either way of its measured choice (zero rows appended to reach a
+    multiple of 8 positions, or none) gives the Gram matrix written out here, sum_d x_sd x_td."""
+    x = torch.randn(3, 2, 5, 4, generator=torch.Generator().manual_seed(12))
+    monkeypatch.setattr(activations, "_GRAM_PAD", {(tuple(x.shape), x.dtype, torch.get_num_threads()): pad})
+    want = (x.unsqueeze(-2) * x.unsqueeze(-3)).sum(-1)
+    got = activations._matmul_gram(x)
+    assert got.shape == (3, 2, 5, 5)
+    close(got, want, rtol=1e-12)
 
 
 # --------------------------------------------------------------------------- BatchNorm

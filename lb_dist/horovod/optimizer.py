@@ -231,9 +231,13 @@ class GradientMixState(StepState):
             if opt.op == hvd.Average:
                 stats = stats * k
             moments.set_reduced(stats)
-            # the reduced gradient is the mean (op Average) or K times it (op Sum)
-            mean_grads = None if opt.op == hvd.Average else [p.grad / k for p in moments.params]
-            moments.finish_step(mean_grads)
+            if opt.op == hvd.Average:
+                moments.finish_step()      # ||G_k||^2 from .grad = passes x grad_scale x the mean gradient
+            else:
+                # op Sum: .grad is K x passes x grad_scale times the step's mean gradient G; its squared
+                # norms divided by the square of that factor are ||G_k||^2 (no copy of any gradient)
+                div = float(k * moments.num_tracked_micro_batches * moments.grad_scale)
+                moments.finish_step(mean_grad_sq=_sq_norms([p.grad for p in moments.params]) / (div * div))
             self.last_update = {"count": float(stats[-1]), "skipped": False}
             return
         sq_sum = hvd.synchronize(handle).double()                        # sum_k ||g_k||^2

@@ -172,8 +172,8 @@ def _sq_conv_tuned(module: nn.Module, a: torch.Tensor, g: torch.Tensor, limit: i
     backend's grouped convolution depends on the channel count of a call in no simple way (measured,
     1 CPU thread, 16 channels of 32 x 32: 16 ms per 256 samples in chunks of 32, 31 ms in chunks of 16
     or 64), and differently with more threads, so the first call for a layer shape on a CPU times the
-    candidate chunk sizes (:data:`CONV_CHUNK_CANDIDATES`, at most ``limit``: memory) on its own data,
-    twice each, and keeps the fastest for that shape and thread count. Other devices use one chunk of
+    candidate chunk sizes (:data:`CONV_CHUNK_CANDIDATES`, at most ``limit``: memory) on its own data
+    (:func:`_fastest`) and keeps the fastest for that shape and thread count. Other devices use one chunk of
     at most ``limit`` samples (no timing without synchronization)."""
     n = a.shape[0]
     if a.device.type != "cpu":
@@ -183,16 +183,27 @@ def _sq_conv_tuned(module: nn.Module, a: torch.Tensor, g: torch.Tensor, limit: i
     chunk = _CONV_CHUNKS.get(key)
     if chunk is not None:
         return _sq_conv_chunked(module, a, g, chunk)
-    best, out = None, None
-    for c in sorted({min(c, n, limit) for c in CONV_CHUNK_CANDIDATES}):
-        for _ in range(2):
-            t0 = time.perf_counter()
-            out = _sq_conv_chunked(module, a, g, c)
-            dt = time.perf_counter() - t0
-            if best is None or dt < best[0]:
-                best = (dt, c)
-    _CONV_CHUNKS[key] = best[1]
+    chunks = sorted({min(c, n, limit) for c in CONV_CHUNK_CANDIDATES})
+    best, out = _fastest([lambda c=c: _sq_conv_chunked(module, a, g, c) for c in chunks])
+    _CONV_CHUNKS[key] = chunks[best]
     return out
+
+
+def _fastest(candidates) -> tuple[int, torch.Tensor]:
+    """Index of the fastest of ``candidates`` (functions computing the same result) and a result:
+    each runs three times, in rotation, and its minimum time counts. With one thread the time is
+    the process's CPU time, which other jobs on a busy machine barely disturb; with more threads it
+    is wall time (CPU time would add up the threads' work, not measure the latency)."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    best, out = None, None
+    for _ in range(3):
+        for i, fn in enumerate(candidates):
+            t0 = clock()
+            out = fn()
+            dt = clock() - t0
+            if best is None or dt < best[0]:
+                best = (dt, i)
+    return best[1], out
 
 
 def _factor_shape(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[int, int, int, int, bool]:
@@ -233,6 +244,45 @@ def _gram(x, y) -> torch.Tensor:
     return torch.matmul(x, y.transpose(-1, -2))
 
 
+#: Per-sample work (multiply-adds ``T * T * p``) of a dense factor's Gram matrix from which, on CPU,
+#: it is formed sample by sample over the rows up to each sample's last nonzero row (see :func:`_self_gram`).
+TRIM_MIN_WORK = 1 << 21
+
+#: ... when the trimmed work is at most this fraction of the full one.
+TRIM_MAX_FRACTION = 0.75
+
+
+def _self_gram(x: torch.Tensor) -> torch.Tensor:
+    """``x x^T`` per sample and group, ``(n, G, T, T)``, for a dense factor ``x`` of shape ``(n, G, T, p)``.
+
+    Positions after the end of a right-padded sequence get an exactly zero output gradient (their
+    loss is masked and no other position attends to them), so their rows of the output-gradient
+    factor are zero and so are their rows and columns of its Gram matrix. For a wide factor (the
+    output projection's gradient over the vocabulary, ``T * T * p >= TRIM_MIN_WORK``) on CPU, the
+    Gram matrix of each sample is formed from its rows up to its last row of nonzero norm only,
+    when that saves at least a quarter of the work (``TRIM_MAX_FRACTION``); the rest stays zero. A
+    row whose squared norm underflows to 0 while being nonzero is below the result's resolution
+    unless the whole sample is that small: a sample whose largest row norm is below
+    ``1e10 * sqrt(finfo.tiny)`` (float32: 1.1e-9) keeps all its rows."""
+    n, groups, t, p = x.shape
+    if x.device.type != "cpu" or n == 0 or t * t * p < TRIM_MIN_WORK:
+        return _matmul_gram(x)
+    norms = torch.linalg.vector_norm(x, dim=-1).amax(1)                         # (n, T) over groups
+    alive = (norms > 0) | (norms.amax(-1, keepdim=True) < 1e10 * math.sqrt(torch.finfo(x.dtype).tiny))
+    lengths = (alive * torch.arange(1, t + 1, device=x.device)).amax(-1).tolist()
+    if sum(l * l for l in lengths) > TRIM_MAX_FRACTION * n * t * t:
+        return _matmul_gram(x)
+    out = x.new_zeros(n, groups, t, t)
+    for i, l in enumerate(lengths):
+        if l:
+            # up to a multiple of 8 rows where the factor has them (zero rows: same result; the CPU
+            # matmul of 8000-wide rows takes 0.43 ms for 31 rows, 0.20 ms for 32, 1 thread)
+            l = min(t, -(-l // 8) * 8)
+            xi = x[i, :, :l]
+            out[i, :, :l, :l] = torch.matmul(xi, xi.transpose(-1, -2))
+    return out
+
+
 def _cat_left(parts):
     if all(isinstance(x, _Index) for x in parts):
         masks = [x.mask if x.mask is not None else torch.ones_like(x.idx, dtype=torch.bool) for x in parts]
@@ -241,8 +291,37 @@ def _cat_left(parts):
 
 
 def _right_gram(rights) -> torch.Tensor:
-    r = rights[0] if len(rights) == 1 else torch.cat(rights, dim=2)
-    return torch.matmul(r, r.transpose(-1, -2))
+    return _matmul_gram(rights[0] if len(rights) == 1 else torch.cat(rights, dim=2))
+
+
+#: Measured choice per Gram matrix shape on CPU (see :func:`_matmul_gram`): pad the positions to a multiple of 8.
+_GRAM_PAD: dict[tuple, bool] = {}
+
+
+def _gram_padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    t = x.shape[-2]
+    y = F.pad(x, (0, 0, 0, rows - t))
+    return torch.matmul(y, y.transpose(-1, -2))[..., :t, :t]
+
+
+def _matmul_gram(x: torch.Tensor) -> torch.Tensor:
+    """``x x^T`` over the last dimension (batched). The CPU backend's batched matmul of these small
+    matrices depends on T in no simple way (1 thread, 128 sequences of 128-wide rows: T = 29 0.67 ms,
+    31 0.90 ms, 32 0.43 ms, 33 0.63 ms; padding 29 or 31 to 32 with zero rows, copy included, 0.51 ms;
+    padding 17 or 33 is slower; T mod 8 = 7 gains at every size measured, 1, 2 and 4 lose), so the
+    first call for a shape (and thread count) on a CPU times both (:func:`_fastest`) and keeps the
+    faster (zero rows change nothing but the float summation order)."""
+    t = x.shape[-2]
+    rows = -(-t // 8) * 8
+    if x.device.type != "cpu" or rows == t or x.numel() == 0:
+        return torch.matmul(x, x.transpose(-1, -2))
+    key = (tuple(x.shape), x.dtype, torch.get_num_threads())
+    pad = _GRAM_PAD.get(key)
+    if pad is not None:
+        return _gram_padded(x, rows) if pad else torch.matmul(x, x.transpose(-1, -2))
+    best, out = _fastest([lambda: torch.matmul(x, x.transpose(-1, -2)), lambda: _gram_padded(x, rows)])
+    _GRAM_PAD[key] = best == 1
+    return out
 
 
 def _sq_ghost(lefts, rights, gr: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,10 +333,10 @@ def _sq_ghost(lefts, rights, gr: torch.Tensor | None = None) -> torch.Tensor:
     if cat is not None:
         gl = _gram(cat, cat)
     elif not any(isinstance(x, _Index) for x in lefts):
-        left = lefts[0] if len(lefts) == 1 else torch.cat(lefts, dim=2)
-        gl = torch.matmul(left, left.transpose(-1, -2))
+        gl = _self_gram(lefts[0] if len(lefts) == 1 else torch.cat(lefts, dim=2))
     else:
-        gl = torch.cat([torch.cat([_gram(x, y).to(gr.dtype) for y in lefts], -1) for x in lefts], -2)
+        gl = torch.cat([torch.cat([(_self_gram(x) if x is y and not isinstance(x, _Index) else _gram(x, y)).to(gr.dtype)
+                                   for y in lefts], -1) for x in lefts], -2)
     return (gl.to(gr.dtype) * gr).sum((1, 2, 3), dtype=torch.float64)
 
 
