@@ -201,7 +201,7 @@ class TrainingPassSource:
                 "optimizer step: run the model's forward (with grad enabled) and backward first")
         keys, others = _split_tracked(moments, layer_keys, "build TrainingPassMoments on every adapted parameter "
                                                            "(the default: params=None)")
-        self._step = {"keys": keys, "others": others, "passes": moments.num_tracked_micro_batches}
+        self._step = {"keys": keys, "others": others}
         stats = moments.local_statistics().to(device="cpu", dtype=torch.float64)
         return torch.cat([stats, _local_grad_sq([moments.params[j] for j in others])])
 
@@ -213,7 +213,7 @@ class TrainingPassSource:
             sq = _reduced_grad_sq(n, step, g_sq, clip, reduced[n + 1:], self.replicas)
             # .grad is (passes x grad_scale) times the step's mean gradient G: its reduced squared
             # norms go to finish_step directly (the sharded gradients would need a collective each)
-            mean_sq = sq / float(step["passes"] * moments.grad_scale) ** 2
+            mean_sq = moments.mean_grad_sq_of(sq)
             moments.set_reduced(reduced[:n + 1])
             try:
                 moments.finish_step(mean_grad_sq=mean_sq)

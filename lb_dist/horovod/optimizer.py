@@ -236,8 +236,8 @@ class GradientMixState(StepState):
             else:
                 # op Sum: .grad is K x passes x grad_scale times the step's mean gradient G; its squared
                 # norms divided by the square of that factor are ||G_k||^2 (no copy of any gradient)
-                div = float(k * moments.num_tracked_micro_batches * moments.grad_scale)
-                moments.finish_step(mean_grad_sq=_sq_norms([p.grad for p in moments.params]) / (div * div))
+                moments.finish_step(mean_grad_sq=moments.mean_grad_sq_of(
+                    _sq_norms([p.grad for p in moments.params]), factor=k))
             self.last_update = {"count": float(stats[-1]), "skipped": False}
             return
         sq_sum = hvd.synchronize(handle).double()                        # sum_k ||g_k||^2

@@ -754,8 +754,7 @@ class TrainingPassMoments(PerLayerViews):
             if mean_grad_sq is not None:
                 g = mean_grad_sq.detach().to(device=self._sq.device, dtype=torch.float64).clone()
             elif mean_grads is None:
-                grads = [p.grad for p in self.params]
-                g = self._sq_norms(grads) / float(n * self._grad_scale) ** 2
+                g = self.mean_grad_sq_of(self._sq_norms([p.grad for p in self.params]))
             else:
                 grads = list(mean_grads)
                 if len(grads) != len(self.params) or any(
@@ -774,6 +773,15 @@ class TrainingPassMoments(PerLayerViews):
             self.num_updates += 1
         finally:
             self.discard_step()
+
+    def mean_grad_sq_of(self, grad_sq: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+        """The step's mean gradient's per-layer squared norms ``||G_k||^2`` from those of the tensors
+        that hold the step's accumulated gradient (``.grad`` after the step's backward passes, as an
+        engine reduced it, before clipping): they hold ``factor x passes x grad_scale`` times ``G``
+        (``passes``: the backward passes this source saw since the last step; ``factor``: what the
+        engine's reduction multiplies the mean by, e.g. K for a SUM over K ranks). The one place
+        this rule is written: the default :meth:`finish_step`, FSDP2's and Horovod's sources use it."""
+        return grad_sq / float(factor * self._passes * self._grad_scale) ** 2
 
     def _sq_norms(self, tensors) -> torch.Tensor:
         out = torch.zeros(len(tensors), dtype=torch.float64, device=self._sq.device)
