@@ -235,16 +235,18 @@ def test_ghost_norm_skipping_trailing_zero_rows_equals_explicit_per_sample_gradi
     close(_sq_ghost([left], [right]), want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pad", [False, True])
-def test_gram_matrix_with_positions_padded_to_a_multiple_of_8(pad, monkeypatch):
-    """activations._matmul_gram either way of its measured choice (zero rows appended to reach a
-    multiple of 8 positions, or none) gives the Gram matrix written out here, sum_d x_sd x_td."""
-    x = torch.randn(3, 2, 5, 4, generator=torch.Generator().manual_seed(12))
-    monkeypatch.setattr(activations, "_GRAM_PAD", {(tuple(x.shape), x.dtype, torch.get_num_threads()): pad})
+@pytest.mark.parametrize("t", [5, 8, 9, 12, 15])
+def test_gram_matrix_with_positions_padded_to_a_multiple_of_8(t):
+    """activations._matmul_gram, with zero rows appended up to a multiple of 8 positions (T = 5, 15)
+    or none (8, 9, 12), gives the Gram matrix written out here, sum_d x_sd x_td; the choice is a rule
+    of the shape, so two calls on the same data agree bit for bit (no timing decides it)."""
+    x = torch.randn(3, 2, t, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
     want = (x.unsqueeze(-2) * x.unsqueeze(-3)).sum(-1)
     got = activations._matmul_gram(x)
-    assert got.shape == (3, 2, 5, 5)
+    assert got.shape == (3, 2, t, t)
     close(got, want, rtol=1e-12)
+    assert torch.equal(activations._matmul_gram(x.clone()), got)
+    assert (t % 8 in activations.GRAM_PAD_REMAINDERS) == (t in (5, 15))
 
 
 # --------------------------------------------------------------------------- BatchNorm

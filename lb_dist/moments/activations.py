@@ -294,8 +294,9 @@ def _right_gram(rights) -> torch.Tensor:
     return _matmul_gram(rights[0] if len(rights) == 1 else torch.cat(rights, dim=2))
 
 
-#: Measured choice per Gram matrix shape on CPU (see :func:`_matmul_gram`): pad the positions to a multiple of 8.
-_GRAM_PAD: dict[tuple, bool] = {}
+#: Numbers of positions T (mod 8) whose batched Gram matrix is formed on CPU with zero rows appended up to the
+#: next multiple of 8 (see :func:`_matmul_gram`).
+GRAM_PAD_REMAINDERS = frozenset({5, 6, 7})
 
 
 def _gram_padded(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -308,20 +309,15 @@ def _matmul_gram(x: torch.Tensor) -> torch.Tensor:
     """``x x^T`` over the last dimension (batched). The CPU backend's batched matmul of these small
     matrices depends on T in no simple way (1 thread, 128 sequences of 128-wide rows: T = 29 0.67 ms,
     31 0.90 ms, 32 0.43 ms, 33 0.63 ms; padding 29 or 31 to 32 with zero rows, copy included, 0.51 ms;
-    padding 17 or 33 is slower; T mod 8 = 7 gains at every size measured, 1, 2 and 4 lose), so the
-    first call for a shape (and thread count) on a CPU times both (:func:`_fastest`) and keeps the
-    faster (zero rows change nothing but the float summation order)."""
+    measured for T = 9-63: T mod 8 = 7 gains at every size, 5 and 6 mostly, 1, 2 and 4 lose), so on a
+    CPU a T with ``T % 8`` in :data:`GRAM_PAD_REMAINDERS` gets zero rows up to the next multiple of 8.
+    The choice is a fixed rule of the shape, never a timing: zero rows change the float summation
+    order, so a timed choice could differ between the processes of a job or between a run and its
+    resumption, and break bit-exact resume (it did: tests/test_train_backends.py's DeepSpeed resume)."""
     t = x.shape[-2]
-    rows = -(-t // 8) * 8
-    if x.device.type != "cpu" or rows == t or x.numel() == 0:
+    if x.device.type != "cpu" or t % 8 not in GRAM_PAD_REMAINDERS or x.numel() == 0:
         return torch.matmul(x, x.transpose(-1, -2))
-    key = (tuple(x.shape), x.dtype, torch.get_num_threads())
-    pad = _GRAM_PAD.get(key)
-    if pad is not None:
-        return _gram_padded(x, rows) if pad else torch.matmul(x, x.transpose(-1, -2))
-    best, out = _fastest([lambda: torch.matmul(x, x.transpose(-1, -2)), lambda: _gram_padded(x, rows)])
-    _GRAM_PAD[key] = best == 1
-    return out
+    return _gram_padded(x, -(-t // 8) * 8)
 
 
 def _sq_ghost(lefts, rights, gr: torch.Tensor | None = None) -> torch.Tensor:
