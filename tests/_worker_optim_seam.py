@@ -16,6 +16,7 @@ Usage: ``python _worker_optim_seam.py <out.json>`` (RANK/WORLD_SIZE/MASTER_* set
 """
 from __future__ import annotations
 
+import os
 import copy
 import json
 import pickle
@@ -167,3 +168,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md

@@ -23,6 +23,7 @@ Usage: ``python _worker_plan_cache.py <out.json>`` under RANK/WORLD_SIZE/MASTER_
 """
 from __future__ import annotations
 
+import os
 import copy
 import json
 import sys
@@ -171,3 +172,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md
