@@ -732,7 +732,6 @@ class TrainingPassMoments(PerLayerViews):
                 raise MomentsUnavailableError(
                     "finish_step() found no backward pass through a measured layer since the last step: "
                     "run the model's forward (with grad enabled) and backward first")
-            n = self._passes
             if self._parts is not None:
                 missing = int((~self._parts[1]).sum())
                 raise RuntimeError(f"{missing} of the {len(self.params)} measured parameters were in no reduced "
