@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 import lb_dist.ddp  # noqa: E402
 from lb_dist.mixing import GradientMix  # noqa: E402
 from lb_dist.moments.microbatch import MicroBatchMoments  # noqa: E402
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 LOCAL = 4          # samples per rank per micro-batch
 STD = 0.5
@@ -242,11 +243,7 @@ def main() -> None:
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
-    # torch 2.13 (CPU, gloo) sometimes aborts in interpreter teardown even after
-    # destroy_process_group ("terminate called without an active exception"): skip the teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

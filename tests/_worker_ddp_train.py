@@ -22,6 +22,7 @@ torch.set_num_threads(1)
 import lb_dist.ddp  # noqa: E402
 from lb_dist.mixing import GradientMix  # noqa: E402
 from lb_dist.moments.microbatch import MicroBatchMoments  # noqa: E402
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 STEPS, LOCAL, LR, MOMENTUM, STD, SEED = 4, 6, 0.2, 0.9, 0.5, 5
 
@@ -56,9 +57,7 @@ def main() -> None:
     print(f"rank {rank}/{world}: trained {STEPS} steps, last loss {loss.item():.4f}, mix.step {mix.step}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md
+    leave()
 
 
 if __name__ == "__main__":

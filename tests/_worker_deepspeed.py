@@ -29,6 +29,7 @@ import _ds_common as C  # noqa: E402
 import lb_dist.deepspeed as lbds  # noqa: E402
 import lb_dist.optim._base as lb_base  # noqa: E402
 from lb_dist.optim import LAMB, LARS, param_groups  # noqa: E402
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 
 #: lb_dist's all-reduces inside the ZeRO-aware optimizers (the optimizers' one reduction,
@@ -293,9 +294,7 @@ def main() -> None:
     if args.deepspeed_mpi:
         from mpi4py import MPI
         MPI.Finalize()                  # mpirun reports a rank that exits without it as failed
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

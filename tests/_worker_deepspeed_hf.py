@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,6 +22,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import lb_dist.deepspeed as lbds  # noqa: E402
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 STEPS, MICRO, ACC, LR = 4, 4, 2, 0.5
 # dropout off: the test recomputes every micro-batch gradient from the recorded inputs and weights
@@ -149,9 +149,7 @@ def main() -> None:
           flush=True)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

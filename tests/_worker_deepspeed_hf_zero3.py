@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,6 +38,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import lb_dist.deepspeed as lbds  # noqa: E402  (the import alone keeps DeepSpeed's CPU comm op unbuilt)
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 STEPS, MICRO, SEQ = 20, 4, 8
 BART = dict(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
@@ -196,9 +196,7 @@ def main() -> None:
     print(f"rank {rank}: {summary}", flush=True)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

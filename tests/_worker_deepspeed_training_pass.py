@@ -25,6 +25,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _padded import ADAPTED as ADAPTED_PADDED  # noqa: E402
 from _padded import PadNet, padded_batch, token_loss  # noqa: E402,F401
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 VOCAB, DIM, HID, OUT, SEQ = 11, 6, 5, 3, 4
 MICRO = 3
@@ -222,6 +223,4 @@ def main() -> None:
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md
+    leave()

@@ -12,7 +12,6 @@ Usage: ``python _worker_dtensor.py <out.json>`` under RANK/WORLD_SIZE/MASTER_* (
 """
 from __future__ import annotations
 
-import os
 import json
 import sys
 
@@ -25,6 +24,7 @@ from torch.distributed.tensor import DTensor, Partial
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from lb_dist.optim import CLARS, LAMB, LARS, param_groups
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 DT = torch.float64
 STEPS = 20
@@ -203,6 +203,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md
+    leave()

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 torch.set_num_threads(1)
 
@@ -126,6 +126,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch 2.13 + gloo: avoid the occasional abort at interpreter exit
+    leave()

@@ -32,6 +32,7 @@ from lb_dist.optim import CLARS, LAMB, LARS, param_groups
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _padded import PadNet, exact_padded, padded_batch, token_loss  # noqa: E402
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 DT = torch.float64
 STEPS = 20
@@ -300,6 +301,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md
+    leave()

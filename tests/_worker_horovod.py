@@ -29,6 +29,7 @@ from lb_dist.optim import CLARS, LAMB, LARS, param_groups  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _padded import PadNet, padded_batch, token_loss  # noqa: E402
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 LOCAL = 4       # samples per rank per backward pass
 STD = 0.5
@@ -687,9 +688,7 @@ def main() -> None:
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     hvd.join()
     hvd.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

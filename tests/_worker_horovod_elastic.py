@@ -26,6 +26,7 @@ import horovod.torch as hvd  # noqa: E402
 import lb_dist.horovod as lbh  # noqa: E402
 from lb_dist.mixing import GradientMix  # noqa: E402
 from lb_dist.moments import MicroBatchMoments  # noqa: E402
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 LOCAL = 4
 STD = 0.5
@@ -106,9 +107,7 @@ def main() -> None:
     if hvd.rank() == 0:
         torch.save({"final": [p.detach().clone() for p in model.parameters()], "mix_step": mix.step,
                     "records": records}, os.path.join(out_dir, "final.pt"))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

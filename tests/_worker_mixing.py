@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 torch.set_num_threads(1)
 
 from lb_dist.mixing import GradientMix  # noqa: E402
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 B = 8
 STD = 0.5
@@ -68,9 +69,7 @@ def main() -> None:
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md
+    leave()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from lb_dist.optim import CLARS, param_groups  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _padded import PadNet, padded_batch, token_loss  # noqa: E402
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 LOCAL, ACCUM, STEPS, LR = 3, 2, 3, 0.5
 
@@ -140,6 +141,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md
+    leave()

@@ -16,7 +16,6 @@ Usage: ``python _worker_optim_seam.py <out.json>`` (RANK/WORLD_SIZE/MASTER_* set
 """
 from __future__ import annotations
 
-import os
 import copy
 import json
 import pickle
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 import lb_dist.optim._base as base
 from lb_dist.optim import CLARS, LAMB, LARS, LayerFragments
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 DT = torch.float64
 STEPS = 6
@@ -168,6 +168,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md
+    leave()

@@ -23,7 +23,6 @@ Usage: ``python _worker_plan_cache.py <out.json>`` under RANK/WORLD_SIZE/MASTER_
 """
 from __future__ import annotations
 
-import os
 import copy
 import json
 import sys
@@ -35,6 +34,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from lb_dist.optim import CLARS, LAMB, LARS
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 DT = torch.float64
 SHAPES = {"w0": ((6, 4), Shard(0)), "w1": ((5, 3), Replicate()), "w2": ((4, 6), Shard(1)),
@@ -172,6 +172,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md
+    leave()

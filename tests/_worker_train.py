@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 
 torch.set_num_threads(1)
 
 from lb_dist.train import detect_backend, select_backend, train  # noqa: E402
+from _teardown import leave  # noqa: E402  (tests/ is the script's directory)
 
 
 def main() -> None:
@@ -60,9 +59,7 @@ def main() -> None:
         with open(a.spec + ".out", "w") as f:
             json.dump(out, f)
     backend.close()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # torch 2.13 CPU/gloo can abort in interpreter teardown; see docs/backend-ddp.md
+    leave()
 
 
 if __name__ == "__main__":
